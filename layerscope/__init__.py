@@ -1,0 +1,9 @@
+"""layerscope: spectral diagnostics and budgeted LoRA-expert allocation plans for LLM checkpoints."""
+
+from layerscope.errors import LayerscopeError
+from layerscope.spectral.scan import layer_summary, scan
+from layerscope.tables import read_scan, write_scan
+
+__version__ = "0.1.0"
+
+__all__ = ["LayerscopeError", "__version__", "layer_summary", "read_scan", "scan", "write_scan"]

@@ -1,0 +1,252 @@
+"""Lazy, validating reader for safetensors checkpoints.
+
+Headers are parsed and checked by us before anything is trusted; tensor bytes are
+then read one tensor at a time with positional reads (``os.pread``) into a buffer of
+exactly that tensor's size.  We deliberately do not memory-map whole shards: pages of
+a mapped multi-GB shard stay resident and would make peak memory scale with the shard,
+not with the largest tensor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from layerscope.checkpoint.dtypes import ITEM_SIZE, TORCH_DTYPE
+from layerscope.errors import LayerscopeError
+
+HEADER_CAP_BYTES = 100_000_000  # the limit safetensors itself enforces
+INDEX_NAMES = ("model.safetensors.index.json", "adapter_model.safetensors.index.json")
+SINGLE_NAMES = ("model.safetensors", "adapter_model.safetensors")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives and what it is, as declared (and checked) in its header."""
+
+    name: str
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offset in the file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass
+class Checkpoint:
+    """A safetensors checkpoint: tensors in layer order, config, and lazy access."""
+
+    path: Path
+    files: list[Path]
+    tensors: dict[str, TensorInfo]
+    config: dict = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def load(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Materialise one tensor (upcast to ``dtype`` when given)."""
+        info = self.tensors[name]
+        return read_tensor(info, dtype)
+
+    def fingerprint(self) -> str:
+        """sha256 of the tensor names, dtypes and shapes; independent of how it is sharded."""
+        canonical = {n: [t.dtype, list(t.shape)] for n, t in sorted(self.tensors.items())}
+        blob = json.dumps(canonical, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+    @property
+    def architecture(self) -> str | None:
+        archs = self.config.get("architectures") or []
+        return archs[0] if archs else None
+
+    @property
+    def num_layers(self) -> int | None:
+        for key in ("num_hidden_layers", "n_layer", "num_layers"):
+            if isinstance(self.config.get(key), int):
+                return self.config[key]
+        return None
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key that orders embedded integers numerically: layers.9 < layers.10."""
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
+
+
+def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Open a checkpoint folder or a single ``.safetensors`` file, validating every header."""
+    root = Path(path)
+    if not root.exists():
+        raise LayerscopeError(f"{root}: no such file or folder")
+    files, expected = _locate_files(root)
+    tensors: dict[str, TensorInfo] = {}
+    for file in files:
+        for info in read_header(file):
+            if info.name in tensors:
+                raise LayerscopeError(
+                    f"{file}: tensor {info.name!r} is also stored in {tensors[info.name].file.name}"
+                )
+            tensors[info.name] = info
+    if expected is not None:
+        _check_index_coverage(root, expected, tensors)
+    ordered = {name: tensors[name] for name in sorted(tensors, key=natural_key)}
+    folder = root if root.is_dir() else root.parent
+    return Checkpoint(path=root, files=files, tensors=ordered, config=_read_config(folder))
+
+
+def _locate_files(root: Path) -> tuple[list[Path], dict[str, str] | None]:
+    """The shard files to read and, when an index names them, the tensor→shard map."""
+    if root.is_file():
+        if root.suffix != ".safetensors":
+            raise LayerscopeError(f"{root}: not a .safetensors file")
+        return [root], None
+    for index_name in INDEX_NAMES:
+        index_path = root / index_name
+        if index_path.exists():
+            weight_map = _read_index(index_path)
+            shards = sorted(set(weight_map.values()), key=natural_key)
+            missing = [s for s in shards if not (root / s).is_file()]
+            if missing:
+                raise LayerscopeError(f"{index_path}: shard {missing[0]!r} is listed but missing")
+            return [root / s for s in shards], weight_map
+    for single in SINGLE_NAMES:
+        if (root / single).is_file():
+            return [root / single], None
+    found = sorted(root.glob("*.safetensors"), key=lambda p: natural_key(p.name))
+    if not found:
+        raise LayerscopeError(f"{root}: no .safetensors files (and no model.safetensors.index.json)")
+    return found, None
+
+
+def _read_index(index_path: Path) -> dict[str, str]:
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise LayerscopeError(f"{index_path}: invalid JSON ({exc})") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise LayerscopeError(f"{index_path}: field 'weight_map' is missing or empty")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or "/" in shard or shard.startswith("."):
+            raise LayerscopeError(f"{index_path}: weight_map[{name!r}] is not a shard file name")
+    return weight_map
+
+
+def _check_index_coverage(root: Path, expected: dict[str, str], found: dict[str, TensorInfo]) -> None:
+    for name, shard in expected.items():
+        info = found.get(name)
+        if info is None:
+            raise LayerscopeError(f"{root}: index lists tensor {name!r} in {shard} but no shard holds it")
+        if info.file.name != shard:
+            raise LayerscopeError(f"{root}: index puts {name!r} in {shard} but it is in {info.file.name}")
+
+
+def _read_config(folder: Path) -> dict:
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        return {}
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise LayerscopeError(f"{config_path}: invalid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise LayerscopeError(f"{config_path}: expected a JSON object")
+    return config
+
+
+def read_header(file: Path) -> list[TensorInfo]:
+    """Parse and validate one safetensors header; return its tensors in file order."""
+    size = file.stat().st_size
+    if size < 8:
+        raise LayerscopeError(f"{file}: truncated ({size} bytes; a safetensors file starts with an 8-byte header length)")
+    with open(file, "rb") as handle:
+        header_len = int.from_bytes(handle.read(8), "little")
+        if header_len > HEADER_CAP_BYTES:
+            raise LayerscopeError(f"{file}: header length {header_len} exceeds the {HEADER_CAP_BYTES}-byte cap")
+        if 8 + header_len > size:
+            raise LayerscopeError(f"{file}: header length {header_len} runs past the end of the file ({size} bytes)")
+        raw = handle.read(header_len)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LayerscopeError(f"{file}: header is not valid JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise LayerscopeError(f"{file}: header is not a JSON object")
+    data_start = 8 + header_len
+    infos = [
+        _tensor_info(file, name, entry, data_start, size)
+        for name, entry in header.items()
+        if name != "__metadata__"
+    ]
+    _check_no_overlap(file, infos)
+    return infos
+
+
+def _tensor_info(file: Path, name: str, entry: object, data_start: int, size: int) -> TensorInfo:
+    where = f"{file}: tensor {name!r}"
+    if not isinstance(entry, dict):
+        raise LayerscopeError(f"{where}: header entry is not an object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in ITEM_SIZE:
+        raise LayerscopeError(f"{where}: unsupported dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise LayerscopeError(f"{where}: field 'shape' must be a list of non-negative integers")
+    if (
+        not isinstance(offsets, list) or len(offsets) != 2
+        or not all(isinstance(o, int) and o >= 0 for o in offsets) or offsets[0] > offsets[1]
+    ):
+        raise LayerscopeError(f"{where}: field 'data_offsets' must be [begin, end] with 0 <= begin <= end")
+    begin, end = data_start + offsets[0], data_start + offsets[1]
+    if end > size:
+        raise LayerscopeError(f"{where}: data_offsets {offsets} run past the end of the file ({size} bytes)")
+    expected = math.prod(shape) * ITEM_SIZE[dtype]
+    if end - begin != expected:
+        raise LayerscopeError(
+            f"{where}: {end - begin} bytes at data_offsets {offsets} but dtype {dtype} x shape {shape} needs {expected}"
+        )
+    return TensorInfo(name=name, file=file, dtype=dtype, shape=tuple(shape), begin=begin, end=end)
+
+
+def _check_no_overlap(file: Path, infos: list[TensorInfo]) -> None:
+    by_start = sorted((i for i in infos if i.nbytes), key=lambda i: i.begin)
+    for previous, current in zip(by_start, by_start[1:]):
+        if current.begin < previous.end:
+            raise LayerscopeError(f"{file}: tensors {previous.name!r} and {current.name!r} overlap")
+
+
+def read_tensor(info: TensorInfo, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Read exactly one tensor's bytes from disk; optionally upcast (e.g. BF16 → float32)."""
+    buffer = bytearray(info.nbytes)
+    fd = os.open(info.file, os.O_RDONLY)
+    try:
+        view, done = memoryview(buffer), 0
+        while done < info.nbytes:
+            got = os.preadv(fd, [view[done:]], info.begin + done)
+            if got <= 0:
+                raise LayerscopeError(f"{info.file}: tensor {info.name!r} ends early (file changed while reading?)")
+            done += got
+    finally:
+        os.close(fd)
+    if info.dtype not in TORCH_DTYPE:
+        raise LayerscopeError(f"{info.file}: tensor {info.name!r} has dtype {info.dtype}, which torch cannot decode")
+    if info.numel == 0:
+        tensor = torch.empty(info.shape, dtype=TORCH_DTYPE[info.dtype])
+    else:
+        tensor = torch.frombuffer(buffer, dtype=TORCH_DTYPE[info.dtype]).reshape(info.shape)
+    return tensor if dtype is None else tensor.to(dtype)

@@ -1,0 +1,42 @@
+"""Norm-based spectral metrics, named and defined as WeightWatcher defines them.
+
+``eigs`` are all M eigenvalues of the Gram matrix (float64, ascending, clamped at 0).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+_WW_ENTROPY_EPS = 1e-10  # WeightWatcher adds this to p and to the rank
+
+
+def norm_metrics(eigs: torch.Tensor, n_rows: int, alpha: float) -> dict[str, float]:
+    """lambda_max, log_norm, log_spectral_norm, alpha_weighted, log_alpha_norm, stable_rank, entropy."""
+    lambda_max = float(eigs[-1])
+    frobenius_sq = float(eigs.sum())
+    log_spectral_norm = math.log10(lambda_max)
+    if math.isfinite(alpha):
+        alpha_weighted = alpha * log_spectral_norm
+        log_alpha_norm = math.log10(float(torch.sum(eigs**alpha)))
+    else:
+        alpha_weighted = log_alpha_norm = math.nan
+    return {
+        "lambda_max": lambda_max,
+        "log_norm": math.log10(frobenius_sq),
+        "log_spectral_norm": log_spectral_norm,
+        "alpha_weighted": alpha_weighted,
+        "log_alpha_norm": log_alpha_norm,
+        "stable_rank": frobenius_sq / lambda_max,
+        "entropy": matrix_entropy(eigs, n_rows),
+    }
+
+
+def matrix_entropy(eigs: torch.Tensor, n_rows: int) -> float:
+    """Spectral entropy normalised by log(rank), exactly as WeightWatcher's ``matrix_entropy``."""
+    sv = torch.sqrt(eigs)
+    tol = float(sv.max()) * n_rows * torch.finfo(sv.dtype).eps
+    rank = int((sv > tol).sum()) + _WW_ENTROPY_EPS
+    p = eigs / eigs.sum() + _WW_ENTROPY_EPS
+    return float(-(p * torch.log(p)).sum() / math.log(rank))

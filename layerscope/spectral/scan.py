@@ -1,0 +1,267 @@
+"""Scan a checkpoint: one row of spectral metrics per matrix, one tensor in memory at a time."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from layerscope.checkpoint.naming import TARGET_KINDS, NamingScheme, TensorRole, detect_scheme, scheme_by_name
+from layerscope.checkpoint.reader import Checkpoint, TensorInfo, open_checkpoint
+from layerscope.errors import LayerscopeError
+from layerscope.spectral import esd
+from layerscope.spectral.estimators import ESTIMATORS, MIN_EVALS, TailFit
+from layerscope.spectral.metrics import norm_metrics
+
+ANALYSED_KINDS = frozenset({"projection", "expert", "expert_stack", "router", "embedding", "lm_head", "other"})
+DEFAULT_BATCH_BYTES = 256 << 20
+
+IDENTITY_COLUMNS = ["name", "tensor", "file", "kind", "layer", "role", "module", "expert", "part", "dtype", "shape"]
+FIT_COLUMNS = {
+    "alpha": ["alpha", "xmin", "D", "sigma", "num_pl_spikes"],
+    "alpha_hill": ["alpha_hill", "xmin_hill"],
+    "alpha_peak": ["alpha_peak", "xmin_peak", "D_peak"],
+}
+METRIC_COLUMNS = ["lambda_max", "log_norm", "log_spectral_norm", "alpha_weighted", "log_alpha_norm",
+                  "stable_rank", "entropy"]
+SUMMARY_COLUMNS = ["alpha", "alpha_hill", "alpha_peak", "lambda_max", "log_norm", "log_spectral_norm",
+                   "alpha_weighted", "log_alpha_norm", "stable_rank", "entropy"]
+
+
+@dataclass(frozen=True)
+class ScanOptions:
+    estimators: tuple[str, ...] = ("alpha", "alpha_hill", "alpha_peak")
+    device: str = "auto"
+    precision: str = "auto"
+    include: str | None = None
+    exclude: str | None = None
+    split_fused: bool = False
+    architecture: str | None = None
+    batch_bytes: int = DEFAULT_BATCH_BYTES
+    progress: bool = True
+
+    def validate(self) -> None:
+        unknown = [e for e in self.estimators if e not in ESTIMATORS]
+        if unknown or not self.estimators:
+            raise LayerscopeError(f"--estimators: unknown {unknown or 'none given'} (known: {', '.join(ESTIMATORS)})")
+        for flag, rx in (("--include", self.include), ("--exclude", self.exclude)):
+            if rx is not None:
+                try:
+                    re.compile(rx)
+                except re.error as exc:
+                    raise LayerscopeError(f"{flag} {rx!r}: invalid regular expression ({exc})") from None
+
+
+@dataclass
+class _Matrix:
+    """One matrix to analyse: its table identity and its weights (2-D, working dtype)."""
+
+    row: dict
+    weight: torch.Tensor
+
+
+@dataclass
+class _Batch:
+    shape: tuple[int, int] | None = None
+    items: list[_Matrix] = field(default_factory=list)
+    nbytes: int = 0
+
+
+def scan(path: str | Path, **options) -> pd.DataFrame:
+    """Per-matrix spectral metrics of a checkpoint folder or ``.safetensors`` file.
+
+    Keyword options are the fields of :class:`ScanOptions`.  Model facts (architecture,
+    layer count, header fingerprint, naming scheme) are in ``df.attrs``; see
+    :func:`layer_summary` for the per-layer table.
+    """
+    opts = ScanOptions(**options)
+    return scan_checkpoint(open_checkpoint(path), opts)
+
+
+def scan_checkpoint(ckpt: Checkpoint, opts: ScanOptions) -> pd.DataFrame:
+    opts.validate()
+    scheme = scheme_by_name(opts.architecture) if opts.architecture else detect_scheme(ckpt.config, ckpt.names)
+    device = esd.resolve_device(opts.device)
+    dtype = esd.working_dtype(opts.precision, device)
+    selected = [(info, role) for info, role in _classified(ckpt, scheme) if _wanted(info, role, opts)]
+    total = sum(_matrix_count(info, role) for info, role in selected)
+
+    rows: list[dict] = []
+    batch = _Batch()
+    with tqdm(total=total, unit="matrix", desc="scan", disable=(not opts.progress) or None) as bar:
+        for info, role in selected:
+            for matrix in _matrices(ckpt, info, role, scheme, dtype, opts.split_fused):
+                if batch.items and (matrix.weight.shape != batch.shape or batch.nbytes >= opts.batch_bytes):
+                    rows += _analyse_batch(batch, device, opts.estimators, bar)
+                    batch = _Batch()
+                batch.shape = tuple(matrix.weight.shape)
+                batch.items.append(matrix)
+                batch.nbytes += matrix.weight.numel() * matrix.weight.element_size()
+        if batch.items:
+            rows += _analyse_batch(batch, device, opts.estimators, bar)
+
+    table = pd.DataFrame(rows, columns=_columns(opts.estimators))
+    table.attrs.update(
+        path=str(ckpt.path),
+        architecture=ckpt.architecture,
+        model_type=ckpt.config.get("model_type"),
+        naming=scheme.name,
+        num_layers=ckpt.num_layers if ckpt.num_layers is not None else _layers_seen(table),
+        fingerprint=ckpt.fingerprint(),
+        estimators=list(opts.estimators),
+        device=str(device),
+        precision=opts.precision,
+    )
+    return table
+
+
+def _columns(estimators: tuple[str, ...]) -> list[str]:
+    cols = IDENTITY_COLUMNS + ["N", "M", "num_evals"]
+    for name in ESTIMATORS:
+        if name in estimators:
+            cols += FIT_COLUMNS[name]
+    return cols + METRIC_COLUMNS + ["status", "precision", "note"]
+
+
+def _layers_seen(table: pd.DataFrame) -> int | None:
+    layers = table["layer"].dropna()
+    return int(layers.max()) + 1 if len(layers) else None
+
+
+def _classified(ckpt: Checkpoint, scheme: NamingScheme) -> Iterator[tuple[TensorInfo, TensorRole]]:
+    for info in ckpt.tensors.values():
+        yield info, scheme.classify(info.name, info.shape, info.dtype)
+
+
+def _wanted(info: TensorInfo, role: TensorRole, opts: ScanOptions) -> bool:
+    if role.kind not in ANALYSED_KINDS or len(info.shape) < 2:
+        return False
+    if opts.include and not re.search(opts.include, info.name):
+        return False
+    return not (opts.exclude and re.search(opts.exclude, info.name))
+
+
+def _matrix_count(info: TensorInfo, role: TensorRole) -> int:
+    if role.kind == "expert_stack" or len(info.shape) > 2:
+        return math.prod(info.shape[:-2])
+    return 1
+
+
+def _matrices(
+    ckpt: Checkpoint, info: TensorInfo, role: TensorRole, scheme: NamingScheme, dtype: torch.dtype, split_fused: bool
+) -> Iterator[_Matrix]:
+    """The 2-D matrices one tensor contributes: itself, its experts, or itself plus its fused parts."""
+    weight = ckpt.load(info.name, dtype)
+    base = {
+        "name": info.name, "tensor": info.name, "file": info.file.name, "kind": role.kind,
+        "layer": role.layer, "role": role.role, "module": role.module, "expert": role.expert,
+        "part": role.adapter_factor, "dtype": info.dtype,
+    }
+    if weight.dim() > 2:
+        experts = weight.reshape(-1, *weight.shape[-2:])
+        for j, matrix in enumerate(experts):
+            kind = "expert" if role.kind == "expert_stack" else role.kind
+            expert_role = f"expert.{j}.{role.role}" if role.kind == "expert_stack" else role.role
+            yield _Matrix({**base, "name": f"{info.name}[{j}]", "kind": kind, "role": expert_role, "expert": j}, matrix)
+        return
+    yield _Matrix(dict(base), weight)
+    if split_fused and role.role:
+        out_dim = 1 if role.conv1d else 0
+        parts = scheme.fused_parts(role.role, weight.shape[out_dim], ckpt.config, info.name)
+        for (part, size), chunk in zip(parts, torch.split(weight, [s for _, s in parts], dim=out_dim)):
+            row = {**base, "name": f"{info.name}:{part}", "kind": "part", "role": part, "part": part}
+            yield _Matrix(row, chunk.contiguous())
+
+
+def _analyse_batch(batch: _Batch, device: torch.device, estimators: tuple[str, ...], bar: tqdm) -> list[dict]:
+    rows: list[dict] = []
+    good = [m for m in batch.items if _status_before_eigs(m) == "ok"]
+    eigs_batch = None
+    if good:
+        stacked = torch.stack([m.weight for m in good]).to(device)
+        eigs_batch = esd.gram_eigenvalues(stacked)
+        del stacked
+    eig_iter = iter(eigs_batch if eigs_batch is not None else [])
+    for matrix in batch.items:
+        status = _status_before_eigs(matrix)
+        eigs = next(eig_iter) if status == "ok" else None
+        rows.append(_analyse_matrix(matrix, eigs, estimators, status))
+        bar.update(1)
+    batch.items.clear()
+    return rows
+
+
+def _status_before_eigs(matrix: _Matrix) -> str:
+    if min(matrix.weight.shape) < MIN_EVALS:
+        return "too_few_evals"
+    if not bool(torch.isfinite(matrix.weight).all()):
+        return "nonfinite_weights"
+    return "ok"
+
+
+def _analyse_matrix(matrix: _Matrix, eigs: torch.Tensor | None, estimators: tuple[str, ...], status: str) -> dict:
+    rows_, cols_ = matrix.weight.shape
+    n_rows, m_cols = max(rows_, cols_), min(rows_, cols_)
+    row = {**matrix.row, "shape": f"{rows_}x{cols_}", "N": n_rows, "M": m_cols, "num_evals": m_cols,
+           "status": status, "precision": None, "note": None}
+    if eigs is None:
+        return row
+    used = eigs.dtype
+    eigs64 = eigs.to(torch.float64)
+    if float(eigs64[-1]) <= 0:
+        row["status"] = "zero_matrix"
+        return row
+    fits = _fit_all(eigs64, estimators)
+    if used == torch.float32 and not esd.f32_fit_is_trustworthy(
+        [fits[k].xmin for k in ("alpha", "alpha_peak") if k in fits], float(eigs64[-1]), n_rows
+    ):
+        eigs64 = esd.gram_eigenvalues(matrix.weight.to(eigs.device, torch.float64)[None])[0]
+        fits = _fit_all(eigs64, estimators)
+        used = "f64 (f32 guard)"
+    row["precision"] = {torch.float32: "f32", torch.float64: "f64"}.get(used, used)
+    row.update(_fit_columns(fits))
+    alpha = fits["alpha"].alpha if "alpha" in fits else math.nan
+    row.update(norm_metrics(eigs64, n_rows, alpha))
+    notes = [f.note for f in fits.values() if f.note]
+    row["note"] = "; ".join(notes) if notes else None
+    return row
+
+
+def _fit_all(eigs: torch.Tensor, estimators: tuple[str, ...]) -> dict[str, TailFit]:
+    return {name: ESTIMATORS[name](eigs) for name in estimators}
+
+
+def _fit_columns(fits: dict[str, TailFit]) -> dict:
+    out: dict = {}
+    if "alpha" in fits:
+        f = fits["alpha"]
+        out.update(alpha=f.alpha, xmin=f.xmin, D=f.D, sigma=f.sigma, num_pl_spikes=f.num_pl_spikes)
+    if "alpha_hill" in fits:
+        out.update(alpha_hill=fits["alpha_hill"].alpha, xmin_hill=fits["alpha_hill"].xmin)
+    if "alpha_peak" in fits:
+        f = fits["alpha_peak"]
+        out.update(alpha_peak=f.alpha, xmin_peak=f.xmin, D_peak=f.D)
+    return out
+
+
+def layer_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Per-layer means over the layer's adapter-target matrices (projections and experts).
+
+    This is AlphaLoRA's layer quality v_i: the mean of a metric over the layer's projections.
+    Failed matrices (NaN metrics) are left out of the means and counted in ``num_failed``.
+    """
+    targets = table[table["kind"].isin(TARGET_KINDS) & table["layer"].notna()]
+    present = [c for c in SUMMARY_COLUMNS if c in targets.columns]
+    grouped = targets.groupby(targets["layer"].astype(int), sort=True)
+    summary = grouped[present].mean()
+    summary.insert(0, "num_matrices", grouped.size())
+    summary.insert(1, "num_failed", grouped["status"].apply(lambda s: int((s != "ok").sum())))
+    summary = summary.reset_index()
+    summary.attrs.update(table.attrs)
+    return summary

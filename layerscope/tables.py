@@ -1,0 +1,96 @@
+"""Reading and writing result tables (.parquet, .csv, .json), atomically."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+from layerscope.errors import LayerscopeError
+
+FORMATS = (".parquet", ".csv", ".json")
+SCAN_SCHEMA = "layerscope.scan/1"
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def layers_path(path: Path) -> Path:
+    """Where the per-layer table goes next to a .csv/.parquet per-matrix table."""
+    return path.with_name(f"{path.stem}.layers{path.suffix}")
+
+
+def output_format(path: Path) -> str:
+    if path.suffix not in FORMATS:
+        raise LayerscopeError(f"--out {path}: unknown format {path.suffix!r} (use {', '.join(FORMATS)})")
+    return path.suffix
+
+
+def write_scan(matrices: pd.DataFrame, layers: pd.DataFrame, path: str | Path) -> list[Path]:
+    """Write the per-matrix and per-layer tables; return the files written."""
+    path = Path(path)
+    fmt = output_format(path)
+    if fmt == ".json":
+        document = {"schema": SCAN_SCHEMA, "model": _jsonable(matrices.attrs),
+                    "matrices": _records(matrices), "layers": _records(layers)}
+        atomic_write(path, lambda tmp: tmp.write_text(json.dumps(document, indent=1, allow_nan=False)))
+        return [path]
+    written = []
+    for table, target in ((matrices, path), (layers, layers_path(path))):
+        if fmt == ".csv":
+            atomic_write(target, lambda tmp, t=table: t.to_csv(tmp, index=False))
+        else:
+            atomic_write(target, lambda tmp, t=table: t.to_parquet(tmp, index=False))
+        written.append(target)
+    return written
+
+
+def read_scan(path: str | Path) -> pd.DataFrame:
+    """Read a per-matrix table written by :func:`write_scan`."""
+    path = Path(path)
+    fmt = output_format(path)
+    if not path.is_file():
+        raise LayerscopeError(f"{path}: no such file")
+    try:
+        if fmt == ".json":
+            document = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(document, dict) or document.get("schema") != SCAN_SCHEMA:
+                raise LayerscopeError(f"{path}: field 'schema' is not {SCAN_SCHEMA!r}")
+            table = pd.DataFrame(document["matrices"])
+            table.attrs.update(document.get("model", {}))
+            return table
+        return pd.read_csv(path) if fmt == ".csv" else pd.read_parquet(path)
+    except LayerscopeError:
+        raise
+    except Exception as exc:  # pandas/pyarrow raise many types for a corrupt file
+        raise LayerscopeError(f"{path}: cannot read table ({type(exc).__name__}: {exc})") from None
+
+
+def _records(table: pd.DataFrame) -> list[dict]:
+    return [{k: _jsonable(v) for k, v in row.items()} for row in table.to_dict(orient="records")]
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
