@@ -26,7 +26,7 @@ WW_SMALL_N_MIN_TAIL = 8
 WW_SMALL_N_KS_OFFSET = 0.868
 MIN_EVALS = 8  # fewer eigenvalues than this: no estimator is meaningful
 PEAK_BINS = 100
-_BLOCK_ELEMENTS = 1 << 22  # ~32 MB of float64 per KS block
+_BLOCK_ELEMENTS = 1 << 20  # 8 MiB of float64 per KS block temporary
 
 
 @dataclass(frozen=True)
@@ -45,16 +45,23 @@ class TailFit:
         return cls(alpha=math.nan, xmin=math.nan, note=note)
 
 
-def _tail_sums(log_x: torch.Tensor) -> torch.Tensor:
-    """S_i = sum_{j>=i} ln x_j for every i."""
-    return torch.flip(torch.cumsum(torch.flip(log_x, [0]), 0), [0])
+def _log_spreads(log_x: torch.Tensor) -> torch.Tensor:
+    """sum_{j>=i} (ln x_j - ln x_i) for every i, without cancellation.
+
+    Written as sum_{m>i} (n - m) * (ln x_m - ln x_{m-1}): every term is >= 0, so near-equal
+    eigenvalues do not turn the difference of two large sums into rounding noise.
+    """
+    n = log_x.numel()
+    steps = torch.diff(log_x) * torch.arange(n - 1, 0, -1, dtype=log_x.dtype, device=log_x.device)
+    tail = torch.flip(torch.cumsum(torch.flip(steps, [0]), 0), [0])
+    return torch.cat([tail, tail.new_zeros(1)])
 
 
 def hill_alphas(log_x: torch.Tensor, starts: torch.Tensor, bias_corrected: bool = False) -> torch.Tensor:
     """alpha_i = 1 + k / (sum_{j>=i} ln x_j - k ln x_i), k = n - i (or k-1 on top, bias corrected)."""
     n = log_x.numel()
     k = (n - starts).to(log_x.dtype)
-    spread = _tail_sums(log_x)[starts] - k * log_x[starts]
+    spread = _log_spreads(log_x)[starts]
     numerator = k - 1 if bias_corrected else k
     return 1 + numerator / spread
 
@@ -72,13 +79,14 @@ def ks_distances(x: torch.Tensor, starts: torch.Tensor, alphas: torch.Tensor) ->
     for first in range(0, starts.numel(), rows_per_block):
         rows = slice(first, first + rows_per_block)
         s, a = starts[rows], alphas[rows]
-        lo = int(s.min())
-        cols = torch.arange(lo, n, device=x.device)
-        offset = cols[None, :] - s[:, None]  # j - i
-        tail = (n - s).to(x.dtype)[:, None]
-        theory = 1 - torch.exp((1 - a)[:, None] * (log_x[cols][None, :] - log_x[s][:, None]))
-        gap = torch.abs(theory - offset.to(x.dtype) / tail)
-        gap = torch.where(offset >= 0, gap, torch.zeros((), dtype=x.dtype, device=x.device))
+        cols = torch.arange(int(s.min()), n, device=x.device)
+        # theoretical CDF 1 - (x_j/x_i)^(1-alpha_i), built in place to keep one block in memory
+        gap = log_x[cols][None, :] - log_x[s][:, None]
+        gap.mul_((1 - a)[:, None]).exp_().neg_().add_(1)
+        empirical = (cols[None, :] - s[:, None]).to(x.dtype).div_((n - s).to(x.dtype)[:, None])
+        gap.sub_(empirical).abs_()
+        del empirical
+        gap.masked_fill_(cols[None, :] < s[:, None], 0)  # only j >= i belongs to the tail
         out[rows] = torch.where(valid[rows], gap.amax(dim=1), out[rows])
     return out
 

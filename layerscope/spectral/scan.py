@@ -20,7 +20,9 @@ from layerscope.spectral.estimators import ESTIMATORS, MIN_EVALS, TailFit
 from layerscope.spectral.metrics import norm_metrics
 
 ANALYSED_KINDS = frozenset({"projection", "expert", "expert_stack", "router", "embedding", "lm_head", "other"})
-DEFAULT_BATCH_BYTES = 256 << 20
+# Matrices of one shape are stacked into batches up to this many bytes (working dtype).
+# Batching pays on GPUs; on CPU it buys little, so memory wins there.
+DEFAULT_BATCH_BYTES = {"cpu": 32 << 20, "cuda": 1 << 30}
 
 IDENTITY_COLUMNS = ["name", "tensor", "file", "kind", "layer", "role", "module", "expert", "part", "dtype", "shape"]
 FIT_COLUMNS = {
@@ -43,7 +45,7 @@ class ScanOptions:
     exclude: str | None = None
     split_fused: bool = False
     architecture: str | None = None
-    batch_bytes: int = DEFAULT_BATCH_BYTES
+    batch_bytes: int | None = None  # None: DEFAULT_BATCH_BYTES for the device
     progress: bool = True
 
     def validate(self) -> None:
@@ -91,13 +93,14 @@ def scan_checkpoint(ckpt: Checkpoint, opts: ScanOptions) -> pd.DataFrame:
     dtype = esd.working_dtype(opts.precision, device)
     selected = [(info, role) for info, role in _classified(ckpt, scheme) if _wanted(info, role, opts)]
     total = sum(_matrix_count(info, role) for info, role in selected)
+    batch_bytes = opts.batch_bytes if opts.batch_bytes is not None else DEFAULT_BATCH_BYTES.get(device.type, 32 << 20)
 
     rows: list[dict] = []
     batch = _Batch()
     with tqdm(total=total, unit="matrix", desc="scan", disable=(not opts.progress) or None) as bar:
         for info, role in selected:
             for matrix in _matrices(ckpt, info, role, scheme, dtype, opts.split_fused):
-                if batch.items and (matrix.weight.shape != batch.shape or batch.nbytes >= opts.batch_bytes):
+                if batch.items and (matrix.weight.shape != batch.shape or batch.nbytes >= batch_bytes):
                     rows += _analyse_batch(batch, device, opts.estimators, bar)
                     batch = _Batch()
                 batch.shape = tuple(matrix.weight.shape)
@@ -174,6 +177,8 @@ def _matrices(
     if split_fused and role.role:
         out_dim = 1 if role.conv1d else 0
         parts = scheme.fused_parts(role.role, weight.shape[out_dim], ckpt.config, info.name)
+        if not parts:
+            return
         for (part, size), chunk in zip(parts, torch.split(weight, [s for _, s in parts], dim=out_dim)):
             row = {**base, "name": f"{info.name}:{part}", "kind": "part", "role": part, "part": part}
             yield _Matrix(row, chunk.contiguous())
@@ -184,7 +189,8 @@ def _analyse_batch(batch: _Batch, device: torch.device, estimators: tuple[str, .
     good = [m for m in batch.items if _status_before_eigs(m) == "ok"]
     eigs_batch = None
     if good:
-        stacked = torch.stack([m.weight for m in good]).to(device)
+        weights = [m.weight for m in good]
+        stacked = (weights[0][None] if len(weights) == 1 else torch.stack(weights)).to(device)
         eigs_batch = esd.gram_eigenvalues(stacked)
         del stacked
     eig_iter = iter(eigs_batch if eigs_batch is not None else [])

@@ -1,0 +1,130 @@
+"""Scan orchestration: known spectra end to end, statuses, filters, precision policy, memory."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from layerscope.errors import LayerscopeError
+from layerscope.spectral.estimators import alpha_hill, alpha_peak, alpha_ww
+from layerscope.spectral.scan import scan
+from tests.builders import matrix_with_spectrum, pareto_eigenvalues, random_matrix, write_checkpoint
+
+
+def test_scan_recovers_planted_spectrum(tmp_path):
+    eigs = pareto_eigenvalues(400, 3.0, seed=5)
+    weight = matrix_with_spectrum(eigs, 600, seed=5)
+    table = scan(write_checkpoint(tmp_path, {"layers.0.proj.weight": weight}), progress=False)
+    row = table.iloc[0]
+    exact = torch.as_tensor(eigs)
+    assert (row.N, row.M, row.num_evals) == (600, 400, 400)
+    assert row.lambda_max == pytest.approx(eigs[-1], rel=1e-9)
+    assert row.alpha == pytest.approx(alpha_ww(exact).alpha, rel=1e-8)
+    assert row.alpha_hill == pytest.approx(alpha_hill(exact).alpha, rel=1e-8)
+    assert row.alpha_peak == pytest.approx(alpha_peak(exact).alpha, rel=1e-8)
+    assert row.alpha_hill == pytest.approx(3.0, abs=4 * 2 / math.sqrt(200))
+    assert row.log_norm == pytest.approx(math.log10(eigs.sum()), rel=1e-9)
+    assert row.stable_rank == pytest.approx(eigs.sum() / eigs[-1], rel=1e-9)
+    assert row.alpha_weighted == pytest.approx(row.alpha * math.log10(eigs[-1]), rel=1e-12)
+    assert row.log_alpha_norm == pytest.approx(math.log10(np.sum(eigs ** row.alpha)), rel=1e-9)
+    assert row.status == "ok" and row.precision == "f64"
+
+
+def test_degenerate_matrices_get_status_and_nan_metrics(tmp_path):
+    bad = random_matrix(32, 16, 1)
+    bad[3, 4] = float("nan")
+    tensors = {"layers.0.nan.weight": bad, "layers.0.zero.weight": torch.zeros(32, 16),
+               "layers.0.thin.weight": random_matrix(32, 4, 2), "layers.0.fine.weight": random_matrix(32, 16, 3)}
+    table = scan(write_checkpoint(tmp_path, tensors), progress=False).set_index("role")
+    assert table.loc["nan", "status"] == "nonfinite_weights"
+    assert table.loc["zero", "status"] == "zero_matrix"
+    assert table.loc["thin", "status"] == "too_few_evals"
+    for role in ("nan", "zero", "thin"):
+        assert table.loc[role, ["alpha", "alpha_hill", "alpha_peak", "lambda_max", "log_norm"]].isna().all()
+    assert table.loc["fine", "status"] == "ok" and np.isfinite(table.loc["fine", "alpha"])
+
+
+def test_include_exclude_and_estimator_selection(tmp_path):
+    tensors = {f"layers.{i}.{m}.weight": random_matrix(24, 16, 10 * i + j)
+               for i in range(2) for j, m in enumerate(["a", "b"])}
+    folder = write_checkpoint(tmp_path, tensors)
+    assert list(scan(folder, include=r"\.a\.", progress=False).role) == ["a", "a"]
+    assert list(scan(folder, exclude=r"layers\.0", progress=False).layer) == [1, 1]
+    only_hill = scan(folder, estimators=("alpha_hill",), progress=False)
+    assert "alpha" not in only_hill.columns and only_hill.alpha_weighted.isna().all()
+    with pytest.raises(LayerscopeError, match="--include"):
+        scan(folder, include="(", progress=False)
+    with pytest.raises(LayerscopeError, match="unknown"):
+        scan(folder, estimators=("alpha_magic",), progress=False)
+
+
+def test_batching_by_shape_does_not_change_results(tmp_path):
+    tensors = {f"layers.{i}.p.weight": random_matrix(48, 32, i) for i in range(6)}
+    folder = write_checkpoint(tmp_path, tensors)
+    one_by_one = scan(folder, batch_bytes=1, progress=False)
+    batched = scan(folder, batch_bytes=1 << 30, progress=False)
+    cols = ["alpha", "alpha_hill", "alpha_peak", "lambda_max", "entropy"]
+    np.testing.assert_allclose(one_by_one[cols].to_numpy(), batched[cols].to_numpy(), rtol=1e-10)
+
+
+def test_f32_policy_keeps_f32_only_where_its_fit_is_trustworthy(tmp_path):
+    # "wide": a spectrum spanning 12 decades whose power-law tail starts deep in the small
+    # eigenvalues, where float32 Gram eigenvalues are noise -> the guard must recompute in f64.
+    wide = np.logspace(-6, 6, 300)
+    # "heavy": bulk near 1 and a heavy tail well above the float32 noise floor -> stays f32.
+    heavy = np.concatenate([np.linspace(1, 2, 200), pareto_eigenvalues(100, 2.5, seed=3, xmin=2.0)])
+    tensors = {"layers.0.wide.weight": matrix_with_spectrum(wide, 400, 1),
+               "layers.0.heavy.weight": matrix_with_spectrum(heavy, 400, 2)}
+    tensors = {k: v.float() for k, v in tensors.items()}  # real checkpoints are f32/bf16: exact in f32
+    folder = write_checkpoint(tmp_path, tensors)
+    f64 = scan(folder, precision="f64", progress=False).set_index("role")
+    f32 = scan(folder, precision="f32", progress=False).set_index("role")
+    assert f32.loc["wide", "precision"] == "f64 (f32 guard)"
+    assert f32.loc["wide", "alpha"] == f64.loc["wide", "alpha"]
+    assert f32.loc["heavy", "precision"] == "f32"
+    for col in ("alpha", "alpha_hill", "alpha_peak"):
+        assert f32.loc["heavy", col] == pytest.approx(f64.loc["heavy", col], rel=1e-5)
+    # Without the guard the f32 eigenvalues at the bottom are visibly wrong:
+    from layerscope.spectral.esd import gram_eigenvalues
+    e32 = gram_eigenvalues(tensors["layers.0.wide.weight"][None])[0].double()
+    e64 = gram_eigenvalues(tensors["layers.0.wide.weight"].double()[None])[0]
+    assert abs(float(e32[0] - e64[0])) / float(e64[0]) > 0.5
+
+
+MEMORY_SCRIPT = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    import layerscope
+    def status_kb(field):  # VmHWM is this process's own peak (ru_maxrss can inherit the parent's)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    layerscope.scan(sys.argv[1], progress=False)  # warm-up: libraries, thread pools, allocator
+    before = status_kb("VmHWM")
+    table = layerscope.scan(sys.argv[2], progress=False)
+    peak = status_kb("VmHWM")
+    print(json.dumps({"before_kb": before, "peak_kb": peak, "rows": len(table)}))
+""")
+
+
+def test_peak_memory_is_bounded_by_the_largest_tensor_not_the_model(tmp_path):
+    rows, cols, count = 1536, 1024, 64  # 6 MiB float32 tensors, 384 MiB in all, 4 shards
+    tensors = {f"model.layers.{i}.mlp.up_proj.weight": random_matrix(rows, cols, i) for i in range(count)}
+    big = write_checkpoint(tmp_path / "big", tensors, shards=4)
+    small = write_checkpoint(tmp_path / "small", {"model.layers.0.mlp.up_proj.weight": random_matrix(rows, cols, 0)})
+    out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(small), str(big)],
+                         capture_output=True, text=True, check=True)
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["rows"] == count
+    model_mib = rows * cols * 4 * count / 2**20
+    growth_mib = (report["peak_kb"] - report["before_kb"]) / 1024
+    # One batch (32 MiB budget on CPU) in float64 plus its Gram and one read buffer: far
+    # below holding the model (384 MiB as stored, 768 MiB as float64).
+    assert growth_mib < 0.5 * model_mib, report
