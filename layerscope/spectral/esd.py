@@ -31,12 +31,17 @@ F32_GUARD = 1e3
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise LayerscopeError("--device cuda: no CUDA device is available (use --device auto or cpu)")
     try:
-        return torch.device(device)
+        resolved = torch.device(device)
     except RuntimeError:
         raise LayerscopeError(f"--device {device!r}: not a torch device (auto, cpu, cuda, cuda:N)") from None
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (resolved.index or 0) >= count:
+            raise LayerscopeError(f"--device {device}: no such CUDA device ({count} available; use auto or cpu)")
+    elif resolved.type != "cpu":
+        raise LayerscopeError(f"--device {device!r}: only cpu and cuda are supported")
+    return resolved
 
 
 def working_dtype(precision: str, device: torch.device) -> torch.dtype:
