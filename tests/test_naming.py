@@ -110,6 +110,8 @@ def test_scan_of_sharded_llama_rows_and_layer_means(tmp_path):
     table = scan(folder, progress=False)
     projections = table[table.kind == "projection"]
     assert len(projections) == 21
+    down = projections[projections.role == "down"].iloc[0]
+    assert (down.out_features, down.in_features) == (H, F)
     assert list(projections.layer) == sorted(projections.layer)
     assert set(table.kind) == {"projection", "embedding", "lm_head"}  # the norm is 1-D, not a matrix
     summary = layer_summary(table)
@@ -125,6 +127,7 @@ def test_gpt2_conv1d_orientation_and_fused_split(tmp_path):
     table = scan(folder, split_fused=True, progress=False).set_index("name")
     fused = table.loc["h.0.attn.c_attn.weight"]
     assert (fused.N, fused.M, fused.kind) == (3 * H, H, "projection")
+    assert (fused.out_features, fused.in_features) == (3 * H, H)  # stored (in, out) = (H, 3H)
     weight = ckpt.load("h.0.attn.c_attn.weight")  # Conv1D stores (in, out): split along dim 1
     for j, part in enumerate("qkv"):
         row = table.loc[f"h.0.attn.c_attn.weight:{part}"]

@@ -24,7 +24,8 @@ ANALYSED_KINDS = frozenset({"projection", "expert", "expert_stack", "router", "e
 # Batching pays on GPUs; on CPU it buys little, so memory wins there.
 DEFAULT_BATCH_BYTES = {"cpu": 32 << 20, "cuda": 1 << 30}
 
-IDENTITY_COLUMNS = ["name", "tensor", "file", "kind", "layer", "role", "module", "expert", "part", "dtype", "shape"]
+IDENTITY_COLUMNS = ["name", "tensor", "file", "kind", "layer", "role", "module", "expert", "part", "dtype", "shape",
+                    "out_features", "in_features"]
 FIT_COLUMNS = {
     "alpha": ["alpha", "xmin", "D", "sigma", "num_pl_spikes"],
     "alpha_hill": ["alpha_hill", "xmin_hill"],
@@ -164,7 +165,7 @@ def _matrices(
     base = {
         "name": info.name, "tensor": info.name, "file": info.file.name, "kind": role.kind,
         "layer": role.layer, "role": role.role, "module": role.module, "expert": role.expert,
-        "part": role.adapter_factor, "dtype": info.dtype,
+        "part": role.adapter_factor, "dtype": info.dtype, "conv1d": role.conv1d,
     }
     if weight.dim() > 2:
         experts = weight.reshape(-1, *weight.shape[-2:])
@@ -214,7 +215,9 @@ def _status_before_eigs(matrix: _Matrix) -> str:
 def _analyse_matrix(matrix: _Matrix, eigs: torch.Tensor | None, estimators: tuple[str, ...], status: str) -> dict:
     rows_, cols_ = matrix.weight.shape
     n_rows, m_cols = max(rows_, cols_), min(rows_, cols_)
-    row = {**matrix.row, "shape": f"{rows_}x{cols_}", "N": n_rows, "M": m_cols, "num_evals": m_cols,
+    out_features, in_features = (cols_, rows_) if matrix.row.pop("conv1d") else (rows_, cols_)
+    row = {**matrix.row, "shape": f"{rows_}x{cols_}", "out_features": out_features, "in_features": in_features,
+           "N": n_rows, "M": m_cols, "num_evals": m_cols,
            "status": status, "precision": None, "note": None}
     if eigs is None:
         return row
