@@ -1,9 +1,11 @@
 """layerscope: spectral diagnostics and budgeted LoRA-expert allocation plans for LLM checkpoints."""
 
 from layerscope.errors import LayerscopeError
+from layerscope.planning import LoraSettings, Plan, plan
 from layerscope.spectral.scan import layer_summary, scan
 from layerscope.tables import read_scan, write_scan
 
 __version__ = "0.1.0"
 
-__all__ = ["LayerscopeError", "__version__", "layer_summary", "read_scan", "scan", "write_scan"]
+__all__ = ["LayerscopeError", "LoraSettings", "Plan", "__version__", "layer_summary", "plan", "read_scan", "scan",
+           "write_scan"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import sys
 import time
 from pathlib import Path
@@ -10,6 +11,10 @@ import click
 import pandas as pd
 
 from layerscope.errors import LayerscopeError
+from layerscope.export import EXPORTERS, export_plan
+from layerscope.planning import STRATEGIES, LoraSettings, Plan
+from layerscope.planning import plan as make_plan
+from layerscope.planning.explain import explain_text
 from layerscope.spectral.estimators import ESTIMATORS
 from layerscope.spectral.esd import PRECISIONS
 from layerscope.spectral.scan import ScanOptions, layer_summary, scan
@@ -77,6 +82,123 @@ def _print_summary(matrices: pd.DataFrame, layers: pd.DataFrame, seconds: float,
         click.echo(layers[["layer", "num_matrices", *cols]].to_string(index=False, float_format="%.3f"))
     for path in written:
         click.echo(f"wrote {path}")
+
+
+def _int_list(_ctx, param, value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        numbers = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected comma-separated integers like 2,4,6,8") from None
+    if not numbers:
+        raise click.BadParameter("empty list")
+    return numbers
+
+
+# CLI option name → strategy keyword; which strategies take it is read from their signatures.
+_STRATEGY_OPTIONS = {
+    "total_experts": "total_experts", "beta": "beta", "metric": "metric", "rounding": "rounding",
+    "min_experts": "min_experts", "max_experts": "max_experts", "rank": "rank", "top_k": "top_k",
+    "shape": "shape", "pattern": "pattern", "ranks": "ranks", "experts": "experts",
+    "rank_source": "rank_source", "activations": "activations", "experts_mode": "experts_mode",
+    "mode": "mode", "base_rank": "base_rank", "min_rank": "min_rank", "max_rank": "max_rank",
+}
+
+
+@cli.command("plan")
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("--strategy", type=click.Choice(list(STRATEGIES)), default="alphalora", show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), help="Write the plan JSON here.")
+@click.option("--total-experts", type=int, help="alphalora/mola: experts over all layers (alphalora default 160).")
+@click.option("--beta", type=float, help="alphalora: exponent of alpha (default 2.5).")
+@click.option("--metric", help="alphalora: scan column averaged per layer (default alpha_peak).")
+@click.option("--rounding", type=click.Choice(["largest-remainder", "reference"]),
+              help="alphalora: sound rounding (default) or the reference code's np.round + fix-up.")
+@click.option("--min-experts", type=int, help="alphalora: per-layer minimum (default 1).")
+@click.option("--max-experts", type=int, help="alphalora: per-layer maximum.")
+@click.option("--rank", type=int, help="alphalora/mola/uniform: LoRA rank (default 8).")
+@click.option("--top-k", type=int, help="Experts routed per token (default 2; 1 where a layer has 1).")
+@click.option("--shape", help="mola: ▽ △ ⋈ □ or increasing, decreasing, hourglass, uniform (default ▽).")
+@click.option("--pattern", callback=_int_list, help="mola: experts per depth group, e.g. 2,4,6,8.")
+@click.option("--ranks", callback=_int_list, help="hilo: rank tiers from shallow to deep (default 2,4,6,8).")
+@click.option("--experts", type=int, help="hilo/uniform: experts per layer (hilo 8, uniform 1).")
+@click.option("--rank-source", type=click.Choice(["depth", "activations"]), help="hilo: tiers by depth (default) "
+              "or by near-zero fraction.")
+@click.option("--activations", type=click.Path(path_type=Path), help="hilo: table with layer, near_zero_fraction.")
+@click.option("--experts-mode", type=click.Choice(["fixed", "inverse-rank"]),
+              help="hilo: fixed experts, or experts ∝ 1/rank at the uniform reference's parameter count.")
+@click.option("--mode", type=click.Choice(["linear-decay", "attention-heavy", "empirical"]), help="adaptive-lora.")
+@click.option("--base-rank", type=int, help="adaptive-lora: r_base (default 16).")
+@click.option("--min-rank", type=int, help="adaptive-lora: r_min (default 4).")
+@click.option("--max-rank", type=int, help="adaptive-lora: r_max (default 32).")
+@click.option("--budget-params", type=int, help="Trainable-parameter budget (adapters + routers).")
+@click.option("--budget-ratio", type=float, help="Budget as a multiple of one rank-r LoRA on every target module.")
+@click.option("--reference-rank", type=int, default=8, show_default=True, help="r of the uniform baselines.")
+@click.option("--reference-experts", type=int, default=8, show_default=True, help="Experts of the uniform MoE baseline.")
+@click.option("--target-roles", help="Comma-separated roles to adapt (default: every projection).")
+@click.option("--expert-type", type=click.Choice(["lora", "mor"]), default="lora", show_default=True)
+@click.option("--lora-alpha", type=float, default=16.0, show_default=True,
+              help="lora_alpha of every module (MoLA/AlphaLoRA train with 16).")
+@click.option("--alpha-scale", type=float, help="Instead: lora_alpha = scale x rank (constant alpha/r).")
+@click.option("--dropout", type=float, default=0.05, show_default=True)
+@click.option("--init", type=click.Choice(["kaiming-uniform", "gaussian"]), default="kaiming-uniform",
+              show_default=True, help="Initialisation of A (B starts at zero).")
+@click.option("--aux-loss-coef", type=float, default=0.0, show_default=True,
+              help="Load-balancing loss coefficient for the runtime (0 = off; Mixtral uses 0.001).")
+@click.option("--quiet", "-q", is_flag=True)
+@click.pass_context
+def plan_command(ctx: click.Context, source: Path, strategy: str, out: Path | None, budget_params: int | None,
+                 budget_ratio: float | None, reference_rank: int, reference_experts: int, target_roles: str | None,
+                 expert_type: str, lora_alpha: float, alpha_scale: float | None, dropout: float, init: str,
+                 aux_loss_coef: float, quiet: bool, **options) -> None:
+    """Allocate experts, ranks and top-k per layer (SOURCE: a model folder or a scan table)."""
+    accepted = set(inspect.signature(STRATEGIES[strategy]).parameters)
+    strategy_params = {}
+    for option, value in options.items():
+        if value is None:
+            continue
+        keyword = _STRATEGY_OPTIONS[option]
+        if keyword not in accepted:
+            raise LayerscopeError(f"--{option.replace('_', '-')} does not apply to --strategy {strategy}")
+        strategy_params[keyword] = str(value) if isinstance(value, Path) else value
+    if out is not None and out.suffix != ".json":
+        raise LayerscopeError(f"--out {out}: a plan is a .json file")
+    lora = LoraSettings(alpha_scale=alpha_scale, fixed_alpha=lora_alpha, dropout=dropout, init=init,
+                        router_aux_loss_coef=aux_loss_coef)
+    roles = [r.strip() for r in target_roles.split(",") if r.strip()] if target_roles else None
+    the_plan = make_plan(source, strategy, budget_params=budget_params, budget_ratio=budget_ratio,
+                         target_roles=roles, expert_type=expert_type, lora=lora, reference_rank=reference_rank,
+                         reference_experts=reference_experts, command=_command_line(ctx), progress=not quiet,
+                         **strategy_params)
+    if out is not None:
+        the_plan.save(out)
+    if not quiet:
+        click.echo(explain_text(the_plan))
+        if out is not None:
+            click.echo(f"wrote {out}")
+
+
+def _command_line(ctx: click.Context) -> str:
+    """The command as typed, minus the program path, for the plan's provenance."""
+    return " ".join(["layerscope", *sys.argv[1:]]) if ctx.find_root().info_name else "layerscope"
+
+
+@cli.command("export")
+@click.argument("plan_file", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(EXPORTERS), required=True)
+@click.option("--out", type=click.Path(path_type=Path), help="Write here instead of stdout.")
+def export_command(plan_file: Path, fmt: str, out: Path | None) -> None:
+    """Export a plan for a trainer: PEFT LoraConfig JSON, MoLA arguments, or a CSV table."""
+    text = export_plan(Plan.load(plan_file), fmt, out)
+    click.echo(f"wrote {out}" if out is not None else text, nl=out is not None)
+
+
+@cli.command("explain")
+@click.argument("plan_file", type=click.Path(path_type=Path))
+def explain_command(plan_file: Path) -> None:
+    """Per-layer table of a plan: metric, experts, rank, top-k and parameters."""
+    click.echo(explain_text(Plan.load(plan_file)))
 
 
 @cli.command("demo")

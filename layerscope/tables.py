@@ -34,6 +34,11 @@ def layers_path(path: Path) -> Path:
     return path.with_name(f"{path.stem}.layers{path.suffix}")
 
 
+def model_path(path: Path) -> Path:
+    """Sidecar holding the model facts (``df.attrs``) next to a .csv table, which cannot store them."""
+    return path.with_name(f"{path.stem}.model.json")
+
+
 def output_format(path: Path) -> str:
     if path.suffix not in FORMATS:
         raise LayerscopeError(f"--out {path}: unknown format {path.suffix!r} (use {', '.join(FORMATS)})")
@@ -50,6 +55,10 @@ def write_scan(matrices: pd.DataFrame, layers: pd.DataFrame, path: str | Path) -
         atomic_write(path, lambda tmp: tmp.write_text(json.dumps(document, indent=1, allow_nan=False)))
         return [path]
     written = []
+    if fmt == ".csv":
+        sidecar = json.dumps(_jsonable(matrices.attrs), indent=1, allow_nan=False)
+        atomic_write(model_path(path), lambda tmp: tmp.write_text(sidecar))
+        written.append(model_path(path))
     for table, target in ((matrices, path), (layers, layers_path(path))):
         if fmt == ".csv":
             atomic_write(target, lambda tmp, t=table: t.to_csv(tmp, index=False))
@@ -73,7 +82,12 @@ def read_scan(path: str | Path) -> pd.DataFrame:
             table = pd.DataFrame(document["matrices"])
             table.attrs.update(document.get("model", {}))
             return table
-        return pd.read_csv(path) if fmt == ".csv" else pd.read_parquet(path)
+        if fmt == ".parquet":
+            return pd.read_parquet(path)
+        table = pd.read_csv(path)
+        if model_path(path).is_file():
+            table.attrs.update(json.loads(model_path(path).read_text(encoding="utf-8")))
+        return table
     except LayerscopeError:
         raise
     except Exception as exc:  # pandas/pyarrow raise many types for a corrupt file

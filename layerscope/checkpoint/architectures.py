@@ -126,3 +126,9 @@ ROUTER_ROLES = frozenset({"router"})
 # Prefixes adapter files put in front of the base model's names, and their factor suffixes.
 ADAPTER_PREFIXES = ("base_model.model.",)
 ADAPTER_FACTORS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
+
+# Which roles are attention and which feed-forward (Adaptive-LoRA's attention-heavy mode).
+ROLE_GROUPS: dict[str, frozenset[str]] = {
+    "attention": frozenset({"q", "k", "v", "o", "qkv"}),
+    "mlp": frozenset({"gate", "up", "down", "gate_up"}),
+}

@@ -116,6 +116,7 @@ def scan_checkpoint(ckpt: Checkpoint, opts: ScanOptions) -> pd.DataFrame:
         architecture=ckpt.architecture,
         model_type=ckpt.config.get("model_type"),
         naming=scheme.name,
+        conv1d=bool((scheme.architecture or {}).get("conv1d")),
         num_layers=ckpt.num_layers if ckpt.num_layers is not None else _layers_seen(table),
         fingerprint=ckpt.fingerprint(),
         estimators=list(opts.estimators),

@@ -1,0 +1,5 @@
+"""Exports of a plan to what trainers read: PEFT LoraConfig JSON, MoLA arguments, a flat table."""
+
+from layerscope.export.formats import EXPORTERS, export_plan, to_mola_args, to_peft_config, to_table
+
+__all__ = ["EXPORTERS", "export_plan", "to_mola_args", "to_peft_config", "to_table"]

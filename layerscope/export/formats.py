@@ -1,0 +1,119 @@
+"""Plan → PEFT ``LoraConfig`` JSON, MoLA/AlphaLoRA command-line arguments, or a flat table."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+
+from layerscope.errors import LayerscopeError
+from layerscope.planning.accounting import module_params
+from layerscope.planning.plan import Plan
+from layerscope.tables import atomic_write
+
+
+def _most_common(values):
+    counts = Counter(values)
+    return min(counts, key=lambda v: (-counts[v], v))
+
+
+def to_peft_config(plan: Plan, base_model_name_or_path: str | None = None) -> dict:
+    """A LoraConfig-compatible dict; every planned module is named in rank/alpha patterns.
+
+    Pattern keys are escaped full module paths (``model\\.layers\\.3\\.self_attn\\.q_proj``):
+    PEFT matches them as ``(.*\\.)?(key)$``, so ``layers.1`` can never match ``layers.11``.
+    """
+    crowded = [layer for layer in plan.layers if layer["experts"] > 1]
+    if crowded:
+        first = crowded[0]
+        raise LayerscopeError(
+            f"{plan.source}: PEFT has no per-layer mixture of experts, but layer {first['layer']} has "
+            f"{first['experts']} experts (export --format mola, or use layerscope.runtime)"
+        )
+    modules = plan.modules()
+    if not modules:
+        raise LayerscopeError(f"{plan.source}: no module has an adapter")
+    if plan.document["expert_type"] != "lora":
+        raise LayerscopeError(f"{plan.source}: expert_type {plan.document['expert_type']!r} has no PEFT equivalent")
+    lora = plan.document["lora"]
+    return {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base_model_name_or_path or plan.model["path"],
+        "r": _most_common([m["rank"] for m in modules]),
+        "lora_alpha": _most_common([m["lora_alpha"] for m in modules]),
+        "lora_dropout": lora["dropout"],
+        "target_modules": sorted(m["name"] for m in modules),
+        "rank_pattern": {re.escape(m["name"]): m["rank"] for m in modules},
+        "alpha_pattern": {re.escape(m["name"]): m["lora_alpha"] for m in modules},
+        "fan_in_fan_out": plan.model["conv1d"],
+        "bias": "none",
+        "init_lora_weights": "gaussian" if lora["init"] == "gaussian" else True,
+        "inference_mode": False,
+    }
+
+
+def to_mola_args(plan: Plan) -> dict[str, str]:
+    """MoLA / AlphaLoRA trainer arguments: one comma-separated entry per layer, layers 0..L-1."""
+    layers = sorted(plan.layers, key=lambda layer: layer["layer"])
+    expected = list(range(plan.model["num_layers"]))
+    if [layer["layer"] for layer in layers] != expected:
+        raise LayerscopeError(f"{plan.source}: MoLA needs every layer 0..{expected[-1]} planned")
+    for layer in layers:
+        if layer["experts"] < 1:
+            raise LayerscopeError(f"{plan.source}: layer {layer['layer']} has 0 experts; MoLA needs at least 1")
+        if len({m["rank"] for m in layer["modules"]}) > 1:
+            raise LayerscopeError(f"{plan.source}: layer {layer['layer']} has per-module ranks; MoLA takes one per layer")
+    alphas = {m["lora_alpha"] for layer in layers for m in layer["modules"]}
+    if len(alphas) > 1:
+        raise LayerscopeError(f"{plan.source}: lora_alpha differs across layers {sorted(alphas)}; MoLA takes one "
+                              "value (plan with --lora-alpha N)")
+    suffixes = sorted({m["name"].rsplit(".", 1)[-1] for layer in layers for m in layer["modules"]})
+    alpha = alphas.pop()
+    return {
+        "number_experts": ",".join(str(layer["experts"]) for layer in layers),
+        "top_k": ",".join(str(layer["top_k"]) for layer in layers),
+        "lora_r": ",".join(str(layer["modules"][0]["rank"]) for layer in layers),
+        "lora_alpha": str(int(alpha) if float(alpha).is_integer() else alpha),
+        "lora_dropout": str(plan.document["lora"]["dropout"]),
+        "lora_target_modules": ",".join(suffixes),
+    }
+
+
+def mola_command_line(args: dict[str, str]) -> str:
+    return " ".join(f"--{key} {shlex.quote(value) if ',' not in value else json.dumps(value)}"
+                    for key, value in args.items())
+
+
+def to_table(plan: Plan) -> pd.DataFrame:
+    """One row per planned module, with its parameter counts."""
+    rows = []
+    for m in plan.modules():
+        counts = module_params(m["in_features"], m["out_features"], m["experts"], m["rank"], m["top_k"])
+        rows.append({"layer": m["layer"], "module": m["name"], "role": m["role"], "experts": m["experts"],
+                     "rank": m["rank"], "top_k": m["top_k"], "lora_alpha": m["lora_alpha"],
+                     "in_features": m["in_features"], "out_features": m["out_features"],
+                     "trainable": counts.trainable_total, "active_per_token": counts.active_total})
+    return pd.DataFrame(rows)
+
+
+EXPORTERS = ("peft", "mola", "csv")
+
+
+def export_plan(plan: Plan, fmt: str, out: Path | None = None) -> str:
+    """Render (and, with ``out``, atomically write) an export; returns the text."""
+    if fmt == "peft":
+        text = json.dumps(to_peft_config(plan), indent=2) + "\n"
+    elif fmt == "mola":
+        text = mola_command_line(to_mola_args(plan)) + "\n"
+    elif fmt == "csv":
+        text = to_table(plan).to_csv(index=False)
+    else:
+        raise LayerscopeError(f"--format {fmt!r}: expected one of {', '.join(EXPORTERS)}")
+    if out is not None:
+        atomic_write(Path(out), lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    return text

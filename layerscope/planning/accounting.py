@@ -1,0 +1,89 @@
+"""Parameter accounting from the real module shapes.
+
+Per target module with E experts of rank r, in → out features, top-k routing:
+  adapter parameters per expert  r · (in + out)        (A: r × in, B: out × r)
+  router parameters              E · in, when E > 1    (linear, no bias)
+  trainable                      E · r · (in + out) + router
+  active per token               min(k, E) · r · (in + out) + router
+Ratios are reported on adapter parameters (routers excluded, as HILO and MoLA count them)
+and, separately, with routers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from layerscope.planning.inputs import PlanInputs
+
+
+@dataclass(frozen=True)
+class Accounting:
+    trainable_adapters: int
+    trainable_routers: int
+    active_adapters: int
+    active_routers: int
+
+    @property
+    def trainable_total(self) -> int:
+        return self.trainable_adapters + self.trainable_routers
+
+    @property
+    def active_total(self) -> int:
+        return self.active_adapters + self.active_routers
+
+
+def module_params(in_features: int, out_features: int, experts: int, rank: int, top_k: int) -> Accounting:
+    per_expert = rank * (in_features + out_features)
+    router = in_features * experts if experts > 1 else 0
+    return Accounting(experts * per_expert, router, min(top_k, experts) * per_expert, router)
+
+
+def account(inputs: PlanInputs, allocations) -> Accounting:
+    """Totals over every target module of every allocated layer."""
+    totals = [0, 0, 0, 0]
+    shapes = inputs.shapes_by_layer
+    for alloc in allocations:
+        if alloc.experts <= 0:
+            continue
+        for role, in_f, out_f in shapes.get(alloc.layer, []):
+            part = module_params(in_f, out_f, alloc.experts, alloc.rank_of(role), alloc.top_k)
+            totals = [t + p for t, p in zip(totals, (part.trainable_adapters, part.trainable_routers,
+                                                     part.active_adapters, part.active_routers))]
+    return Accounting(*totals)
+
+
+def baselines(inputs: PlanInputs, reference_rank: int, reference_experts: int, reference_top_k: int = 2) -> dict:
+    """The two uniform references every ratio is stated against."""
+    single = sum(reference_rank * (int(m.in_features) + int(m.out_features)) for m in inputs.modules.itertuples())
+    moe_routers = (sum(int(m.in_features) for m in inputs.modules.itertuples()) * reference_experts
+                   if reference_experts > 1 else 0)
+    return {
+        "single_lora": {"description": f"one rank-{reference_rank} LoRA per target module",
+                        "rank": reference_rank, "trainable": single, "active": single},
+        "uniform_moe": {"description": f"{reference_experts} experts of rank {reference_rank}, "
+                                       f"top-{reference_top_k}, in every target module",
+                        "experts": reference_experts, "rank": reference_rank, "top_k": reference_top_k,
+                        "trainable_adapters": reference_experts * single, "routers": moe_routers,
+                        "active_adapters": min(reference_top_k, reference_experts) * single},
+    }
+
+
+def accounting_report(inputs: PlanInputs, allocations, reference_rank: int, reference_experts: int,
+                      reference_top_k: int = 2) -> dict:
+    ours = account(inputs, allocations)
+    base = baselines(inputs, reference_rank, reference_experts, reference_top_k)
+    single, moe = base["single_lora"], base["uniform_moe"]
+    return {
+        "trainable": {"adapters": ours.trainable_adapters, "routers": ours.trainable_routers,
+                      "total": ours.trainable_total},
+        "active_per_token": {"adapters": ours.active_adapters, "routers": ours.active_routers,
+                             "total": ours.active_total},
+        "baselines": base,
+        "ratios": {
+            "trainable_adapters_vs_uniform_moe": ours.trainable_adapters / moe["trainable_adapters"],
+            "trainable_adapters_vs_single_lora": ours.trainable_adapters / single["trainable"],
+            "active_adapters_vs_single_lora": ours.active_adapters / single["active"],
+            "active_adapters_vs_uniform_moe": ours.active_adapters / moe["active_adapters"],
+            "trainable_total_vs_uniform_moe": ours.trainable_total / (moe["trainable_adapters"] + moe["routers"]),
+        },
+    }

@@ -1,0 +1,68 @@
+"""``layerscope.plan``: from a model or scan table to a validated allocation plan."""
+
+from __future__ import annotations
+
+import inspect
+
+from layerscope.errors import LayerscopeError
+from layerscope.planning.accounting import baselines
+from layerscope.planning.budget import fit_budget
+from layerscope.planning.inputs import load_inputs
+from layerscope.planning.plan import LoraSettings, Plan, build_plan
+from layerscope.planning.strategies import STRATEGIES
+
+
+def plan(source, strategy: str = "alphalora", *, budget_params: int | None = None,
+         budget_ratio: float | None = None, target_roles: list[str] | None = None, expert_type: str = "lora",
+         lora: LoraSettings | None = None, reference_rank: int = 8, reference_experts: int = 8,
+         command: str | None = None, progress: bool = True, **strategy_params) -> Plan:
+    """Allocate experts, ranks and top-k per layer.
+
+    ``source``: a checkpoint folder/file (scanned only when the strategy needs a metric), a
+    scan table file, or a scan DataFrame.  ``strategy_params`` go to the strategy function
+    (see :mod:`layerscope.planning.strategies`).  With ``budget_params`` (trainable parameters,
+    adapters + routers) or ``budget_ratio`` (× one rank-``reference_rank`` LoRA on every target
+    module) the allocation is rescaled to the largest that fits; the plan records the slack.
+    """
+    if strategy not in STRATEGIES:
+        raise LayerscopeError(f"--strategy {strategy!r}: unknown (known: {', '.join(STRATEGIES)})")
+    if budget_params is not None and budget_ratio is not None:
+        raise LayerscopeError("give --budget-params or --budget-ratio, not both")
+    function = STRATEGIES[strategy]
+    accepted = inspect.signature(function).parameters
+    unknown = [k for k in strategy_params if k not in accepted]
+    if unknown:
+        raise LayerscopeError(f"strategy {strategy!r} has no option {unknown[0]!r} "
+                              f"(options: {', '.join(p for p in accepted if p != 'inputs')})")
+    metric = strategy_params.get("metric", accepted["metric"].default) if "metric" in accepted else None
+    inputs = load_inputs(source, metric=metric, progress=progress).restrict_roles(target_roles)
+    result = function(inputs, **strategy_params)
+
+    allocations, budget_record = result.allocations, None
+    budget, budget_source = _budget(inputs, result, budget_params, budget_ratio, reference_rank)
+    if budget is not None:
+        fitted = fit_budget(inputs, result, budget)
+        allocations = fitted.allocations
+        budget_record = {"params": budget, "used": fitted.used, "slack": fitted.slack, "unit": result.scale.unit,
+                         "scale_value": fitted.scale_value, "top_ups": fitted.top_ups, "source": budget_source}
+    params = dict(result.params)
+    if "activations" in strategy_params:
+        activations = strategy_params["activations"]
+        params["activations"] = activations if isinstance(activations, str) or activations is None else str(activations) \
+            if not hasattr(activations, "columns") else "table"
+    return build_plan(inputs, result.name, params, allocations, metric=result.metric, budget=budget_record,
+                      expert_type=expert_type, lora=lora or LoraSettings(), reference_rank=reference_rank,
+                      reference_experts=reference_experts, command=command)
+
+
+def _budget(inputs, result, budget_params, budget_ratio, reference_rank) -> tuple[int | None, str | None]:
+    if budget_params is not None:
+        return int(budget_params), "budget_params"
+    if budget_ratio is not None:
+        if budget_ratio <= 0:
+            raise LayerscopeError(f"--budget-ratio {budget_ratio}: must be > 0")
+        single = baselines(inputs, reference_rank, 1)["single_lora"]["trainable"]
+        return int(budget_ratio * single), f"budget_ratio {budget_ratio} x single rank-{reference_rank} LoRA"
+    if result.default_budget is not None:
+        return result.default_budget(), "strategy reference (uniform experts x rank)"
+    return None, None

@@ -1,0 +1,48 @@
+"""A human-readable account of a plan: one row per layer, then totals and ratios."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from layerscope.planning.accounting import module_params
+from layerscope.planning.plan import Plan
+
+
+def explain_table(plan: Plan) -> pd.DataFrame:
+    rows = []
+    for layer in plan.layers:
+        trainable = active = 0
+        for m in layer["modules"]:
+            if layer["experts"] > 0:
+                counts = module_params(m["in_features"], m["out_features"], layer["experts"], m["rank"], layer["top_k"])
+                trainable, active = trainable + counts.trainable_total, active + counts.active_total
+        ranks = sorted({m["rank"] for m in layer["modules"]})
+        rows.append({"layer": layer["layer"], "metric": layer["metric"], "experts": layer["experts"],
+                     "rank": "/".join(map(str, ranks)), "top_k": layer["top_k"],
+                     "modules": len(layer["modules"]), "trainable": trainable, "active": active})
+    return pd.DataFrame(rows)
+
+
+def explain_text(plan: Plan) -> str:
+    model, strategy, acct = plan.model, plan.strategy, plan.accounting
+    ratios, base = acct["ratios"], acct["baselines"]
+    moe, single = base["uniform_moe"], base["single_lora"]
+    header = (f"plan: {strategy['name']} on {model.get('architecture') or model['naming']} "
+              f"({model['num_layers']} layers)" + (f", metric {strategy['metric']}" if strategy.get("metric") else "")
+              + f", {plan.document['expert_type']} experts")
+    table = explain_table(plan)
+    if table["metric"].isna().all():
+        table = table.drop(columns="metric")
+    lines = [header, table.to_string(index=False, float_format="%.3f")]
+    t, a = acct["trainable"], acct["active_per_token"]
+    lines.append(f"trainable: {t['adapters']:,} adapter + {t['routers']:,} router = {t['total']:,} params; "
+                 f"adapters {ratios['trainable_adapters_vs_uniform_moe']:.3f}x uniform {moe['experts']} experts "
+                 f"at rank {moe['rank']}, {ratios['trainable_adapters_vs_single_lora']:.3f}x one rank-{single['rank']} LoRA")
+    lines.append(f"active per token: {a['adapters']:,} adapter + {a['routers']:,} router = {a['total']:,} params; "
+                 f"adapters {ratios['active_adapters_vs_single_lora']:.3f}x one rank-{single['rank']} LoRA, "
+                 f"{ratios['active_adapters_vs_uniform_moe']:.3f}x uniform top-{moe['top_k']}")
+    budget = strategy.get("budget")
+    if budget:
+        lines.append(f"budget: {budget['params']:,} params ({budget['source']}); used {budget['used']:,}, "
+                     f"slack {budget['slack']:,} (no further {budget['unit'][:-1] if budget['unit'] == 'experts' else 'rank'} unit fits)")
+    return "\n".join(lines)

@@ -1,0 +1,131 @@
+"""What the planner works from: the model's identity, its target modules and per-layer metrics.
+
+Inputs come from a scan table (file or DataFrame) or straight from a checkpoint: a header-only
+inventory when the strategy needs no spectra, a full scan when it does.  Module shapes are
+always the real ones (from the scan or the safetensors headers), never guessed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import pandas as pd
+
+from layerscope.checkpoint.naming import detect_scheme
+from layerscope.checkpoint.reader import open_checkpoint
+from layerscope.errors import LayerscopeError
+from layerscope.tables import FORMATS, read_scan
+
+MODULE_COLUMNS = ["layer", "role", "module", "in_features", "out_features"]
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    path: str
+    architecture: str | None
+    model_type: str | None
+    naming: str
+    num_layers: int
+    fingerprint: str
+    conv1d: bool = False
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class PlanInputs:
+    model: ModelIdentity
+    modules: pd.DataFrame  # one row per target module: MODULE_COLUMNS (+ metric columns from a scan)
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(int(x) for x in self.modules["layer"].unique())
+
+    @cached_property
+    def shapes_by_layer(self) -> dict[int, list[tuple[str, int, int]]]:
+        """layer → [(role, in_features, out_features)] of its target modules."""
+        out: dict[int, list[tuple[str, int, int]]] = {}
+        for m in self.modules.itertuples(index=False):
+            out.setdefault(int(m.layer), []).append((m.role, int(m.in_features), int(m.out_features)))
+        return out
+
+    def layer_metric(self, column: str) -> dict[int, float]:
+        """Mean of a metric over each layer's target modules (AlphaLoRA's v_i)."""
+        if column not in self.modules.columns:
+            raise LayerscopeError(f"metric {column!r} is not in the scan table (scan with that estimator)")
+        means = self.modules.groupby("layer")[column].mean()
+        bad = [int(layer) for layer, v in means.items() if not math.isfinite(v)]
+        if bad:
+            raise LayerscopeError(f"metric {column!r} is NaN for every module of layer {bad[0]} (see the scan's status/note)")
+        return {int(layer): float(v) for layer, v in means.items()}
+
+    def restrict_roles(self, roles: list[str] | None) -> "PlanInputs":
+        if not roles:
+            return self
+        unknown = sorted(set(roles) - set(self.modules["role"]))
+        if unknown:
+            raise LayerscopeError(f"--target-roles: {unknown} not in this model (has {sorted(set(self.modules['role']))})")
+        return PlanInputs(self.model, self.modules[self.modules["role"].isin(roles)].reset_index(drop=True))
+
+
+def inputs_from_table(table: pd.DataFrame, source: str = "scan table") -> PlanInputs:
+    missing = [c for c in MODULE_COLUMNS + ["kind"] if c not in table.columns]
+    if missing:
+        raise LayerscopeError(f"{source}: column {missing[0]!r} is missing (not a layerscope scan table?)")
+    attrs = table.attrs
+    for field in ("fingerprint", "naming"):
+        if not attrs.get(field):
+            raise LayerscopeError(f"{source}: model field {field!r} is missing (write scans as .parquet/.json, "
+                                  "or keep the .model.json next to a .csv)")
+    modules = table[(table["kind"] == "projection") & table["layer"].notna()].copy()
+    if modules.empty:
+        raise LayerscopeError(f"{source}: no projection matrices inside layers to plan for")
+    modules["layer"] = modules["layer"].astype(int)
+    modules = modules.sort_values(["layer", "module"], kind="stable").reset_index(drop=True)
+    num_layers = attrs.get("num_layers") or int(modules["layer"].max()) + 1
+    identity = ModelIdentity(
+        path=str(attrs.get("path", source)), architecture=attrs.get("architecture"),
+        model_type=attrs.get("model_type"), naming=attrs["naming"], num_layers=int(num_layers),
+        fingerprint=attrs["fingerprint"], conv1d=bool(attrs.get("conv1d", False)),
+    )
+    return PlanInputs(identity, modules)
+
+
+def inventory(path: str | Path) -> PlanInputs:
+    """Target modules and their shapes from the safetensors headers alone (no tensor is read)."""
+    ckpt = open_checkpoint(path)
+    scheme = detect_scheme(ckpt.config, ckpt.names)
+    conv1d = bool((scheme.architecture or {}).get("conv1d"))
+    rows = []
+    for info in ckpt.tensors.values():
+        role = scheme.classify(info.name, info.shape, info.dtype)
+        if role.kind != "projection" or len(info.shape) != 2 or role.layer is None:
+            continue
+        out_f, in_f = (info.shape[1], info.shape[0]) if role.conv1d else info.shape
+        rows.append({"kind": "projection", "layer": role.layer, "role": role.role, "module": role.module,
+                     "in_features": in_f, "out_features": out_f})
+    table = pd.DataFrame(rows, columns=["kind", *MODULE_COLUMNS])
+    table.attrs.update(path=str(path), architecture=ckpt.architecture, model_type=ckpt.config.get("model_type"),
+                       naming=scheme.name, num_layers=ckpt.num_layers, fingerprint=ckpt.fingerprint(), conv1d=conv1d)
+    return inputs_from_table(table, str(path))
+
+
+def load_inputs(source, metric: str | None = None, progress: bool = True) -> PlanInputs:
+    """From a DataFrame, a scan table file, or a checkpoint (scanned only if ``metric`` is needed)."""
+    if isinstance(source, pd.DataFrame):
+        return inputs_from_table(source)
+    path = Path(source)
+    if path.is_file() and path.suffix in FORMATS:
+        return inputs_from_table(read_scan(path), str(path))
+    if metric is None:
+        return inventory(path)
+    from layerscope.spectral.scan import scan  # a model path with a metric to measure
+
+    estimator = {"xmin": "alpha", "D": "alpha", "D_peak": "alpha_peak"}.get(metric, metric)
+    if estimator not in ("alpha", "alpha_hill", "alpha_peak"):
+        estimator = "alpha"  # norm metrics come with every scan; alpha_weighted needs alpha
+    return inputs_from_table(scan(path, estimators=(estimator,), progress=progress), str(path))

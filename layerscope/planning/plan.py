@@ -1,0 +1,226 @@
+"""The versioned plan document: build, save (deterministic, atomic), load and validate."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+from layerscope.errors import LayerscopeError
+from layerscope.planning.accounting import accounting_report
+from layerscope.planning.inputs import PlanInputs
+from layerscope.tables import atomic_write
+
+SCHEMA_ID = "layerscope.plan/1"
+EXPERT_TYPES = ("lora", "mor")
+INITS = ("kaiming-uniform", "gaussian")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """How adapters are scaled and initialised.
+
+    lora_alpha is ``fixed_alpha`` for every module (16, as MoLA and AlphaLoRA train), or
+    ``alpha_scale`` × rank when a scale is given instead (constant alpha/r across ranks).
+    """
+
+    alpha_scale: float | None = None
+    fixed_alpha: float | None = 16.0
+    dropout: float = 0.05
+    init: str = "kaiming-uniform"
+    router_aux_loss_coef: float = 0.0
+
+    def alpha_for(self, rank: int) -> float:
+        if self.alpha_scale is not None:
+            return float(self.alpha_scale * rank)
+        if self.fixed_alpha is None:
+            raise LayerscopeError("lora settings need fixed_alpha or alpha_scale")
+        return float(self.fixed_alpha)
+
+    def as_dict(self) -> dict:
+        scaled = self.alpha_scale is not None
+        return {"alpha_scale": self.alpha_scale if scaled else None,
+                "fixed_alpha": None if scaled else self.fixed_alpha, "dropout": self.dropout, "init": self.init,
+                "router_aux_loss_coef": self.router_aux_loss_coef}
+
+
+class Plan:
+    """A validated ``layerscope.plan/1`` document (a plain dict underneath)."""
+
+    def __init__(self, document: dict, source: str = "plan"):
+        self.document = document
+        self.source = source
+        self.validate()
+
+    # ---- access
+    @property
+    def layers(self) -> list[dict]:
+        return self.document["layers"]
+
+    @property
+    def model(self) -> dict:
+        return self.document["model"]
+
+    @property
+    def strategy(self) -> dict:
+        return self.document["strategy"]
+
+    @property
+    def accounting(self) -> dict:
+        return self.document["accounting"]
+
+    def modules(self) -> list[dict]:
+        """Flat list: every planned module with its layer's experts and top-k."""
+        return [{**m, "layer": layer["layer"], "experts": layer["experts"], "top_k": layer["top_k"]}
+                for layer in self.layers for m in layer["modules"] if layer["experts"] > 0]
+
+    # ---- serialisation
+    def to_json(self) -> str:
+        return json.dumps(self.document, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        text = self.to_json()
+        atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        return path
+
+    @classmethod
+    def loads(cls, text: str, source: str = "plan") -> "Plan":
+        try:
+            document = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise LayerscopeError(f"{source}: invalid JSON ({exc})") from None
+        return cls(document, source)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        path = Path(path)
+        if not path.is_file():
+            raise LayerscopeError(f"{path}: no such plan file")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise LayerscopeError(f"{path}: not UTF-8 text") from None
+        return cls.loads(text, str(path))
+
+    # ---- checks
+    def validate(self) -> None:
+        """JSON Schema first (errors name the JSON path), then the facts a schema cannot say."""
+        import jsonschema
+
+        if not isinstance(self.document, dict):
+            raise LayerscopeError(f"{self.source}: $: a plan is a JSON object")
+        errors = sorted(_validator().iter_errors(self.document), key=lambda e: list(e.absolute_path))
+        if errors:
+            error = jsonschema.exceptions.best_match(errors)
+            raise LayerscopeError(f"{self.source}: {error.json_path}: {error.message}")
+        self._check_consistency()
+
+    def _check_consistency(self) -> None:
+        seen = set()
+        num_layers = self.model["num_layers"]
+        for i, layer in enumerate(self.layers):
+            where = f"{self.source}: $.layers[{i}]"
+            if layer["layer"] in seen:
+                raise LayerscopeError(f"{where}.layer: layer {layer['layer']} appears twice")
+            seen.add(layer["layer"])
+            if layer["layer"] >= num_layers:
+                raise LayerscopeError(f"{where}.layer: {layer['layer']} >= model.num_layers ({num_layers})")
+            if layer["experts"] > 0 and layer["top_k"] > layer["experts"]:
+                raise LayerscopeError(f"{where}.top_k: {layer['top_k']} > experts ({layer['experts']})")
+            for j, module in enumerate(layer["modules"]):
+                if module["rank"] > min(module["in_features"], module["out_features"]):
+                    raise LayerscopeError(f"{where}.modules[{j}].rank: {module['rank']} exceeds the matrix size "
+                                          f"{module['out_features']}x{module['in_features']}")
+        stored = self.accounting
+        recomputed = _recount(self)
+        for field in ("trainable", "active_per_token"):
+            if stored[field] != recomputed[field]:
+                raise LayerscopeError(f"{self.source}: $.accounting.{field}: {stored[field]} does not match the "
+                                      f"layers ({recomputed[field]})")
+
+    def check_model(self, num_layers: int, fingerprint: str | None = None, where: str = "model") -> None:
+        """Refuse a model this plan was not made for."""
+        if num_layers != self.model["num_layers"]:
+            raise LayerscopeError(f"{self.source}: plan is for {self.model['num_layers']} layers but {where} has "
+                                  f"{num_layers}")
+        if fingerprint is not None and fingerprint != self.model["fingerprint"]:
+            raise LayerscopeError(f"{self.source}: plan was made for a model with other tensors/shapes than {where} "
+                                  "(header fingerprint differs)")
+
+
+@lru_cache(maxsize=1)
+def _validator():
+    import jsonschema
+
+    schema = json.loads(resources.files("layerscope.planning").joinpath("plan.schema.json").read_text())
+    return jsonschema.Draft202012Validator(schema)
+
+
+def _recount(plan: Plan) -> dict:
+    from layerscope.planning.accounting import module_params
+
+    totals = {"trainable": [0, 0], "active_per_token": [0, 0]}
+    for m in plan.modules():
+        part = module_params(m["in_features"], m["out_features"], m["experts"], m["rank"], m["top_k"])
+        totals["trainable"][0] += part.trainable_adapters
+        totals["trainable"][1] += part.trainable_routers
+        totals["active_per_token"][0] += part.active_adapters
+        totals["active_per_token"][1] += part.active_routers
+    return {k: {"adapters": a, "routers": r, "total": a + r} for k, (a, r) in totals.items()}
+
+
+def build_plan(inputs: PlanInputs, strategy: str, params: dict, allocations, *, metric: str | None,
+               budget: dict | None, expert_type: str, lora: LoraSettings, reference_rank: int,
+               reference_experts: int, command: str | None) -> Plan:
+    from layerscope import __version__
+
+    if expert_type not in EXPERT_TYPES:
+        raise LayerscopeError(f"--expert-type {expert_type!r}: expected one of {', '.join(EXPERT_TYPES)}")
+    if lora.init not in INITS:
+        raise LayerscopeError(f"--init {lora.init!r}: expected one of {', '.join(INITS)}")
+    layers = []
+    for alloc in allocations:
+        modules = [
+            {"name": module, "role": role, "in_features": in_f, "out_features": out_f,
+             "rank": alloc.rank_of(role), "lora_alpha": lora.alpha_for(alloc.rank_of(role))}
+            for role, module, in_f, out_f in _modules_of(inputs, alloc.layer)
+        ]
+        layers.append({"layer": alloc.layer, "metric": _finite(alloc.metric), "experts": alloc.experts,
+                       "rank": alloc.rank, "top_k": alloc.top_k, "modules": modules})
+    document = {
+        "schema": SCHEMA_ID,
+        "model": inputs.model.as_dict(),
+        "strategy": {"name": strategy, "params": _plain(params), "metric": metric, "budget": budget},
+        "expert_type": expert_type,
+        "lora": lora.as_dict(),
+        "target_roles": sorted(set(inputs.modules["role"])),
+        "layers": layers,
+        "accounting": accounting_report(inputs, allocations, reference_rank, reference_experts),
+        "provenance": {"layerscope_version": __version__, "command": command},
+    }
+    return Plan(document, source="plan")
+
+
+def _modules_of(inputs: PlanInputs, layer: int):
+    rows = inputs.modules[inputs.modules["layer"] == layer]
+    return [(r.role, r.module, int(r.in_features), int(r.out_features)) for r in rows.itertuples(index=False)]
+
+
+def _finite(value):
+    return float(value) if value is not None and math.isfinite(value) else None
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    return value

@@ -1,0 +1,292 @@
+"""Allocation strategies: per-layer inputs → per-layer (experts, rank, top_k).
+
+Each strategy returns a :class:`StrategyResult`: its allocation at the default size, the
+parameters it used, and how a budget may rescale it (``scale``: which integer knob, and the
+allocation as a function of it).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from layerscope.checkpoint.architectures import ROLE_GROUPS
+from layerscope.errors import LayerscopeError
+from layerscope.planning.inputs import PlanInputs
+from layerscope.planning.rounding import largest_remainder, reference_rounding
+
+MOLA_SHAPES: dict[str, tuple[int, ...]] = {
+    "increasing": (2, 4, 6, 8),  # ▽: more experts in higher layers (MoLA's best)
+    "decreasing": (8, 6, 4, 2),  # △
+    "hourglass": (8, 2, 2, 8),  # ⋈
+    "uniform": (5, 5, 5, 5),  # □
+}
+MOLA_SYMBOLS = {"▽": "increasing", "△": "decreasing", "⋈": "hourglass", "□": "uniform"}
+ADAPTIVE_MODES = ("linear-decay", "attention-heavy", "empirical")
+
+
+@dataclass(frozen=True)
+class LayerAllocation:
+    layer: int
+    experts: int
+    rank: int
+    top_k: int
+    metric: float | None = None
+    module_ranks: dict[str, int] = field(default_factory=dict)  # role → rank, where it differs by module
+
+    def rank_of(self, role: str) -> int:
+        return self.module_ranks.get(role, self.rank)
+
+
+@dataclass(frozen=True)
+class Scale:
+    """The integer knob a budget turns: total experts, or a base rank."""
+
+    unit: str  # "experts" | "rank"
+    default: int
+    minimum: int
+    allocate: Callable[[int], list[LayerAllocation]]
+    weights: list[float]  # the proportional profile over layers, for topping up
+
+
+@dataclass(frozen=True)
+class StrategyResult:
+    name: str
+    params: dict
+    allocations: list[LayerAllocation]
+    scale: Scale
+    metric: str | None = None
+    default_budget: Callable[[], int] | None = None  # a budget the strategy itself implies (HILO inverse-rank)
+
+
+def _top_k(experts: int, top_k: int) -> int:
+    return min(top_k, experts) if experts > 1 else 1
+
+
+def depth_groups(layers: list[int], groups: int) -> list[list[int]]:
+    """Contiguous, near-equal groups of layers (32 layers, 4 groups → 8 each)."""
+    if groups > len(layers):
+        raise LayerscopeError(f"{groups} groups need at least {groups} layers (model has {len(layers)})")
+    return [list(map(int, g)) for g in np.array_split(np.asarray(layers), groups)]
+
+
+# ---------------------------------------------------------------- alphalora
+
+def alphalora(inputs: PlanInputs, total_experts: int = 160, beta: float = 2.5, metric: str = "alpha_peak",
+              rounding: str = "largest-remainder", min_experts: int = 1, max_experts: int | None = None,
+              rank: int = 8, top_k: int = 2) -> StrategyResult:
+    """s_i ∝ v_i^β, v_i = mean of ``metric`` over layer i's projections: higher alpha, more experts."""
+    if rounding not in ("largest-remainder", "reference"):
+        raise LayerscopeError(f"--rounding {rounding!r}: expected largest-remainder or reference")
+    values = inputs.layer_metric(metric)
+    layers = sorted(values)
+    v = [values[i] for i in layers]
+    if any(x <= 0 for x in v):
+        raise LayerscopeError(f"metric {metric!r} must be > 0 in every layer for alpha^beta shares")
+    powered = [x**beta for x in v]
+
+    def allocate(total: int) -> list[LayerAllocation]:
+        if rounding == "reference":
+            counts = reference_rounding(v, total, beta)
+            negative = [(layers[i], c) for i, c in enumerate(counts) if c < 0]
+            if negative:
+                raise LayerscopeError(f"reference rounding gave layer {negative[0][0]} {negative[0][1]} experts")
+        else:
+            counts = largest_remainder(powered, total, min_experts, max_experts)
+        return [LayerAllocation(layer, c, rank, _top_k(c, top_k), metric=val)
+                for layer, c, val in zip(layers, counts, v)]
+
+    params = dict(total_experts=total_experts, beta=beta, metric=metric, rounding=rounding,
+                  min_experts=min_experts, max_experts=max_experts, rank=rank, top_k=top_k)
+    scale = Scale("experts", total_experts, max(1, min_experts) * len(layers), allocate, powered)
+    return StrategyResult("alphalora", params, allocate(total_experts), scale, metric=metric)
+
+
+# ---------------------------------------------------------------- mola
+
+def mola(inputs: PlanInputs, shape: str = "▽", pattern: tuple[int, ...] | None = None,
+         total_experts: int | None = None, rank: int = 8, top_k: int = 2) -> StrategyResult:
+    """MoLA's group presets generalised to any depth: group boundaries from the layer count."""
+    name = MOLA_SYMBOLS.get(shape, shape)
+    if pattern is None:
+        if name not in MOLA_SHAPES:
+            known = ", ".join([*MOLA_SYMBOLS, *MOLA_SHAPES])
+            raise LayerscopeError(f"--shape {shape!r}: unknown (known: {known})")
+        pattern = MOLA_SHAPES[name]
+    if any(p < 1 for p in pattern):
+        raise LayerscopeError(f"--pattern {pattern}: every group needs at least 1 expert")
+    layers = inputs.layers
+    per_layer = {layer: count for group, count in zip(depth_groups(layers, len(pattern)), pattern) for layer in group}
+    weights = [float(per_layer[layer]) for layer in layers]
+    preset_total = int(sum(weights))
+
+    def allocate(total: int) -> list[LayerAllocation]:
+        counts = [per_layer[layer] for layer in layers] if total == preset_total else largest_remainder(weights, total, 1)
+        return [LayerAllocation(layer, c, rank, _top_k(c, top_k)) for layer, c in zip(layers, counts)]
+
+    total = total_experts if total_experts is not None else preset_total
+    params = dict(shape=name, pattern=list(pattern), total_experts=total, rank=rank, top_k=top_k)
+    return StrategyResult("mola", params, allocate(total), Scale("experts", total, len(layers), allocate, weights))
+
+
+# ---------------------------------------------------------------- hilo
+
+def hilo(inputs: PlanInputs, ranks: tuple[int, ...] = (2, 4, 6, 8), experts: int = 8, top_k: int = 2,
+         rank_source: str = "depth", activations=None, experts_mode: str = "fixed",
+         reference_experts: int = 8, reference_rank: int = 8) -> StrategyResult:
+    """HILO: rank tiers rising with depth (or with falling near-zero fraction), 8 experts, top-2.
+
+    ``experts_mode="inverse-rank"``: expert counts ∝ 1/rank, sized so the trainable parameters
+    match uniform ``reference_experts`` experts at ``reference_rank`` (HILO's budgeted variant).
+    """
+    if any(r < 1 for r in ranks):
+        raise LayerscopeError(f"--ranks {ranks}: ranks must be >= 1")
+    if experts_mode not in ("fixed", "inverse-rank"):
+        raise LayerscopeError(f"--experts-mode {experts_mode!r}: expected fixed or inverse-rank")
+    layers = inputs.layers
+    tiers = _rank_tiers(layers, list(ranks), rank_source, activations)
+    rank_of = {layer: r for group, r in zip(tiers, ranks) for layer in group}
+    weights = [1.0 / rank_of[layer] if experts_mode == "inverse-rank" else 1.0 for layer in layers]
+
+    def allocate(total: int) -> list[LayerAllocation]:
+        counts = largest_remainder(weights, total, 1)
+        return [LayerAllocation(layer, c, rank_of[layer], _top_k(c, top_k)) for layer, c in zip(layers, counts)]
+
+    default_total = experts * len(layers)
+    params = dict(ranks=list(ranks), experts=experts, top_k=top_k, rank_source=rank_source,
+                  experts_mode=experts_mode, reference_experts=reference_experts, reference_rank=reference_rank)
+    default_budget = None
+    if experts_mode == "inverse-rank":
+        from layerscope.planning.accounting import account
+
+        def default_budget() -> int:
+            uniform = [LayerAllocation(layer, reference_experts, reference_rank, _top_k(reference_experts, top_k))
+                       for layer in layers]
+            return account(inputs, uniform).trainable_total
+
+    return StrategyResult("hilo", params, allocate(default_total),
+                          Scale("experts", default_total, len(layers), allocate, weights),
+                          default_budget=default_budget)
+
+
+def _rank_tiers(layers: list[int], ranks: list[int], source: str, activations) -> list[list[int]]:
+    groups = depth_groups(layers, len(ranks))
+    if source == "depth":
+        return groups
+    if source != "activations":
+        raise LayerscopeError(f"--rank-source {source!r}: expected depth or activations")
+    fractions = _near_zero_by_layer(activations, layers)
+    # Most near-zero outputs → lowest rank tier; tier sizes as in the depth scheme, so a stack
+    # of identically shaped layers keeps exactly the depth scheme's parameter count.
+    ordered = sorted(layers, key=lambda layer: (-fractions[layer], layer))
+    tiers, start = [], 0
+    for group in groups:
+        tiers.append(sorted(ordered[start:start + len(group)]))
+        start += len(group)
+    return tiers
+
+
+def _near_zero_by_layer(activations, layers: list[int]) -> dict[int, float]:
+    if activations is None:
+        raise LayerscopeError("--rank-source activations needs --activations FILE (layer, near_zero_fraction)")
+    if isinstance(activations, (str, Path)):
+        path = Path(activations)
+        if not path.is_file():
+            raise LayerscopeError(f"--activations {path}: no such file")
+        try:
+            table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+        except Exception as exc:
+            raise LayerscopeError(f"--activations {path}: cannot read ({type(exc).__name__}: {exc})") from None
+        source = str(path)
+    else:
+        table, source = pd.DataFrame(activations), "activations table"
+    for column in ("layer", "near_zero_fraction"):
+        if column not in table.columns:
+            raise LayerscopeError(f"{source}: column {column!r} is missing")
+    means = table.groupby("layer")["near_zero_fraction"].mean()
+    missing = [layer for layer in layers if layer not in means.index]
+    if missing:
+        raise LayerscopeError(f"{source}: no near_zero_fraction for layer {missing[0]}")
+    return {layer: float(means[layer]) for layer in layers}
+
+
+# ---------------------------------------------------------------- adaptive-lora
+
+def adaptive_lora(inputs: PlanInputs, mode: str = "linear-decay", base_rank: int = 16, min_rank: int = 4,
+                  max_rank: int = 32) -> StrategyResult:
+    """The Adaptive-LoRA seed's three rank formulas, one expert per module.
+
+    linear-decay:    rank_i = max(r_min, r_base - (r_base - r_min) * i / (L - 1))
+    attention-heavy: attention modules r_base, feed-forward max(r_min, r_base / 2)
+    empirical:       0.6 r_base if i < 0.3 L; 1.2 r_base if i < 0.7 L; r_base otherwise
+    Real-valued ranks are truncated to integers (int()), which reproduces the seed's reported
+    average rank of 9.5 for linear decay 16 → 4 on 24 layers; all ranks are capped at r_max.
+    """
+    if mode not in ADAPTIVE_MODES:
+        raise LayerscopeError(f"--mode {mode!r}: expected one of {', '.join(ADAPTIVE_MODES)}")
+    layers = inputs.layers
+    roles = sorted(set(inputs.modules["role"]))
+    n = len(layers)
+
+    def allocate(base: int) -> list[LayerAllocation]:
+        out = []
+        for i, layer in enumerate(layers):
+            if mode == "linear-decay":
+                rank = base - (base - min_rank) * i / (n - 1) if n > 1 else base
+                rank, module_ranks = max(min_rank, int(rank)), {}
+            elif mode == "empirical":
+                factor = 0.6 if i < 0.3 * n else 1.2 if i < 0.7 * n else 1.0
+                rank, module_ranks = int(base * factor), {}
+            else:
+                ffn = max(min_rank, int(base / 2))
+                module_ranks = {role: (base if role in ROLE_GROUPS["attention"] else ffn) for role in roles}
+                module_ranks = {r: min(max_rank, v) for r, v in module_ranks.items()}
+                rank = min(max_rank, base)
+            out.append(LayerAllocation(layer, 1, max(1, min(max_rank, rank)), 1, module_ranks=module_ranks))
+        return out
+
+    params = dict(mode=mode, base_rank=base_rank, min_rank=min_rank, max_rank=max_rank)
+    weights = [float(a.rank) for a in allocate(base_rank)]
+    return StrategyResult("adaptive-lora", params, allocate(base_rank),
+                          Scale("rank", base_rank, 1, allocate, weights))
+
+
+# ---------------------------------------------------------------- uniform
+
+def uniform(inputs: PlanInputs, experts: int = 1, rank: int = 8, top_k: int = 2) -> StrategyResult:
+    """The baseline: the same experts, rank and top-k everywhere."""
+    layers = inputs.layers
+
+    def allocate(r: int) -> list[LayerAllocation]:
+        return [LayerAllocation(layer, experts, r, _top_k(experts, top_k)) for layer in layers]
+
+    params = dict(experts=experts, rank=rank, top_k=top_k)
+    return StrategyResult("uniform", params, allocate(rank), Scale("rank", rank, 1, allocate, [1.0] * len(layers)))
+
+
+STRATEGIES: dict[str, Callable[..., StrategyResult]] = {
+    "alphalora": alphalora,
+    "mola": mola,
+    "hilo": hilo,
+    "adaptive-lora": adaptive_lora,
+    "uniform": uniform,
+}
+
+
+def with_top_up(allocation: LayerAllocation, unit: str, top_k: int) -> LayerAllocation:
+    """One more unit (an expert, or one rank in every module) for a layer."""
+    if unit == "experts":
+        experts = allocation.experts + 1
+        return replace(allocation, experts=experts, top_k=_top_k(experts, max(top_k, allocation.top_k)))
+    return replace(allocation, rank=allocation.rank + 1,
+                   module_ranks={r: v + 1 for r, v in allocation.module_ranks.items()})
+
+
+def validate_positive(name: str, value: float | int | None, minimum: float = 1) -> None:
+    if value is not None and (not math.isfinite(value) or value < minimum):
+        raise LayerscopeError(f"--{name} {value}: must be >= {minimum}")
