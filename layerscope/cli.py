@@ -97,16 +97,6 @@ def _int_list(_ctx, param, value: str | None) -> tuple[int, ...] | None:
     return numbers
 
 
-# CLI option name → strategy keyword; which strategies take it is read from their signatures.
-_STRATEGY_OPTIONS = {
-    "total_experts": "total_experts", "beta": "beta", "metric": "metric", "rounding": "rounding",
-    "min_experts": "min_experts", "max_experts": "max_experts", "rank": "rank", "top_k": "top_k",
-    "shape": "shape", "pattern": "pattern", "ranks": "ranks", "experts": "experts",
-    "rank_source": "rank_source", "activations": "activations", "experts_mode": "experts_mode",
-    "mode": "mode", "base_rank": "base_rank", "min_rank": "min_rank", "max_rank": "max_rank",
-}
-
-
 @cli.command("plan")
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option("--strategy", type=click.Choice(list(STRATEGIES)), default="alphalora", show_default=True)
@@ -156,13 +146,12 @@ def plan_command(ctx: click.Context, source: Path, strategy: str, out: Path | No
     """Allocate experts, ranks and top-k per layer (SOURCE: a model folder or a scan table)."""
     accepted = set(inspect.signature(STRATEGIES[strategy]).parameters)
     strategy_params = {}
-    for option, value in options.items():
+    for option, value in options.items():  # the remaining options are named as the strategies' keywords
         if value is None:
             continue
-        keyword = _STRATEGY_OPTIONS[option]
-        if keyword not in accepted:
+        if option not in accepted:
             raise LayerscopeError(f"--{option.replace('_', '-')} does not apply to --strategy {strategy}")
-        strategy_params[keyword] = str(value) if isinstance(value, Path) else value
+        strategy_params[option] = str(value) if isinstance(value, Path) else value
     if out is not None and out.suffix != ".json":
         raise LayerscopeError(f"--out {out}: a plan is a .json file")
     lora = LoraSettings(alpha_scale=alpha_scale, fixed_alpha=lora_alpha, dropout=dropout, init=init,

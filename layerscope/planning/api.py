@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 
 from layerscope.errors import LayerscopeError
 from layerscope.planning.accounting import baselines
@@ -46,10 +47,9 @@ def plan(source, strategy: str = "alphalora", *, budget_params: int | None = Non
         budget_record = {"params": budget, "used": fitted.used, "slack": fitted.slack, "unit": result.scale.unit,
                          "scale_value": fitted.scale_value, "top_ups": fitted.top_ups, "source": budget_source}
     params = dict(result.params)
-    if "activations" in strategy_params:
+    if strategy_params.get("activations") is not None:
         activations = strategy_params["activations"]
-        params["activations"] = activations if isinstance(activations, str) or activations is None else str(activations) \
-            if not hasattr(activations, "columns") else "table"
+        params["activations"] = str(activations) if isinstance(activations, (str, Path)) else "in-memory table"
     return build_plan(inputs, result.name, params, allocations, metric=result.metric, budget=budget_record,
                       expert_type=expert_type, lora=lora or LoraSettings(), reference_rank=reference_rank,
                       reference_experts=reference_experts, command=command)
