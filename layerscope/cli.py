@@ -19,7 +19,8 @@ from layerscope.planning.explain import explain_text
 from layerscope.spectral.estimators import ESTIMATORS
 from layerscope.spectral.esd import PRECISIONS
 from layerscope.spectral.scan import ScanOptions, layer_summary, scan
-from layerscope.tables import output_format, write_scan
+from layerscope.activations.profile import DEFAULT_EPS, DEFAULT_REL_EPS
+from layerscope.tables import output_format, write_activations, write_scan
 
 DEFAULT_DEMO_OUT = Path("reports") / "minilm"
 
@@ -189,6 +190,41 @@ def export_command(plan_file: Path, fmt: str, out: Path | None) -> None:
 def explain_command(plan_file: Path) -> None:
     """Per-layer table of a plan: metric, experts, rank, top-k and parameters."""
     click.echo(explain_text(Plan.load(plan_file)))
+
+
+@cli.command("activations")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--calib", type=click.Path(path_type=Path), help="Text (.txt) or JSONL (.jsonl, field 'text'); "
+              "default: the calibration text bundled with layerscope.")
+@click.option("--max-samples", type=int, default=128, show_default=True, help="Sequences to run.")
+@click.option("--seq-len", type=int, default=256, show_default=True, help="Tokens per sequence.")
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Document shuffling seed.")
+@click.option("--eps", type=float, default=DEFAULT_EPS, show_default=True, help="Absolute near-zero threshold.")
+@click.option("--rel-eps", type=float, default=DEFAULT_REL_EPS, show_default=True,
+              help="Near-zero threshold relative to each token's output RMS.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), help="Write the table (.parquet, .csv or .json).")
+@click.option("--quiet", "-q", is_flag=True)
+def activations_command(model: Path, calib: Path | None, max_samples: int, seq_len: int, batch_size: int, seed: int,
+                        eps: float, rel_eps: float, device: str, dtype: str, out: Path | None, quiet: bool) -> None:
+    """Near-zero fractions of every layer's and projection's outputs on calibration text."""
+    from layerscope.activations import layer_fractions, measure
+
+    if out is not None:
+        output_format(out)
+    table = measure(model, calib, max_samples=max_samples, seq_len=seq_len, batch_size=batch_size, seed=seed,
+                    eps=eps, rel_eps=rel_eps, device=device, dtype=dtype, progress=not quiet)
+    if out is not None:
+        write_activations(table, out)
+    if not quiet:
+        attrs = table.attrs
+        click.echo(f"{model}: {attrs['samples']} sequences x {attrs['seq_len']} tokens from {attrs['calibration']}; "
+                   f"near-zero = |x| <= {rel_eps} x token RMS (abs: |x| <= {eps})")
+        click.echo(layer_fractions(table).to_string(index=False, float_format="%.4f"))
+        if out is not None:
+            click.echo(f"wrote {out}")
 
 
 @cli.command("demo")

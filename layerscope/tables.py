@@ -108,3 +108,19 @@ def _jsonable(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+def write_activations(table: pd.DataFrame, path: str | Path) -> Path:
+    """Write an activations table (.parquet keeps the histogram lists; .csv stores them as JSON)."""
+    path = Path(path)
+    fmt = output_format(path)
+    if fmt == ".json":
+        document = {"schema": "layerscope.activations/1", "settings": _jsonable(table.attrs),
+                    "modules": _records(table)}
+        atomic_write(path, lambda tmp: tmp.write_text(json.dumps(document, indent=1, allow_nan=False)))
+    elif fmt == ".csv":
+        flat = table.assign(hist_log10=table["hist_log10"].map(json.dumps))
+        atomic_write(path, lambda tmp: flat.to_csv(tmp, index=False))
+    else:
+        atomic_write(path, lambda tmp: table.to_parquet(tmp, index=False))
+    return path

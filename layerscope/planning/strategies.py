@@ -149,7 +149,7 @@ def hilo(inputs: PlanInputs, ranks: tuple[int, ...] = (2, 4, 6, 8), experts: int
     if experts_mode not in ("fixed", "inverse-rank"):
         raise LayerscopeError(f"--experts-mode {experts_mode!r}: expected fixed or inverse-rank")
     layers = inputs.layers
-    tiers = _rank_tiers(layers, list(ranks), rank_source, activations)
+    tiers = _rank_tiers(layers, list(ranks), rank_source, activations, inputs.model.fingerprint)
     rank_of = {layer: r for group, r in zip(tiers, ranks) for layer in group}
     weights = [1.0 / rank_of[layer] if experts_mode == "inverse-rank" else 1.0 for layer in layers]
 
@@ -174,13 +174,14 @@ def hilo(inputs: PlanInputs, ranks: tuple[int, ...] = (2, 4, 6, 8), experts: int
                           default_budget=default_budget)
 
 
-def _rank_tiers(layers: list[int], ranks: list[int], source: str, activations) -> list[list[int]]:
+def _rank_tiers(layers: list[int], ranks: list[int], source: str, activations,
+                fingerprint: str) -> list[list[int]]:
     groups = depth_groups(layers, len(ranks))
     if source == "depth":
         return groups
     if source != "activations":
         raise LayerscopeError(f"--rank-source {source!r}: expected depth or activations")
-    fractions = _near_zero_by_layer(activations, layers)
+    fractions = _near_zero_by_layer(activations, layers, fingerprint)
     # Most near-zero outputs → lowest rank tier; tier sizes as in the depth scheme, so a stack
     # of identically shaped layers keeps exactly the depth scheme's parameter count.
     ordered = sorted(layers, key=lambda layer: (-fractions[layer], layer))
@@ -191,7 +192,7 @@ def _rank_tiers(layers: list[int], ranks: list[int], source: str, activations) -
     return tiers
 
 
-def _near_zero_by_layer(activations, layers: list[int]) -> dict[int, float]:
+def _near_zero_by_layer(activations, layers: list[int], fingerprint: str) -> dict[int, float]:
     if activations is None:
         raise LayerscopeError("--rank-source activations needs --activations FILE (layer, near_zero_fraction)")
     if isinstance(activations, (str, Path)):
@@ -208,6 +209,11 @@ def _near_zero_by_layer(activations, layers: list[int]) -> dict[int, float]:
     for column in ("layer", "near_zero_fraction"):
         if column not in table.columns:
             raise LayerscopeError(f"{source}: column {column!r} is missing")
+    measured_on = table.attrs.get("fingerprint")
+    if measured_on and measured_on != fingerprint:
+        raise LayerscopeError(f"{source}: measured on another model (header fingerprint differs)")
+    if "kind" in table.columns:  # a layerscope activations table: projections only, not block outputs
+        table = table[table["kind"] == "projection"]
     means = table.groupby("layer")["near_zero_fraction"].mean()
     missing = [layer for layer in layers if layer not in means.index]
     if missing:

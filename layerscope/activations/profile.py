@@ -1,0 +1,192 @@
+"""Near-zero fractions of layer and projection outputs, measured with forward hooks.
+
+Streaming: each hooked module keeps a fixed set of running sums (counts, Σ|x|, Σx², a
+histogram of log10|x|); no activation is stored, so memory does not grow with the number of
+batches.  Padding positions (attention mask 0) are dropped before anything is counted.
+
+Two thresholds are reported for every module:
+
+* ``near_zero_abs_fraction``  share of output entries with |x| <= ``eps`` (absolute; depends on
+  the model's scale).
+* ``near_zero_fraction``      share of entries with |x| <= ``rel_eps`` × RMS of that token's
+  output vector (scale-free).  Default rel_eps = 0.1: for a Gaussian output vector about 8 % of
+  entries fall below a tenth of its RMS, so fractions well above that mark a layer whose
+  outputs concentrate near zero — HILO's signal that the layer needs little adapter capacity.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from layerscope.checkpoint.naming import NamingScheme, detect_scheme, scheme_by_name
+from layerscope.errors import LayerscopeError
+
+DEFAULT_EPS = 1e-2
+DEFAULT_REL_EPS = 0.1
+HIST_LOW, HIST_HIGH, HIST_BINS = -8.0, 4.0, 48  # log10|x| from 1e-8 to 1e4, quarter decades
+
+
+@dataclass
+class _Accumulator:
+    """Running sums for one hooked module."""
+
+    tokens: int = 0
+    entries: int = 0
+    near_abs: int = 0
+    near_rel: int = 0
+    zeros: int = 0
+    sum_abs: float = 0.0
+    sum_sq: float = 0.0
+    hist: torch.Tensor = field(default_factory=lambda: torch.zeros(HIST_BINS + 2, dtype=torch.float64))
+
+    def add(self, values: torch.Tensor, eps: float, rel_eps: float) -> None:
+        """values: (tokens, features) outputs of the non-padding positions."""
+        values = values.detach().to(torch.float32)
+        magnitude = values.abs()
+        token_rms = values.pow(2).mean(dim=-1, keepdim=True).sqrt()
+        self.tokens += values.shape[0]
+        self.entries += values.numel()
+        self.near_abs += int((magnitude <= eps).sum())
+        self.near_rel += int((magnitude <= rel_eps * token_rms).sum())
+        self.zeros += int((magnitude == 0).sum())
+        self.sum_abs += float(magnitude.sum(dtype=torch.float64))
+        self.sum_sq += float(values.pow(2).sum(dtype=torch.float64))
+        logs = torch.log10(magnitude[magnitude > 0])
+        below = int((logs < HIST_LOW).sum())
+        above = int((logs > HIST_HIGH).sum())
+        inside = torch.histc(logs, bins=HIST_BINS, min=HIST_LOW, max=HIST_HIGH).to(torch.float64).cpu()
+        self.hist[0] += below
+        self.hist[1:-1] += inside
+        self.hist[-1] += above
+
+    def row(self) -> dict:
+        entries = max(self.entries, 1)
+        return {
+            "tokens": self.tokens,
+            "entries": self.entries,
+            "near_zero_fraction": self.near_rel / entries,
+            "near_zero_abs_fraction": self.near_abs / entries,
+            "zero_fraction": self.zeros / entries,
+            "mean_abs": self.sum_abs / entries,
+            "rms": math.sqrt(self.sum_sq / entries),
+            "hist_log10": [int(c) for c in self.hist.tolist()],
+        }
+
+
+@dataclass(frozen=True)
+class _Target:
+    name: str
+    layer: int
+    role: str
+    kind: str  # projection | block
+
+
+def find_targets(model: nn.Module, scheme: NamingScheme) -> list[_Target]:
+    """Every decoder/encoder block and every projection inside one, by the naming table."""
+    targets = []
+    block = None
+    if scheme.architecture is not None:
+        prefixes = "|".join(re.escape(p) for p in scheme.architecture["layer_prefixes"])
+        block = re.compile(rf"^(?:[\w.]*\.)?(?:{prefixes})\.(\d+)$")
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dim() == 2 and not isinstance(module, nn.Embedding):
+            role = scheme.classify(f"{name}.weight", tuple(weight.shape), "F32")
+            if role.kind == "projection" and role.layer is not None:
+                targets.append(_Target(name, role.layer, role.role, "projection"))
+                continue
+        match = block.match(name) if block else None
+        if match:
+            targets.append(_Target(name, int(match.group(1)), "block", "block"))
+    if not any(t.kind == "projection" for t in targets):
+        raise LayerscopeError("no projection modules found in the model (unsupported architecture?)")
+    return targets
+
+
+def _scheme_for(model: nn.Module, architecture: str | None) -> NamingScheme:
+    if architecture:
+        return scheme_by_name(architecture)
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    names = [f"{n}.weight" for n, _ in model.named_modules()]
+    return detect_scheme({"model_type": model_type} if model_type else {}, names)
+
+
+def profile(model: nn.Module, batches: Iterable, *, eps: float = DEFAULT_EPS, rel_eps: float = DEFAULT_REL_EPS,
+            device: str | torch.device | None = None, architecture: str | None = None, progress: bool = True,
+            total: int | None = None) -> pd.DataFrame:
+    """Near-zero statistics of every block and projection output of ``model`` over ``batches``.
+
+    ``batches`` yields dicts with ``input_ids`` (and optionally ``attention_mask``), objects with
+    ``as_kwargs(device)``, or bare input-id tensors.  Runs in eval mode under inference_mode.
+    """
+    if eps < 0 or rel_eps < 0:
+        raise LayerscopeError("--eps and --rel-eps must be >= 0")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    targets = find_targets(model, _scheme_for(model, architecture))
+    accumulators = {t.name: _Accumulator() for t in targets}
+    state: dict[str, torch.Tensor | None] = {"mask": None}
+
+    def hook_for(name: str):
+        def hook(_module, _inputs, output):
+            values = output[0] if isinstance(output, (tuple, list)) else output
+            if not isinstance(values, torch.Tensor) or values.dim() < 2:
+                return
+            mask = state["mask"]
+            if mask is not None and values.dim() == 3 and values.shape[:2] == mask.shape:
+                values = values[mask.bool()]
+            else:
+                values = values.reshape(-1, values.shape[-1])
+            accumulators[name].add(values, eps, rel_eps)
+        return hook
+
+    modules = dict(model.named_modules())
+    handles = [modules[t.name].register_forward_hook(hook_for(t.name)) for t in targets]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for batch in tqdm(batches, total=total, desc="activations", unit="batch", disable=(not progress) or None):
+                kwargs = _as_kwargs(batch, device)
+                state["mask"] = kwargs.get("attention_mask")
+                model(**kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    rows = [{"layer": t.layer, "module": t.name, "role": t.role, "kind": t.kind, **accumulators[t.name].row()}
+            for t in targets]
+    table = pd.DataFrame(rows)
+    if (table["tokens"] == 0).all():
+        raise LayerscopeError("no calibration tokens reached the model (empty batches?)")
+    table.attrs.update(eps=eps, rel_eps=rel_eps, hist_low=HIST_LOW, hist_high=HIST_HIGH, hist_bins=HIST_BINS)
+    return table
+
+
+def _as_kwargs(batch, device: torch.device) -> dict[str, torch.Tensor]:
+    if hasattr(batch, "as_kwargs"):
+        return batch.as_kwargs(device)
+    if isinstance(batch, torch.Tensor):
+        return {"input_ids": batch.to(device)}
+    if isinstance(batch, dict) and "input_ids" in batch:
+        return {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+    raise LayerscopeError("each batch must be a tensor of input ids or a dict with 'input_ids'")
+
+
+def layer_fractions(table: pd.DataFrame) -> pd.DataFrame:
+    """Per layer: mean near-zero fractions over its projections (the planner's input)."""
+    projections = table[table["kind"] == "projection"]
+    grouped = projections.groupby("layer", sort=True)
+    summary = grouped[["near_zero_fraction", "near_zero_abs_fraction", "mean_abs", "rms"]].mean()
+    blocks = table[table["kind"] == "block"].set_index("layer")["near_zero_fraction"]
+    summary["block_near_zero_fraction"] = blocks.reindex(summary.index)
+    summary.insert(0, "num_modules", grouped.size())
+    return summary.reset_index()
