@@ -56,7 +56,7 @@ def test_alpha_equals_powerlaw_fit_with_the_same_xmin(table):
     ckpt = open_checkpoint(MODEL)
     rows = table[table.status == "ok"].set_index("name")
     for name, row in rows.iterrows():
-        eigs = gram_eigenvalues(ckpt.load(name, torch.float64)[None])[0].numpy()
+        eigs = gram_eigenvalues(ckpt.load(name)[None], torch.float64)[0][0].numpy()
         eigs = eigs[eigs > WW_EVALS_THRESH]
         free = powerlaw.Fit(eigs, parameter_ranges={"alpha": [1, None]}, verbose=False)
         assert free.xmin == pytest.approx(row.xmin, rel=1e-12), name

@@ -93,8 +93,8 @@ def test_f32_policy_keeps_f32_only_where_its_fit_is_trustworthy(tmp_path):
         assert f32.loc["heavy", col] == pytest.approx(f64.loc["heavy", col], rel=1e-5)
     # Without the guard the f32 eigenvalues at the bottom are visibly wrong:
     from layerscope.spectral.esd import gram_eigenvalues
-    e32 = gram_eigenvalues(tensors["layers.0.wide.weight"][None])[0].double()
-    e64 = gram_eigenvalues(tensors["layers.0.wide.weight"].double()[None])[0]
+    e32 = gram_eigenvalues(tensors["layers.0.wide.weight"][None], torch.float32)[0][0].double()
+    e64 = gram_eigenvalues(tensors["layers.0.wide.weight"][None], torch.float64)[0][0]
     assert abs(float(e32[0] - e64[0])) / float(e64[0]) > 0.5
 
 

@@ -93,7 +93,8 @@ def to_table(plan: Plan) -> pd.DataFrame:
     """One row per planned module, with its parameter counts."""
     rows = []
     for m in plan.modules():
-        counts = module_params(m["in_features"], m["out_features"], m["experts"], m["rank"], m["top_k"])
+        counts = module_params(m["in_features"], m["out_features"], m["experts"], m["rank"], m["top_k"],
+                               plan.document["expert_type"])
         rows.append({"layer": m["layer"], "module": m["name"], "role": m["role"], "experts": m["experts"],
                      "rank": m["rank"], "top_k": m["top_k"], "lora_alpha": m["lora_alpha"],
                      "in_features": m["in_features"], "out_features": m["out_features"],

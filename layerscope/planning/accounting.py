@@ -1,10 +1,12 @@
 """Parameter accounting from the real module shapes.
 
 Per target module with E experts of rank r, in → out features, top-k routing:
-  adapter parameters per expert  r · (in + out)        (A: r × in, B: out × r)
-  router parameters              E · in, when E > 1    (linear, no bias)
-  trainable                      E · r · (in + out) + router
-  active per token               min(k, E) · r · (in + out) + router
+  LoRA experts ("lora")   each expert has its own A (r × in) and B (out × r)
+      trainable adapters  E · r · (in + out)       active  min(k, E) · r · (in + out)
+  MoR experts ("mor")     one shared A, B; each expert has scaling vectors λ_A (r) and λ_B (out)
+      trainable adapters  r · (in + out) + E · (r + out)
+      active adapters     r · (in + out) + min(k, E) · (r + out)
+  router                  E · in when E > 1 (linear, no bias), trainable and active
 Ratios are reported on adapter parameters (routers excluded, as HILO and MoLA count them)
 and, separately, with routers.
 """
@@ -32,10 +34,15 @@ class Accounting:
         return self.active_adapters + self.active_routers
 
 
-def module_params(in_features: int, out_features: int, experts: int, rank: int, top_k: int) -> Accounting:
-    per_expert = rank * (in_features + out_features)
+def module_params(in_features: int, out_features: int, experts: int, rank: int, top_k: int,
+                  expert_type: str = "lora") -> Accounting:
     router = in_features * experts if experts > 1 else 0
-    return Accounting(experts * per_expert, router, min(top_k, experts) * per_expert, router)
+    routed = min(top_k, experts)
+    shared = rank * (in_features + out_features)
+    if expert_type == "mor":
+        scales = rank + out_features
+        return Accounting(shared + experts * scales, router, shared + routed * scales, router)
+    return Accounting(experts * shared, router, routed * shared, router)
 
 
 def account(inputs: PlanInputs, allocations) -> Accounting:
@@ -46,7 +53,7 @@ def account(inputs: PlanInputs, allocations) -> Accounting:
         if alloc.experts <= 0:
             continue
         for role, in_f, out_f in shapes.get(alloc.layer, []):
-            part = module_params(in_f, out_f, alloc.experts, alloc.rank_of(role), alloc.top_k)
+            part = module_params(in_f, out_f, alloc.experts, alloc.rank_of(role), alloc.top_k, alloc.expert_type)
             totals = [t + p for t, p in zip(totals, (part.trainable_adapters, part.trainable_routers,
                                                      part.active_adapters, part.active_routers))]
     return Accounting(*totals)

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import inspect
+from dataclasses import replace
 from pathlib import Path
 
 from layerscope.errors import LayerscopeError
 from layerscope.planning.accounting import baselines
 from layerscope.planning.budget import fit_budget
 from layerscope.planning.inputs import load_inputs
-from layerscope.planning.plan import LoraSettings, Plan, build_plan
-from layerscope.planning.strategies import STRATEGIES
+from layerscope.planning.plan import EXPERT_TYPES, LoraSettings, Plan, build_plan
+from layerscope.planning.strategies import STRATEGIES, StrategyResult
 
 
 def plan(source, strategy: str = "alphalora", *, budget_params: int | None = None,
@@ -37,7 +38,7 @@ def plan(source, strategy: str = "alphalora", *, budget_params: int | None = Non
                               f"(options: {', '.join(p for p in accepted if p != 'inputs')})")
     metric = strategy_params.get("metric", accepted["metric"].default) if "metric" in accepted else None
     inputs = load_inputs(source, metric=metric, progress=progress).restrict_roles(target_roles)
-    result = function(inputs, **strategy_params)
+    result = _for_expert_type(function(inputs, **strategy_params), expert_type)
 
     allocations, budget_record = result.allocations, None
     budget, budget_source = _budget(inputs, result, budget_params, budget_ratio, reference_rank)
@@ -53,6 +54,18 @@ def plan(source, strategy: str = "alphalora", *, budget_params: int | None = Non
     return build_plan(inputs, result.name, params, allocations, metric=result.metric, budget=budget_record,
                       expert_type=expert_type, lora=lora or LoraSettings(), reference_rank=reference_rank,
                       reference_experts=reference_experts, command=command)
+
+
+def _for_expert_type(result: StrategyResult, expert_type: str) -> StrategyResult:
+    """Mark every allocation (now and when a budget rescales it) with the plan's expert type."""
+    if expert_type not in EXPERT_TYPES:
+        raise LayerscopeError(f"--expert-type {expert_type!r}: expected one of {', '.join(EXPERT_TYPES)}")
+
+    def typed(allocations):
+        return [replace(a, expert_type=expert_type) for a in allocations]
+
+    scale = replace(result.scale, allocate=lambda value: typed(result.scale.allocate(value)))
+    return replace(result, allocations=typed(result.allocations), scale=scale)
 
 
 def _budget(inputs, result, budget_params, budget_ratio, reference_rank) -> tuple[int | None, str | None]:

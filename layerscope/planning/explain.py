@@ -14,7 +14,8 @@ def explain_table(plan: Plan) -> pd.DataFrame:
         trainable = active = 0
         for m in layer["modules"]:
             if layer["experts"] > 0:
-                counts = module_params(m["in_features"], m["out_features"], layer["experts"], m["rank"], layer["top_k"])
+                counts = module_params(m["in_features"], m["out_features"], layer["experts"], m["rank"], layer["top_k"],
+                                       plan.document["expert_type"])
                 trainable, active = trainable + counts.trainable_total, active + counts.active_total
         ranks = sorted({m["rank"] for m in layer["modules"]})
         rows.append({"layer": layer["layer"], "metric": layer["metric"], "experts": layer["experts"],

@@ -165,7 +165,8 @@ def _recount(plan: Plan) -> dict:
 
     totals = {"trainable": [0, 0], "active_per_token": [0, 0]}
     for m in plan.modules():
-        part = module_params(m["in_features"], m["out_features"], m["experts"], m["rank"], m["top_k"])
+        part = module_params(m["in_features"], m["out_features"], m["experts"], m["rank"], m["top_k"],
+                             plan.document["expert_type"])
         totals["trainable"][0] += part.trainable_adapters
         totals["trainable"][1] += part.trainable_routers
         totals["active_per_token"][0] += part.active_adapters

@@ -38,6 +38,7 @@ class LayerAllocation:
     top_k: int
     metric: float | None = None
     module_ranks: dict[str, int] = field(default_factory=dict)  # role → rank, where it differs by module
+    expert_type: str = "lora"  # lora | mor: what the accounting counts
 
     def rank_of(self, role: str) -> int:
         return self.module_ranks.get(role, self.rank)

@@ -26,6 +26,7 @@ from layerscope.errors import LayerscopeError
 
 PRECISIONS = ("auto", "f64", "f32")
 F32_GUARD = 1e3
+GRAM_CHUNK_BYTES = 16 << 20  # working-dtype rows converted at a time while accumulating a Gram
 
 
 def resolve_device(device: str) -> torch.device:
@@ -52,16 +53,28 @@ def working_dtype(precision: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def gram_eigenvalues(batch: torch.Tensor) -> torch.Tensor:
-    """Ascending eigenvalues of WᵀW for each W in a (B, rows, cols) batch, in batch's dtype.
+def gram_eigenvalues(batch: torch.Tensor, dtype: torch.dtype,
+                     chunk_bytes: int = GRAM_CHUNK_BYTES) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ascending eigenvalues of WᵀW for each W in a (B, rows, cols) batch, and whether W is finite.
 
-    Each W is first made tall, so the Gram is min(rows, cols) square.  Tiny negative values
-    from rounding are clamped to 0 (a Gram matrix is positive semi-definite).
+    Each W is first made tall, so the Gram is min(rows, cols) square.  W stays in its stored
+    dtype (bf16, f16, ...); the Gram is accumulated over row chunks converted to ``dtype`` one at
+    a time, so no full-size float64 copy of a large matrix ever exists.  Matrices with NaN/Inf
+    get a zero Gram (and ``finite`` False) instead of breaking the batched eigensolver.  Tiny
+    negative eigenvalues from rounding are clamped to 0 (a Gram matrix is positive semi-definite).
     """
     if batch.shape[-2] < batch.shape[-1]:
         batch = batch.mT
-    gram = batch.mT @ batch
-    return torch.linalg.eigvalsh(gram).clamp_min_(0)
+    count, rows, cols = batch.shape
+    step = max(1, chunk_bytes // (count * cols * torch.finfo(dtype).bits // 8))
+    gram = torch.zeros(count, cols, cols, dtype=dtype, device=batch.device)
+    finite = torch.ones(count, dtype=torch.bool, device=batch.device)
+    for start in range(0, rows, step):
+        chunk = batch[:, start:start + step, :].to(dtype)
+        finite &= torch.isfinite(chunk).flatten(1).all(dim=1)
+        gram.baddbmm_(chunk.mT, chunk)
+    gram[~finite] = 0
+    return torch.linalg.eigvalsh(gram).clamp_min_(0), finite
 
 
 def f32_noise_floor(lambda_max: float, n_rows: int) -> float:

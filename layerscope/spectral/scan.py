@@ -20,7 +20,8 @@ from layerscope.spectral.estimators import ESTIMATORS, MIN_EVALS, TailFit
 from layerscope.spectral.metrics import norm_metrics
 
 ANALYSED_KINDS = frozenset({"projection", "expert", "expert_stack", "router", "embedding", "lm_head", "other"})
-# Matrices of one shape are stacked into batches up to this many bytes (working dtype).
+# Matrices of one shape are stacked into batches up to this many bytes (stored weights plus
+# their Gram matrices in the working dtype).
 # Batching pays on GPUs; on CPU it buys little, so memory wins there.
 DEFAULT_BATCH_BYTES = {"cpu": 32 << 20, "cuda": 1 << 30}
 
@@ -100,15 +101,15 @@ def scan_checkpoint(ckpt: Checkpoint, opts: ScanOptions) -> pd.DataFrame:
     batch = _Batch()
     with tqdm(total=total, unit="matrix", desc="scan", disable=(not opts.progress) or None) as bar:
         for info, role in selected:
-            for matrix in _matrices(ckpt, info, role, scheme, dtype, opts.split_fused):
+            for matrix in _matrices(ckpt, info, role, scheme, opts.split_fused):
                 if batch.items and (matrix.weight.shape != batch.shape or batch.nbytes >= batch_bytes):
-                    rows += _analyse_batch(batch, device, opts.estimators, bar)
+                    rows += _analyse_batch(batch, device, dtype, opts.estimators, bar)
                     batch = _Batch()
                 batch.shape = tuple(matrix.weight.shape)
                 batch.items.append(matrix)
-                batch.nbytes += matrix.weight.numel() * matrix.weight.element_size()
+                batch.nbytes += _working_bytes(matrix.weight, dtype)
         if batch.items:
-            rows += _analyse_batch(batch, device, opts.estimators, bar)
+            rows += _analyse_batch(batch, device, dtype, opts.estimators, bar)
 
     table = pd.DataFrame(rows, columns=_columns(opts.estimators))
     table.attrs.update(
@@ -124,6 +125,12 @@ def scan_checkpoint(ckpt: Checkpoint, opts: ScanOptions) -> pd.DataFrame:
         precision=opts.precision,
     )
     return table
+
+
+def _working_bytes(weight: torch.Tensor, dtype: torch.dtype) -> int:
+    """What one matrix costs in a batch: its stored bytes plus its Gram and the eigensolver's copy."""
+    m = min(weight.shape)
+    return weight.numel() * weight.element_size() + 2 * m * m * torch.finfo(dtype).bits // 8
 
 
 def _columns(estimators: tuple[str, ...]) -> list[str]:
@@ -159,10 +166,13 @@ def _matrix_count(info: TensorInfo, role: TensorRole) -> int:
 
 
 def _matrices(
-    ckpt: Checkpoint, info: TensorInfo, role: TensorRole, scheme: NamingScheme, dtype: torch.dtype, split_fused: bool
+    ckpt: Checkpoint, info: TensorInfo, role: TensorRole, scheme: NamingScheme, split_fused: bool
 ) -> Iterator[_Matrix]:
-    """The 2-D matrices one tensor contributes: itself, its experts, or itself plus its fused parts."""
-    weight = ckpt.load(info.name, dtype)
+    """The 2-D matrices one tensor contributes: itself, its experts, or itself plus its fused parts.
+
+    Weights stay in their stored dtype; the Gram computation converts them chunk by chunk.
+    """
+    weight = ckpt.load(info.name)
     base = {
         "name": info.name, "tensor": info.name, "file": info.file.name, "kind": role.kind,
         "layer": role.layer, "role": role.role, "module": role.module, "expert": role.expert,
@@ -186,31 +196,27 @@ def _matrices(
             yield _Matrix(row, chunk.contiguous())
 
 
-def _analyse_batch(batch: _Batch, device: torch.device, estimators: tuple[str, ...], bar: tqdm) -> list[dict]:
+def _analyse_batch(batch: _Batch, device: torch.device, dtype: torch.dtype, estimators: tuple[str, ...],
+                   bar: tqdm) -> list[dict]:
     rows: list[dict] = []
-    good = [m for m in batch.items if _status_before_eigs(m) == "ok"]
-    eigs_batch = None
+    good = [m for m in batch.items if min(m.weight.shape) >= MIN_EVALS]
+    eig_iter, finite_iter = iter([]), iter([])
     if good:
         weights = [m.weight for m in good]
         stacked = (weights[0][None] if len(weights) == 1 else torch.stack(weights)).to(device)
-        eigs_batch = esd.gram_eigenvalues(stacked)
+        eigs_batch, finite = esd.gram_eigenvalues(stacked, dtype)
         del stacked
-    eig_iter = iter(eigs_batch if eigs_batch is not None else [])
+        eig_iter, finite_iter = iter(eigs_batch), iter(finite.tolist())
     for matrix in batch.items:
-        status = _status_before_eigs(matrix)
-        eigs = next(eig_iter) if status == "ok" else None
+        if min(matrix.weight.shape) < MIN_EVALS:
+            eigs, status = None, "too_few_evals"
+        else:
+            eigs, is_finite = next(eig_iter), next(finite_iter)
+            eigs, status = (eigs, "ok") if is_finite else (None, "nonfinite_weights")
         rows.append(_analyse_matrix(matrix, eigs, estimators, status))
         bar.update(1)
     batch.items.clear()
     return rows
-
-
-def _status_before_eigs(matrix: _Matrix) -> str:
-    if min(matrix.weight.shape) < MIN_EVALS:
-        return "too_few_evals"
-    if not bool(torch.isfinite(matrix.weight).all()):
-        return "nonfinite_weights"
-    return "ok"
 
 
 def _analyse_matrix(matrix: _Matrix, eigs: torch.Tensor | None, estimators: tuple[str, ...], status: str) -> dict:
@@ -231,7 +237,7 @@ def _analyse_matrix(matrix: _Matrix, eigs: torch.Tensor | None, estimators: tupl
     if used == torch.float32 and not esd.f32_fit_is_trustworthy(
         [fits[k].xmin for k in ("alpha", "alpha_peak") if k in fits], float(eigs64[-1]), n_rows
     ):
-        eigs64 = esd.gram_eigenvalues(matrix.weight.to(eigs.device, torch.float64)[None])[0]
+        eigs64 = esd.gram_eigenvalues(matrix.weight.to(eigs.device)[None], torch.float64)[0][0]
         fits = _fit_all(eigs64, estimators)
         used = "f64 (f32 guard)"
     row["precision"] = {torch.float32: "f32", torch.float64: "f64"}.get(used, used)
