@@ -89,7 +89,7 @@ def train(steps: int = 150, batch_size: int = 16, seed: int = 0, strategy: str =
         optimizer.zero_grad()
         total.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if verbose and (step % 10 == 0 or step == steps - 1):
             print(f"step {step:4d}  loss {loss.item():.4f}")
     accuracy = evaluate(model, tokenizer, test_set)

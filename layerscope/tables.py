@@ -124,3 +124,27 @@ def write_activations(table: pd.DataFrame, path: str | Path) -> Path:
     else:
         atomic_write(path, lambda tmp: table.to_parquet(tmp, index=False))
     return path
+
+
+def read_activations(path: str | Path) -> pd.DataFrame:
+    """Read an activations table written by :func:`write_activations`."""
+    path = Path(path)
+    fmt = output_format(path)
+    if not path.is_file():
+        raise LayerscopeError(f"{path}: no such file")
+    try:
+        if fmt == ".parquet":
+            table = pd.read_parquet(path)
+        elif fmt == ".json":
+            document = json.loads(path.read_text(encoding="utf-8"))
+            table = pd.DataFrame(document["modules"])
+            table.attrs.update(document.get("settings", {}))
+        else:
+            table = pd.read_csv(path)
+            table["hist_log10"] = table["hist_log10"].map(json.loads)
+    except Exception as exc:
+        raise LayerscopeError(f"{path}: cannot read activations table ({type(exc).__name__}: {exc})") from None
+    for column in ("layer", "kind", "role", "near_zero_fraction"):
+        if column not in table.columns:
+            raise LayerscopeError(f"{path}: column {column!r} is missing (not a layerscope activations table?)")
+    return table

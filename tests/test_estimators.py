@@ -167,3 +167,16 @@ def test_entropy_matches_weightwatcher_formula():
     p = eigs / eigs.sum() + 1e-10
     expected = -np.sum(p * np.log(p)) / np.log(rank)
     assert matrix_entropy(t(eigs), 100) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_branch_and_bound_equals_the_full_scan(seed):
+    from layerscope.spectral.estimators import hill_alphas, ks_best, ks_distances
+    rng = np.random.default_rng(seed)
+    eigs = np.sort(np.concatenate([rng.chisquare(4, 800) / 4, pareto_eigenvalues(200, 2 + seed / 2, seed=seed)]))
+    x = t(eigs)
+    starts = torch.arange(x.numel() - 1)
+    alphas = hill_alphas(torch.log(x), starts)
+    full = ks_distances(x, starts, alphas)
+    position, d = ks_best(x, alphas)
+    assert position == int(torch.argmin(full)) and d == float(full.min())

@@ -128,3 +128,13 @@ def test_peak_memory_is_bounded_by_the_largest_tensor_not_the_model(tmp_path):
     # One batch (32 MiB budget on CPU) in float64 plus its Gram and one read buffer: far
     # below holding the model (384 MiB as stored, 768 MiB as float64).
     assert growth_mib < 0.5 * model_mib, report
+
+
+def test_same_shape_different_dtypes_are_batched_apart(tmp_path):
+    weight = random_matrix(32, 16, 7)
+    tensors = {"layers.0.a.weight": weight, "layers.0.b.weight": weight.to(torch.bfloat16),
+               "layers.0.c.weight": weight.to(torch.float16)}
+    table = scan(write_checkpoint(tmp_path, tensors), batch_bytes=1 << 30, progress=False).set_index("role")
+    assert list(table.dtype) == ["F32", "BF16", "F16"]
+    assert (table.status == "ok").all()
+    assert table.loc["b", "lambda_max"] == pytest.approx(table.loc["a", "lambda_max"], rel=1e-2)

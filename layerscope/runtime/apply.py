@@ -71,6 +71,7 @@ def apply_plan(model: nn.Module, plan: Plan, verbose: bool = True) -> nn.Module:
         adapter = MoELoraLinear(base, in_f, out_f, experts=spec["experts"], rank=spec["rank"], top_k=spec["top_k"],
                                 lora_alpha=spec["lora_alpha"], dropout=lora["dropout"], init=lora["init"],
                                 expert_type=plan.document["expert_type"], context=context)
+        adapter.train(base.training)  # a new module starts in training mode; follow the model's mode
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, adapter)
         wrapped[name] = adapter

@@ -68,11 +68,11 @@ def gram_eigenvalues(batch: torch.Tensor, dtype: torch.dtype,
     count, rows, cols = batch.shape
     step = max(1, chunk_bytes // (count * cols * torch.finfo(dtype).bits // 8))
     gram = torch.zeros(count, cols, cols, dtype=dtype, device=batch.device)
-    finite = torch.ones(count, dtype=torch.bool, device=batch.device)
     for start in range(0, rows, step):
         chunk = batch[:, start:start + step, :].to(dtype)
-        finite &= torch.isfinite(chunk).flatten(1).all(dim=1)
         gram.baddbmm_(chunk.mT, chunk)
+    # Any NaN/Inf in a column of W reaches that column's diagonal entry Σ w², so the diagonal tells.
+    finite = torch.isfinite(torch.diagonal(gram, dim1=1, dim2=2)).all(dim=1)
     gram[~finite] = 0
     return torch.linalg.eigvalsh(gram).clamp_min_(0), finite
 

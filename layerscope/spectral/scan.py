@@ -64,7 +64,7 @@ class ScanOptions:
 
 @dataclass
 class _Matrix:
-    """One matrix to analyse: its table identity and its weights (2-D, working dtype)."""
+    """One matrix to analyse: its table identity and its weights (2-D, as stored)."""
 
     row: dict
     weight: torch.Tensor
@@ -72,7 +72,7 @@ class _Matrix:
 
 @dataclass
 class _Batch:
-    shape: tuple[int, int] | None = None
+    key: tuple | None = None  # (shape, stored dtype): what can be stacked
     items: list[_Matrix] = field(default_factory=list)
     nbytes: int = 0
 
@@ -102,10 +102,11 @@ def scan_checkpoint(ckpt: Checkpoint, opts: ScanOptions) -> pd.DataFrame:
     with tqdm(total=total, unit="matrix", desc="scan", disable=(not opts.progress) or None) as bar:
         for info, role in selected:
             for matrix in _matrices(ckpt, info, role, scheme, opts.split_fused):
-                if batch.items and (matrix.weight.shape != batch.shape or batch.nbytes >= batch_bytes):
+                key = (tuple(matrix.weight.shape), matrix.weight.dtype)
+                if batch.items and (key != batch.key or batch.nbytes >= batch_bytes):
                     rows += _analyse_batch(batch, device, dtype, opts.estimators, bar)
                     batch = _Batch()
-                batch.shape = tuple(matrix.weight.shape)
+                batch.key = key
                 batch.items.append(matrix)
                 batch.nbytes += _working_bytes(matrix.weight, dtype)
         if batch.items:

@@ -1,0 +1,177 @@
+"""Matplotlib figures (Agg backend, no display): per-matrix ESDs and model-level panels.
+
+Every function returns the Figure; :func:`save` writes it with a deterministic name.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from layerscope.spectral.estimators import alpha_hill, alpha_ww, ks_scan  # noqa: E402
+
+ALPHA_COLUMNS = {"alpha": "alpha (WeightWatcher)", "alpha_hill": "alpha_hill (TempBalance)",
+                 "alpha_peak": "alpha_peak (AlphaLoRA)"}
+REFERENCE_ALPHAS = (2.0, 6.0)  # HT-SR: below 2 over-trained / very heavy tails, above 6 under-trained
+DPI = 110
+
+
+def save(fig: Figure, folder: Path, stem: str, fmt: str = "png") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{stem}.{fmt}"
+    fig.savefig(path, dpi=DPI, bbox_inches="tight", metadata={"Software": None} if fmt == "png" else
+                {"Creator": None, "Date": None})
+    plt.close(fig)
+    return path
+
+
+def safe_stem(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
+
+
+def powerlaw_pdf_line(alpha: float, xmin: float, xmax: float, tail_share: float, points: int = 50):
+    """(x, density) of the fitted power law from xmin, scaled to the share of eigenvalues in the tail."""
+    x = np.logspace(math.log10(xmin), math.log10(xmax), points)
+    return x, tail_share * (alpha - 1) / xmin * (x / xmin) ** (-alpha)
+
+
+def plot_esd(eigs: torch.Tensor | np.ndarray, name: str = "") -> Figure:
+    """WeightWatcher-style diagnostics for one matrix's eigenvalues.
+
+    Panels: log-log ESD (log-spaced bins, density) with the fitted power law drawn from xmin
+    and markers at xmin and the Hill xmin; lin-lin ESD; D vs xmin; alpha vs xmin.
+    """
+    e = torch.as_tensor(np.sort(np.asarray(eigs, dtype=np.float64)))
+    fit, hill = alpha_ww(e), alpha_hill(e)
+    positive = e[e > 0].numpy()
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7.5))
+    (loglog, linlin), (d_curve, a_curve) = axes
+
+    bins = np.logspace(math.log10(positive.min()), math.log10(positive.max()), 60)
+    loglog.hist(positive, bins=bins, density=True, color="#4C72B0", alpha=0.7, label="ESD")
+    if math.isfinite(fit.alpha):
+        share = float((positive >= fit.xmin).mean())
+        x, y = powerlaw_pdf_line(fit.alpha, fit.xmin, float(positive.max()), share)
+        loglog.plot(x, y, color="#C44E52", linestyle="--", linewidth=2,
+                    label=f"power law α={fit.alpha:.2f}", gid="powerlaw-fit")
+        loglog.axvline(fit.xmin, color="#C44E52", label=f"xmin={fit.xmin:.3g}", gid="xmin")
+    if math.isfinite(hill.alpha):
+        loglog.axvline(hill.xmin, color="#55A868", linestyle=":", label=f"Hill xmin={hill.xmin:.3g}", gid="xmin-hill")
+    loglog.set_xscale("log")
+    loglog.set_yscale("log")
+    loglog.set_xlabel("eigenvalue λ")
+    loglog.set_ylabel("density")
+    loglog.set_title("log-log ESD")
+    loglog.legend(fontsize=8)
+
+    linlin.hist(positive, bins=100, density=True, color="#4C72B0", alpha=0.7)
+    if math.isfinite(fit.alpha):
+        linlin.axvline(fit.xmin, color="#C44E52", label="xmin")
+        linlin.legend(fontsize=8)
+    linlin.set_xlabel("eigenvalue λ")
+    linlin.set_ylabel("density")
+    linlin.set_title("lin-lin ESD")
+
+    scan = ks_scan(e)
+    d_curve.plot(scan.xmins.numpy(), scan.Ds.numpy(), color="#8172B2")
+    a_curve.plot(scan.xmins.numpy(), scan.alphas.numpy(), color="#937860")
+    for ax, label, title in ((d_curve, "KS distance D", "D vs xmin"), (a_curve, "α", "α vs xmin")):
+        ax.set_xscale("log")
+        ax.set_xlabel("xmin")
+        ax.set_ylabel(label)
+        ax.set_title(title)
+        if math.isfinite(fit.alpha):
+            ax.axvline(fit.xmin, color="#C44E52", linestyle="--")
+    a_curve.set_ylim(0, min(20, float(np.nanmax(scan.alphas.numpy())) + 1) if len(scan.alphas) else 10)
+
+    fig.suptitle(f"{name}\nα={fit.alpha:.3f}  α_hill={hill.alpha:.3f}  D={fit.D:.3f}  λ_max={float(e[-1]):.4g}",
+                 fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_alphas_by_layer(table: pd.DataFrame) -> Figure:
+    """The three alphas by layer: every projection as a dot, the layer mean as a line; 2 and 6 marked."""
+    targets = table[table["kind"].isin(["projection", "expert"]) & table["layer"].notna()]
+    columns = [c for c in ALPHA_COLUMNS if c in targets.columns]
+    fig, axes = plt.subplots(1, len(columns), figsize=(4.2 * len(columns), 3.8), squeeze=False, sharey=True)
+    for ax, column in zip(axes[0], columns):
+        for role, group in targets.groupby("role"):
+            ax.scatter(group["layer"], group[column], s=14, alpha=0.6, label=str(role))
+        means = targets.groupby("layer")[column].mean()
+        ax.plot(means.index, means.values, color="black", linewidth=2, label="layer mean")
+        for ref in REFERENCE_ALPHAS:
+            ax.axhline(ref, color="grey", linestyle="--", linewidth=1)
+        ax.set_title(ALPHA_COLUMNS[column])
+        ax.set_xlabel("layer")
+        ax.set_ylabel(column)
+    axes[0][-1].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def plot_norms_by_layer(table: pd.DataFrame) -> Figure:
+    targets = table[table["kind"].isin(["projection", "expert"]) & table["layer"].notna()]
+    columns = [c for c in ("alpha_weighted", "log_norm", "stable_rank") if c in targets.columns]
+    fig, axes = plt.subplots(1, len(columns), figsize=(4.2 * len(columns), 3.6), squeeze=False)
+    for ax, column in zip(axes[0], columns):
+        for role, group in targets.groupby("role"):
+            ax.plot(group["layer"], group[column], marker="o", markersize=3, linewidth=1, label=str(role))
+        ax.set_title(f"{column} by layer")
+        ax.set_xlabel("layer")
+        ax.set_ylabel(column)
+    axes[0][-1].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def plot_near_zero(activations: pd.DataFrame) -> Figure:
+    """Near-zero fractions of each layer's projection outputs (and block output) by layer."""
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    projections = activations[activations["kind"] == "projection"]
+    for role, group in projections.groupby("role"):
+        ax.plot(group["layer"], group["near_zero_fraction"], marker="o", markersize=3, linewidth=1, label=str(role))
+    blocks = activations[activations["kind"] == "block"]
+    if len(blocks):
+        ax.plot(blocks["layer"], blocks["near_zero_fraction"], color="black", linewidth=2, label="block output")
+    rel = activations.attrs.get("rel_eps", 0.1)
+    ax.set_title(f"near-zero fraction (|x| ≤ {rel} × token RMS)")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("near_zero_fraction")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def plot_allocations(plans: dict) -> Figure:
+    """Experts and ranks by layer for several plans side by side; accounting in the legend."""
+    fig, (experts_ax, ranks_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.8 / max(len(plans), 1)
+    for i, (name, plan) in enumerate(plans.items()):
+        layers = [layer["layer"] for layer in plan.layers]
+        experts = [layer["experts"] for layer in plan.layers]
+        ranks = [np.mean([m["rank"] for m in layer["modules"]]) for layer in plan.layers]
+        acct = plan.accounting
+        label = (f"{name}: trainable {acct['trainable']['total']:,}, "
+                 f"active {acct['active_per_token']['total']:,}")
+        offset = (i - (len(plans) - 1) / 2) * width
+        experts_ax.bar(np.asarray(layers) + offset, experts, width=width, label=label)
+        ranks_ax.bar(np.asarray(layers) + offset, ranks, width=width, label=name)
+    experts_ax.set_title("experts per layer")
+    experts_ax.set_xlabel("layer")
+    experts_ax.set_ylabel("experts")
+    ranks_ax.set_title("rank per layer (mean over modules)")
+    ranks_ax.set_xlabel("layer")
+    ranks_ax.set_ylabel("rank")
+    experts_ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    return fig

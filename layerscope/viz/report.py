@@ -1,0 +1,192 @@
+"""A self-contained HTML report: summary, warnings, plots, plans and the tables as CSV."""
+
+from __future__ import annotations
+
+import html
+import math
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from layerscope.checkpoint.reader import open_checkpoint
+from layerscope.export import export_plan
+from layerscope.planning.explain import explain_table
+from layerscope.spectral.esd import gram_eigenvalues
+from layerscope.spectral.scan import layer_summary
+from layerscope.tables import atomic_write
+from layerscope.viz import plots
+
+LOW_ALPHA, HIGH_ALPHA = plots.REFERENCE_ALPHAS
+MAX_ESD_PLOTS = 8
+
+STYLE = """
+body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; margin: 2rem auto; max-width: 1150px;
+       color: #222; line-height: 1.45; padding: 0 1rem; }
+h1 { font-size: 1.7rem; margin-bottom: .2rem; } h2 { border-bottom: 1px solid #ddd; padding-bottom: .2rem; margin-top: 2rem; }
+table { border-collapse: collapse; font-size: .85rem; margin: .6rem 0; }
+th, td { border: 1px solid #ddd; padding: .2rem .5rem; text-align: right; }
+th { background: #f4f4f4; } td.l, th.l { text-align: left; }
+img { max-width: 100%; border: 1px solid #eee; margin: .4rem 0; }
+.warn { color: #9a3412; } .ok { color: #166534; } .muted { color: #666; font-size: .85rem; }
+.grid { display: grid; grid-template-columns: 1fr 1fr; gap: .8rem; }
+code { background: #f4f4f4; padding: 0 .25rem; }
+"""
+
+
+def _table_html(frame: pd.DataFrame, float_format: str = "{:.3f}") -> str:
+    def cell(value) -> str:
+        if isinstance(value, float):
+            return "" if math.isnan(value) else float_format.format(value)
+        return html.escape(str(value))
+
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
+    rows = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>"
+                   for row in frame.itertuples(index=False))
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+
+
+def warnings_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Matrices that are not analysable, or whose alpha is outside [2, 6]."""
+    rows = []
+    for row in table.itertuples(index=False):
+        if row.status != "ok":
+            rows.append({"matrix": row.name, "issue": row.status, "alpha": math.nan})
+        elif "alpha" in table.columns and math.isfinite(row.alpha) and not LOW_ALPHA <= row.alpha <= HIGH_ALPHA:
+            issue = f"alpha < {LOW_ALPHA:g} (very heavy tail)" if row.alpha < LOW_ALPHA else \
+                f"alpha > {HIGH_ALPHA:g} (under-trained?)"
+            rows.append({"matrix": row.name, "issue": issue, "alpha": row.alpha})
+    return pd.DataFrame(rows, columns=["matrix", "issue", "alpha"])
+
+
+def _esd_choices(table: pd.DataFrame) -> list[str]:
+    """The lowest- and highest-alpha matrices, then one per layer, up to MAX_ESD_PLOTS."""
+    ok = table[(table["status"] == "ok") & table["kind"].isin(["projection", "expert"])]
+    if ok.empty:
+        return []
+    column = "alpha" if "alpha" in ok.columns else "alpha_hill"
+    chosen = [ok.loc[ok[column].idxmin(), "name"], ok.loc[ok[column].idxmax(), "name"]]
+    for _, group in ok.groupby("layer"):
+        chosen.append(group.iloc[0]["name"])
+    unique = list(dict.fromkeys(chosen))
+    return unique[:MAX_ESD_PLOTS]
+
+
+def esd_eigenvalues(model_path: str | Path, names: list[str]) -> dict[str, torch.Tensor]:
+    """Gram eigenvalues (float64) of the named matrices, read from the checkpoint again."""
+    ckpt = open_checkpoint(model_path)
+    out = {}
+    for name in names:
+        tensor_name, _, index = name.partition("[")
+        weight = ckpt.load(tensor_name.split(":")[0])
+        if index:
+            weight = weight.reshape(-1, *weight.shape[-2:])[int(index.rstrip("]"))]
+        out[name] = gram_eigenvalues(weight[None], torch.float64)[0][0]
+    return out
+
+
+def build_report(table: pd.DataFrame, out: str | Path, *, model_path: str | Path | None = None,
+                 activations: pd.DataFrame | None = None, plans: dict | None = None,
+                 title: str | None = None) -> Path:
+    """Write ``index.html`` with its PNGs and CSVs into ``out``; returns the index path."""
+    out = Path(out)
+    images = out / "img"
+    plans = plans or {}
+    attrs = table.attrs
+    layers = layer_summary(table)
+    warnings = warnings_table(table)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "scan.csv", lambda tmp: table.to_csv(tmp, index=False))
+    atomic_write(out / "scan.layers.csv", lambda tmp: layers.to_csv(tmp, index=False))
+    atomic_write(out / "warnings.csv", lambda tmp: warnings.to_csv(tmp, index=False))
+
+    sections = [f"<h1>{html.escape(title or 'layerscope report')}</h1>",
+                f"<p class='muted'>{html.escape(str(attrs.get('path', '')))}</p>", _summary(table, layers)]
+    sections.append(_warnings_section(warnings))
+
+    plots.save(plots.plot_alphas_by_layer(table), images, "alphas_by_layer")
+    plots.save(plots.plot_norms_by_layer(table), images, "norms_by_layer")
+    sections.append("<h2>Spectral metrics by layer</h2>"
+                    "<p>Each dot is one projection; the black line is the layer mean (AlphaLoRA's layer quality). "
+                    "Dashed lines mark α = 2 and α = 6.</p>"
+                    "<img src='img/alphas_by_layer.png' alt='alphas by layer'>"
+                    "<img src='img/norms_by_layer.png' alt='norm metrics by layer'>"
+                    + _table_html(layers))
+
+    source = model_path or attrs.get("path")
+    if source and Path(str(source)).exists():
+        names = _esd_choices(table)
+        figures = []
+        for name, eigs in esd_eigenvalues(source, names).items():
+            stem = "esd_" + plots.safe_stem(name)
+            plots.save(plots.plot_esd(eigs, name), images, stem)
+            figures.append(f"<img src='img/{stem}.png' alt='ESD of {html.escape(name)}'>")
+        sections.append("<h2>Empirical spectral densities</h2><p>The lowest- and highest-α matrices and one per "
+                        "layer: log-log ESD with the fitted power law from xmin, lin-lin ESD, and the KS scan "
+                        "(D and α against xmin; look for several minima — 'fingers').</p>" + "".join(figures))
+
+    if activations is not None:
+        plots.save(plots.plot_near_zero(activations), images, "near_zero_by_layer")
+        flat = activations.drop(columns=[c for c in ("hist_log10",) if c in activations.columns])
+        atomic_write(out / "activations.csv", lambda tmp: flat.to_csv(tmp, index=False))
+        sections.append("<h2>Activations</h2><p>Share of output entries near zero on the calibration text "
+                        f"({html.escape(str(activations.attrs.get('calibration', '')))}): HILO's signal for "
+                        "layers that need little adapter capacity.</p>"
+                        "<img src='img/near_zero_by_layer.png' alt='near-zero fraction by layer'>"
+                        "<p><a href='activations.csv'>activations.csv</a></p>")
+
+    if plans:
+        plots.save(plots.plot_allocations(plans), images, "allocations")
+        parts = ["<h2>Allocation plans</h2><img src='img/allocations.png' alt='allocations by layer'>"]
+        for name, plan in plans.items():
+            stem = f"plan_{plots.safe_stem(name)}"
+            plan.save(out / f"{stem}.json")
+            links = [f"<a href='{stem}.json'>{stem}.json</a>"]
+            for fmt, suffix in (("mola", ".mola.txt"), ("peft", ".peft.json")):
+                try:
+                    export_plan(plan, fmt, out / f"{stem}{suffix}")
+                    links.append(f"<a href='{stem}{suffix}'>{fmt} export</a>")
+                except Exception as exc:  # an export a plan cannot have (e.g. PEFT for mixtures)
+                    links.append(f"<span class='muted'>{fmt}: {html.escape(str(exc).split(': ', 1)[-1])}</span>")
+            ratios = plan.accounting["ratios"]
+            parts.append(f"<h3>{html.escape(name)} <span class='muted'>({html.escape(plan.strategy['name'])})</span></h3>"
+                         f"<p>trainable {plan.accounting['trainable']['total']:,} params "
+                         f"({ratios['trainable_adapters_vs_uniform_moe']:.3f}× uniform 8×r8 adapters); active per token "
+                         f"{plan.accounting['active_per_token']['total']:,} "
+                         f"({ratios['active_adapters_vs_single_lora']:.3f}× one rank-8 LoRA). "
+                         + " · ".join(links) + "</p>" + _table_html(explain_table(plan)))
+        sections.append("".join(parts))
+
+    sections.append("<h2>Tables</h2><p><a href='scan.csv'>scan.csv</a> (per matrix) · "
+                    "<a href='scan.layers.csv'>scan.layers.csv</a> (per layer) · "
+                    "<a href='warnings.csv'>warnings.csv</a></p>")
+    document = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title or 'layerscope')}"
+                f"</title><style>{STYLE}</style></head><body>{''.join(sections)}"
+                "<p class='muted'>Generated by layerscope.</p></body></html>\n")
+    index = out / "index.html"
+    atomic_write(index, lambda tmp: tmp.write_text(document, encoding="utf-8"))
+    return index
+
+
+def _summary(table: pd.DataFrame, layers: pd.DataFrame) -> str:
+    attrs = table.attrs
+    ok = table[table["status"] == "ok"]
+    facts = {
+        "architecture": attrs.get("architecture") or attrs.get("model_type") or "unknown",
+        "naming scheme": attrs.get("naming"),
+        "layers": attrs.get("num_layers"),
+        "matrices analysed": f"{len(ok)} of {len(table)}",
+        "mean alpha (projections)": f"{layers['alpha'].mean():.3f}" if "alpha" in layers else "",
+        "mean alpha_hill": f"{layers['alpha_hill'].mean():.3f}" if "alpha_hill" in layers else "",
+        "header fingerprint": str(attrs.get("fingerprint", ""))[:16] + "…",
+    }
+    rows = "".join(f"<tr><th class='l'>{html.escape(k)}</th><td class='l'>{html.escape(str(v))}</td></tr>"
+                   for k, v in facts.items())
+    return f"<h2>Model</h2><table>{rows}</table>"
+
+
+def _warnings_section(warnings: pd.DataFrame) -> str:
+    if warnings.empty:
+        return "<h2>Warnings</h2><p class='ok'>Every matrix was analysed and every α is within [2, 6].</p>"
+    return (f"<h2>Warnings</h2><p class='warn'>{len(warnings)} matrices are not analysable or have α outside "
+            f"[{LOW_ALPHA:g}, {HIGH_ALPHA:g}].</p>" + _table_html(warnings))
