@@ -55,7 +55,7 @@ def write_shard(path: Path, entries: list[tuple[str, tuple[int, ...]]], seed: in
     gen = torch.Generator().manual_seed(seed)
     with open(path, "wb") as handle:
         handle.write(struct.pack("<Q", len(raw)) + raw)
-        for name, shape in entries:
+        for _, shape in entries:
             if len(shape) == 1:
                 tensor = torch.ones(shape, dtype=torch.bfloat16)
             else:

@@ -18,8 +18,8 @@ from layerscope.export import EXPORTERS, export_plan
 from layerscope.planning import STRATEGIES, LoraSettings, Plan
 from layerscope.planning import plan as make_plan
 from layerscope.planning.explain import explain_text
-from layerscope.spectral.estimators import ESTIMATORS
 from layerscope.spectral.esd import PRECISIONS
+from layerscope.spectral.estimators import ESTIMATORS
 from layerscope.spectral.scan import ScanOptions, layer_summary, scan
 from layerscope.tables import output_format, read_activations, read_scan, write_activations, write_scan
 

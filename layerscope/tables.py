@@ -50,13 +50,13 @@ def write_scan(matrices: pd.DataFrame, layers: pd.DataFrame, path: str | Path) -
     path = Path(path)
     fmt = output_format(path)
     if fmt == ".json":
-        document = {"schema": SCAN_SCHEMA, "model": _jsonable(matrices.attrs),
+        document = {"schema": SCAN_SCHEMA, "model": jsonable(matrices.attrs),
                     "matrices": _records(matrices), "layers": _records(layers)}
         atomic_write(path, lambda tmp: tmp.write_text(json.dumps(document, indent=1, allow_nan=False)))
         return [path]
     written = []
     if fmt == ".csv":
-        sidecar = json.dumps(_jsonable(matrices.attrs), indent=1, allow_nan=False)
+        sidecar = json.dumps(jsonable(matrices.attrs), indent=1, allow_nan=False)
         atomic_write(model_path(path), lambda tmp: tmp.write_text(sidecar))
         written.append(model_path(path))
     for table, target in ((matrices, path), (layers, layers_path(path))):
@@ -95,16 +95,19 @@ def read_scan(path: str | Path) -> pd.DataFrame:
 
 
 def _records(table: pd.DataFrame) -> list[dict]:
-    return [{k: _jsonable(v) for k, v in row.items()} for row in table.to_dict(orient="records")]
+    return [{k: jsonable(v) for k, v in row.items()} for row in table.to_dict(orient="records")]
 
 
-def _jsonable(value):
+def jsonable(value):
+    """Plain JSON values: numpy/torch scalars unwrapped, paths as strings, NaN/Inf as null."""
     if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
+        return {k: jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if hasattr(value, "item"):
         value = value.item()
+    if isinstance(value, Path):
+        return str(value)
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
@@ -115,7 +118,7 @@ def write_activations(table: pd.DataFrame, path: str | Path) -> Path:
     path = Path(path)
     fmt = output_format(path)
     if fmt == ".json":
-        document = {"schema": "layerscope.activations/1", "settings": _jsonable(table.attrs),
+        document = {"schema": "layerscope.activations/1", "settings": jsonable(table.attrs),
                     "modules": _records(table)}
         atomic_write(path, lambda tmp: tmp.write_text(json.dumps(document, indent=1, allow_nan=False)))
     elif fmt == ".csv":

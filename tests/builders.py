@@ -84,3 +84,14 @@ def llama_tensors(layers: int = 2, hidden: int = 16, inter: int = 24, vocab: int
 
 LLAMA_CONFIG = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "num_hidden_layers": 2,
                 "hidden_size": 16, "num_attention_heads": 4, "num_key_value_heads": 2}
+
+
+def save_tiny_llama(folder: Path, layers: int) -> Path:
+    """A tiny Llama built by transformers from a config (random weights, seed 0), saved as safetensors."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+    return folder

@@ -7,11 +7,11 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 import layerscope
 from layerscope.errors import LayerscopeError
 from layerscope.export import export_plan, to_mola_args, to_peft_config
+from tests.builders import save_tiny_llama
 from tests.planning_fixtures import scan_table
 
 transformers = pytest.importorskip("transformers")
@@ -20,14 +20,8 @@ peft = pytest.importorskip("peft")
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
-    """A 12-layer Llama from a config (random weights) saved as safetensors: layers.1 vs layers.11."""
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=12,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    model = transformers.LlamaForCausalLM(config)
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(folder, safe_serialization=True)
-    return folder
+    """12 layers, so that layers.1 and layers.11 both exist."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), layers=12)
 
 
 def _lora_ranks(peft_model) -> dict[str, int]:

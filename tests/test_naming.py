@@ -132,7 +132,7 @@ def test_gpt2_conv1d_orientation_and_fused_split(tmp_path):
     for j, part in enumerate("qkv"):
         row = table.loc[f"h.0.attn.c_attn.weight:{part}"]
         assert (row.kind, row.role, row["shape"]) == ("part", part, f"{H}x{H}")
-        eigs = torch.linalg.eigvalsh((weight[:, j * H:(j + 1) * H].double().T @ weight[:, j * H:(j + 1) * H].double()))
+        eigs = torch.linalg.eigvalsh(weight[:, j * H:(j + 1) * H].double().T @ weight[:, j * H:(j + 1) * H].double())
         assert row.lambda_max == pytest.approx(float(eigs[-1]), rel=1e-9)
     # parts are reported but not double-counted in the layer means
     assert layer_summary(table.reset_index()).loc[0, "num_matrices"] == 4

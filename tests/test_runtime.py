@@ -13,20 +13,23 @@ from torch import nn
 
 import layerscope
 from layerscope.errors import LayerscopeError
-from layerscope.runtime import (MoELoraLinear, apply_plan, export_peft_adapter, live_counts, load_adapters,
-                                router_stats, save_adapters)
+from layerscope.runtime import (
+    MoELoraLinear,
+    apply_plan,
+    export_peft_adapter,
+    live_counts,
+    load_adapters,
+    router_stats,
+    save_adapters,
+)
+from tests.builders import save_tiny_llama
 
 transformers = pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")
 def tiny_llama_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=8,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    transformers.LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
-    return folder
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), layers=8)
 
 
 def load_llama(folder):

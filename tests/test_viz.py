@@ -10,8 +10,14 @@ import pytest
 import torch
 
 from layerscope.spectral.estimators import alpha_hill, alpha_ww
-from layerscope.viz import (build_report, plot_allocations, plot_alphas_by_layer, plot_esd, plot_near_zero,
-                            plot_norms_by_layer)
+from layerscope.viz import (
+    build_report,
+    plot_allocations,
+    plot_alphas_by_layer,
+    plot_esd,
+    plot_near_zero,
+    plot_norms_by_layer,
+)
 from layerscope.viz.browser import find_chromium, screenshot
 from tests.builders import matrix_with_spectrum, pareto_eigenvalues, write_checkpoint
 from tests.planning_fixtures import scan_table

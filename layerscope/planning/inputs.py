@@ -63,7 +63,7 @@ class PlanInputs:
             raise LayerscopeError(f"metric {column!r} is NaN for every module of layer {bad[0]} (see the scan's status/note)")
         return {int(layer): float(v) for layer, v in means.items()}
 
-    def restrict_roles(self, roles: list[str] | None) -> "PlanInputs":
+    def restrict_roles(self, roles: list[str] | None) -> PlanInputs:
         if not roles:
             return self
         unknown = sorted(set(roles) - set(self.modules["role"]))

@@ -12,7 +12,7 @@ from pathlib import Path
 from layerscope.errors import LayerscopeError
 from layerscope.planning.accounting import accounting_report
 from layerscope.planning.inputs import PlanInputs
-from layerscope.tables import atomic_write
+from layerscope.tables import atomic_write, jsonable
 
 SCHEMA_ID = "layerscope.plan/1"
 EXPERT_TYPES = ("lora", "mor")
@@ -88,7 +88,7 @@ class Plan:
         return path
 
     @classmethod
-    def loads(cls, text: str, source: str = "plan") -> "Plan":
+    def loads(cls, text: str, source: str = "plan") -> Plan:
         try:
             document = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -96,7 +96,7 @@ class Plan:
         return cls(document, source)
 
     @classmethod
-    def load(cls, path: str | Path) -> "Plan":
+    def load(cls, path: str | Path) -> Plan:
         path = Path(path)
         if not path.is_file():
             raise LayerscopeError(f"{path}: no such plan file")
@@ -195,7 +195,7 @@ def build_plan(inputs: PlanInputs, strategy: str, params: dict, allocations, *, 
     document = {
         "schema": SCHEMA_ID,
         "model": inputs.model.as_dict(),
-        "strategy": {"name": strategy, "params": _plain(params), "metric": metric, "budget": budget},
+        "strategy": {"name": strategy, "params": jsonable(params), "metric": metric, "budget": budget},
         "expert_type": expert_type,
         "lora": lora.as_dict(),
         "target_roles": sorted(set(inputs.modules["role"])),
@@ -213,15 +213,3 @@ def _modules_of(inputs: PlanInputs, layer: int):
 
 def _finite(value):
     return float(value) if value is not None and math.isfinite(value) else None
-
-
-def _plain(value):
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if hasattr(value, "item"):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    return value

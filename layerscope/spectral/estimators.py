@@ -43,7 +43,7 @@ class TailFit:
     note: str | None = None
 
     @classmethod
-    def failed(cls, note: str) -> "TailFit":
+    def failed(cls, note: str) -> TailFit:
         return cls(alpha=math.nan, xmin=math.nan, note=note)
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import pandas as pd
 import torch
@@ -192,7 +192,7 @@ def _matrices(
         parts = scheme.fused_parts(role.role, weight.shape[out_dim], ckpt.config, info.name)
         if not parts:
             return
-        for (part, size), chunk in zip(parts, torch.split(weight, [s for _, s in parts], dim=out_dim)):
+        for (part, _), chunk in zip(parts, torch.split(weight, [s for _, s in parts], dim=out_dim)):
             row = {**base, "name": f"{info.name}:{part}", "kind": "part", "role": part, "part": part}
             yield _Matrix(row, chunk.contiguous())
 
