@@ -25,6 +25,7 @@ test: install
 bench: install
 	$(PY) benchmarks/bench_minilm.py
 	$(PY) benchmarks/bench_ks_fit.py
+	$(PY) benchmarks/bench_train_step.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
