@@ -169,14 +169,27 @@ def test_entropy_matches_weightwatcher_formula():
     assert matrix_entropy(t(eigs), 100) == pytest.approx(expected, rel=1e-12)
 
 
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(8))
 def test_branch_and_bound_equals_the_full_scan(seed):
     from layerscope.spectral.estimators import hill_alphas, ks_best, ks_distances
     rng = np.random.default_rng(seed)
     eigs = np.sort(np.concatenate([rng.chisquare(4, 800) / 4, pareto_eigenvalues(200, 2 + seed / 2, seed=seed)]))
-    x = t(eigs)
-    starts = torch.arange(x.numel() - 1)
-    alphas = hill_alphas(torch.log(x), starts)
-    full = ks_distances(x, starts, alphas)
-    position, d = ks_best(x, alphas)
-    assert position == int(torch.argmin(full)) and d == float(full.min())
+    starts = np.arange(eigs.size - 1)
+    if seed % 2:  # a window of candidates, as alpha_peak scans
+        starts = starts[100 * seed: 100 * seed + 300]
+    alphas = hill_alphas(np.log(eigs), starts)
+    full = ks_distances(eigs, starts, alphas)
+    position, d = ks_best(eigs, starts, alphas)
+    assert position == int(np.argmin(full)) and d == pytest.approx(float(full.min()), rel=1e-13)
+
+
+def test_branch_and_bound_keeps_the_first_of_tied_candidates():
+    from layerscope.spectral.estimators import ks_best, ks_distances
+    x = np.array([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0])
+    starts = np.arange(x.size - 1)
+    unusable = np.array([0.5, np.inf, np.nan, 1.0, 0.9, 0.2, 0.7, 0.3])  # every D is exactly 1
+    assert ks_best(x, starts, unusable) == (0, 1.0)
+    mixed = unusable.copy()
+    mixed[5] = 2.0
+    full = ks_distances(x, starts, mixed)
+    assert ks_best(x, starts, mixed) == (5, float(full[5])) and full[5] < 1

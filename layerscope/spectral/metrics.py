@@ -1,25 +1,29 @@
 """Norm-based spectral metrics, named and defined as WeightWatcher defines them.
 
-``eigs`` are all M eigenvalues of the Gram matrix (float64, ascending, clamped at 0).
+``eigs`` are all M eigenvalues of the Gram matrix (float64, ascending, clamped at 0), as a
+NumPy array or a torch tensor.
 """
 
 from __future__ import annotations
 
 import math
 
-import torch
+import numpy as np
+
+from layerscope.spectral.estimators import as_eigenvalues
 
 _WW_ENTROPY_EPS = 1e-10  # WeightWatcher adds this to p and to the rank
 
 
-def norm_metrics(eigs: torch.Tensor, n_rows: int, alpha: float) -> dict[str, float]:
+def norm_metrics(eigs, n_rows: int, alpha: float) -> dict[str, float]:
     """lambda_max, log_norm, log_spectral_norm, alpha_weighted, log_alpha_norm, stable_rank, entropy."""
+    eigs = as_eigenvalues(eigs)
     lambda_max = float(eigs[-1])
     frobenius_sq = float(eigs.sum())
     log_spectral_norm = math.log10(lambda_max)
     if math.isfinite(alpha):
         alpha_weighted = alpha * log_spectral_norm
-        log_alpha_norm = math.log10(float(torch.sum(eigs**alpha)))
+        log_alpha_norm = math.log10(float(np.sum(eigs**alpha)))
     else:
         alpha_weighted = log_alpha_norm = math.nan
     return {
@@ -33,10 +37,11 @@ def norm_metrics(eigs: torch.Tensor, n_rows: int, alpha: float) -> dict[str, flo
     }
 
 
-def matrix_entropy(eigs: torch.Tensor, n_rows: int) -> float:
+def matrix_entropy(eigs, n_rows: int) -> float:
     """Spectral entropy normalised by log(rank), exactly as WeightWatcher's ``matrix_entropy``."""
-    sv = torch.sqrt(eigs)
-    tol = float(sv.max()) * n_rows * torch.finfo(sv.dtype).eps
+    eigs = as_eigenvalues(eigs)
+    sv = np.sqrt(eigs)
+    tol = float(sv.max()) * n_rows * np.finfo(np.float64).eps
     rank = int((sv > tol).sum()) + _WW_ENTROPY_EPS
     p = eigs / eigs.sum() + _WW_ENTROPY_EPS
-    return float(-(p * torch.log(p)).sum() / math.log(rank))
+    return float(-(p * np.log(p)).sum() / math.log(rank))

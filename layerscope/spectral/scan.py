@@ -230,7 +230,7 @@ def _analyse_matrix(matrix: _Matrix, eigs: torch.Tensor | None, estimators: tupl
     if eigs is None:
         return row
     used = eigs.dtype
-    eigs64 = eigs.to(torch.float64)
+    eigs64 = eigs.to(torch.float64).cpu().numpy()
     if float(eigs64[-1]) <= 0:
         row["status"] = "zero_matrix"
         return row
@@ -238,7 +238,7 @@ def _analyse_matrix(matrix: _Matrix, eigs: torch.Tensor | None, estimators: tupl
     if used == torch.float32 and not esd.f32_fit_is_trustworthy(
         [fits[k].xmin for k in ("alpha", "alpha_peak") if k in fits], float(eigs64[-1]), n_rows
     ):
-        eigs64 = esd.gram_eigenvalues(matrix.weight.to(eigs.device)[None], torch.float64)[0][0]
+        eigs64 = esd.gram_eigenvalues(matrix.weight.to(eigs.device)[None], torch.float64)[0][0].cpu().numpy()
         fits = _fit_all(eigs64, estimators)
         used = "f64 (f32 guard)"
     row["precision"] = {torch.float32: "f32", torch.float64: "f64"}.get(used, used)

@@ -17,7 +17,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from layerscope.spectral.estimators import alpha_hill, alpha_ww, ks_scan  # noqa: E402
+from layerscope.spectral.estimators import alpha_hill, alpha_ww, as_eigenvalues, ks_scan  # noqa: E402
 
 ALPHA_COLUMNS = {"alpha": "alpha (WeightWatcher)", "alpha_hill": "alpha_hill (TempBalance)",
                  "alpha_peak": "alpha_peak (AlphaLoRA)"}
@@ -50,9 +50,9 @@ def plot_esd(eigs: torch.Tensor | np.ndarray, name: str = "") -> Figure:
     Panels: log-log ESD (log-spaced bins, density) with the fitted power law drawn from xmin
     and markers at xmin and the Hill xmin; lin-lin ESD; D vs xmin; alpha vs xmin.
     """
-    e = torch.as_tensor(np.sort(np.asarray(eigs, dtype=np.float64)))
+    e = np.sort(as_eigenvalues(eigs))
     fit, hill = alpha_ww(e), alpha_hill(e)
-    positive = e[e > 0].numpy()
+    positive = e[e > 0]
     fig, axes = plt.subplots(2, 2, figsize=(10, 7.5))
     (loglog, linlin), (d_curve, a_curve) = axes
 
@@ -82,8 +82,8 @@ def plot_esd(eigs: torch.Tensor | np.ndarray, name: str = "") -> Figure:
     linlin.set_title("lin-lin ESD")
 
     scan = ks_scan(e)
-    d_curve.plot(scan.xmins.numpy(), scan.Ds.numpy(), color="#8172B2")
-    a_curve.plot(scan.xmins.numpy(), scan.alphas.numpy(), color="#937860")
+    d_curve.plot(scan.xmins, scan.Ds, color="#8172B2")
+    a_curve.plot(scan.xmins, scan.alphas, color="#937860")
     for ax, label, title in ((d_curve, "KS distance D", "D vs xmin"), (a_curve, "α", "α vs xmin")):
         ax.set_xscale("log")
         ax.set_xlabel("xmin")
@@ -91,7 +91,7 @@ def plot_esd(eigs: torch.Tensor | np.ndarray, name: str = "") -> Figure:
         ax.set_title(title)
         if math.isfinite(fit.alpha):
             ax.axvline(fit.xmin, color="#C44E52", linestyle="--")
-    a_curve.set_ylim(0, min(20, float(np.nanmax(scan.alphas.numpy())) + 1) if len(scan.alphas) else 10)
+    a_curve.set_ylim(0, min(20, float(np.nanmax(scan.alphas)) + 1) if len(scan.alphas) else 10)
 
     fig.suptitle(f"{name}\nα={fit.alpha:.3f}  α_hill={hill.alpha:.3f}  D={fit.D:.3f}  λ_max={float(e[-1]):.4g}",
                  fontsize=10)
