@@ -98,6 +98,46 @@ def test_f32_policy_keeps_f32_only_where_its_fit_is_trustworthy(tmp_path):
     assert abs(float(e32[0] - e64[0])) / float(e64[0]) > 0.5
 
 
+
+def test_auto_precision_is_float64_up_to_the_threshold_then_guarded_float32(tmp_path, monkeypatch):
+    from layerscope.spectral import esd
+    cpu = torch.device("cpu")
+    assert esd.working_dtype("auto", cpu, esd.AUTO_F64_MAX_DIM) == torch.float64
+    assert esd.working_dtype("auto", cpu, esd.AUTO_F64_MAX_DIM + 1) == torch.float32
+    assert esd.working_dtype("auto", torch.device("cuda"), 64) == torch.float32
+    assert esd.working_dtype("f64", cpu, 10**5) == torch.float64
+    assert esd.working_dtype("f32", cpu, 8) == torch.float32
+    # End to end, with the threshold lowered so a small checkpoint straddles it.
+    monkeypatch.setattr(esd, "AUTO_F64_MAX_DIM", 100)
+    heavy = np.concatenate([np.linspace(1, 2, 200), pareto_eigenvalues(100, 2.5, seed=3, xmin=2.0)])
+    tensors = {"layers.0.small.weight": random_matrix(120, 80, seed=1).float(),
+               "layers.0.large.weight": matrix_with_spectrum(heavy, 400, 2).float()}
+    table = scan(write_checkpoint(tmp_path, tensors), progress=False).set_index("role")
+    assert table.loc["small", "precision"] == "f64"
+    assert table.loc["large", "precision"] == "f32"
+    exact = scan(tmp_path, precision="f64", progress=False).set_index("role")
+    assert table.loc["large", "alpha"] == pytest.approx(exact.loc["large", "alpha"], rel=1e-5)
+
+
+def test_bad_precision_is_rejected_before_any_reading(tmp_path):
+    with pytest.raises(LayerscopeError, match="--precision 'f16'"):
+        scan(tmp_path / "does-not-matter.safetensors", precision="f16", progress=False)
+
+
+@pytest.mark.parametrize("stored", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape", [(2, 300, 40), (2, 40, 300), (1, 1000, 64)])
+def test_syrk_grams_equal_gemm_grams(stored, shape):
+    from layerscope.spectral.esd import _grams_batched, _grams_syrk
+    batch = torch.randn(*shape, dtype=torch.float64).to(stored)
+    tall = batch.mT if shape[1] < shape[2] else batch
+    for dtype in (torch.float64, torch.float32):
+        # small chunks, so accumulation over several syrk calls is exercised
+        lower = _grams_syrk(tall, dtype, chunk_bytes=4096)
+        full = _grams_batched(tall, torch.float64, chunk_bytes=1 << 20)
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        assert torch.allclose(lower.double().tril(), full.tril(), rtol=tol, atol=tol * float(full.abs().max()))
+
+
 MEMORY_SCRIPT = textwrap.dedent("""
     import json, sys
     from pathlib import Path

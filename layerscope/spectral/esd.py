@@ -6,27 +6,38 @@ raw (not divided by N), as WeightWatcher, TempBalance and AlphaLoRA use them.
 Precision policy
 ----------------
 ``f64``  Gram and eigenvalues in float64.  Exact enough for every estimator; this is what
-         makes ``alpha`` equal WeightWatcher's to ~1e-9.
-``f32``  Gram and eigenvalues in float32 (about 1.5x faster on CPU, far faster on GPUs
+         makes ``alpha`` equal WeightWatcher's to ~1e-12.
+``f32``  Gram and eigenvalues in float32 (about 1.7x faster on CPU, far faster on GPUs
          without strong float64).  The top of the spectrum is accurate to ~1e-6 relative,
          but the smallest eigenvalues can be wrong by orders of magnitude.  Guard: after
          fitting, every matrix whose chosen xmin (for ``alpha`` or ``alpha_peak``) lies
          below ``F32_GUARD`` x the float32 noise floor eps32 * sqrt(N) * lambda_max is
-         recomputed in float64, and its ``precision`` column says so.
-``auto`` f64 on CPU (float64 costs ~1.3x there, eigvalsh dominates), guarded f32 on CUDA.
+         recomputed in float64, and its ``precision`` column says so.  What the guard cannot
+         catch: a KS scan whose two best candidates have D within float32 noise of each other
+         may pick the other one (measured on MiniLM: 1 of 39 ``alpha_peak`` values).
+``auto`` Per matrix, by what float64 costs.  On CPU: float64 when the Gram is at most
+         ``AUTO_F64_MAX_DIM`` wide (its eigensolve then takes well under a second, and every
+         number is reference-exact), guarded float32 above (4096-wide Grams: float64 would
+         nearly double a 7B scan).  On CUDA: guarded float32.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
+import scipy.linalg.blas
 import torch
 
 from layerscope.errors import LayerscopeError
 
 PRECISIONS = ("auto", "f64", "f32")
 F32_GUARD = 1e3
+AUTO_F64_MAX_DIM = 2048
 GRAM_CHUNK_BYTES = 16 << 20  # working-dtype rows converted at a time while accumulating a Gram
+# CPU Gram matrices at least this wide use BLAS syrk (half a GEMM's flops, ~1.5-2x faster);
+# below it MKL's batched GEMM is as fast or faster (measured; benchmarks/RESULTS.md).
+SYRK_MIN_DIM = 1024
 
 
 def resolve_device(device: str) -> torch.device:
@@ -45,10 +56,15 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
-def working_dtype(precision: str, device: torch.device) -> torch.dtype:
+def check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
         raise LayerscopeError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
-    if precision == "f64" or (precision == "auto" and device.type == "cpu"):
+
+
+def working_dtype(precision: str, device: torch.device, gram_dim: int) -> torch.dtype:
+    """The dtype a Gram of side ``gram_dim`` is computed in under ``precision`` (see the policy above)."""
+    check_precision(precision)
+    if precision == "f64" or (precision == "auto" and device.type == "cpu" and gram_dim <= AUTO_F64_MAX_DIM):
         return torch.float64
     return torch.float32
 
@@ -65,16 +81,55 @@ def gram_eigenvalues(batch: torch.Tensor, dtype: torch.dtype,
     """
     if batch.shape[-2] < batch.shape[-1]:
         batch = batch.mT
+    use_syrk = batch.device.type == "cpu" and batch.shape[-1] >= SYRK_MIN_DIM
+    gram = (_grams_syrk if use_syrk else _grams_batched)(batch, dtype, chunk_bytes)
+    # Any NaN/Inf in a column of W reaches that column's diagonal entry Σ w², so the diagonal tells.
+    finite = torch.isfinite(torch.diagonal(gram, dim1=1, dim2=2)).all(dim=1)
+    gram[~finite] = 0
+    return torch.linalg.eigvalsh(gram, UPLO="L").clamp_min_(0), finite
+
+
+def _row_step(count: int, cols: int, dtype: torch.dtype, chunk_bytes: int) -> int:
+    return max(1, chunk_bytes // (count * cols * torch.finfo(dtype).bits // 8))
+
+
+def _grams_batched(batch: torch.Tensor, dtype: torch.dtype, chunk_bytes: int) -> torch.Tensor:
+    """Full Gram matrices with batched GEMMs (accelerators: one kernel for the whole batch)."""
     count, rows, cols = batch.shape
-    step = max(1, chunk_bytes // (count * cols * torch.finfo(dtype).bits // 8))
+    step = _row_step(count, cols, dtype, chunk_bytes)
     gram = torch.zeros(count, cols, cols, dtype=dtype, device=batch.device)
     for start in range(0, rows, step):
         chunk = batch[:, start:start + step, :].to(dtype)
         gram.baddbmm_(chunk.mT, chunk)
-    # Any NaN/Inf in a column of W reaches that column's diagonal entry Σ w², so the diagonal tells.
-    finite = torch.isfinite(torch.diagonal(gram, dim1=1, dim2=2)).all(dim=1)
-    gram[~finite] = 0
-    return torch.linalg.eigvalsh(gram).clamp_min_(0), finite
+    return gram
+
+
+def _grams_syrk(batch: torch.Tensor, dtype: torch.dtype, chunk_bytes: int) -> torch.Tensor:
+    """Lower triangles of the Gram matrices with BLAS ``syrk`` (CPU): half the flops of a GEMM.
+
+    ``batch`` may be a transposed view (wide weights): each row chunk of the tall orientation
+    is converted to a C-contiguous array X of the stored layout, and X.T (Fortran-ordered, no
+    copy) goes to syrk with the transpose flag that yields the tall Gram.
+    """
+    count, rows, cols = batch.shape
+    stored_wide = batch.stride(-2) == 1 and batch.stride(-1) != 1  # a .mT view of wide weights
+    syrk = _SYRK[dtype]
+    gram = np.zeros((count, cols, cols), dtype=_NUMPY_DTYPE[dtype])
+    step = _row_step(1, cols, dtype, chunk_bytes)
+    for b in range(count):
+        # gram[b].T is Fortran-ordered; syrk fills its upper triangle, i.e. gram[b]'s lower one.
+        out = gram[b].T
+        for start in range(0, rows, step):
+            rows_chunk = batch[b, start:start + step, :]
+            stored = (rows_chunk.mT if stored_wide else rows_chunk).contiguous().to(dtype).numpy()
+            out = syrk(1.0, stored.T, beta=1.0, c=out, trans=int(stored_wide), lower=0, overwrite_c=1)
+        if not np.shares_memory(out, gram[b]):
+            gram[b] = out.T
+    return torch.from_numpy(gram)
+
+
+_NUMPY_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
+_SYRK = {torch.float32: scipy.linalg.blas.ssyrk, torch.float64: scipy.linalg.blas.dsyrk}
 
 
 def f32_noise_floor(lambda_max: float, n_rows: int) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,6 +52,7 @@ class ScanOptions:
     progress: bool = True
 
     def validate(self) -> None:
+        esd.check_precision(self.precision)
         unknown = [e for e in self.estimators if e not in ESTIMATORS]
         if unknown or not self.estimators:
             raise LayerscopeError(f"--estimators: unknown {unknown or 'none given'} (known: {', '.join(ESTIMATORS)})")
@@ -85,6 +87,7 @@ def scan(path: str | Path, **options) -> pd.DataFrame:
     :func:`layer_summary` for the per-layer table.
     """
     opts = ScanOptions(**options)
+    opts.validate()  # option errors before any file is opened
     return scan_checkpoint(open_checkpoint(path), opts)
 
 
@@ -92,7 +95,6 @@ def scan_checkpoint(ckpt: Checkpoint, opts: ScanOptions) -> pd.DataFrame:
     opts.validate()
     scheme = scheme_by_name(opts.architecture) if opts.architecture else detect_scheme(ckpt.config, ckpt.names)
     device = esd.resolve_device(opts.device)
-    dtype = esd.working_dtype(opts.precision, device)
     selected = [(info, role) for info, role in _classified(ckpt, scheme) if _wanted(info, role, opts)]
     total = sum(_matrix_count(info, role) for info, role in selected)
     batch_bytes = opts.batch_bytes if opts.batch_bytes is not None else DEFAULT_BATCH_BYTES.get(device.type, 32 << 20)
@@ -100,17 +102,17 @@ def scan_checkpoint(ckpt: Checkpoint, opts: ScanOptions) -> pd.DataFrame:
     rows: list[dict] = []
     batch = _Batch()
     with tqdm(total=total, unit="matrix", desc="scan", disable=(not opts.progress) or None) as bar:
-        for info, role in selected:
-            for matrix in _matrices(ckpt, info, role, scheme, opts.split_fused):
+        for info, role, weight in _prefetched(ckpt, selected):
+            for matrix in _matrices(ckpt, info, role, weight, scheme, opts.split_fused):
                 key = (tuple(matrix.weight.shape), matrix.weight.dtype)
                 if batch.items and (key != batch.key or batch.nbytes >= batch_bytes):
-                    rows += _analyse_batch(batch, device, dtype, opts.estimators, bar)
+                    rows += _analyse_batch(batch, device, opts, bar)
                     batch = _Batch()
                 batch.key = key
                 batch.items.append(matrix)
-                batch.nbytes += _working_bytes(matrix.weight, dtype)
+                batch.nbytes += _working_bytes(matrix.weight, opts.precision, device)
         if batch.items:
-            rows += _analyse_batch(batch, device, dtype, opts.estimators, bar)
+            rows += _analyse_batch(batch, device, opts, bar)
 
     table = pd.DataFrame(rows, columns=_columns(opts.estimators))
     table.attrs.update(
@@ -128,9 +130,26 @@ def scan_checkpoint(ckpt: Checkpoint, opts: ScanOptions) -> pd.DataFrame:
     return table
 
 
-def _working_bytes(weight: torch.Tensor, dtype: torch.dtype) -> int:
+def _prefetched(ckpt: Checkpoint, selected: list[tuple[TensorInfo, TensorRole]]
+                ) -> Iterator[tuple[TensorInfo, TensorRole, torch.Tensor]]:
+    """Each selected tensor with its weights, the next one read from disk while this one is analysed.
+
+    Reading releases the GIL, so disk time hides behind eigensolver time; at most two tensors
+    are in memory at once.
+    """
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="layerscope-read") as reader:
+        pending = reader.submit(ckpt.load, selected[0][0].name) if selected else None
+        for k, (info, role) in enumerate(selected):
+            weight = pending.result()
+            pending = reader.submit(ckpt.load, selected[k + 1][0].name) if k + 1 < len(selected) else None
+            yield info, role, weight
+            del weight
+
+
+def _working_bytes(weight: torch.Tensor, precision: str, device: torch.device) -> int:
     """What one matrix costs in a batch: its stored bytes plus its Gram and the eigensolver's copy."""
     m = min(weight.shape)
+    dtype = esd.working_dtype(precision, device, m)
     return weight.numel() * weight.element_size() + 2 * m * m * torch.finfo(dtype).bits // 8
 
 
@@ -167,13 +186,13 @@ def _matrix_count(info: TensorInfo, role: TensorRole) -> int:
 
 
 def _matrices(
-    ckpt: Checkpoint, info: TensorInfo, role: TensorRole, scheme: NamingScheme, split_fused: bool
+    ckpt: Checkpoint, info: TensorInfo, role: TensorRole, weight: torch.Tensor, scheme: NamingScheme,
+    split_fused: bool,
 ) -> Iterator[_Matrix]:
     """The 2-D matrices one tensor contributes: itself, its experts, or itself plus its fused parts.
 
     Weights stay in their stored dtype; the Gram computation converts them chunk by chunk.
     """
-    weight = ckpt.load(info.name)
     base = {
         "name": info.name, "tensor": info.name, "file": info.file.name, "kind": role.kind,
         "layer": role.layer, "role": role.role, "module": role.module, "expert": role.expert,
@@ -197,14 +216,14 @@ def _matrices(
             yield _Matrix(row, chunk.contiguous())
 
 
-def _analyse_batch(batch: _Batch, device: torch.device, dtype: torch.dtype, estimators: tuple[str, ...],
-                   bar: tqdm) -> list[dict]:
+def _analyse_batch(batch: _Batch, device: torch.device, opts: ScanOptions, bar: tqdm) -> list[dict]:
     rows: list[dict] = []
     good = [m for m in batch.items if min(m.weight.shape) >= MIN_EVALS]
     eig_iter, finite_iter = iter([]), iter([])
     if good:
         weights = [m.weight for m in good]
         stacked = (weights[0][None] if len(weights) == 1 else torch.stack(weights)).to(device)
+        dtype = esd.working_dtype(opts.precision, device, min(stacked.shape[-2:]))
         eigs_batch, finite = esd.gram_eigenvalues(stacked, dtype)
         del stacked
         eig_iter, finite_iter = iter(eigs_batch), iter(finite.tolist())
@@ -214,7 +233,7 @@ def _analyse_batch(batch: _Batch, device: torch.device, dtype: torch.dtype, esti
         else:
             eigs, is_finite = next(eig_iter), next(finite_iter)
             eigs, status = (eigs, "ok") if is_finite else (None, "nonfinite_weights")
-        rows.append(_analyse_matrix(matrix, eigs, estimators, status))
+        rows.append(_analyse_matrix(matrix, eigs, opts.estimators, status))
         bar.update(1)
     batch.items.clear()
     return rows
