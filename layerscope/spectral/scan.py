@@ -95,6 +95,7 @@ def scan_checkpoint(ckpt: Checkpoint, opts: ScanOptions) -> pd.DataFrame:
     opts.validate()
     scheme = scheme_by_name(opts.architecture) if opts.architecture else detect_scheme(ckpt.config, ckpt.names)
     device = esd.resolve_device(opts.device)
+    dtype = esd.working_dtype(opts.precision, device)
     selected = [(info, role) for info, role in _classified(ckpt, scheme) if _wanted(info, role, opts)]
     total = sum(_matrix_count(info, role) for info, role in selected)
     batch_bytes = opts.batch_bytes if opts.batch_bytes is not None else DEFAULT_BATCH_BYTES.get(device.type, 32 << 20)
@@ -106,13 +107,13 @@ def scan_checkpoint(ckpt: Checkpoint, opts: ScanOptions) -> pd.DataFrame:
             for matrix in _matrices(ckpt, info, role, weight, scheme, opts.split_fused):
                 key = (tuple(matrix.weight.shape), matrix.weight.dtype)
                 if batch.items and (key != batch.key or batch.nbytes >= batch_bytes):
-                    rows += _analyse_batch(batch, device, opts, bar)
+                    rows += _analyse_batch(batch, device, dtype, opts.estimators, bar)
                     batch = _Batch()
                 batch.key = key
                 batch.items.append(matrix)
-                batch.nbytes += _working_bytes(matrix.weight, opts.precision, device)
+                batch.nbytes += _working_bytes(matrix.weight, dtype)
         if batch.items:
-            rows += _analyse_batch(batch, device, opts, bar)
+            rows += _analyse_batch(batch, device, dtype, opts.estimators, bar)
 
     table = pd.DataFrame(rows, columns=_columns(opts.estimators))
     table.attrs.update(
@@ -146,10 +147,9 @@ def _prefetched(ckpt: Checkpoint, selected: list[tuple[TensorInfo, TensorRole]]
             del weight
 
 
-def _working_bytes(weight: torch.Tensor, precision: str, device: torch.device) -> int:
+def _working_bytes(weight: torch.Tensor, dtype: torch.dtype) -> int:
     """What one matrix costs in a batch: its stored bytes plus its Gram and the eigensolver's copy."""
     m = min(weight.shape)
-    dtype = esd.working_dtype(precision, device, m)
     return weight.numel() * weight.element_size() + 2 * m * m * torch.finfo(dtype).bits // 8
 
 
@@ -216,14 +216,14 @@ def _matrices(
             yield _Matrix(row, chunk.contiguous())
 
 
-def _analyse_batch(batch: _Batch, device: torch.device, opts: ScanOptions, bar: tqdm) -> list[dict]:
+def _analyse_batch(batch: _Batch, device: torch.device, dtype: torch.dtype, estimators: tuple[str, ...],
+                   bar: tqdm) -> list[dict]:
     rows: list[dict] = []
     good = [m for m in batch.items if min(m.weight.shape) >= MIN_EVALS]
     eig_iter, finite_iter = iter([]), iter([])
     if good:
         weights = [m.weight for m in good]
         stacked = (weights[0][None] if len(weights) == 1 else torch.stack(weights)).to(device)
-        dtype = esd.working_dtype(opts.precision, device, min(stacked.shape[-2:]))
         eigs_batch, finite = esd.gram_eigenvalues(stacked, dtype)
         del stacked
         eig_iter, finite_iter = iter(eigs_batch), iter(finite.tolist())
@@ -233,7 +233,7 @@ def _analyse_batch(batch: _Batch, device: torch.device, opts: ScanOptions, bar: 
         else:
             eigs, is_finite = next(eig_iter), next(finite_iter)
             eigs, status = (eigs, "ok") if is_finite else (None, "nonfinite_weights")
-        rows.append(_analyse_matrix(matrix, eigs, opts.estimators, status))
+        rows.append(_analyse_matrix(matrix, eigs, estimators, status))
         bar.update(1)
     batch.items.clear()
     return rows
