@@ -25,6 +25,7 @@ test: install
 bench: install
 	$(PY) benchmarks/bench_minilm.py
 	$(PY) benchmarks/bench_ks_fit.py
+	$(PY) benchmarks/bench_gram.py
 	$(PY) benchmarks/bench_train_step.py
 
 clean:
