@@ -100,10 +100,10 @@ def _grams_batched(batch: torch.Tensor, dtype: torch.dtype, chunk_bytes: int) ->
     """Full Gram matrices with batched GEMMs (accelerators: one kernel for the whole batch)."""
     count, rows, cols = batch.shape
     step = _row_step(count, cols, dtype, chunk_bytes)
-    gram = torch.zeros(count, cols, cols, dtype=dtype, device=batch.device)
+    gram = None
     for start in range(0, rows, step):
         chunk = batch[:, start:start + step, :].to(dtype)
-        gram.baddbmm_(chunk.mT, chunk)
+        gram = torch.bmm(chunk.mT, chunk) if gram is None else gram.baddbmm_(chunk.mT, chunk)
     return gram
 
 
