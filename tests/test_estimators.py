@@ -193,3 +193,22 @@ def test_branch_and_bound_keeps_the_first_of_tied_candidates():
     mixed[5] = 2.0
     full = ks_distances(x, starts, mixed)
     assert ks_best(x, starts, mixed) == (5, float(full[5])) and full[5] < 1
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(min_value=20, max_value=600), st.integers(min_value=0, max_value=2**31 - 1),
+       st.sampled_from(["pareto", "lognormal", "chisquare", "rounded"]))
+def test_branch_and_bound_equals_the_full_scan_on_random_spectra(n, seed, family):
+    from layerscope.spectral.estimators import hill_alphas, ks_best, ks_distances
+    rng = np.random.default_rng(seed)
+    eigs = {"pareto": lambda: (1 - rng.random(n)) ** (-1 / rng.uniform(0.5, 4)),
+            "lognormal": lambda: rng.lognormal(0, rng.uniform(0.1, 3), n),
+            "chisquare": lambda: rng.chisquare(rng.integers(1, 10), n) + 1e-3,
+            "rounded": lambda: np.round(rng.lognormal(0, 1, n), 1) + 0.1}[family]()  # many exact ties
+    eigs = np.sort(eigs)
+    starts = np.arange(n - 1)
+    alphas = hill_alphas(np.log(eigs), starts)
+    full = ks_distances(eigs, starts, alphas)
+    position, d = ks_best(eigs, starts, alphas)
+    assert position == int(np.argmin(full))
+    assert d == pytest.approx(float(full.min()), rel=1e-13)
