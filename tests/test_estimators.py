@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from layerscope.spectral.estimators import alpha_hill, alpha_peak, alpha_ww
+from layerscope.spectral.estimators import alpha_hill, alpha_peak, alpha_ww, hill_alphas, ks_best, ks_distances
 from layerscope.spectral.metrics import matrix_entropy
 from tests.builders import pareto_eigenvalues
 
@@ -171,20 +171,23 @@ def test_entropy_matches_weightwatcher_formula():
 
 @pytest.mark.parametrize("seed", range(8))
 def test_branch_and_bound_equals_the_full_scan(seed):
-    from layerscope.spectral.estimators import hill_alphas, ks_best, ks_distances
     rng = np.random.default_rng(seed)
     eigs = np.sort(np.concatenate([rng.chisquare(4, 800) / 4, pareto_eigenvalues(200, 2 + seed / 2, seed=seed)]))
     starts = np.arange(eigs.size - 1)
     if seed % 2:  # a window of candidates, as alpha_peak scans
         starts = starts[100 * seed: 100 * seed + 300]
+    assert_branch_and_bound_is_the_full_scan(eigs, starts)
+
+
+def assert_branch_and_bound_is_the_full_scan(eigs, starts):
     alphas = hill_alphas(np.log(eigs), starts)
     full = ks_distances(eigs, starts, alphas)
     position, d = ks_best(eigs, starts, alphas)
-    assert position == int(np.argmin(full)) and d == pytest.approx(float(full.min()), rel=1e-13)
+    assert position == int(np.argmin(full))
+    assert d == pytest.approx(float(full.min()), rel=1e-13)
 
 
 def test_branch_and_bound_keeps_the_first_of_tied_candidates():
-    from layerscope.spectral.estimators import ks_best, ks_distances
     x = np.array([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0])
     starts = np.arange(x.size - 1)
     unusable = np.array([0.5, np.inf, np.nan, 1.0, 0.9, 0.2, 0.7, 0.3])  # every D is exactly 1
@@ -199,16 +202,9 @@ def test_branch_and_bound_keeps_the_first_of_tied_candidates():
 @given(st.integers(min_value=20, max_value=600), st.integers(min_value=0, max_value=2**31 - 1),
        st.sampled_from(["pareto", "lognormal", "chisquare", "rounded"]))
 def test_branch_and_bound_equals_the_full_scan_on_random_spectra(n, seed, family):
-    from layerscope.spectral.estimators import hill_alphas, ks_best, ks_distances
     rng = np.random.default_rng(seed)
     eigs = {"pareto": lambda: (1 - rng.random(n)) ** (-1 / rng.uniform(0.5, 4)),
             "lognormal": lambda: rng.lognormal(0, rng.uniform(0.1, 3), n),
             "chisquare": lambda: rng.chisquare(rng.integers(1, 10), n) + 1e-3,
             "rounded": lambda: np.round(rng.lognormal(0, 1, n), 1) + 0.1}[family]()  # many exact ties
-    eigs = np.sort(eigs)
-    starts = np.arange(n - 1)
-    alphas = hill_alphas(np.log(eigs), starts)
-    full = ks_distances(eigs, starts, alphas)
-    position, d = ks_best(eigs, starts, alphas)
-    assert position == int(np.argmin(full))
-    assert d == pytest.approx(float(full.min()), rel=1e-13)
+    assert_branch_and_bound_is_the_full_scan(np.sort(eigs), np.arange(n - 1))
