@@ -51,8 +51,8 @@ LAYOUTS = {
               "mlp.gate_up_proj": ((2 * F, H), "gate_up"), "mlp.down_proj": ((H, F), "down")}, {}),
     "mixtral": ({"model_type": "mixtral"}, "model.layers",
                 {"self_attn.q_proj": ((H, H), "q"), "block_sparse_moe.gate": ((4, H), "router"),
-                 **{f"block_sparse_moe.experts.{j}.w{w}": (((F, H) if w != 2 else (H, F)), f"expert.{j}.w{w}")
-                    for j in range(4) for w in (1, 2, 3)}}, {}),
+                 **{f"block_sparse_moe.experts.{j}.w{w}": (((F, H) if w != 2 else (H, F)), f"expert.{j}.{role}")
+                    for j in range(4) for w, role in ((1, "gate"), (2, "down"), (3, "up"))}}, {}),
 }
 
 

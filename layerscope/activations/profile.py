@@ -17,7 +17,6 @@ Two thresholds are reported for every module:
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -92,10 +91,6 @@ class _Target:
 def find_targets(model: nn.Module, scheme: NamingScheme) -> list[_Target]:
     """Every decoder/encoder block and every projection inside one, by the naming table."""
     targets = []
-    block = None
-    if scheme.architecture is not None:
-        prefixes = "|".join(re.escape(p) for p in scheme.architecture["layer_prefixes"])
-        block = re.compile(rf"^(?:[\w.]*\.)?(?:{prefixes})\.(\d+)$")
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
         if isinstance(weight, torch.Tensor) and weight.dim() == 2 and not isinstance(module, nn.Embedding):
@@ -103,21 +98,21 @@ def find_targets(model: nn.Module, scheme: NamingScheme) -> list[_Target]:
             if role.kind == "projection" and role.layer is not None:
                 targets.append(_Target(name, role.layer, role.role, "projection"))
                 continue
-        match = block.match(name) if block else None
-        if match:
-            targets.append(_Target(name, int(match.group(1)), "block", "block"))
+        layer = scheme.block_layer(name)
+        if layer is not None:
+            targets.append(_Target(name, layer, "block", "block"))
     if not any(t.kind == "projection" for t in targets):
         raise LayerscopeError("no projection modules found in the model (unsupported architecture?)")
     return targets
 
 
 def _scheme_for(model: nn.Module, architecture: str | None) -> NamingScheme:
-    if architecture:
-        return scheme_by_name(architecture)
     config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
+    config_dict = config.to_dict() if hasattr(config, "to_dict") else {}
     names = [f"{n}.weight" for n, _ in model.named_modules()]
-    return detect_scheme({"model_type": model_type} if model_type else {}, names)
+    if architecture:
+        return scheme_by_name(architecture, config_dict, names)
+    return detect_scheme(config_dict, names)
 
 
 def profile(model: nn.Module, batches: Iterable, *, eps: float = DEFAULT_EPS, rel_eps: float = DEFAULT_REL_EPS,

@@ -30,26 +30,36 @@ class TensorRole:
 
     name: str
     kind: str  # projection | expert | expert_stack | router | embedding | lm_head | norm | bias | vector | buffer | other
-    layer: int | None = None
+    layer: int | None = None  # position in depth order over all stacks
     role: str | None = None
     module: str | None = None  # e.g. model.layers.3.self_attn.q_proj (adapter prefix removed)
     expert: int | None = None
     conv1d: bool = False  # stored (in, out) like GPT-2's Conv1D
     adapter_factor: str | None = None  # lora_A / lora_B for PEFT adapter files
+    stack: str | None = None  # encoder | decoder
+    stack_layer: int | None = None  # block index inside its stack
 
 
 @dataclass(frozen=True)
 class _Rule:
     pattern: re.Pattern
+    stack: str
+    module: str
     role: str
     stacked: bool
+    transposed: bool
 
 
 class NamingScheme:
-    """Classifies the tensors of one checkpoint according to one architecture entry."""
+    """Classifies the tensors of one checkpoint according to one architecture entry.
 
-    def __init__(self, architecture: dict | None):
+    ``stack_depths`` gives each stack's block count (from config.json, else from the names),
+    so blocks of a later stack are numbered after those of the earlier ones.
+    """
+
+    def __init__(self, architecture: dict | None, stack_depths: dict[str, int] | None = None):
         self.architecture = architecture
+        self.stack_depths = stack_depths or {}
 
     @property
     def name(self) -> str:
@@ -59,19 +69,39 @@ class NamingScheme:
     def is_generic(self) -> bool:
         return self.architecture is None
 
+    @property
+    def stacks(self) -> list[str]:
+        return [s["stack"] for s in self.architecture["stacks"]] if self.architecture else []
+
+    def stack_offset(self, stack: str) -> int:
+        offset = 0
+        for name in self.stacks:
+            if name == stack:
+                return offset
+            offset += self.stack_depths.get(name, 0)
+        return offset
+
+    @property
+    def num_layers(self) -> int | None:
+        depths = [self.stack_depths.get(s) for s in self.stacks]
+        return sum(depths) if depths and all(d is not None for d in depths) else None
+
     @cached_property
     def _rules(self) -> list[_Rule]:
         if self.architecture is None:
             return []
-        prefixes = "|".join(re.escape(p) for p in self.architecture["layer_prefixes"])
         stacked = set(self.architecture.get("stacked_experts", []))
+        transposed = self.architecture.get("transposed", [])
         rules = []
-        for module, role in self.architecture["modules"].items():
-            module_re = re.escape(module).replace(r"\{expert\}", r"(?P<expert>\d+)")
-            pattern = re.compile(
-                rf"^(?P<module>{_ANY_PREFIX}(?:{prefixes})\.(?P<layer>\d+)\.{module_re})(?:\.weight)?$"
-            )
-            rules.append(_Rule(pattern, role, module in stacked))
+        for stack in self.architecture["stacks"]:
+            prefixes = "|".join(re.escape(p) for p in sorted(stack["prefixes"], key=len, reverse=True))
+            for module, role in self.architecture["modules"].items():
+                module_re = re.escape(module).replace(r"\{expert\}", r"(?P<expert>\d+)")
+                pattern = re.compile(
+                    rf"^(?P<module>{_ANY_PREFIX}(?:{prefixes})\.(?P<layer>\d+)\.{module_re})(?:\.weight)?$"
+                )
+                rules.append(_Rule(pattern, stack["stack"], module, role, module in stacked,
+                                   transposed == "*" or module in transposed))
         return rules
 
     @cached_property
@@ -82,7 +112,7 @@ class NamingScheme:
         base, factor = _strip_adapter(name)
         if dtype not in FLOATING:
             return TensorRole(name, "buffer")
-        if len(shape) < 2:
+        if len(shape) < 2 or _is_bias(base):
             return TensorRole(name, self._vector_kind(base))
         for rule in self._rules:
             match = rule.pattern.match(base)
@@ -96,19 +126,32 @@ class NamingScheme:
             kind = "projection" if self.is_generic else "other"
             return TensorRole(
                 name, kind, layer=int(generic["layer"]), role=generic["module"],
-                module=base.removesuffix(".weight"), adapter_factor=factor,
+                module=base.removesuffix(".weight"), adapter_factor=factor, stack_layer=int(generic["layer"]),
             )
         return TensorRole(name, "other", adapter_factor=factor)
+
+    def matches(self, name: str) -> bool:
+        """Whether a block rule of this architecture names the tensor (used to detect the layout)."""
+        base = _strip_adapter(name)[0]
+        return any(rule.pattern.match(base) for rule in self._rules)
+
+    def block_layer(self, module_name: str) -> int | None:
+        """Depth position of a block module (``model.layers.3`` → 3), None for anything else."""
+        for stack in (self.architecture or {}).get("stacks", []):
+            prefixes = "|".join(re.escape(p) for p in stack["prefixes"])
+            match = re.match(rf"^{_ANY_PREFIX}(?:{prefixes})\.(\d+)$", module_name)
+            if match:
+                return self.stack_offset(stack["stack"]) + int(match.group(1))
+        return None
 
     def _vector_kind(self, base: str) -> str:
         for kind, pattern in self._non_layer:
             if kind == "norm" and pattern.search(base):
                 return "norm"
-        return "bias" if base.endswith(".bias") else "vector"
+        return "bias" if _is_bias(base) else "vector"
 
     def _block_role(self, name: str, match: re.Match, rule: _Rule, factor: str | None) -> TensorRole:
         expert = match.groupdict().get("expert")
-        conv1d = bool(self.architecture.get("conv1d"))
         if rule.role in ROUTER_ROLES:
             kind, role = "router", rule.role
         elif rule.stacked:
@@ -117,9 +160,11 @@ class NamingScheme:
             kind, role = "expert", f"expert.{expert}.{rule.role}"
         else:
             kind, role = "projection", rule.role
+        stack_layer = int(match["layer"])
         return TensorRole(
-            name, kind, layer=int(match["layer"]), role=role, module=match["module"],
-            expert=int(expert) if expert is not None else None, conv1d=conv1d, adapter_factor=factor,
+            name, kind, layer=self.stack_offset(rule.stack) + stack_layer, role=role, module=match["module"],
+            expert=int(expert) if expert is not None else None, conv1d=rule.transposed, adapter_factor=factor,
+            stack=rule.stack, stack_layer=stack_layer,
         )
 
     def fused_parts(self, role: str, out_features: int, config: dict, tensor: str) -> list[tuple[str, int]]:
@@ -140,14 +185,32 @@ class NamingScheme:
         return list(zip(parts, sizes))
 
 
+def _config_int(config: dict, keys: tuple[str, ...]) -> int | None:
+    for key in keys:
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
 def _qkv_sizes(config: dict, tensor: str) -> list[int]:
-    for key in ("num_attention_heads", "hidden_size"):
-        if not isinstance(config.get(key), int):
-            raise LayerscopeError(f"{tensor}: splitting fused qkv needs config.json field {key!r}")
-    heads = config["num_attention_heads"]
-    kv_heads = config.get("num_key_value_heads") or heads
-    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    attn = config.get("attn_config") if isinstance(config.get("attn_config"), dict) else {}
+    heads = _config_int(config, ("num_attention_heads", "n_head", "n_heads"))
+    hidden = _config_int(config, ("hidden_size", "n_embd", "d_model"))
+    if heads is None or hidden is None:
+        raise LayerscopeError(f"{tensor}: splitting fused qkv needs config.json fields for the head count and "
+                              "hidden size (num_attention_heads/n_head, hidden_size/n_embd)")
+    kv_heads = _config_int(config, ("num_key_value_heads", "n_head_kv", "num_kv_heads")) or _config_int(
+        attn, ("kv_n_heads",))
+    if config.get("multi_query") is True:
+        kv_heads = 1
+    kv_heads = kv_heads or heads
+    head_dim = _config_int(config, ("head_dim",)) or hidden // heads
     return [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
+
+
+def _is_bias(base: str) -> bool:
+    return base.endswith(".bias") or base.endswith("_bias")
 
 
 def _strip_adapter(name: str) -> tuple[str, str | None]:
@@ -170,24 +233,45 @@ def detect_scheme(config: dict, names: list[str]) -> NamingScheme:
     model_type = config.get("model_type")
     for arch in ARCHITECTURES:
         if model_type in arch["model_types"]:
-            return NamingScheme(arch)
+            return bind_scheme(arch, config, names)
     best, best_hits = None, 0
     for arch in ARCHITECTURES:
-        scheme = NamingScheme(arch)
-        hits = sum(
-            1 for n in names
-            if any(rule.pattern.match(_strip_adapter(n)[0]) for rule in scheme._rules)
-        )
+        hits = sum(1 for n in names if NamingScheme(arch).matches(n))
         if hits > best_hits:
             best, best_hits = arch, hits
-    return NamingScheme(best)
+    return bind_scheme(best, config, names)
 
 
-def scheme_by_name(name: str) -> NamingScheme:
+def bind_scheme(architecture: dict | None, config: dict, names: list[str]) -> NamingScheme:
+    """A scheme for one checkpoint: each stack's depth from config.json, else from the block names."""
+    if architecture is None:
+        return NamingScheme(None)
+    seen: dict[str, int] = {}
+    unbound = NamingScheme(architecture)
+    for name in names:
+        base = _strip_adapter(name)[0]
+        for rule in unbound._rules:
+            match = rule.pattern.match(base)
+            if match:
+                seen[rule.stack] = max(seen.get(rule.stack, 0), int(match["layer"]) + 1)
+                break
+    depths = {}
+    for stack in architecture["stacks"]:
+        configured = _config_int(config, tuple(stack["count"]))
+        found = seen.get(stack["stack"])
+        if configured is not None and found is not None and found > configured:
+            configured = None  # config.json disagrees with the tensors; trust the tensors
+        depth = configured if configured is not None else found
+        if depth is not None:
+            depths[stack["stack"]] = depth
+    return NamingScheme(architecture, depths)
+
+
+def scheme_by_name(name: str, config: dict | None = None, names: list[str] | None = None) -> NamingScheme:
     if name == GENERIC:
         return NamingScheme(None)
     for arch in ARCHITECTURES:
         if arch["name"] == name:
-            return NamingScheme(arch)
+            return bind_scheme(arch, config or {}, names or [])
     known = ", ".join([a["name"] for a in ARCHITECTURES] + [GENERIC])
     raise LayerscopeError(f"--architecture {name!r}: unknown (known: {known})")

@@ -19,12 +19,16 @@ from pathlib import Path
 
 import torch
 
-from layerscope.checkpoint.dtypes import ITEM_SIZE, TORCH_DTYPE
+from layerscope.checkpoint.dtypes import BITS, TORCH_DTYPE, UNDECODED, decode_f4, nbytes
 from layerscope.errors import LayerscopeError
 
 HEADER_CAP_BYTES = 100_000_000  # the limit safetensors itself enforces
 INDEX_NAMES = ("model.safetensors.index.json", "adapter_model.safetensors.index.json")
 SINGLE_NAMES = ("model.safetensors", "adapter_model.safetensors")
+TORCH_INDEX_NAMES = ("pytorch_model.bin.index.json",)
+TORCH_SINGLE_NAMES = ("pytorch_model.bin", "adapter_model.bin")
+TORCH_SUFFIXES = (".bin", ".pt", ".pth")
+SAFETENSORS_DTYPE = {torch_dtype: name for name, torch_dtype in TORCH_DTYPE.items()}
 
 
 @dataclass(frozen=True)
@@ -35,12 +39,13 @@ class TensorInfo:
     file: Path
     dtype: str
     shape: tuple[int, ...]
-    begin: int  # absolute byte offset in the file
+    begin: int  # absolute byte offset in the file (0 for pickled torch files)
     end: int
+    container: str = "safetensors"  # or "torch" (pytorch_model.bin, read through torch.load)
 
     @property
     def nbytes(self) -> int:
-        return self.end - self.begin
+        return self.end - self.begin if self.container == "safetensors" else nbytes(self.dtype, self.numel) or 0
 
     @property
     def numel(self) -> int:
@@ -89,15 +94,17 @@ def natural_key(name: str) -> tuple:
     return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
 
 
-def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Open a checkpoint folder or a single ``.safetensors`` file, validating every header."""
+def open_checkpoint(path: str | os.PathLike, revision: str | None = None) -> Checkpoint:
+    """Open a checkpoint folder, a single ``.safetensors``/``.bin`` file, or a hub cache ``models--org--name``
+    folder (its newest snapshot, or ``revision``), validating every header."""
     root = Path(path)
     if not root.exists():
         raise LayerscopeError(f"{root}: no such file or folder")
+    root = resolve_hub_cache(root, revision)
     files, expected = _locate_files(root)
     tensors: dict[str, TensorInfo] = {}
     for file in files:
-        for info in read_header(file):
+        for info in (read_header(file) if file.suffix == ".safetensors" else read_torch_index(file)):
             if info.name in tensors:
                 raise LayerscopeError(
                     f"{file}: tensor {info.name!r} is also stored in {tensors[info.name].file.name}"
@@ -110,13 +117,41 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     return Checkpoint(path=root, files=files, tensors=ordered, config=_read_config(folder))
 
 
+def resolve_hub_cache(root: Path, revision: str | None) -> Path:
+    """``models--org--name`` (a Hugging Face hub cache entry) → the snapshot folder to read."""
+    snapshots = root / "snapshots"
+    if not (root.is_dir() and root.name.startswith("models--") and snapshots.is_dir()):
+        if revision is not None:
+            raise LayerscopeError(f"--revision {revision!r}: {root} is not a hub cache folder (models--org--name)")
+        return root
+    if revision is not None:
+        ref = root / "refs" / revision
+        commit = ref.read_text(encoding="utf-8").strip() if ref.is_file() else revision
+        chosen = snapshots / commit
+        if "/" in commit or not chosen.is_dir():
+            known = ", ".join(sorted(p.name for p in snapshots.iterdir())) or "none"
+            raise LayerscopeError(f"{root}: revision {revision!r} has no snapshot (snapshots: {known})")
+        return chosen
+    main_ref = root / "refs" / "main"
+    if main_ref.is_file() and (snapshots / main_ref.read_text(encoding="utf-8").strip()).is_dir():
+        return snapshots / main_ref.read_text(encoding="utf-8").strip()
+    candidates = [p for p in snapshots.iterdir() if p.is_dir()]
+    if not candidates:
+        raise LayerscopeError(f"{root}: hub cache folder has no snapshots")
+    return max(candidates, key=lambda p: (p.stat().st_mtime, p.name))
+
+
 def _locate_files(root: Path) -> tuple[list[Path], dict[str, str] | None]:
     """The shard files to read and, when an index names them, the tensor→shard map."""
     if root.is_file():
-        if root.suffix != ".safetensors":
-            raise LayerscopeError(f"{root}: not a .safetensors file")
+        if root.suffix == ".gguf":
+            raise LayerscopeError(f"{root}: GGUF files are not supported; scan the original Hugging Face checkpoint, "
+                                  "or convert back with transformers (from_pretrained(..., gguf_file=...) then "
+                                  "save_pretrained)")
+        if root.suffix not in (".safetensors", *TORCH_SUFFIXES):
+            raise LayerscopeError(f"{root}: not a .safetensors or pytorch .bin file")
         return [root], None
-    for index_name in INDEX_NAMES:
+    for index_name in (*INDEX_NAMES, *TORCH_INDEX_NAMES):
         index_path = root / index_name
         if index_path.exists():
             weight_map = _read_index(index_path)
@@ -125,13 +160,45 @@ def _locate_files(root: Path) -> tuple[list[Path], dict[str, str] | None]:
             if missing:
                 raise LayerscopeError(f"{index_path}: shard {missing[0]!r} is listed but missing")
             return [root / s for s in shards], weight_map
-    for single in SINGLE_NAMES:
+    for single in (*SINGLE_NAMES, *TORCH_SINGLE_NAMES):
         if (root / single).is_file():
             return [root / single], None
     found = sorted(root.glob("*.safetensors"), key=lambda p: natural_key(p.name))
-    if not found:
-        raise LayerscopeError(f"{root}: no .safetensors files (and no model.safetensors.index.json)")
-    return found, None
+    if found:
+        return found, None
+    gguf = sorted(root.glob("*.gguf"))
+    if gguf:
+        _locate_files(gguf[0])  # raises the GGUF message
+    raise LayerscopeError(f"{root}: no checkpoint found (expected model.safetensors, sharded *.safetensors with "
+                          "model.safetensors.index.json, or pytorch_model.bin)")
+
+
+def read_torch_index(file: Path) -> list[TensorInfo]:
+    """Names, dtypes and shapes of a pickled torch state dict, memory-mapped (no tensor data is read)."""
+    state = _torch_load(file)
+    infos = []
+    for name, tensor in state.items():
+        if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
+            raise LayerscopeError(f"{file}: entry {_short(name)} is not a named tensor (not a state dict?)")
+        dtype = SAFETENSORS_DTYPE.get(tensor.dtype)
+        if dtype is None:
+            raise LayerscopeError(f"{file}: tensor {name!r} has dtype {tensor.dtype}, which layerscope does not read")
+        infos.append(TensorInfo(name=name, file=file, dtype=dtype, shape=tuple(tensor.shape), begin=0, end=0,
+                                container="torch"))
+    return infos
+
+
+def _torch_load(file: Path) -> dict:
+    try:
+        state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as exc:  # pickle, zip and torch errors come in many types
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise LayerscopeError(f"{file}: cannot read as a torch checkpoint with torch.load(mmap=True, "
+                              f"weights_only=True) ({type(exc).__name__}: {reason[:160]}); re-save it with "
+                              "save_pretrained(safe_serialization=True)") from None
+    if not isinstance(state, dict):
+        raise LayerscopeError(f"{file}: holds a {type(state).__name__}, not a state dict of tensors")
+    return state
 
 
 def _read_index(index_path: Path) -> dict[str, str]:
@@ -203,8 +270,8 @@ def _tensor_info(file: Path, name: str, entry: object, data_start: int, size: in
     if not isinstance(entry, dict):
         raise LayerscopeError(f"{where}: header entry is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in ITEM_SIZE:
-        raise LayerscopeError(f"{where}: unsupported dtype {dtype!r}")
+    if not isinstance(dtype, str) or dtype not in BITS:
+        raise LayerscopeError(f"{where}: field 'dtype' {_short(dtype)} is not a safetensors dtype")
     if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
         raise LayerscopeError(f"{where}: field 'shape' must be a list of non-negative integers")
     if (
@@ -215,12 +282,19 @@ def _tensor_info(file: Path, name: str, entry: object, data_start: int, size: in
     begin, end = data_start + offsets[0], data_start + offsets[1]
     if end > size:
         raise LayerscopeError(f"{where}: data_offsets {offsets} run past the end of the file ({size} bytes)")
-    expected = math.prod(shape) * ITEM_SIZE[dtype]
+    expected = nbytes(dtype, math.prod(shape))
+    if expected is None:
+        raise LayerscopeError(f"{where}: {dtype} x shape {shape} does not end on a byte boundary")
     if end - begin != expected:
         raise LayerscopeError(
             f"{where}: {end - begin} bytes at data_offsets {offsets} but dtype {dtype} x shape {shape} needs {expected}"
         )
     return TensorInfo(name=name, file=file, dtype=dtype, shape=tuple(shape), begin=begin, end=end)
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _check_no_overlap(file: Path, infos: list[TensorInfo]) -> None:
@@ -232,6 +306,9 @@ def _check_no_overlap(file: Path, infos: list[TensorInfo]) -> None:
 
 def read_tensor(info: TensorInfo, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Read exactly one tensor's bytes from disk; optionally upcast (e.g. BF16 → float32)."""
+    if info.container == "torch":
+        tensor = _torch_load(info.file)[info.name].clone()  # the mapping is dropped; only this tensor stays
+        return tensor if dtype is None else tensor.to(dtype)
     buffer = bytearray(info.nbytes)
     fd = os.open(info.file, os.O_RDONLY)
     try:
@@ -243,8 +320,13 @@ def read_tensor(info: TensorInfo, dtype: torch.dtype | None = None) -> torch.Ten
             done += got
     finally:
         os.close(fd)
-    if info.dtype not in TORCH_DTYPE:
-        raise LayerscopeError(f"{info.file}: tensor {info.name!r} has dtype {info.dtype}, which torch cannot decode")
+    if info.dtype in UNDECODED:
+        raise LayerscopeError(f"{info.file}: tensor {info.name!r} has dtype {info.dtype} (packed 6-bit floats), "
+                              "which layerscope does not decode")
+    if info.dtype == "F4":
+        tensor = decode_f4(torch.frombuffer(buffer, dtype=torch.uint8) if buffer else torch.empty(0, dtype=torch.uint8),
+                           info.shape)
+        return tensor if dtype is None else tensor.to(dtype)
     if info.numel == 0:
         tensor = torch.empty(info.shape, dtype=TORCH_DTYPE[info.dtype])
     else:

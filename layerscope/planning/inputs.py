@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from layerscope.checkpoint.naming import detect_scheme
+from layerscope.checkpoint.quantization import logical_tensors
 from layerscope.checkpoint.reader import open_checkpoint
 from layerscope.errors import LayerscopeError
 from layerscope.tables import FORMATS, read_scan
@@ -98,11 +99,12 @@ def inputs_from_table(table: pd.DataFrame, source: str = "scan table") -> PlanIn
 def inventory(path: str | Path) -> PlanInputs:
     """Target modules and their shapes from the safetensors headers alone (no tensor is read)."""
     ckpt = open_checkpoint(path)
-    scheme = detect_scheme(ckpt.config, ckpt.names)
-    conv1d = bool((scheme.architecture or {}).get("conv1d"))
+    tensors = logical_tensors(ckpt)
+    scheme = detect_scheme(ckpt.config, [t.name for t in tensors])
+    conv1d = (scheme.architecture or {}).get("transposed") == "*"
     rows = []
-    for info in ckpt.tensors.values():
-        role = scheme.classify(info.name, info.shape, info.dtype)
+    for info in tensors:
+        role = scheme.classify(info.name, info.shape, info.analysable_dtype)
         if role.kind != "projection" or len(info.shape) != 2 or role.layer is None:
             continue
         out_f, in_f = (info.shape[1], info.shape[0]) if role.conv1d else info.shape
@@ -110,7 +112,7 @@ def inventory(path: str | Path) -> PlanInputs:
                      "in_features": in_f, "out_features": out_f})
     table = pd.DataFrame(rows, columns=["kind", *MODULE_COLUMNS])
     table.attrs.update(path=str(path), architecture=ckpt.architecture, model_type=ckpt.config.get("model_type"),
-                       naming=scheme.name, num_layers=ckpt.num_layers, fingerprint=ckpt.fingerprint(), conv1d=conv1d)
+                       naming=scheme.name, num_layers=scheme.num_layers or ckpt.num_layers, fingerprint=ckpt.fingerprint(), conv1d=conv1d)
     return inputs_from_table(table, str(path))
 
 

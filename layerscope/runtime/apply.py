@@ -8,6 +8,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from layerscope.checkpoint.naming import detect_scheme
 from layerscope.errors import LayerscopeError
 from layerscope.planning.plan import Plan
 from layerscope.runtime.layers import MoELoraLinear, RoutingContext
@@ -16,7 +17,12 @@ LAYER_COUNT_FIELDS = ("num_hidden_layers", "n_layer", "num_layers")
 
 
 def _model_layer_count(model: nn.Module) -> int | None:
+    """Blocks over all stacks (encoder + decoder for T5/BART), as the scan numbers them."""
     config = getattr(model, "config", None)
+    if hasattr(config, "to_dict"):
+        scheme = detect_scheme(config.to_dict(), [f"{n}.weight" for n, _ in model.named_modules()])
+        if scheme.num_layers is not None:
+            return scheme.num_layers
     for field in LAYER_COUNT_FIELDS:
         value = getattr(config, field, None)
         if isinstance(value, int):

@@ -14,7 +14,8 @@ import torch
 from tqdm.auto import tqdm
 
 from layerscope.checkpoint.naming import TARGET_KINDS, NamingScheme, TensorRole, detect_scheme, scheme_by_name
-from layerscope.checkpoint.reader import Checkpoint, TensorInfo, open_checkpoint
+from layerscope.checkpoint.quantization import LogicalTensor, load_logical, logical_tensors
+from layerscope.checkpoint.reader import Checkpoint, open_checkpoint
 from layerscope.errors import LayerscopeError
 from layerscope.spectral import esd
 from layerscope.spectral.estimators import ESTIMATORS, MIN_EVALS, TailFit
@@ -26,8 +27,8 @@ ANALYSED_KINDS = frozenset({"projection", "expert", "expert_stack", "router", "e
 # Batching pays on GPUs; on CPU it buys little, so memory wins there.
 DEFAULT_BATCH_BYTES = {"cpu": 32 << 20, "cuda": 1 << 30}
 
-IDENTITY_COLUMNS = ["name", "tensor", "file", "kind", "layer", "role", "module", "expert", "part", "dtype", "shape",
-                    "out_features", "in_features"]
+IDENTITY_COLUMNS = ["name", "tensor", "file", "kind", "stack", "layer", "stack_layer", "role", "module", "expert",
+                    "part", "dtype", "quantization", "shape", "out_features", "in_features"]
 FIT_COLUMNS = {
     "alpha": ["alpha", "xmin", "D", "sigma", "num_pl_spikes"],
     "alpha_hill": ["alpha_hill", "xmin_hill"],
@@ -48,6 +49,7 @@ class ScanOptions:
     exclude: str | None = None
     split_fused: bool = False
     architecture: str | None = None
+    revision: str | None = None
     batch_bytes: int | None = None  # None: DEFAULT_BATCH_BYTES for the device
     progress: bool = True
 
@@ -88,15 +90,22 @@ def scan(path: str | Path, **options) -> pd.DataFrame:
     """
     opts = ScanOptions(**options)
     opts.validate()  # option errors before any file is opened
-    return scan_checkpoint(open_checkpoint(path), opts)
+    return scan_checkpoint(open_checkpoint(path, opts.revision), opts)
 
 
 def scan_checkpoint(ckpt: Checkpoint, opts: ScanOptions) -> pd.DataFrame:
     opts.validate()
-    scheme = scheme_by_name(opts.architecture) if opts.architecture else detect_scheme(ckpt.config, ckpt.names)
+    logical = logical_tensors(ckpt)
+    names = [t.name for t in logical]
+    scheme = (scheme_by_name(opts.architecture, ckpt.config, names) if opts.architecture
+              else detect_scheme(ckpt.config, names))
     device = esd.resolve_device(opts.device)
     dtype = esd.working_dtype(opts.precision, device)
-    selected = [(info, role) for info, role in _classified(ckpt, scheme) if _wanted(info, role, opts)]
+    classified = [(t, scheme.classify(t.name, t.shape, t.analysable_dtype)) for t in logical]
+    selected = [(info, role) for info, role in classified if _wanted(info, role, opts)]
+    if not selected:
+        raise LayerscopeError(f"{ckpt.path}: no weight matrix to analyse"
+                              + (" (--include/--exclude left none)" if opts.include or opts.exclude else ""))
     total = sum(_matrix_count(info, role) for info, role in selected)
     batch_bytes = opts.batch_bytes if opts.batch_bytes is not None else DEFAULT_BATCH_BYTES.get(device.type, 32 << 20)
 
@@ -116,13 +125,17 @@ def scan_checkpoint(ckpt: Checkpoint, opts: ScanOptions) -> pd.DataFrame:
             rows += _analyse_batch(batch, device, dtype, opts.estimators, bar)
 
     table = pd.DataFrame(rows, columns=_columns(opts.estimators))
+    _require_layer_matrices(ckpt, table, opts)
     table.attrs.update(
         path=str(ckpt.path),
         architecture=ckpt.architecture,
         model_type=ckpt.config.get("model_type"),
         naming=scheme.name,
-        conv1d=bool((scheme.architecture or {}).get("conv1d")),
-        num_layers=ckpt.num_layers if ckpt.num_layers is not None else _layers_seen(table),
+        stacks=scheme.stacks,
+        conv1d=(scheme.architecture or {}).get("transposed") == "*",
+        unmapped=sorted({str(r.module) for _, r in classified if r.kind == "other" and r.layer is not None}),
+        quantization=sorted({t.quantization for t in logical if t.quantization}),
+        num_layers=scheme.num_layers or ckpt.num_layers or _layers_seen(table),
         fingerprint=ckpt.fingerprint(),
         estimators=list(opts.estimators),
         device=str(device),
@@ -131,18 +144,31 @@ def scan_checkpoint(ckpt: Checkpoint, opts: ScanOptions) -> pd.DataFrame:
     return table
 
 
-def _prefetched(ckpt: Checkpoint, selected: list[tuple[TensorInfo, TensorRole]]
-                ) -> Iterator[tuple[TensorInfo, TensorRole, torch.Tensor]]:
+def _require_layer_matrices(ckpt: Checkpoint, table: pd.DataFrame, opts: ScanOptions) -> None:
+    """A scan whose layer table would be empty is an error, not an empty success."""
+    if opts.include or opts.exclude:
+        return  # the user narrowed the scan on purpose
+    targets = table[table["kind"].isin(TARGET_KINDS) & table["layer"].notna()]
+    if targets.empty:
+        raise LayerscopeError(f"{ckpt.path}: no projection or expert matrix inside the model's blocks was found "
+                              "(unknown layout? try --architecture)")
+    if (targets["status"] != "ok").all():
+        raise LayerscopeError(f"{ckpt.path}: no matrix inside the model's blocks could be analysed (statuses: "
+                              f"{', '.join(sorted(set(targets['status'])))})")
+
+
+def _prefetched(ckpt: Checkpoint, selected: list[tuple[LogicalTensor, TensorRole]]
+                ) -> Iterator[tuple[LogicalTensor, TensorRole, torch.Tensor]]:
     """Each selected tensor with its weights, the next one read from disk while this one is analysed.
 
     Reading releases the GIL, so disk time hides behind eigensolver time; at most two tensors
     are in memory at once.
     """
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="layerscope-read") as reader:
-        pending = reader.submit(ckpt.load, selected[0][0].name) if selected else None
+        pending = reader.submit(load_logical, ckpt, selected[0][0]) if selected else None
         for k, (info, role) in enumerate(selected):
             weight = pending.result()
-            pending = reader.submit(ckpt.load, selected[k + 1][0].name) if k + 1 < len(selected) else None
+            pending = reader.submit(load_logical, ckpt, selected[k + 1][0]) if k + 1 < len(selected) else None
             yield info, role, weight
             del weight
 
@@ -166,12 +192,7 @@ def _layers_seen(table: pd.DataFrame) -> int | None:
     return int(layers.max()) + 1 if len(layers) else None
 
 
-def _classified(ckpt: Checkpoint, scheme: NamingScheme) -> Iterator[tuple[TensorInfo, TensorRole]]:
-    for info in ckpt.tensors.values():
-        yield info, scheme.classify(info.name, info.shape, info.dtype)
-
-
-def _wanted(info: TensorInfo, role: TensorRole, opts: ScanOptions) -> bool:
+def _wanted(info: LogicalTensor, role: TensorRole, opts: ScanOptions) -> bool:
     if role.kind not in ANALYSED_KINDS or len(info.shape) < 2:
         return False
     if opts.include and not re.search(opts.include, info.name):
@@ -179,14 +200,14 @@ def _wanted(info: TensorInfo, role: TensorRole, opts: ScanOptions) -> bool:
     return not (opts.exclude and re.search(opts.exclude, info.name))
 
 
-def _matrix_count(info: TensorInfo, role: TensorRole) -> int:
+def _matrix_count(info: LogicalTensor, role: TensorRole) -> int:
     if role.kind == "expert_stack" or len(info.shape) > 2:
         return math.prod(info.shape[:-2])
     return 1
 
 
 def _matrices(
-    ckpt: Checkpoint, info: TensorInfo, role: TensorRole, weight: torch.Tensor, scheme: NamingScheme,
+    ckpt: Checkpoint, info: LogicalTensor, role: TensorRole, weight: torch.Tensor, scheme: NamingScheme,
     split_fused: bool,
 ) -> Iterator[_Matrix]:
     """The 2-D matrices one tensor contributes: itself, its experts, or itself plus its fused parts.
@@ -194,9 +215,10 @@ def _matrices(
     Weights stay in their stored dtype; the Gram computation converts them chunk by chunk.
     """
     base = {
-        "name": info.name, "tensor": info.name, "file": info.file.name, "kind": role.kind,
-        "layer": role.layer, "role": role.role, "module": role.module, "expert": role.expert,
-        "part": role.adapter_factor, "dtype": info.dtype, "conv1d": role.conv1d,
+        "name": info.name, "tensor": info.name, "file": info.file.name, "kind": role.kind, "stack": role.stack,
+        "layer": role.layer, "stack_layer": role.stack_layer, "role": role.role, "module": role.module,
+        "expert": role.expert, "part": role.adapter_factor, "dtype": info.dtype, "quantization": info.quantization,
+        "conv1d": role.conv1d,
     }
     if weight.dim() > 2:
         experts = weight.reshape(-1, *weight.shape[-2:])
@@ -296,8 +318,10 @@ def layer_summary(table: pd.DataFrame) -> pd.DataFrame:
     present = [c for c in SUMMARY_COLUMNS if c in targets.columns]
     grouped = targets.groupby(targets["layer"].astype(int), sort=True)
     summary = grouped[present].mean()
-    summary.insert(0, "num_matrices", grouped.size())
-    summary.insert(1, "num_failed", grouped["status"].apply(lambda s: int((s != "ok").sum())))
+    summary.insert(0, "stack", grouped["stack"].first())
+    summary.insert(1, "stack_layer", grouped["stack_layer"].first())
+    summary.insert(2, "num_matrices", grouped.size())
+    summary.insert(3, "num_failed", grouped["status"].apply(lambda s: int((s != "ok").sum())))
     summary = summary.reset_index()
     summary.attrs.update(table.attrs)
     return summary
