@@ -39,6 +39,7 @@ def to_peft_config(plan: Plan, base_model_name_or_path: str | None = None) -> di
         raise LayerscopeError(f"{plan.source}: no module has an adapter")
     if plan.document["expert_type"] != "lora":
         raise LayerscopeError(f"{plan.source}: expert_type {plan.document['expert_type']!r} has no PEFT equivalent")
+    _check_peft_moe_renames(plan, modules)
     lora = plan.document["lora"]
     return {
         "peft_type": "LORA",
@@ -55,6 +56,34 @@ def to_peft_config(plan: Plan, base_model_name_or_path: str | None = None) -> di
         "init_lora_weights": "gaussian" if lora["init"] == "gaussian" else True,
         "inference_mode": False,
     }
+
+
+def _peft_moe_renames(model_type: str | None) -> set[str]:
+    """Leaf names PEFT's transformers-v5 MoE conversion rewrites for this model type (empty if none)."""
+    try:
+        from peft.utils.transformers_weight_conversion import (
+            _MODEL_TO_CONVERSION_PATTERN,
+            _MOE_TARGET_MODULE_MAPPING,
+        )
+    except ImportError:  # PEFT not installed, or a version without the conversion
+        return set()
+    pattern = _MODEL_TO_CONVERSION_PATTERN.get(model_type)
+    return set(_MOE_TARGET_MODULE_MAPPING.get(pattern, {})) if pattern else set()
+
+
+def _check_peft_moe_renames(plan: Plan, modules: list[dict]) -> None:
+    """PEFT rewrites targets ending in an expert projection's old name (``gate_proj``, ``w1``, ...) into the
+    fused expert parameters of MoE models, even when the target is a dense or shared-expert MLP; such a
+    config would silently adapt other weights than planned."""
+    renamed = _peft_moe_renames(plan.model.get("model_type"))
+    clashing = sorted(m["name"] for m in modules if m["name"].rsplit(".", 1)[-1] in renamed)
+    if clashing:
+        raise LayerscopeError(
+            f"{plan.source}: PEFT converts targets ending in {'/'.join(sorted(renamed))} of "
+            f"{plan.model.get('model_type')} models into fused expert parameters, so {clashing[0]} (and "
+            f"{len(clashing) - 1} more) cannot be targeted by name; plan attention roles only (--target-roles) "
+            "or train with layerscope.runtime"
+        )
 
 
 def to_mola_args(plan: Plan) -> dict[str, str]:

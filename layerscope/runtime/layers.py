@@ -68,6 +68,15 @@ class MoELoraLinear(nn.Module):
         self.register_buffer("expert_load", torch.zeros(experts, dtype=torch.float64), persistent=False)
         self.last_aux_loss: torch.Tensor | None = None
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The frozen base weight: models read ``.weight.dtype`` of their projections (T5, BART)."""
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base, "bias", None)
+
     def _init_A(self, init: str) -> None:
         slices = self.lora_A if self.lora_A.dim() == 3 else [self.lora_A]
         with torch.no_grad():
