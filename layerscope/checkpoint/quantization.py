@@ -110,12 +110,13 @@ def logical_tensors(ckpt: Checkpoint) -> list[LogicalTensor]:
     qconfig = quantization_config(ckpt)
     method = str(qconfig.get("quant_method", "")).lower() or None
     tensors = ckpt.tensors
+    for info in tensors.values():  # a format we cannot decode fails before anything else is looked at
+        _refuse_unknown_suffix(info)
     consumed: set[str] = set()
     out: list[LogicalTensor] = []
     for name, info in tensors.items():
         if name in consumed:
             continue
-        _refuse_unknown_suffix(info)
         logical = _recognise(name, info, tensors, qconfig, method)
         if logical is None:
             if _is_inference_only(name):
