@@ -52,17 +52,18 @@ def _split_estimators(_ctx, _param, value: str) -> tuple[str, ...]:
 @click.option("--exclude", metavar="REGEX", help="Skip tensors whose name matches.")
 @click.option("--split-fused", is_flag=True, help="Also report the parts of fused qkv / gate_up matrices.")
 @click.option("--architecture", help="Force a naming scheme (llama, gpt2, bert, ..., generic).")
+@click.option("--revision", help="Hub cache folders (models--org--name): snapshot commit or ref (default: main).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar, no summary.")
 def scan_command(path: Path, out: Path | None, estimators: tuple[str, ...], device: str, precision: str,
                  include: str | None, exclude: str | None, split_fused: bool, architecture: str | None,
-                 quiet: bool) -> None:
+                 revision: str | None, quiet: bool) -> None:
     """Per-matrix heavy-tailed spectral metrics of a safetensors checkpoint."""
     if out is not None:
         output_format(out)  # fail on a bad suffix before the work, not after
     started = time.perf_counter()
     options = ScanOptions(estimators=estimators, device=device, precision=precision, include=include,
                           exclude=exclude, split_fused=split_fused, architecture=architecture,
-                          progress=not quiet)
+                          revision=revision, progress=not quiet)
     matrices = scan(path, **options.__dict__)
     layers = layer_summary(matrices)
     written = write_scan(matrices, layers, out) if out is not None else []
@@ -79,7 +80,15 @@ def _print_summary(matrices: pd.DataFrame, layers: pd.DataFrame, seconds: float,
         f"({failed} not analysable) in {seconds:.1f} s on {attrs['device']}"
     )
     if attrs["naming"] == "generic":
-        click.echo("note: architecture not in the naming table; layers found with the generic '.N.' rule")
+        click.echo(f"WARNING: {attrs.get('model_type') or 'this architecture'} is not in layerscope's naming table: "
+                   "layers were found with the generic '.N.' rule and every block matrix is treated as a "
+                   "projection; check the table (or pass --architecture) before planning", err=True)
+    unmapped = attrs.get("unmapped") or []
+    if unmapped:
+        click.echo(f"WARNING: {len(unmapped)} block matrices match no role of naming {attrs['naming']} (kind "
+                   f"'other', left out of the layer means), e.g. {unmapped[0]}", err=True)
+    if attrs.get("quantization"):
+        click.echo(f"dequantized from: {', '.join(attrs['quantization'])} (see the quantization column)")
     cols = [c for c in ("alpha", "alpha_hill", "alpha_peak") if c in layers.columns]
     if len(layers):
         click.echo(layers[["layer", "num_matrices", *cols]].to_string(index=False, float_format="%.3f"))
