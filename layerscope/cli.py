@@ -307,6 +307,14 @@ def demo_command(out: Path, quiet: bool) -> None:
             click.echo(f"  {path}")
 
 
+@cli.command("architectures")
+def architectures_command() -> None:
+    """Print the table of supported architectures (Markdown, as in the README)."""
+    from layerscope.checkpoint.support import architecture_table
+
+    click.echo(architecture_table(), nl=False)
+
+
 def main() -> None:
     try:
         cli(standalone_mode=False)

@@ -108,7 +108,7 @@ def test_dtype_times_shape_mismatch(tmp_path):
 
 def test_unknown_dtype_and_bad_shape(tmp_path):
     path = write_raw_safetensors(tmp_path / "a.safetensors", {"w": {"dtype": "F3", "shape": [1], "data_offsets": [0, 4]}}, bytes(4))
-    _expect(path, "unsupported dtype")
+    _expect(path, "field 'dtype'", "is not a safetensors dtype")
     path = write_raw_safetensors(tmp_path / "b.safetensors", {"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, bytes(4))
     _expect(path, "shape")
 
@@ -133,5 +133,5 @@ def test_index_invalid_json_and_empty_folder(tmp_path):
     (folder / "model.safetensors.index.json").write_text("{")
     _expect(folder, "model.safetensors.index.json", "invalid JSON")
     (tmp_path / "empty").mkdir()
-    _expect(tmp_path / "empty", "no .safetensors files")
+    _expect(tmp_path / "empty", "no checkpoint found")
     _expect(tmp_path / "nope", "no such file")

@@ -49,7 +49,7 @@ def _encoder(*prefixes: str, count: tuple[str, ...] = ("num_hidden_layers", "n_l
 
 LLAMA_LIKE = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "granite", "olmo", "olmo2",
               "olmo3", "cohere", "cohere2", "stablelm", "helium", "smollm3", "exaone4", "ernie4_5", "glm", "glm4",
-              "ministral", "seed_oss", "arcee", "apertus", "hunyuan_v1_dense", "bitnet", "nemotron"]
+              "seed_oss", "arcee", "apertus", "bitnet", "nemotron"]
 
 ARCHITECTURES: list[dict] = [
     {"name": "llama", "model_types": LLAMA_LIKE, "stacks": _decoder("model.layers", "layers"),
@@ -58,7 +58,7 @@ ARCHITECTURES: list[dict] = [
                  # GLM-4 keeps gate and up fused in one Linear.
                  "mlp.gate_up_proj": "gate_up"},
      "fused": {"gate_up": {"parts": ["gate", "up"], "split": "equal"}}},
-    {"name": "mixtral", "model_types": ["mixtral", "minimax"], "stacks": _decoder("model.layers", "layers"),
+    {"name": "mixtral", "model_types": ["mixtral"], "stacks": _decoder("model.layers", "layers"),
      "modules": {**LLAMA_ATTENTION,
                  "block_sparse_moe.gate": "router",
                  "block_sparse_moe.experts.{expert}.w1": "gate",
@@ -86,8 +86,8 @@ ARCHITECTURES: list[dict] = [
                  "mlp.shared_experts.gate_proj": "shared_gate", "mlp.shared_experts.up_proj": "shared_up",
                  "mlp.shared_experts.down_proj": "shared_down"},
      "stacked_experts": list(FUSED_EXPERTS)},
-    {"name": "llama4", "model_types": ["llama4_text", "llama4"],
-     "stacks": _decoder("model.layers", "layers", "language_model.model.layers"),
+    {"name": "llama4", "model_types": ["llama4_text"],
+     "stacks": _decoder("model.layers", "layers"),
      "modules": {**LLAMA_ATTENTION,
                  "feed_forward.gate_proj": "gate", "feed_forward.up_proj": "up", "feed_forward.down_proj": "down",
                  "feed_forward.router": "router",
@@ -156,6 +156,9 @@ ARCHITECTURES: list[dict] = [
      # block.{i}.layer.{j}: j = 0 self-attention, 1 cross-attention (decoder) or feed-forward (encoder), 2 ff.
      "modules": {"layer.0.SelfAttention.q": "q", "layer.0.SelfAttention.k": "k", "layer.0.SelfAttention.v": "v",
                  "layer.0.SelfAttention.o": "o",
+                 # LongT5's encoder: local or transient-global attention in place of SelfAttention.
+                 **{f"layer.0.{kind}.{p}": p for kind in ("LocalSelfAttention", "TransientGlobalSelfAttention")
+                    for p in "qkvo"},
                  "layer.1.EncDecAttention.q": "cross_q", "layer.1.EncDecAttention.k": "cross_k",
                  "layer.1.EncDecAttention.v": "cross_v", "layer.1.EncDecAttention.o": "cross_o",
                  **{f"layer.{j}.DenseReluDense.{name}": role for j in (1, 2)
@@ -168,7 +171,7 @@ ARCHITECTURES: list[dict] = [
                  "count": ["decoder_layers"]}],
      "modules": BART_LAYER},
     {"name": "bert", "model_types": ["bert", "roberta", "xlm-roberta", "electra", "camembert", "ernie", "data2vec-text",
-                                      "xmod", "roc_bert", "megatron-bert"],
+                                      "roc_bert", "megatron-bert"],
      "stacks": _encoder("encoder.layer", "bert.encoder.layer", "roberta.encoder.layer", "electra.encoder.layer"),
      "modules": {"attention.self.query": "q", "attention.self.key": "k", "attention.self.value": "v",
                  "attention.output.dense": "o", "intermediate.dense": "up", "output.dense": "down"}},
