@@ -204,10 +204,10 @@ def _scaled(name: str, weight: TensorInfo, scale: TensorInfo) -> LogicalTensor:
     else:
         raise _bad(weight, f"has weight_scale but dtype {weight.dtype} (expected FP8 or I8 codes)")
     _need_float(scale)
-    rows, cols = weight.shape[-2:] if len(weight.shape) >= 2 else (0, 0)
-    shape = tuple(scale.shape)
     if len(weight.shape) != 2:
         raise _bad(weight, f"{kind} weight with weight_scale must be 2-D, got {list(weight.shape)}")
+    rows, cols = weight.shape
+    shape = tuple(scale.shape)
     if math.prod(shape) == 1:
         granularity = "tensor"
     elif shape in ((rows,), (rows, 1)):
