@@ -298,7 +298,7 @@ def load_logical(ckpt: Checkpoint, tensor: LogicalTensor) -> torch.Tensor:
     if scheme.startswith(("fp8-", "int8-")):
         return dequantize_scaled(parts["weight"], parts["scale"])
     if scheme == "bnb-int8":
-        return parts["weight"].to(torch.float64) * parts["SCB"].to(torch.float64)[:, None] / 127
+        return parts["weight"].to(torch.float64).mul_(parts["SCB"].to(torch.float64)[:, None]).div_(127)
     if scheme == "mxfp4":
         return dequantize_mxfp4(parts["blocks"], parts["scales"]).mT
     bits = int(scheme.split("-")[1].removeprefix("int"))
@@ -310,9 +310,14 @@ def load_logical(ckpt: Checkpoint, tensor: LogicalTensor) -> torch.Tensor:
 
 def dequantize_fp8_block(weight: torch.Tensor, scale_inv: torch.Tensor, block_rows: int, block_cols: int
                          ) -> torch.Tensor:
-    rows, cols = weight.shape[-2:]
-    scale = scale_inv.to(torch.float64).repeat_interleave(block_rows, -2).repeat_interleave(block_cols, -1)
-    return weight.to(torch.float64) * scale[..., :rows, :cols]
+    """Scaled in place, one block-row at a time: no full-size scale tensor is ever built."""
+    out = weight.to(torch.float64)
+    cols = out.shape[-1]
+    scale = scale_inv.to(torch.float64)
+    for bi in range(scale.shape[-2]):
+        row_scale = scale[..., bi, :].repeat_interleave(block_cols, -1)[..., :cols]
+        out[..., bi * block_rows:(bi + 1) * block_rows, :] *= row_scale[..., None, :]
+    return out
 
 
 def dequantize_scaled(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -322,7 +327,7 @@ def dequantize_scaled(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor
         scale = scale.reshape(rows, -1)
         group = math.ceil(cols / scale.shape[1])
         scale = scale.repeat_interleave(group, 1)[:, :cols]
-    return weight.to(torch.float64) * scale
+    return weight.to(torch.float64).mul_(scale)
 
 
 def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -333,20 +338,46 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor
     return (values * torch.exp2(exponent)[..., None]).flatten(-2)
 
 
-def _unpack(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
-    """Split each int32 into 32/bits fields, low bits first, laid out consecutively along ``dim``."""
+def _unpack_into(out: torch.Tensor, packed: torch.Tensor, bits: int, dim: int, order: torch.Tensor) -> None:
+    """Write field k of every int32 (low bits first) to position order[k] of its group along ``dim``."""
     per_int = 32 // bits
-    shifts = torch.arange(0, 32, bits, dtype=torch.int32)
-    fields = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # (..., per_int)
-    if dim == 0:
-        return fields.permute(0, 2, 1).reshape(packed.shape[0] * per_int, packed.shape[1])
-    return fields.reshape(packed.shape[0], packed.shape[1] * per_int)
+    for k in range(per_int):
+        field = ((packed >> (bits * k)) & ((1 << bits) - 1)).to(out.dtype)
+        target = int(order[k])
+        if dim == 0:
+            out[target::per_int] = field
+        else:
+            out[:, target::per_int] = field
+
+
+def _apply_groups(q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """(q − zero) × scale in place, one group of input rows at a time (q is (in, out))."""
+    scales = scales.to(torch.float64)
+    for g in range(scales.shape[0]):
+        rows = (groups == g).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            continue
+        if int(rows[-1]) - int(rows[0]) + 1 == rows.numel():  # contiguous group: update the slice in place
+            block = q[int(rows[0]):int(rows[-1]) + 1]
+            block.sub_(zeros[g]).mul_(scales[g])
+        else:
+            q[rows] = (q[rows] - zeros[g]) * scales[g]
+    return q
+
+
+def _zeros(qzeros: torch.Tensor, bits: int, order: torch.Tensor, offset: int) -> torch.Tensor:
+    out = torch.empty(qzeros.shape[0], qzeros.shape[1] * (32 // bits), dtype=torch.float64)
+    _unpack_into(out, qzeros, bits, 1, order)
+    return out + offset
 
 
 def dequantize_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor | None,
                     bits: int, zero_offset: int) -> torch.Tensor:
-    q = _unpack(qweight, bits, dim=0).to(torch.float64)  # (in, out)
-    zeros = _unpack(qzeros, bits, dim=1).to(torch.float64) + zero_offset  # (groups, out)
+    per_int = 32 // bits
+    natural = torch.arange(per_int)
+    q = torch.empty(qweight.shape[0] * per_int, qweight.shape[1], dtype=torch.float64)  # (in, out)
+    _unpack_into(q, qweight, bits, 0, natural)
+    zeros = _zeros(qzeros, bits, natural, zero_offset)  # (groups, out)
     in_f = q.shape[0]
     if g_idx is None:
         group_size = math.ceil(in_f / scales.shape[0])
@@ -354,16 +385,13 @@ def dequantize_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.T
     g = g_idx.to(torch.long)
     if g.numel() and (int(g.min()) < 0 or int(g.max()) >= scales.shape[0]):
         raise LayerscopeError(f"g_idx holds group {int(g.max())} but there are {scales.shape[0]} groups")
-    return ((q - zeros[g]) * scales.to(torch.float64)[g]).T
+    return _apply_groups(q, zeros, scales, g).T
 
 
 def dequantize_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
-    per_int = 32 // bits
-    inverse = torch.argsort(torch.tensor(AWQ_ORDER))
-    q = _unpack(qweight, bits, dim=1)
-    zeros = _unpack(qzeros, bits, dim=1)
-    columns = (torch.arange(q.shape[1]).view(-1, per_int)[:, inverse]).reshape(-1)
-    q, zeros = q[:, columns].to(torch.float64), zeros[:, columns].to(torch.float64)
+    order = torch.tensor(AWQ_ORDER)
+    q = torch.empty(qweight.shape[0], qweight.shape[1] * (32 // bits), dtype=torch.float64)  # (in, out)
+    _unpack_into(q, qweight, bits, 1, order)
+    zeros = _zeros(qzeros, bits, order, 0)
     group_size = math.ceil(q.shape[0] / scales.shape[0])
-    g = torch.arange(q.shape[0]) // group_size
-    return ((q - zeros[g]) * scales.to(torch.float64)[g]).T
+    return _apply_groups(q, zeros, scales, torch.arange(q.shape[0]) // group_size).T
