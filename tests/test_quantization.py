@@ -108,10 +108,19 @@ def test_fp8_block_scale_shape_mismatch_is_an_error(tmp_path):
         scan(folder, progress=False)
 
 
-@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "group", "int8"])
 def test_compressed_tensors_fp8_scales(tmp_path, granularity):
     w = random_matrix(OUT, IN, seed=2)
-    if granularity == "tensor":
+    if granularity == "group":  # [out, in/16]: one scale per 16 input columns
+        scale = w.reshape(OUT, IN // 16, 16).abs().amax(dim=2) / 448
+        codes = (w.reshape(OUT, IN // 16, 16) / scale[..., None]).reshape(OUT, IN).to(torch.float8_e4m3fn)
+        values = codes.to(torch.float64).numpy()
+        reference = np.stack([values[:, c] * scale[:, c // 16].double().numpy() for c in range(IN)], axis=1)
+    elif granularity == "int8":  # W8A8 int8, per output channel
+        scale = w.abs().amax(dim=1, keepdim=True) / 127
+        codes = torch.round(w / scale).to(torch.int8)
+        reference = codes.to(torch.float64).numpy() * scale.double().numpy()
+    elif granularity == "tensor":
         scale = (w.abs().max() / 448).reshape(1)
         codes = (w / scale).to(torch.float8_e4m3fn)
         reference = codes.to(torch.float64).numpy() * float(scale[0])
@@ -122,7 +131,7 @@ def test_compressed_tensors_fp8_scales(tmp_path, granularity):
     folder = _write(tmp_path / granularity, {f"{Q_PROJ}.weight": codes, f"{Q_PROJ}.weight_scale": scale,
                                              f"{Q_PROJ}.input_scale": torch.ones(1), **_plain_rest()},
                     {"quant_method": "compressed-tensors", "format": "float-quantized"})
-    _check_spectrum(folder, reference, f"fp8-{granularity}")
+    _check_spectrum(folder, reference, "int8-channel" if granularity == "int8" else f"fp8-{granularity}")
 
 
 # ---- MXFP4 (gpt-oss) ------------------------------------------------------------------------

@@ -321,10 +321,15 @@ def dequantize_fp8_block(weight: torch.Tensor, scale_inv: torch.Tensor, block_ro
 
 
 def dequantize_scaled(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """code × scale, the scale per tensor ([] / [1]), per output channel ([out] / [out, 1]) or per group of
+    input columns ([out, in / g])."""
     rows, cols = weight.shape
-    scale = scale.to(torch.float64).reshape(-1, 1) if scale.numel() > 1 else scale.to(torch.float64).reshape(())
-    if scale.dim() and scale.shape[0] == rows and scale.numel() > rows:  # per group along the input dim
-        scale = scale.reshape(rows, -1)
+    scale = scale.to(torch.float64)
+    if scale.numel() == 1:
+        scale = scale.reshape(())
+    elif scale.numel() == rows:
+        scale = scale.reshape(rows, 1)
+    else:
         group = math.ceil(cols / scale.shape[1])
         scale = scale.repeat_interleave(group, 1)[:, :cols]
     return weight.to(torch.float64).mul_(scale)
