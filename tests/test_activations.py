@@ -206,3 +206,19 @@ def test_cli_activations_then_hilo_plan(tmp_path):
     plan = json.loads(plan_file.read_text())
     assert sorted(layer["rank"] for layer in plan["layers"]) == [2, 2, 4, 4, 6, 6]
     assert plan["strategy"]["params"]["rank_source"] == "activations"
+
+
+def test_encoder_decoder_profiles_both_stacks_in_depth_order():
+    """T5: the decoder is fed the same ids, so its blocks are measured too; layers follow depth order."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_decoder_layers=3,
+                                   num_heads=2)
+    torch.manual_seed(0)
+    model = transformers.T5Model(config)
+    ids = torch.randint(0, 64, (2, 7))
+    table = profile(model, [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}], progress=False)
+    assert table.attrs["num_layers"] == 5 and table.attrs["stacks"] == ["encoder", "decoder"]
+    blocks = table[table["kind"] == "block"].sort_values("layer")
+    assert blocks["layer"].tolist() == [0, 1, 2, 3, 4]
+    assert blocks["module"].tolist()[2] == "decoder.block.0"
+    assert (table["tokens"] > 0).all()  # every decoder projection saw tokens

@@ -134,6 +134,40 @@ def test_compressed_tensors_fp8_scales(tmp_path, granularity):
     _check_spectrum(folder, reference, "int8-channel" if granularity == "int8" else f"fp8-{granularity}")
 
 
+@pytest.mark.parametrize("bits", [4, 5])
+def test_compressed_tensors_packed_with_group_index(tmp_path, bits):
+    """pack-quantized int codes with activation-order groups (weight_g_idx) and packed zero points,
+    packed here bit by bit into a Python integer per row (independent of the unpacking code)."""
+    rng = np.random.default_rng(bits)
+    group, groups = 16, IN // 16
+    offset = 1 << (bits - 1)
+    codes = rng.integers(-offset, offset, size=(OUT, IN))
+    zeros = rng.integers(-offset, offset, size=(OUT, groups))
+    scales = rng.uniform(1e-3, 1e-2, size=(OUT, groups)).astype(np.float32)
+    g_idx = rng.permutation(IN) // group
+
+    def pack_rows(values: np.ndarray) -> torch.Tensor:
+        words = math.ceil(values.shape[1] * bits / 32)
+        out = np.zeros((values.shape[0], words), dtype=np.int64)
+        for r, row in enumerate(values):
+            number = sum(int(v + offset) << (bits * i) for i, v in enumerate(row))
+            out[r] = [(number >> (32 * k)) & 0xFFFFFFFF for k in range(words)]
+        return torch.from_numpy(out.astype(np.uint32).view(np.int32))
+
+    reference = np.empty((OUT, IN))
+    for r in range(OUT):
+        for c in range(IN):
+            reference[r, c] = (codes[r, c] - zeros[r, g_idx[c]]) * np.float64(scales[r, g_idx[c]])
+    tensors = {f"{Q_PROJ}.weight_packed": pack_rows(codes), f"{Q_PROJ}.weight_scale": torch.from_numpy(scales),
+               f"{Q_PROJ}.weight_zero_point": pack_rows(zeros.T).T.contiguous(),
+               f"{Q_PROJ}.weight_g_idx": torch.from_numpy(g_idx.astype(np.int32)),
+               f"{Q_PROJ}.weight_shape": torch.tensor([OUT, IN]), **_plain_rest()}
+    qconfig = {"quant_method": "compressed-tensors", "format": "pack-quantized",
+               "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+                   "num_bits": bits, "type": "int", "strategy": "group", "group_size": group, "symmetric": False}}}}
+    _check_spectrum(_write(tmp_path / f"int{bits}", tensors, qconfig), reference, f"ct-int{bits}-group")
+
+
 # ---- MXFP4 (gpt-oss) ------------------------------------------------------------------------
 
 def _e2m1_from_bits(code: int) -> float:
@@ -270,9 +304,12 @@ REFUSED = {
     "qweight without config": ({f"{Q_PROJ}.qweight": torch.zeros(16, OUT, dtype=torch.int32),
                                 f"{Q_PROJ}.qzeros": torch.zeros(1, OUT // 8, dtype=torch.int32),
                                 f"{Q_PROJ}.scales": torch.ones(1, OUT, dtype=torch.float16)}, None, "quant_method gptq"),
-    "packed compressed-tensors": ({f"{Q_PROJ}.weight_packed": torch.zeros(OUT, IN // 8, dtype=torch.int32),
-                                   f"{Q_PROJ}.weight_scale": torch.ones(OUT, 1)},
-                                  {"quant_method": "compressed-tensors"}, "pack-quantized"),
+    "packed compressed-tensors without weight_shape": (
+        {f"{Q_PROJ}.weight_packed": torch.zeros(OUT, IN // 8, dtype=torch.int32),
+         f"{Q_PROJ}.weight_scale": torch.ones(OUT, 1)}, {"quant_method": "compressed-tensors"}, "weight_shape"),
+    "nvfp4": ({f"{Q_PROJ}.weight_packed": torch.zeros(OUT, IN // 2, dtype=torch.uint8),
+               f"{Q_PROJ}.weight_scale": torch.ones(OUT, IN // 16, dtype=torch.float8_e4m3fn),
+               f"{Q_PROJ}.weight_global_scale": torch.ones(1)}, {"quant_method": "compressed-tensors"}, "nvfp4"),
 }
 
 

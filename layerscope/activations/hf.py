@@ -77,7 +77,7 @@ def measure(folder: str | Path, calib: str | Path | None = None, *, max_samples:
     table = profile(model, batches(sequences, batch_size, seq_len, pad_id), eps=eps, rel_eps=rel_eps,
                     device=device, progress=progress, total=n_batches)
     ckpt = open_checkpoint(folder)
-    table.attrs.update(path=str(folder), fingerprint=ckpt.fingerprint(), num_layers=ckpt.num_layers,
+    table.attrs.update(path=str(folder), fingerprint=ckpt.fingerprint(),
                        calibration=str(calib) if calib else BUNDLED, samples=len(sequences), seq_len=seq_len,
                        batch_size=batch_size, seed=seed, dtype=dtype, device=device)
     return table

@@ -126,7 +126,9 @@ def profile(model: nn.Module, batches: Iterable, *, eps: float = DEFAULT_EPS, re
     if eps < 0 or rel_eps < 0:
         raise LayerscopeError("--eps and --rel-eps must be >= 0")
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    targets = find_targets(model, _scheme_for(model, architecture))
+    scheme = _scheme_for(model, architecture)
+    targets = find_targets(model, scheme)
+    encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
     accumulators = {t.name: _Accumulator() for t in targets}
     state: dict[str, torch.Tensor | None] = {"mask": None}
 
@@ -152,6 +154,10 @@ def profile(model: nn.Module, batches: Iterable, *, eps: float = DEFAULT_EPS, re
             for batch in tqdm(batches, total=total, desc="activations", unit="batch", disable=(not progress) or None):
                 kwargs = _as_kwargs(batch, device)
                 state["mask"] = kwargs.get("attention_mask")
+                if encoder_decoder:  # teacher forcing on the same text reaches the decoder blocks too
+                    kwargs["decoder_input_ids"] = kwargs["input_ids"]
+                    if state["mask"] is not None:
+                        kwargs["decoder_attention_mask"] = state["mask"]
                 model(**kwargs)
     finally:
         for handle in handles:
@@ -162,7 +168,9 @@ def profile(model: nn.Module, batches: Iterable, *, eps: float = DEFAULT_EPS, re
     table = pd.DataFrame(rows)
     if (table["tokens"] == 0).all():
         raise LayerscopeError("no calibration tokens reached the model (empty batches?)")
-    table.attrs.update(eps=eps, rel_eps=rel_eps, hist_low=HIST_LOW, hist_high=HIST_HIGH, hist_bins=HIST_BINS)
+    layers_seen = int(table["layer"].max()) + 1
+    table.attrs.update(naming=scheme.name, stacks=scheme.stacks, num_layers=scheme.num_layers or layers_seen,
+                       eps=eps, rel_eps=rel_eps, hist_low=HIST_LOW, hist_high=HIST_HIGH, hist_bins=HIST_BINS)
     return table
 
 

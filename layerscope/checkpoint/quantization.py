@@ -13,6 +13,14 @@ Formats (layouts as the producers write them):
                  compressed-tensors: ``weight`` F8 + ``weight_scale`` of shape [] / [1] (tensor),
                  [out] / [out, 1] (channel) or [out, in/g] (group); real = code × scale.
 ``int8-channel`` compressed-tensors W8A8: ``weight`` I8 + ``weight_scale`` per channel.
+                 Any of these may carry ``weight_zero_point`` (asymmetric): real = (code − zero) × scale.
+``fp8-block``    (compressed-tensors spelling) ``weight`` F8 + ``weight_scale`` (⌈out/b₀⌉, ⌈in/b₁⌉), the
+                 block from the config group's ``block_structure``.
+``ct-int<b>``    compressed-tensors pack-quantized: ``weight_packed`` I32 (out, ⌈in·b/32⌉), codes packed
+                 densely along the input dimension (code i at bit i·b of its row, low bits first) and
+                 stored as q + 2^(b−1); ``weight_shape`` (out, in); ``weight_scale`` per tensor, channel
+                 or group (``weight_g_idx`` for activation order); optional ``weight_zero_point`` packed
+                 alike along the output dimension.  real = (q − zero) × scale.
 ``mxfp4``        ``*_blocks`` U8 (..., out, G, 16): two E2M1 codes per byte, low nibble first, 32 per
                  block along the input dimension; ``*_scales`` U8 (..., out, G) E8M0 exponents;
                  real = fp4 × 2^(scale − 127) (gpt-oss).  Returned as (..., in, out), the layout of
@@ -38,6 +46,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from layerscope.checkpoint.dtypes import E2M1_VALUES, FLOATING
@@ -52,8 +61,6 @@ INFERENCE_ONLY = (".input_scale", ".output_scale", ".k_scale", ".v_scale", ".inp
                   ".weight_format", ".kv_scale", ".q_scale", ".prob_scale")
 # Suffixes that belong to formats layerscope recognises but cannot decode.
 REFUSED_SUFFIXES = {
-    ".weight_packed": "compressed-tensors pack-quantized (int4/nvfp4 packed) weights",
-    ".weight_zero_point": "compressed-tensors asymmetric quantization",
     ".weight_global_scale": "compressed-tensors nvfp4",
     ".weight.absmax": "bitsandbytes 4-bit (nf4/fp4)",
     ".weight.quant_map": "bitsandbytes 4-bit (nf4/fp4)",
@@ -157,6 +164,8 @@ def _recognise(name: str, info: TensorInfo, tensors: dict[str, TensorInfo], qcon
                method: str | None) -> LogicalTensor | None:
     if name.endswith(".qweight"):
         return _packed_int(name.removesuffix(".qweight"), tensors, qconfig, method)
+    if name.endswith(".weight_packed"):
+        return _ct_packed(name.removesuffix(".weight_packed"), info, tensors, qconfig, method)
     if name.endswith("_blocks"):
         base = name.removesuffix("_blocks")
         scales = tensors.get(f"{base}_scales")
@@ -167,7 +176,7 @@ def _recognise(name: str, info: TensorInfo, tensors: dict[str, TensorInfo], qcon
         if f"{base}.weight_scale_inv" in tensors:
             return _fp8_block(name, info, tensors[f"{base}.weight_scale_inv"], qconfig)
         if f"{base}.weight_scale" in tensors:
-            return _scaled(name, info, tensors[f"{base}.weight_scale"])
+            return _scaled(name, info, tensors, qconfig)
         if f"{base}.SCB" in tensors:
             return _bnb_int8(name, info, tensors[f"{base}.SCB"])
     return None
@@ -196,7 +205,9 @@ def _fp8_block(name: str, weight: TensorInfo, scale: TensorInfo, qconfig: dict) 
                          f"fp8-block{block[0]}x{block[1]}")
 
 
-def _scaled(name: str, weight: TensorInfo, scale: TensorInfo) -> LogicalTensor:
+def _scaled(name: str, weight: TensorInfo, tensors: dict[str, TensorInfo], qconfig: dict) -> LogicalTensor:
+    base = name.removesuffix(".weight")
+    scale = tensors[f"{base}.weight_scale"]
     if weight.dtype in FP8:
         kind = "fp8"
     elif weight.dtype == "I8":
@@ -206,18 +217,122 @@ def _scaled(name: str, weight: TensorInfo, scale: TensorInfo) -> LogicalTensor:
     _need_float(scale)
     if len(weight.shape) != 2:
         raise _bad(weight, f"{kind} weight with weight_scale must be 2-D, got {list(weight.shape)}")
-    rows, cols = weight.shape
+    parts = {"weight": weight, "scale": scale}
+    block = _block_of(weight.shape, scale.shape, qconfig)
+    if block is not None:
+        _no_zero_point(tensors, base, f"{kind} block")
+        return LogicalTensor(name, weight.shape, weight.dtype, {"weight": weight, "scale_inv": scale},
+                             f"{kind}-block{block[0]}x{block[1]}")
+    granularity = _granularity(scale, weight.shape)
+    zero = tensors.get(f"{base}.weight_zero_point")
+    if zero is not None:
+        if tuple(zero.shape) != tuple(scale.shape) or zero.dtype in FLOATING - FP8:
+            raise _bad(zero, f"zero point {zero.dtype} {list(zero.shape)} does not match scale {list(scale.shape)}")
+        parts["zero"] = zero
+    return LogicalTensor(name, weight.shape, weight.dtype, parts, f"{kind}-{granularity}")
+
+
+def _granularity(scale: TensorInfo, weight_shape: tuple[int, ...]) -> str:
+    rows, cols = weight_shape
     shape = tuple(scale.shape)
     if math.prod(shape) == 1:
-        granularity = "tensor"
-    elif shape in ((rows,), (rows, 1)):
-        granularity = "channel"
-    elif len(shape) == 2 and shape[0] == rows and shape[1] > 1 and math.ceil(cols / math.ceil(cols / shape[1])) == shape[1]:
-        granularity = "group"
-    else:
-        raise _bad(scale, f"shape {list(shape)} fits no per-tensor, per-channel or per-group scale of weight "
-                          f"{list(weight.shape)}")
-    return LogicalTensor(name, weight.shape, weight.dtype, {"weight": weight, "scale": scale}, f"{kind}-{granularity}")
+        return "tensor"
+    if shape in ((rows,), (rows, 1)):
+        return "channel"
+    if len(shape) == 2 and shape[0] == rows and 1 < shape[1] <= cols:
+        return "group"
+    raise _bad(scale, f"shape {list(shape)} fits no per-tensor, per-channel, per-group or block scale of weight "
+                      f"{list(weight_shape)}")
+
+
+def _config_weights(qconfig: dict) -> list[dict]:
+    """The ``weights`` argument dicts of every compressed-tensors config group."""
+    groups = qconfig.get("config_groups")
+    if not isinstance(groups, dict):
+        return []
+    return [g["weights"] for g in groups.values() if isinstance(g, dict) and isinstance(g.get("weights"), dict)]
+
+
+def _block_of(weight_shape: tuple[int, ...], scale_shape: tuple[int, ...], qconfig: dict) -> tuple[int, int] | None:
+    """The (rows, cols) block of a 2-D block scale, from a config group's ``block_structure``."""
+    rows, cols = weight_shape
+    if len(scale_shape) != 2:
+        return None
+    for weights in _config_weights(qconfig):
+        block = weights.get("block_structure")
+        if (isinstance(block, list) and len(block) == 2 and all(_positive_int(b) for b in block)
+                and scale_shape == (math.ceil(rows / block[0]), math.ceil(cols / block[1]))):
+            return block[0], block[1]
+    return None
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _no_zero_point(tensors: dict[str, TensorInfo], base: str, what: str) -> None:
+    zero = tensors.get(f"{base}.weight_zero_point")
+    if zero is not None:
+        raise _bad(zero, f"a zero point with {what} scales is not a format layerscope knows")
+
+
+def _group_size(cols: int, groups: int, qconfig: dict) -> int:
+    """Columns per group: the config's ``group_size`` when it fits the scale, else ⌈cols / groups⌉."""
+    for weights in _config_weights(qconfig):
+        size = weights.get("group_size")
+        if _positive_int(size) and math.ceil(cols / size) == groups:
+            return size
+    return math.ceil(cols / groups)
+
+
+def _ct_packed(base: str, packed: TensorInfo, tensors: dict[str, TensorInfo], qconfig: dict,
+               method: str | None) -> LogicalTensor:
+    if method != "compressed-tensors":
+        raise _bad(packed, f"weight_packed needs quantization_config.quant_method compressed-tensors (found {method!r})")
+    if packed.dtype != "I32":
+        raise _bad(packed, f"packed {packed.dtype} codes (nvfp4/mxfp4 pack formats) cannot be dequantized by "
+                           "layerscope; pack-quantized int codes are I32")
+    if len(packed.shape) != 2:
+        raise _bad(packed, f"pack-quantized weight must be 2-D, got {list(packed.shape)}")
+    parts = {"packed": packed}
+    for role in ("scale", "shape", "zero_point", "g_idx"):
+        info = tensors.get(f"{base}.weight_{role}")
+        if info is None and role in ("scale", "shape"):
+            raise _bad(packed, f"pack-quantized weight has no {base}.weight_{role}")
+        if info is not None:
+            parts[role] = info
+    _need_float(parts["scale"])
+    shape_info = parts["shape"]
+    if shape_info.dtype not in ("I64", "I32") or tuple(shape_info.shape) != (2,):
+        raise _bad(shape_info, f"weight_shape must be 2 integers, got {shape_info.dtype} {list(shape_info.shape)}")
+    rows, cols = (int(v) for v in read_tensor(shape_info).tolist())
+    if rows != packed.shape[0] or cols < 1:
+        raise _bad(shape_info, f"weight_shape [{rows}, {cols}] does not fit weight_packed {list(packed.shape)}")
+    bits = _packed_bits(packed, cols, qconfig)
+    scale = parts["scale"]
+    granularity = _granularity(scale, (rows, cols))
+    if "zero_point" in parts:
+        zero = parts["zero_point"]
+        groups = 1 if granularity in ("tensor", "channel") else scale.shape[1]
+        expected = (math.ceil(rows * bits / 32), groups)
+        if zero.dtype != "I32" or tuple(zero.shape) != expected:
+            raise _bad(zero, f"packed zero point {zero.dtype} {list(zero.shape)} is not I32 {list(expected)}")
+    if "g_idx" in parts and (tuple(parts["g_idx"].shape) != (cols,) or parts["g_idx"].dtype not in ("I32", "I64")):
+        raise _bad(parts["g_idx"], f"weight_g_idx {parts['g_idx'].dtype} {list(parts['g_idx'].shape)} is not "
+                                   f"an integer [{cols}]")
+    del parts["shape"]
+    return LogicalTensor(f"{base}.weight", (rows, cols), "I32", parts, f"ct-int{bits}-{granularity}")
+
+
+def _packed_bits(packed: TensorInfo, cols: int, qconfig: dict) -> int:
+    """Code width: the config's int num_bits whose dense packing of ``cols`` codes fills the stored words."""
+    declared = {w.get("num_bits") for w in _config_weights(qconfig) if w.get("type", "int") == "int"}
+    fitting = sorted(b for b in declared if _positive_int(b) and b <= 8 and math.ceil(cols * b / 32) == packed.shape[1])
+    if len(fitting) != 1:
+        raise _bad(packed, f"{packed.shape[1]} int32 words per row of {cols} codes fit "
+                           f"{'no' if not fitting else 'more than one'} int num_bits of the config groups "
+                           f"({sorted(b for b in declared if isinstance(b, int))})")
+    return fitting[0]
 
 
 def _bnb_int8(name: str, weight: TensorInfo, scb: TensorInfo) -> LogicalTensor:
@@ -292,11 +407,17 @@ def load_logical(ckpt: Checkpoint, tensor: LogicalTensor) -> torch.Tensor:
         return read_tensor(tensor.main)
     parts = {role: read_tensor(info) for role, info in tensor.parts.items()}
     scheme = tensor.quantization
-    if scheme.startswith("fp8-block"):
-        rows, cols = (int(b) for b in scheme.removeprefix("fp8-block").split("x"))
+    if "-block" in scheme:
+        rows, cols = (int(b) for b in scheme.split("-block")[1].split("x"))
         return dequantize_fp8_block(parts["weight"], parts["scale_inv"], rows, cols)
     if scheme.startswith(("fp8-", "int8-")):
-        return dequantize_scaled(parts["weight"], parts["scale"])
+        return dequantize_scaled(parts["weight"], parts["scale"], parts.get("zero"),
+                                 _group_size(tensor.shape[1], _groups(parts["scale"]), quantization_config(ckpt)))
+    if scheme.startswith("ct-int"):
+        bits = int(scheme.split("-")[1].removeprefix("int"))
+        return dequantize_ct_packed(parts["packed"], parts["scale"], parts.get("zero_point"), parts.get("g_idx"),
+                                    bits, tensor.shape,
+                                    _group_size(tensor.shape[1], _groups(parts["scale"]), quantization_config(ckpt)))
     if scheme == "bnb-int8":
         return parts["weight"].to(torch.float64).mul_(parts["SCB"].to(torch.float64)[:, None]).div_(127)
     if scheme == "mxfp4":
@@ -320,19 +441,62 @@ def dequantize_fp8_block(weight: torch.Tensor, scale_inv: torch.Tensor, block_ro
     return out
 
 
-def dequantize_scaled(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """code × scale, the scale per tensor ([] / [1]), per output channel ([out] / [out, 1]) or per group of
-    input columns ([out, in / g])."""
-    rows, cols = weight.shape
+def _groups(scale: torch.Tensor) -> int:
+    return scale.shape[1] if scale.dim() == 2 else 1
+
+
+def _broadcast_scale(scale: torch.Tensor, rows: int, cols: int, group_size: int,
+                     g_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """A per-tensor ([]), per-channel ([out, 1]) or per-group ([out, 1 or cols]) view that broadcasts
+    against the (out, in) weight."""
     scale = scale.to(torch.float64)
     if scale.numel() == 1:
-        scale = scale.reshape(())
-    elif scale.numel() == rows:
-        scale = scale.reshape(rows, 1)
-    else:
-        group = math.ceil(cols / scale.shape[1])
-        scale = scale.repeat_interleave(group, 1)[:, :cols]
-    return weight.to(torch.float64).mul_(scale)
+        return scale.reshape(1, 1)
+    if scale.numel() == rows:
+        return scale.reshape(rows, 1)
+    groups = g_idx.to(torch.long) if g_idx is not None else torch.arange(cols) // group_size
+    if groups.numel() and (int(groups.min()) < 0 or int(groups.max()) >= scale.shape[1]):
+        raise LayerscopeError(f"group index {int(groups.max())} is outside the {scale.shape[1]} scale groups")
+    return scale[:, groups]
+
+
+def dequantize_scaled(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None,
+                      group_size: int | None = None) -> torch.Tensor:
+    """(code − zero) × scale, the scale per tensor ([] / [1]), per output channel ([out] / [out, 1]) or per
+    group of input columns ([out, in / g])."""
+    rows, cols = weight.shape
+    group_size = group_size or math.ceil(cols / _groups(scale))
+    out = weight.to(torch.float64)
+    if zero is not None:
+        out.sub_(_broadcast_scale(zero, rows, cols, group_size))
+    return out.mul_(_broadcast_scale(scale, rows, cols, group_size))
+
+
+def unpack_dense(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """Codes 0..2^bits−1 packed densely along the last dimension of int32 words (code i at bit i·bits
+    of its row, low bits first), as (rows, count) int64."""
+    rows = packed.shape[0]
+    if 32 % bits == 0:  # no code straddles a word: shift fields out of each word
+        per_word = 32 // bits
+        words = packed.to(torch.int64) & 0xFFFFFFFF
+        fields = torch.stack([(words >> (bits * k)) & ((1 << bits) - 1) for k in range(per_word)], dim=-1)
+        return fields.reshape(rows, -1)[:, :count]
+    little = packed.contiguous().numpy().astype("<i4", copy=False).view(np.uint8)
+    bit_array = np.unpackbits(little.reshape(rows, -1), axis=1, bitorder="little")[:, :count * bits]
+    weights = (1 << np.arange(bits, dtype=np.int64))
+    return torch.from_numpy(bit_array.reshape(rows, count, bits).astype(np.int64) @ weights)
+
+
+def dequantize_ct_packed(packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                         g_idx: torch.Tensor | None, bits: int, shape: tuple[int, ...], group_size: int
+                         ) -> torch.Tensor:
+    rows, cols = shape
+    offset = 1 << (bits - 1)
+    out = unpack_dense(packed, bits, cols).to(torch.float64).sub_(offset)
+    if zero_point is not None:
+        zero = (unpack_dense(zero_point.T.contiguous(), bits, rows).T - offset).to(torch.float64)
+        out.sub_(_broadcast_scale(zero, rows, cols, group_size, g_idx))
+    return out.mul_(_broadcast_scale(scale, rows, cols, group_size, g_idx))
 
 
 def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
