@@ -6,6 +6,7 @@ import inspect
 import re
 import sys
 import time
+import unicodedata
 from pathlib import Path
 
 import click
@@ -21,7 +22,8 @@ from layerscope.planning.explain import explain_text
 from layerscope.spectral.esd import PRECISIONS
 from layerscope.spectral.estimators import ESTIMATORS
 from layerscope.spectral.scan import ScanOptions, layer_summary, scan
-from layerscope.tables import output_format, read_activations, read_scan, write_activations, write_scan
+from layerscope.outputs import check_writable
+from layerscope.tables import output_format, read_activations, read_scan, scan_outputs, write_activations, write_scan
 
 DEFAULT_DEMO_OUT = Path("reports") / "minilm"
 
@@ -59,7 +61,7 @@ def scan_command(path: Path, out: Path | None, estimators: tuple[str, ...], devi
                  revision: str | None, quiet: bool) -> None:
     """Per-matrix heavy-tailed spectral metrics of a safetensors checkpoint."""
     if out is not None:
-        output_format(out)  # fail on a bad suffix before the work, not after
+        check_writable(scan_outputs(out))  # a bad suffix or an unwritable place fails before the work
     started = time.perf_counter()
     options = ScanOptions(estimators=estimators, device=device, precision=precision, include=include,
                           exclude=exclude, split_fused=split_fused, architecture=architecture,
@@ -86,7 +88,7 @@ def _print_summary(matrices: pd.DataFrame, layers: pd.DataFrame, seconds: float,
     unmapped = attrs.get("unmapped") or []
     if unmapped:
         click.echo(f"WARNING: {len(unmapped)} block matrices match no role of naming {attrs['naming']} (kind "
-                   f"'other', left out of the layer means), e.g. {unmapped[0]}", err=True)
+                   f"'other', left out of the layer means), e.g. {one_line(unmapped[0])}", err=True)
     if attrs.get("quantization"):
         click.echo(f"dequantized from: {', '.join(attrs['quantization'])} (see the quantization column)")
     cols = [c for c in ("alpha", "alpha_hill", "alpha_peak") if c in layers.columns]
@@ -165,6 +167,8 @@ def plan_command(ctx: click.Context, source: Path, strategy: str, out: Path | No
         strategy_params[option] = str(value) if isinstance(value, Path) else value
     if out is not None and out.suffix != ".json":
         raise LayerscopeError(f"--out {out}: a plan is a .json file")
+    if out is not None:
+        check_writable([out])
     lora = LoraSettings(alpha_scale=alpha_scale, fixed_alpha=lora_alpha, dropout=dropout, init=init,
                         router_aux_loss_coef=aux_loss_coef)
     roles = [r.strip() for r in target_roles.split(",") if r.strip()] if target_roles else None
@@ -224,6 +228,7 @@ def activations_command(model: Path, calib: Path | None, max_samples: int, seq_l
 
     if out is not None:
         output_format(out)
+        check_writable([out])
     table = measure(model, calib, max_samples=max_samples, seq_len=seq_len, batch_size=batch_size, seed=seed,
                     eps=eps, rel_eps=rel_eps, device=device, dtype=dtype, progress=not quiet)
     if out is not None:
@@ -315,20 +320,34 @@ def architectures_command() -> None:
     click.echo(architecture_table(), nl=False)
 
 
+def one_line(text: str) -> str:
+    """``text`` with line breaks, control characters and lone surrogates escaped: one terminal line."""
+    return "".join(
+        char.encode("unicode_escape").decode("ascii") if unicodedata.category(char) in UNPRINTABLE else char
+        for char in text)
+
+
+UNPRINTABLE = frozenset({"Cc", "Cs", "Zl", "Zp"})
+
+
+def _error(message: str) -> None:
+    click.echo(f"error: {one_line(message)}", err=True)
+
+
 def main() -> None:
     try:
         cli(standalone_mode=False)
     except LayerscopeError as exc:
-        click.echo(f"error: {exc}", err=True)
+        _error(str(exc))
         sys.exit(2)
     except OSError as exc:  # unreadable input, unwritable --out: the message names the file
-        click.echo(f"error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), err=True)
+        _error(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "))
         sys.exit(2)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
     except click.UsageError as exc:  # one line, like every other input error
-        click.echo(f"error: {exc.format_message()}", err=True)
+        _error(exc.format_message())
         sys.exit(2)
     except click.ClickException as exc:
         exc.show()

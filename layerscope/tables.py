@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import pandas as pd
 
 from layerscope.errors import LayerscopeError
+from layerscope.outputs import settle, write_files
 
 FORMATS = (".parquet", ".csv", ".json")
 SCAN_SCHEMA = "layerscope.scan/1"
@@ -18,15 +17,7 @@ SCAN_SCHEMA = "layerscope.scan/1"
 
 def atomic_write(path: Path, write) -> None:
     """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_files({Path(path): write})
 
 
 def layers_path(path: Path) -> Path:
@@ -45,33 +36,37 @@ def output_format(path: Path) -> str:
     return path.suffix
 
 
+def scan_outputs(path: str | Path) -> list[Path]:
+    """Every file ``write_scan`` writes for ``--out path``."""
+    path = Path(path)
+    fmt = output_format(path)
+    if fmt == ".json":
+        return [path]
+    return [path, layers_path(path)] + ([model_path(path)] if fmt == ".csv" else [])
+
+
 def write_scan(matrices: pd.DataFrame, layers: pd.DataFrame, path: str | Path) -> list[Path]:
-    """Write the per-matrix and per-layer tables; return the files written."""
+    """Write the per-matrix and per-layer tables (and the .csv model sidecar) as one set; return them."""
     path = Path(path)
     fmt = output_format(path)
     if fmt == ".json":
         document = {"schema": SCAN_SCHEMA, "model": jsonable(matrices.attrs),
                     "matrices": _records(matrices), "layers": _records(layers)}
-        atomic_write(path, lambda tmp: tmp.write_text(json.dumps(document, indent=1, allow_nan=False)))
-        return [path]
-    written = []
+        return write_files({path: lambda tmp: tmp.write_text(json.dumps(document, indent=1, allow_nan=False))})
     if fmt == ".csv":
         sidecar = json.dumps(jsonable(matrices.attrs), indent=1, allow_nan=False)
-        atomic_write(model_path(path), lambda tmp: tmp.write_text(sidecar))
-        written.append(model_path(path))
-    for table, target in ((matrices, path), (layers, layers_path(path))):
-        if fmt == ".csv":
-            atomic_write(target, lambda tmp, t=table: t.to_csv(tmp, index=False))
-        else:
-            atomic_write(target, lambda tmp, t=table: t.to_parquet(tmp, index=False))
-        written.append(target)
-    return written
+        return write_files({path: lambda tmp: matrices.to_csv(tmp, index=False),
+                            layers_path(path): lambda tmp: layers.to_csv(tmp, index=False),
+                            model_path(path): lambda tmp: tmp.write_text(sidecar)})
+    return write_files({path: lambda tmp: matrices.to_parquet(tmp, index=False),
+                        layers_path(path): lambda tmp: layers.to_parquet(tmp, index=False)})
 
 
 def read_scan(path: str | Path) -> pd.DataFrame:
     """Read a per-matrix table written by :func:`write_scan`."""
     path = Path(path)
     fmt = output_format(path)
+    settle(scan_outputs(path))
     if not path.is_file():
         raise LayerscopeError(f"{path}: no such file")
     try:

@@ -84,7 +84,7 @@ def test_invalid_json_header(tmp_path):
     path = tmp_path / "model.safetensors"
     raw = b"{not json"
     path.write_bytes(len(raw).to_bytes(8, "little") + raw + bytes(16))
-    _expect(path, "model.safetensors", "not valid JSON")
+    _expect(path, "model.safetensors", "invalid JSON")
 
 
 def test_offsets_out_of_range(tmp_path):

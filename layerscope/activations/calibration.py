@@ -10,7 +10,6 @@ attention mask at 0 on the padding).
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 
 from layerscope.errors import LayerscopeError
+from layerscope.strictjson import strict_json
 
 BUNDLED = "bundled calibration text"
 
@@ -64,10 +64,7 @@ def _read_jsonl(path: Path, text: str) -> list[str]:
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise LayerscopeError(f"--calib {path}: line {number} is not JSON ({exc.msg})") from None
+        record = strict_json(line.encode("utf-8", "surrogatepass"), f"--calib {path}", f"line {number}")
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise LayerscopeError(f"--calib {path}: line {number} has no string field 'text'")
         if record["text"].strip():

@@ -197,9 +197,9 @@ def _qkv_sizes(config: dict, tensor: str) -> list[int]:
     attn = config.get("attn_config") if isinstance(config.get("attn_config"), dict) else {}
     heads = _config_int(config, ("num_attention_heads", "n_head", "n_heads"))
     hidden = _config_int(config, ("hidden_size", "n_embd", "d_model"))
-    if heads is None or hidden is None:
-        raise LayerscopeError(f"{tensor}: splitting fused qkv needs config.json fields for the head count and "
-                              "hidden size (num_attention_heads/n_head, hidden_size/n_embd)")
+    if not heads or not hidden:
+        raise LayerscopeError(f"{tensor}: splitting fused qkv needs positive config.json fields for the head count "
+                              "and hidden size (num_attention_heads/n_head, hidden_size/n_embd)")
     kv_heads = _config_int(config, ("num_key_value_heads", "n_head_kv", "num_kv_heads")) or _config_int(
         attn, ("kv_n_heads",))
     if config.get("multi_query") is True:

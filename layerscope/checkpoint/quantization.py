@@ -41,7 +41,6 @@ scheme, never skipped.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +51,7 @@ import torch
 from layerscope.checkpoint.dtypes import E2M1_VALUES, FLOATING
 from layerscope.checkpoint.reader import Checkpoint, TensorInfo, read_tensor
 from layerscope.errors import LayerscopeError
+from layerscope.strictjson import strict_json
 
 FP8 = frozenset({"F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ"})
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble k of a packed int holds output column AWQ_ORDER[k]
@@ -103,10 +103,7 @@ def quantization_config(ckpt: Checkpoint) -> dict:
     for side, method in (("quantize_config.json", "gptq"), ("quant_config.json", "awq")):
         path = folder / side
         if path.is_file():
-            try:
-                loaded = json.loads(path.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise LayerscopeError(f"{path}: invalid JSON ({exc})") from None
+            loaded = strict_json(path.read_bytes(), str(path))
             if isinstance(loaded, dict):
                 return {"quant_method": loaded.get("quant_method", method), **loaded}
     return {}

@@ -19,10 +19,12 @@ from pathlib import Path
 
 import torch
 
-from layerscope.checkpoint.dtypes import BITS, TORCH_DTYPE, UNDECODED, decode_f4, nbytes
+from layerscope.checkpoint.architectures import ARCHITECTURES
+from layerscope.checkpoint.dtypes import TORCH_DTYPE, UNDECODED, decode_f4, nbytes
+from layerscope.checkpoint.header import HEADER_CAP_BYTES, parse_header
+from layerscope.strictjson import json_type, quote, strict_json
 from layerscope.errors import LayerscopeError
 
-HEADER_CAP_BYTES = 100_000_000  # the limit safetensors itself enforces
 INDEX_NAMES = ("model.safetensors.index.json", "adapter_model.safetensors.index.json")
 SINGLE_NAMES = ("model.safetensors", "adapter_model.safetensors")
 TORCH_INDEX_NAMES = ("pytorch_model.bin.index.json",)
@@ -202,10 +204,7 @@ def _torch_load(file: Path) -> dict:
 
 
 def _read_index(index_path: Path) -> dict[str, str]:
-    try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise LayerscopeError(f"{index_path}: invalid JSON ({exc})") from None
+    index = strict_json(index_path.read_bytes(), str(index_path))
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise LayerscopeError(f"{index_path}: field 'weight_map' is missing or empty")
@@ -224,72 +223,56 @@ def _check_index_coverage(root: Path, expected: dict[str, str], found: dict[str,
             raise LayerscopeError(f"{root}: index puts {name!r} in {shard} but it is in {info.file.name}")
 
 
+# config.json fields layerscope reads, and the JSON types they must have (None: may be null).
+CONFIG_TEXT_FIELDS = ("model_type",)
+HEAD_FIELDS = ("num_attention_heads", "n_head", "n_heads", "hidden_size", "n_embd", "d_model", "num_key_value_heads",
+               "n_head_kv", "num_kv_heads", "head_dim")
+CONFIG_INT_FIELDS = tuple(sorted({key for arch in ARCHITECTURES for stack in arch["stacks"] for key in stack["count"]}
+                                  | {"num_hidden_layers", "n_layer", "num_layers", *HEAD_FIELDS}))
+
+
 def _read_config(folder: Path) -> dict:
     config_path = folder / "config.json"
     if not config_path.is_file():
         return {}
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise LayerscopeError(f"{config_path}: invalid JSON ({exc})") from None
+    config = strict_json(config_path.read_bytes(), str(config_path))
     if not isinstance(config, dict):
-        raise LayerscopeError(f"{config_path}: expected a JSON object")
+        raise LayerscopeError(f"{config_path}: is a JSON {json_type(config)}, expected an object")
+    check_config_fields(config, str(config_path))
     return config
 
 
+def check_config_fields(config: dict, where: str) -> None:
+    """The fields layerscope uses must have their documented types (a string ``architectures`` would
+    otherwise read as a list of letters)."""
+    archs = config.get("architectures")
+    if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+        raise LayerscopeError(f"{where}: field 'architectures' is a JSON {json_type(archs)}, expected a list of "
+                              "strings")
+    for key in CONFIG_TEXT_FIELDS:
+        if config.get(key) is not None and not isinstance(config[key], str):
+            raise LayerscopeError(f"{where}: field {key!r} is a JSON {json_type(config[key])}, expected a string")
+    for key in CONFIG_INT_FIELDS:
+        value = config.get(key)
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**31):
+            raise LayerscopeError(f"{where}: field {key!r} is {json.dumps(value)[:40]}, expected a non-negative "
+                                  "integer")
+    if config.get("quantization_config") is not None and not isinstance(config["quantization_config"], dict):
+        raise LayerscopeError(f"{where}: field 'quantization_config' is a JSON "
+                              f"{json_type(config['quantization_config'])}, expected an object")
+
+
 def read_header(file: Path) -> list[TensorInfo]:
-    """Parse and validate one safetensors header; return its tensors in file order."""
+    """Parse and validate one safetensors header (see :mod:`layerscope.checkpoint.header`); return its
+    tensors in header order with absolute byte offsets."""
     size = file.stat().st_size
-    if size < 8:
-        raise LayerscopeError(f"{file}: truncated ({size} bytes; a safetensors file starts with an 8-byte header length)")
     with open(file, "rb") as handle:
-        header_len = int.from_bytes(handle.read(8), "little")
-        if header_len > HEADER_CAP_BYTES:
-            raise LayerscopeError(f"{file}: header length {header_len} exceeds the {HEADER_CAP_BYTES}-byte cap")
-        if 8 + header_len > size:
-            raise LayerscopeError(f"{file}: header length {header_len} runs past the end of the file ({size} bytes)")
-        raw = handle.read(header_len)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LayerscopeError(f"{file}: header is not valid JSON ({exc})") from None
-    if not isinstance(header, dict):
-        raise LayerscopeError(f"{file}: header is not a JSON object")
-    data_start = 8 + header_len
-    infos = [
-        _tensor_info(file, name, entry, data_start, size)
-        for name, entry in header.items()
-        if name != "__metadata__"
-    ]
-    _check_no_overlap(file, infos)
-    return infos
-
-
-def _tensor_info(file: Path, name: str, entry: object, data_start: int, size: int) -> TensorInfo:
-    where = f"{file}: tensor {name!r}"
-    if not isinstance(entry, dict):
-        raise LayerscopeError(f"{where}: header entry is not an object")
-    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if not isinstance(dtype, str) or dtype not in BITS:
-        raise LayerscopeError(f"{where}: field 'dtype' {_short(dtype)} is not a safetensors dtype")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise LayerscopeError(f"{where}: field 'shape' must be a list of non-negative integers")
-    if (
-        not isinstance(offsets, list) or len(offsets) != 2
-        or not all(isinstance(o, int) and o >= 0 for o in offsets) or offsets[0] > offsets[1]
-    ):
-        raise LayerscopeError(f"{where}: field 'data_offsets' must be [begin, end] with 0 <= begin <= end")
-    begin, end = data_start + offsets[0], data_start + offsets[1]
-    if end > size:
-        raise LayerscopeError(f"{where}: data_offsets {offsets} run past the end of the file ({size} bytes)")
-    expected = nbytes(dtype, math.prod(shape))
-    if expected is None:
-        raise LayerscopeError(f"{where}: {dtype} x shape {shape} does not end on a byte boundary")
-    if end - begin != expected:
-        raise LayerscopeError(
-            f"{where}: {end - begin} bytes at data_offsets {offsets} but dtype {dtype} x shape {shape} needs {expected}"
-        )
-    return TensorInfo(name=name, file=file, dtype=dtype, shape=tuple(shape), begin=begin, end=end)
+        prefix = handle.read(8)
+        if len(prefix) == 8 and int.from_bytes(prefix, "little") <= HEADER_CAP_BYTES:
+            prefix += handle.read(int.from_bytes(prefix, "little"))
+    header = parse_header(prefix, size, str(file))
+    return [TensorInfo(name=e.name, file=file, dtype=e.dtype, shape=e.shape, begin=header.data_start + e.begin,
+                       end=header.data_start + e.end) for e in header.entries]
 
 
 def _short(value: object) -> str:
@@ -297,18 +280,8 @@ def _short(value: object) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _check_no_overlap(file: Path, infos: list[TensorInfo]) -> None:
-    by_start = sorted((i for i in infos if i.nbytes), key=lambda i: i.begin)
-    for previous, current in zip(by_start, by_start[1:]):
-        if current.begin < previous.end:
-            raise LayerscopeError(f"{file}: tensors {previous.name!r} and {current.name!r} overlap")
-
-
-def read_tensor(info: TensorInfo, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Read exactly one tensor's bytes from disk; optionally upcast (e.g. BF16 → float32)."""
-    if info.container == "torch":
-        tensor = _torch_load(info.file)[info.name].clone()  # the mapping is dropped; only this tensor stays
-        return tensor if dtype is None else tensor.to(dtype)
+def read_raw(info: TensorInfo) -> bytearray:
+    """Exactly one safetensors tensor's bytes, with positional reads."""
     buffer = bytearray(info.nbytes)
     fd = os.open(info.file, os.O_RDONLY)
     try:
@@ -316,10 +289,20 @@ def read_tensor(info: TensorInfo, dtype: torch.dtype | None = None) -> torch.Ten
         while done < info.nbytes:
             got = os.preadv(fd, [view[done:]], info.begin + done)
             if got <= 0:
-                raise LayerscopeError(f"{info.file}: tensor {info.name!r} ends early (file changed while reading?)")
+                raise LayerscopeError(f"{info.file}: tensor {quote(info.name)} ends early (file changed while "
+                                      "reading?)")
             done += got
     finally:
         os.close(fd)
+    return buffer
+
+
+def read_tensor(info: TensorInfo, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Read exactly one tensor's bytes from disk; optionally upcast (e.g. BF16 → float32)."""
+    if info.container == "torch":
+        tensor = _torch_load(info.file)[info.name].clone()  # the mapping is dropped; only this tensor stays
+        return tensor if dtype is None else tensor.to(dtype)
+    buffer = read_raw(info)
     if info.dtype in UNDECODED:
         raise LayerscopeError(f"{info.file}: tensor {info.name!r} has dtype {info.dtype} (packed 6-bit floats), "
                               "which layerscope does not decode")

@@ -10,6 +10,7 @@ from importlib import resources
 from pathlib import Path
 
 from layerscope.errors import LayerscopeError
+from layerscope.strictjson import strict_json
 from layerscope.planning.accounting import accounting_report
 from layerscope.planning.inputs import PlanInputs
 from layerscope.tables import atomic_write, jsonable
@@ -89,11 +90,7 @@ class Plan:
 
     @classmethod
     def loads(cls, text: str, source: str = "plan") -> Plan:
-        try:
-            document = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise LayerscopeError(f"{source}: invalid JSON ({exc})") from None
-        return cls(document, source)
+        return cls(strict_json(text.encode("utf-8", "surrogatepass"), source), source)
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:

@@ -72,42 +72,73 @@ def working_dtype(precision: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+# Weights whose largest magnitude lies outside [2^-R, 2^R] are scaled by a power of two before squaring
+# (exact), so neither the Gram nor its eigenvalues leave the working dtype's range.
+SAFE_EXPONENT = {torch.float64: 400, torch.float32: 40}
+
+
 def gram_eigenvalues(batch: torch.Tensor, dtype: torch.dtype,
                      chunk_bytes: int = GRAM_CHUNK_BYTES) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ascending eigenvalues of WᵀW for each W in a (B, rows, cols) batch, and whether W is finite.
+    """Ascending eigenvalues of WᵀW for each W in a (B, rows, cols) batch (float64 when scaled back),
+    and whether W is finite.  Eigenvalues beyond float64's range come back as inf / 0; use
+    :func:`scaled_gram_eigenvalues` to keep them."""
+    eigs, finite, exponent = scaled_gram_eigenvalues(batch, dtype, chunk_bytes)
+    if bool((exponent != 0).any()):
+        eigs = torch.ldexp(eigs.to(torch.float64), exponent.to(torch.float64)[:, None])
+    return eigs, finite
+
+
+def scaled_gram_eigenvalues(batch: torch.Tensor, dtype: torch.dtype, chunk_bytes: int = GRAM_CHUNK_BYTES
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(eigenvalues, finite, exponent): the eigenvalues of WᵀW are ``eigenvalues × 2^exponent``.
 
     Each W is first made tall, so the Gram is min(rows, cols) square.  W stays in its stored
     dtype (bf16, f16, ...); the Gram is accumulated over row chunks converted to ``dtype`` one at
-    a time, so no full-size float64 copy of a large matrix ever exists.  Matrices with NaN/Inf
-    get a zero Gram (and ``finite`` False) instead of breaking the batched eigensolver.  Tiny
-    negative eigenvalues from rounding are clamped to 0 (a Gram matrix is positive semi-definite).
+    a time, so no full-size float64 copy of a large matrix ever exists.  A W whose largest
+    magnitude is extreme (|w| ~ 1e200 in float64, ~1e15 in float32) is scaled by 2^-k first, with
+    exponent 2k (exact: powers of two).  Matrices with NaN/Inf get a zero Gram (and ``finite``
+    False) instead of breaking the batched eigensolver.  Tiny negative eigenvalues from rounding
+    are clamped to 0 (a Gram matrix is positive semi-definite).
     """
     if batch.shape[-2] < batch.shape[-1]:
         batch = batch.mT
+    largest = torch.linalg.vector_norm(batch, ord=math.inf, dim=(-2, -1)).to(torch.float64)
+    finite = torch.isfinite(largest)
+    _, k = torch.frexp(torch.where(finite & (largest > 0), largest, torch.ones_like(largest)))
+    extreme = k.abs() > SAFE_EXPONENT[dtype]
+    k = torch.where(extreme & finite, k, torch.zeros_like(k))
+    scale = torch.ldexp(torch.ones_like(largest), -k.to(torch.float64)) if bool(extreme.any()) else None
     use_syrk = batch.device.type == "cpu" and batch.shape[-1] >= SYRK_MIN_DIM
-    gram = (_grams_syrk if use_syrk else _grams_batched)(batch, dtype, chunk_bytes)
-    # Any NaN/Inf in a column of W reaches that column's diagonal entry Σ w², so the diagonal tells.
-    finite = torch.isfinite(torch.diagonal(gram, dim1=1, dim2=2)).all(dim=1)
+    gram = (_grams_syrk if use_syrk else _grams_batched)(batch, dtype, chunk_bytes, scale)
     gram[~finite] = 0
-    return torch.linalg.eigvalsh(gram, UPLO="L").clamp_min_(0), finite
+    return torch.linalg.eigvalsh(gram, UPLO="L").clamp_min_(0), finite.to(gram.device), (2 * k).to(torch.int64)
+
+
+def _converted(chunk: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None) -> torch.Tensor:
+    """A row chunk in the working dtype, scaled first (in float64) when its matrix is extreme."""
+    if scale is None:
+        return chunk.to(dtype)
+    return (chunk.to(torch.float64) * scale.to(chunk.device).reshape(-1, *([1] * (chunk.dim() - 1)))).to(dtype)
 
 
 def _row_step(count: int, cols: int, dtype: torch.dtype, chunk_bytes: int) -> int:
     return max(1, chunk_bytes // (count * cols * torch.finfo(dtype).bits // 8))
 
 
-def _grams_batched(batch: torch.Tensor, dtype: torch.dtype, chunk_bytes: int) -> torch.Tensor:
+def _grams_batched(batch: torch.Tensor, dtype: torch.dtype, chunk_bytes: int,
+                   scale: torch.Tensor | None = None) -> torch.Tensor:
     """Full Gram matrices with batched GEMMs (accelerators: one kernel for the whole batch)."""
     count, rows, cols = batch.shape
     step = _row_step(count, cols, dtype, chunk_bytes)
     gram = None
     for start in range(0, rows, step):
-        chunk = batch[:, start:start + step, :].to(dtype)
+        chunk = _converted(batch[:, start:start + step, :], dtype, scale)
         gram = torch.bmm(chunk.mT, chunk) if gram is None else gram.baddbmm_(chunk.mT, chunk)
     return gram
 
 
-def _grams_syrk(batch: torch.Tensor, dtype: torch.dtype, chunk_bytes: int) -> torch.Tensor:
+def _grams_syrk(batch: torch.Tensor, dtype: torch.dtype, chunk_bytes: int,
+                scale: torch.Tensor | None = None) -> torch.Tensor:
     """Lower triangles of the Gram matrices with BLAS ``syrk`` (CPU): half the flops of a GEMM.
 
     ``batch`` may be a transposed view (wide weights): each row chunk of the tall orientation
@@ -124,7 +155,8 @@ def _grams_syrk(batch: torch.Tensor, dtype: torch.dtype, chunk_bytes: int) -> to
         out = gram[b].T
         for start in range(0, rows, step):
             rows_chunk = batch[b, start:start + step, :]
-            stored = (rows_chunk.mT if stored_wide else rows_chunk).contiguous().to(dtype).numpy()
+            stored = _converted((rows_chunk.mT if stored_wide else rows_chunk).contiguous(), dtype,
+                                None if scale is None else scale[b]).numpy()
             out = syrk(1.0, stored.T, beta=1.0, c=out, trans=int(stored_wide), lower=0, overwrite_c=1)
         if not np.shares_memory(out, gram[b]):
             gram[b] = out.T

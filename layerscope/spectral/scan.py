@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
@@ -221,7 +222,7 @@ def _matrices(
         "conv1d": role.conv1d,
     }
     if weight.dim() > 2:
-        experts = weight.reshape(-1, *weight.shape[-2:])
+        experts = weight.reshape(math.prod(weight.shape[:-2]), *weight.shape[-2:])
         for j, matrix in enumerate(experts):
             kind = "expert" if role.kind == "expert_stack" else role.kind
             expert_role = f"expert.{j}.{role.role}" if role.kind == "expert_stack" else role.role
@@ -242,26 +243,29 @@ def _analyse_batch(batch: _Batch, device: torch.device, dtype: torch.dtype, esti
                    bar: tqdm) -> list[dict]:
     rows: list[dict] = []
     good = [m for m in batch.items if min(m.weight.shape) >= MIN_EVALS]
-    eig_iter, finite_iter = iter([]), iter([])
+    eig_iter, finite_iter, exponent_iter = iter([]), iter([]), iter([])
     if good:
         weights = [m.weight for m in good]
         stacked = (weights[0][None] if len(weights) == 1 else torch.stack(weights)).to(device)
-        eigs_batch, finite = esd.gram_eigenvalues(stacked, dtype)
+        eigs_batch, finite, exponents = esd.scaled_gram_eigenvalues(stacked, dtype)
         del stacked
-        eig_iter, finite_iter = iter(eigs_batch), iter(finite.tolist())
+        eig_iter, finite_iter, exponent_iter = iter(eigs_batch), iter(finite.tolist()), iter(exponents.tolist())
     for matrix in batch.items:
+        exponent = 0
         if min(matrix.weight.shape) < MIN_EVALS:
             eigs, status = None, "too_few_evals"
         else:
-            eigs, is_finite = next(eig_iter), next(finite_iter)
+            eigs, is_finite, exponent = next(eig_iter), next(finite_iter), next(exponent_iter)
             eigs, status = (eigs, "ok") if is_finite else (None, "nonfinite_weights")
-        rows.append(_analyse_matrix(matrix, eigs, estimators, status))
+        rows.append(_analyse_matrix(matrix, eigs, estimators, status, exponent))
         bar.update(1)
     batch.items.clear()
     return rows
 
 
-def _analyse_matrix(matrix: _Matrix, eigs: torch.Tensor | None, estimators: tuple[str, ...], status: str) -> dict:
+def _analyse_matrix(matrix: _Matrix, eigs: torch.Tensor | None, estimators: tuple[str, ...], status: str,
+                    exponent: int = 0) -> dict:
+    """One table row; ``eigs × 2^exponent`` are the Gram eigenvalues (exponent ≠ 0 only for extreme weights)."""
     rows_, cols_ = matrix.weight.shape
     n_rows, m_cols = max(rows_, cols_), min(rows_, cols_)
     out_features, in_features = (cols_, rows_) if matrix.row.pop("conv1d") else (rows_, cols_)
@@ -271,7 +275,7 @@ def _analyse_matrix(matrix: _Matrix, eigs: torch.Tensor | None, estimators: tupl
     if eigs is None:
         return row
     used = eigs.dtype
-    eigs64 = eigs.to(torch.float64).cpu().numpy()
+    eigs64, extreme = _unscaled(eigs, exponent)
     if float(eigs64[-1]) <= 0:
         row["status"] = "zero_matrix"
         return row
@@ -279,7 +283,9 @@ def _analyse_matrix(matrix: _Matrix, eigs: torch.Tensor | None, estimators: tupl
     if used == torch.float32 and not esd.f32_fit_is_trustworthy(
         [fits[k].xmin for k in ("alpha", "alpha_peak") if k in fits], float(eigs64[-1]), n_rows
     ):
-        eigs64 = esd.gram_eigenvalues(matrix.weight.to(eigs.device)[None], torch.float64)[0][0].cpu().numpy()
+        eigs, _, exponents = esd.scaled_gram_eigenvalues(matrix.weight.to(eigs.device)[None], torch.float64)
+        exponent = int(exponents[0])
+        eigs64, extreme = _unscaled(eigs[0], exponent)
         fits = _fit_all(eigs64, estimators)
         used = "f64 (f32 guard)"
     row["precision"] = {torch.float32: "f32", torch.float64: "f64"}.get(used, used)
@@ -287,8 +293,40 @@ def _analyse_matrix(matrix: _Matrix, eigs: torch.Tensor | None, estimators: tupl
     alpha = fits["alpha"].alpha if "alpha" in fits else math.nan
     row.update(norm_metrics(eigs64, n_rows, alpha))
     notes = [f.note for f in fits.values() if f.note]
+    if extreme:
+        _rescale_extreme(row, exponent, alpha)
+        notes.append(EXTREME_NOTE)
     row["note"] = "; ".join(notes) if notes else None
     return row
+
+
+def _unscaled(eigs: torch.Tensor, exponent: int) -> tuple[np.ndarray, bool]:
+    """float64 eigenvalues in true units, or (when float64 cannot hold them) still scaled, flagged extreme."""
+    scaled = eigs.to(torch.float64).cpu().numpy()
+    if exponent == 0:
+        return scaled, False
+    unscaled = np.ldexp(scaled, exponent)
+    if np.isfinite(unscaled[-1]) and unscaled[-1] >= np.finfo(np.float64).tiny:
+        return unscaled, False
+    return scaled, True
+
+
+EXTREME_NOTE = ("eigenvalues beyond float64's range: alpha/alpha_hill and the log norms are exact, lambda_max "
+                "and the xmins are not representable, alpha_peak (not scale-invariant) is left out")
+
+
+def _rescale_extreme(row: dict, exponent: int, alpha: float) -> None:
+    """Metrics of eigenvalues known as λ' × 2^exponent that float64 cannot hold: scale-invariant ones
+    stay; log norms shift by exponent·log10(2); the rest are not representable (NaN)."""
+    shift = exponent * math.log10(2)
+    row["log_norm"] += shift
+    row["log_spectral_norm"] += shift
+    if math.isfinite(alpha):
+        row["log_alpha_norm"] += alpha * shift
+        row["alpha_weighted"] = alpha * row["log_spectral_norm"]
+    for column in ("lambda_max", "xmin", "xmin_hill", "xmin_peak", "alpha_peak", "D_peak"):
+        if column in row:
+            row[column] = math.nan
 
 
 def _fit_all(eigs: torch.Tensor, estimators: tuple[str, ...]) -> dict[str, TailFit]:
