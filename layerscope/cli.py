@@ -55,17 +55,19 @@ def _split_estimators(_ctx, _param, value: str) -> tuple[str, ...]:
 @click.option("--split-fused", is_flag=True, help="Also report the parts of fused qkv / gate_up matrices.")
 @click.option("--architecture", help="Force a naming scheme (llama, gpt2, bert, ..., generic).")
 @click.option("--revision", help="Hub cache folders (models--org--name): snapshot commit or ref (default: main).")
+@click.option("--cache", type=click.Path(path_type=Path), help="Keep each finished tensor's results in this "
+              "folder: a killed scan resumes where it stopped, a repeated one is instant.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar, no summary.")
 def scan_command(path: Path, out: Path | None, estimators: tuple[str, ...], device: str, precision: str,
                  include: str | None, exclude: str | None, split_fused: bool, architecture: str | None,
-                 revision: str | None, quiet: bool) -> None:
+                 revision: str | None, cache: Path | None, quiet: bool) -> None:
     """Per-matrix heavy-tailed spectral metrics of a safetensors checkpoint."""
     if out is not None:
         check_writable(scan_outputs(out))  # a bad suffix or an unwritable place fails before the work
     started = time.perf_counter()
     options = ScanOptions(estimators=estimators, device=device, precision=precision, include=include,
                           exclude=exclude, split_fused=split_fused, architecture=architecture,
-                          revision=revision, progress=not quiet)
+                          revision=revision, cache=cache, progress=not quiet)
     matrices = scan(path, **options.__dict__)
     layers = layer_summary(matrices)
     written = write_scan(matrices, layers, out) if out is not None else []
@@ -89,6 +91,9 @@ def _print_summary(matrices: pd.DataFrame, layers: pd.DataFrame, seconds: float,
     if unmapped:
         click.echo(f"WARNING: {len(unmapped)} block matrices match no role of naming {attrs['naming']} (kind "
                    f"'other', left out of the layer means), e.g. {one_line(unmapped[0])}", err=True)
+    if attrs.get("cache"):
+        cache = attrs["cache"]
+        click.echo(f"cache {cache['folder']}: {cache['reused']} tensors reused, {cache['computed']} computed")
     if attrs.get("quantization"):
         click.echo(f"dequantized from: {', '.join(attrs['quantization'])} (see the quantization column)")
     cols = [c for c in ("alpha", "alpha_hill", "alpha_peak") if c in layers.columns]

@@ -24,7 +24,7 @@ PARTIAL = ".partial"
 JOURNAL = ".layerscope-commit"
 
 
-def _kill_point(name: str) -> None:
+def kill_point(name: str) -> None:
     """Tests kill the process here (SIGKILL, as the OOM killer or a cluster scheduler would)."""
     if os.environ.get("LAYERSCOPE_TEST_KILL_AT") == name:
         os.kill(os.getpid(), signal.SIGKILL)
@@ -107,7 +107,7 @@ class OutputSet:
             writer(temp)
         except OSError as exc:
             raise LayerscopeError(f"{self.option} {target}: cannot write it ({exc.strerror or exc})") from None
-        _kill_point(f"written:{target.name}")
+        kill_point(f"written:{target.name}")
 
     def commit(self) -> None:
         missing = [str(t) for t in self.targets if t not in self._temps]
@@ -119,11 +119,11 @@ class OutputSet:
         staged.write_text(json.dumps({"renames": [[str(self._temps[t]), str(t)] for t in self.targets]}),
                           encoding="utf-8")
         os.replace(staged, journal)  # the commit point
-        _kill_point("committing")
+        kill_point("committing")
         for index, target in enumerate(self.targets):
             os.replace(self._temps[target], target)
             if index == 0:
-                _kill_point("renamed-first")
+                kill_point("renamed-first")
         journal.unlink()
         self._temps.clear()
 

@@ -45,10 +45,23 @@ def scan_outputs(path: str | Path) -> list[Path]:
     return [path, layers_path(path)] + ([model_path(path)] if fmt == ".csv" else [])
 
 
+# df.attrs about one run rather than the model (cache reuse): shown by the CLI, never written.
+RUN_ATTRS = ("cache",)
+
+
+def _without_run_attrs(table: pd.DataFrame) -> pd.DataFrame:
+    if not any(key in table.attrs for key in RUN_ATTRS):
+        return table
+    table = table.copy()
+    table.attrs = {k: v for k, v in table.attrs.items() if k not in RUN_ATTRS}
+    return table
+
+
 def write_scan(matrices: pd.DataFrame, layers: pd.DataFrame, path: str | Path) -> list[Path]:
     """Write the per-matrix and per-layer tables (and the .csv model sidecar) as one set; return them."""
     path = Path(path)
     fmt = output_format(path)
+    matrices, layers = _without_run_attrs(matrices), _without_run_attrs(layers)
     if fmt == ".json":
         document = {"schema": SCAN_SCHEMA, "model": jsonable(matrices.attrs),
                     "matrices": _records(matrices), "layers": _records(layers)}

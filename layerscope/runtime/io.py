@@ -14,7 +14,7 @@ from layerscope.errors import LayerscopeError
 from layerscope.export.formats import to_peft_config
 from layerscope.planning.plan import Plan
 from layerscope.runtime.apply import adapters, apply_plan
-from layerscope.tables import atomic_write
+from layerscope.outputs import write_files
 
 ADAPTER_FILE = "adapter.safetensors"
 PLAN_FILE = "plan.json"
@@ -37,8 +37,9 @@ def save_adapters(model: nn.Module, folder: str | Path) -> Path:
     plan: Plan = model._layerscope["plan"]
     metadata = {"format": "pt", PLAN_METADATA_KEY: plan.to_json()}
     state = adapter_state(model)
-    atomic_write(folder / ADAPTER_FILE, lambda tmp: save_file(state, str(tmp), metadata=metadata))
-    plan.save(folder / PLAN_FILE)
+    plan_text = plan.to_json()
+    write_files({folder / ADAPTER_FILE: lambda tmp: save_file(state, str(tmp), metadata=metadata),
+                 folder / PLAN_FILE: lambda tmp: tmp.write_text(plan_text, encoding="utf-8")})
     return folder
 
 
@@ -82,7 +83,6 @@ def export_peft_adapter(model: nn.Module, folder: str | Path) -> Path:
         state[f"base_model.model.{name}.lora_B.weight"] = module.lora_B[0].detach().contiguous().cpu()
     folder = Path(folder)
     text = json.dumps(config, indent=2) + "\n"
-    atomic_write(folder / "adapter_config.json", lambda tmp: tmp.write_text(text))
-    atomic_write(folder / "adapter_model.safetensors",
-                 lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+    write_files({folder / "adapter_config.json": lambda tmp: tmp.write_text(text),
+                 folder / "adapter_model.safetensors": lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"})})
     return folder

@@ -19,6 +19,7 @@ from layerscope.checkpoint.quantization import LogicalTensor, load_logical, logi
 from layerscope.checkpoint.reader import Checkpoint, open_checkpoint
 from layerscope.errors import LayerscopeError
 from layerscope.spectral import esd
+from layerscope.spectral.cache import ScanCache
 from layerscope.spectral.estimators import ESTIMATORS, MIN_EVALS, TailFit
 from layerscope.spectral.metrics import norm_metrics
 
@@ -53,6 +54,7 @@ class ScanOptions:
     revision: str | None = None
     batch_bytes: int | None = None  # None: DEFAULT_BATCH_BYTES for the device
     progress: bool = True
+    cache: str | Path | None = None  # folder of finished tensors' rows (resumable scans)
 
     def validate(self) -> None:
         esd.check_precision(self.precision)
@@ -73,6 +75,7 @@ class _Matrix:
 
     row: dict
     weight: torch.Tensor
+    owner: int = -1  # index of the selected tensor it comes from
 
 
 @dataclass
@@ -110,20 +113,39 @@ def scan_checkpoint(ckpt: Checkpoint, opts: ScanOptions) -> pd.DataFrame:
     total = sum(_matrix_count(info, role) for info, role in selected)
     batch_bytes = opts.batch_bytes if opts.batch_bytes is not None else DEFAULT_BATCH_BYTES.get(device.type, 32 << 20)
 
-    rows: list[dict] = []
+    cache = ScanCache(opts.cache, _cache_settings(opts, device, dtype)) if opts.cache else None
+    progress = _Progress(len(selected), cache)
     batch = _Batch()
     with tqdm(total=total, unit="matrix", desc="scan", disable=(not opts.progress) or None) as bar:
-        for info, role, weight in _prefetched(ckpt, selected):
+        to_compute = []
+        for index, (info, role) in enumerate(selected):
+            key = cache.key(list(info.parts.values()), _identity(info, role), info.quantization) if cache else None
+            cached = cache.get(key) if cache else None
+            if cached is not None:
+                progress.results[index] = cached
+                bar.update(len(cached))
+            else:
+                to_compute.append((index, key, info, role))
+        for (index, key, info, role), weight in zip(to_compute, _prefetched(ckpt, [(i, r) for _, _, i, r in to_compute])):
+            progress.keys[index] = key
+            count = 0
             for matrix in _matrices(ckpt, info, role, weight, scheme, opts.split_fused):
-                key = (tuple(matrix.weight.shape), matrix.weight.dtype)
-                if batch.items and (key != batch.key or batch.nbytes >= batch_bytes):
-                    rows += _analyse_batch(batch, device, dtype, opts.estimators, bar)
+                matrix.owner = index
+                count += 1
+                key_ = (tuple(matrix.weight.shape), matrix.weight.dtype)
+                if batch.items and (key_ != batch.key or batch.nbytes >= batch_bytes):
+                    progress.collect(list(batch.items), _analyse_batch(batch, device, dtype, opts.estimators, bar))
                     batch = _Batch()
-                batch.key = key
+                batch.key = key_
                 batch.items.append(matrix)
                 batch.nbytes += _working_bytes(matrix.weight, dtype)
+            progress.expect(index, count)
         if batch.items:
-            rows += _analyse_batch(batch, device, dtype, opts.estimators, bar)
+            progress.collect(list(batch.items), _analyse_batch(batch, device, dtype, opts.estimators, bar))
+    if cache:
+        cache.close()
+    rows = [row for index in range(len(selected)) for row in progress.results[index]]
+    reused = len(selected) - len(to_compute)
 
     table = pd.DataFrame(rows, columns=_columns(opts.estimators))
     _require_layer_matrices(ckpt, table, opts)
@@ -142,6 +164,8 @@ def scan_checkpoint(ckpt: Checkpoint, opts: ScanOptions) -> pd.DataFrame:
         device=str(device),
         precision=opts.precision,
     )
+    if cache:  # how this run went, not what the model is: never written to the output files
+        table.attrs["cache"] = {"folder": str(opts.cache), "reused": reused, "computed": len(to_compute)}
     return table
 
 
@@ -158,8 +182,39 @@ def _require_layer_matrices(ckpt: Checkpoint, table: pd.DataFrame, opts: ScanOpt
                               f"{', '.join(sorted(set(targets['status'])))})")
 
 
+class _Progress:
+    """Rows per selected tensor, in selection order; a tensor's rows go to the cache once all are in."""
+
+    def __init__(self, count: int, cache: ScanCache | None):
+        self.results: list[list[dict] | None] = [None] * count
+        self.keys: dict[int, str | None] = {}
+        self._expected: dict[int, int] = {}
+        self._cache = cache
+
+    def collect(self, matrices: list[_Matrix], rows: list[dict]) -> None:
+        for matrix, row in zip(matrices, rows):
+            self.results[matrix.owner] = (self.results[matrix.owner] or []) + [row]
+            self._maybe_store(matrix.owner)
+
+    def expect(self, index: int, count: int) -> None:
+        self._expected[index] = count
+        if self.results[index] is None and count == 0:
+            self.results[index] = []
+        self._maybe_store(index)
+
+    def _maybe_store(self, index: int) -> None:
+        done = self.results[index] or []
+        if self._cache and self._expected.get(index) == len(done) and self.keys.get(index):
+            self._cache.put(self.keys.pop(index), done)
+
+
+def _cache_settings(opts: ScanOptions, device: torch.device, dtype: torch.dtype) -> dict:
+    return {"estimators": list(opts.estimators), "precision": opts.precision, "dtype": str(dtype),
+            "device": device.type, "split_fused": opts.split_fused}
+
+
 def _prefetched(ckpt: Checkpoint, selected: list[tuple[LogicalTensor, TensorRole]]
-                ) -> Iterator[tuple[LogicalTensor, TensorRole, torch.Tensor]]:
+                ) -> Iterator[torch.Tensor]:
     """Each selected tensor with its weights, the next one read from disk while this one is analysed.
 
     Reading releases the GIL, so disk time hides behind eigensolver time; at most two tensors
@@ -167,10 +222,10 @@ def _prefetched(ckpt: Checkpoint, selected: list[tuple[LogicalTensor, TensorRole
     """
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="layerscope-read") as reader:
         pending = reader.submit(load_logical, ckpt, selected[0][0]) if selected else None
-        for k, (info, role) in enumerate(selected):
+        for k in range(len(selected)):
             weight = pending.result()
             pending = reader.submit(load_logical, ckpt, selected[k + 1][0]) if k + 1 < len(selected) else None
-            yield info, role, weight
+            yield weight
             del weight
 
 
@@ -207,6 +262,16 @@ def _matrix_count(info: LogicalTensor, role: TensorRole) -> int:
     return 1
 
 
+def _identity(info: LogicalTensor, role: TensorRole) -> dict:
+    """The table columns that say which tensor a row is and what the naming scheme made of it."""
+    return {
+        "name": info.name, "tensor": info.name, "file": info.file.name, "kind": role.kind, "stack": role.stack,
+        "layer": role.layer, "stack_layer": role.stack_layer, "role": role.role, "module": role.module,
+        "expert": role.expert, "part": role.adapter_factor, "dtype": info.dtype, "quantization": info.quantization,
+        "conv1d": role.conv1d,
+    }
+
+
 def _matrices(
     ckpt: Checkpoint, info: LogicalTensor, role: TensorRole, weight: torch.Tensor, scheme: NamingScheme,
     split_fused: bool,
@@ -215,12 +280,7 @@ def _matrices(
 
     Weights stay in their stored dtype; the Gram computation converts them chunk by chunk.
     """
-    base = {
-        "name": info.name, "tensor": info.name, "file": info.file.name, "kind": role.kind, "stack": role.stack,
-        "layer": role.layer, "stack_layer": role.stack_layer, "role": role.role, "module": role.module,
-        "expert": role.expert, "part": role.adapter_factor, "dtype": info.dtype, "quantization": info.quantization,
-        "conv1d": role.conv1d,
-    }
+    base = _identity(info, role)
     if weight.dim() > 2:
         experts = weight.reshape(math.prod(weight.shape[:-2]), *weight.shape[-2:])
         for j, matrix in enumerate(experts):
