@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 import re
 import sys
 import time
@@ -19,6 +20,7 @@ from layerscope.export import EXPORTERS, export_plan
 from layerscope.planning import STRATEGIES, LoraSettings, Plan
 from layerscope.planning import plan as make_plan
 from layerscope.planning.explain import explain_text
+from layerscope.spectral import distributed
 from layerscope.spectral.esd import PRECISIONS
 from layerscope.spectral.estimators import ESTIMATORS
 from layerscope.spectral.scan import ScanOptions, layer_summary, scan
@@ -62,13 +64,21 @@ def scan_command(path: Path, out: Path | None, estimators: tuple[str, ...], devi
                  include: str | None, exclude: str | None, split_fused: bool, architecture: str | None,
                  revision: str | None, cache: Path | None, quiet: bool) -> None:
     """Per-matrix heavy-tailed spectral metrics of a safetensors checkpoint."""
-    if out is not None:
-        check_writable(scan_outputs(out))  # a bad suffix or an unwritable place fails before the work
+    group = distributed.current(device)  # torchrun: this process is one rank of several
+    writer = group is None or group.rank == 0
+
+    def preflight() -> None:  # a bad suffix or an unwritable place fails before the work
+        if out is not None and writer:
+            check_writable(scan_outputs(out))
+
+    preflight() if group is None else group.run(preflight)
     started = time.perf_counter()
     options = ScanOptions(estimators=estimators, device=device, precision=precision, include=include,
                           exclude=exclude, split_fused=split_fused, architecture=architecture,
                           revision=revision, cache=cache, progress=not quiet)
     matrices = scan(path, **options.__dict__)
+    if not writer:
+        return  # rank 0 writes and reports the gathered table
     layers = layer_summary(matrices)
     written = write_scan(matrices, layers, out) if out is not None else []
     if not quiet:
@@ -335,6 +345,12 @@ def one_line(text: str) -> str:
 UNPRINTABLE = frozenset({"Cc", "Cs", "Zl", "Zp"})
 
 
+def _gathered_elsewhere(message: str) -> bool:
+    """Under torchrun, a failure every rank learned through the collective is printed by rank 0 only."""
+    rank = os.environ.get("RANK", "0")
+    return rank != "0" and message.startswith("rank ")
+
+
 def _error(message: str) -> None:
     click.echo(f"error: {one_line(message)}", err=True)
 
@@ -343,7 +359,8 @@ def main() -> None:
     try:
         cli(standalone_mode=False)
     except LayerscopeError as exc:
-        _error(str(exc))
+        if not _gathered_elsewhere(str(exc)):
+            _error(str(exc))
         sys.exit(2)
     except OSError as exc:  # unreadable input, unwritable --out: the message names the file
         _error(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "))

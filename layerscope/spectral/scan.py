@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +19,7 @@ from layerscope.checkpoint.naming import TARGET_KINDS, NamingScheme, TensorRole,
 from layerscope.checkpoint.quantization import LogicalTensor, load_logical, logical_tensors
 from layerscope.checkpoint.reader import Checkpoint, open_checkpoint
 from layerscope.errors import LayerscopeError
-from layerscope.spectral import esd
+from layerscope.spectral import distributed, esd
 from layerscope.spectral.cache import ScanCache
 from layerscope.spectral.estimators import ESTIMATORS, MIN_EVALS, TailFit
 from layerscope.spectral.metrics import norm_metrics
@@ -103,49 +104,23 @@ def scan_checkpoint(ckpt: Checkpoint, opts: ScanOptions) -> pd.DataFrame:
     names = [t.name for t in logical]
     scheme = (scheme_by_name(opts.architecture, ckpt.config, names) if opts.architecture
               else detect_scheme(ckpt.config, names))
-    device = esd.resolve_device(opts.device)
+    device = esd.resolve_device(distributed.rank_device(opts.device, distributed.current(opts.device)))
     dtype = esd.working_dtype(opts.precision, device)
     classified = [(t, scheme.classify(t.name, t.shape, t.analysable_dtype)) for t in logical]
     selected = [(info, role) for info, role in classified if _wanted(info, role, opts)]
     if not selected:
         raise LayerscopeError(f"{ckpt.path}: no weight matrix to analyse"
                               + (" (--include/--exclude left none)" if opts.include or opts.exclude else ""))
-    total = sum(_matrix_count(info, role) for info, role in selected)
-    batch_bytes = opts.batch_bytes if opts.batch_bytes is not None else DEFAULT_BATCH_BYTES.get(device.type, 32 << 20)
-
-    cache = ScanCache(opts.cache, _cache_settings(opts, device, dtype)) if opts.cache else None
-    progress = _Progress(len(selected), cache)
-    batch = _Batch()
-    with tqdm(total=total, unit="matrix", desc="scan", disable=(not opts.progress) or None) as bar:
-        to_compute = []
-        for index, (info, role) in enumerate(selected):
-            key = cache.key(list(info.parts.values()), _identity(info, role), info.quantization) if cache else None
-            cached = cache.get(key) if cache else None
-            if cached is not None:
-                progress.results[index] = cached
-                bar.update(len(cached))
-            else:
-                to_compute.append((index, key, info, role))
-        for (index, key, info, role), weight in zip(to_compute, _prefetched(ckpt, [(i, r) for _, _, i, r in to_compute])):
-            progress.keys[index] = key
-            count = 0
-            for matrix in _matrices(ckpt, info, role, weight, scheme, opts.split_fused):
-                matrix.owner = index
-                count += 1
-                key_ = (tuple(matrix.weight.shape), matrix.weight.dtype)
-                if batch.items and (key_ != batch.key or batch.nbytes >= batch_bytes):
-                    progress.collect(list(batch.items), _analyse_batch(batch, device, dtype, opts.estimators, bar))
-                    batch = _Batch()
-                batch.key = key_
-                batch.items.append(matrix)
-                batch.nbytes += _working_bytes(matrix.weight, dtype)
-            progress.expect(index, count)
-        if batch.items:
-            progress.collect(list(batch.items), _analyse_batch(batch, device, dtype, opts.estimators, bar))
-    if cache:
-        cache.close()
-    rows = [row for index in range(len(selected)) for row in progress.results[index]]
-    reused = len(selected) - len(to_compute)
+    group = distributed.current(opts.device)
+    mine = list(range(len(selected))) if group is None else group.share(
+        [distributed.matrix_cost(info.shape) for info, _ in selected])
+    work = _RankWork(ckpt, selected, mine, scheme, opts, device, dtype)
+    outcomes = [work()] if group is None else group.run(work)
+    results: dict[int, list[dict]] = {}
+    for rank_results, _ in outcomes:
+        results.update(rank_results)
+    reused = sum(count for _, count in outcomes)
+    rows = [row for index in range(len(selected)) for row in results[index]]
 
     table = pd.DataFrame(rows, columns=_columns(opts.estimators))
     _require_layer_matrices(ckpt, table, opts)
@@ -164,9 +139,69 @@ def scan_checkpoint(ckpt: Checkpoint, opts: ScanOptions) -> pd.DataFrame:
         device=str(device),
         precision=opts.precision,
     )
-    if cache:  # how this run went, not what the model is: never written to the output files
-        table.attrs["cache"] = {"folder": str(opts.cache), "reused": reused, "computed": len(to_compute)}
+    if opts.cache:  # how this run went, not what the model is: never written to the output files
+        table.attrs["cache"] = {"folder": str(opts.cache), "reused": reused, "computed": len(selected) - reused}
     return table
+
+
+@dataclass
+class _RankWork:
+    """Analyse the ``mine`` share of the selected tensors: (rows per selected index, tensors reused from the cache)."""
+
+    ckpt: Checkpoint
+    selected: list[tuple[LogicalTensor, TensorRole]]
+    mine: list[int]
+    scheme: NamingScheme
+    opts: ScanOptions
+    device: torch.device
+    dtype: torch.dtype
+
+    def __call__(self) -> tuple[dict[int, list[dict]], int]:
+        opts, device, dtype = self.opts, self.device, self.dtype
+        total = sum(_matrix_count(*self.selected[i]) for i in self.mine)
+        batch_bytes = opts.batch_bytes if opts.batch_bytes is not None else DEFAULT_BATCH_BYTES.get(device.type,
+                                                                                                   32 << 20)
+        cache = ScanCache(opts.cache, _cache_settings(opts, device, dtype)) if opts.cache else None
+        progress = _Progress(len(self.selected), cache)
+        batch = _Batch()
+        show = opts.progress and _is_rank0()
+        try:
+            with tqdm(total=total, unit="matrix", desc="scan", disable=(not show) or None) as bar:
+                to_compute = []
+                for index in self.mine:
+                    info, role = self.selected[index]
+                    key = cache.key(list(info.parts.values()), _identity(info, role), info.quantization) if cache else None
+                    cached = cache.get(key) if cache else None
+                    if cached is not None:
+                        progress.results[index] = cached
+                        bar.update(len(cached))
+                    else:
+                        to_compute.append((index, key, info, role))
+                reads = _prefetched(self.ckpt, [(i, r) for _, _, i, r in to_compute])
+                for (index, key, info, role), weight in zip(to_compute, reads):
+                    progress.keys[index] = key
+                    count = 0
+                    for matrix in _matrices(self.ckpt, info, role, weight, self.scheme, opts.split_fused):
+                        matrix.owner = index
+                        count += 1
+                        shape_key = (tuple(matrix.weight.shape), matrix.weight.dtype)
+                        if batch.items and (shape_key != batch.key or batch.nbytes >= batch_bytes):
+                            progress.collect(list(batch.items), _analyse_batch(batch, device, dtype, opts.estimators, bar))
+                            batch = _Batch()
+                        batch.key = shape_key
+                        batch.items.append(matrix)
+                        batch.nbytes += _working_bytes(matrix.weight, dtype)
+                    progress.expect(index, count)
+                if batch.items:
+                    progress.collect(list(batch.items), _analyse_batch(batch, device, dtype, opts.estimators, bar))
+        finally:
+            if cache:
+                cache.close()
+        return {i: progress.results[i] for i in self.mine}, len(self.mine) - len(to_compute)
+
+
+def _is_rank0() -> bool:
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _require_layer_matrices(ckpt: Checkpoint, table: pd.DataFrame, opts: ScanOptions) -> None:
