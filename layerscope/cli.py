@@ -59,10 +59,12 @@ def _split_estimators(_ctx, _param, value: str) -> tuple[str, ...]:
 @click.option("--revision", help="Hub cache folders (models--org--name): snapshot commit or ref (default: main).")
 @click.option("--cache", type=click.Path(path_type=Path), help="Keep each finished tensor's results in this "
               "folder: a killed scan resumes where it stopped, a repeated one is instant.")
+@click.option("--base", type=click.Path(path_type=Path), help="Adapter folders: also analyse W + ΔW of this "
+              "base model.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar, no summary.")
 def scan_command(path: Path, out: Path | None, estimators: tuple[str, ...], device: str, precision: str,
                  include: str | None, exclude: str | None, split_fused: bool, architecture: str | None,
-                 revision: str | None, cache: Path | None, quiet: bool) -> None:
+                 revision: str | None, cache: Path | None, base: Path | None, quiet: bool) -> None:
     """Per-matrix heavy-tailed spectral metrics of a safetensors checkpoint."""
     group = distributed.current(device)  # torchrun: this process is one rank of several
     writer = group is None or group.rank == 0
@@ -75,7 +77,7 @@ def scan_command(path: Path, out: Path | None, estimators: tuple[str, ...], devi
     started = time.perf_counter()
     options = ScanOptions(estimators=estimators, device=device, precision=precision, include=include,
                           exclude=exclude, split_fused=split_fused, architecture=architecture,
-                          revision=revision, cache=cache, progress=not quiet)
+                          revision=revision, cache=cache, base=base, progress=not quiet)
     matrices = scan(path, **options.__dict__)
     if not writer:
         return  # rank 0 writes and reports the gathered table

@@ -20,6 +20,7 @@ from layerscope.checkpoint.quantization import LogicalTensor, load_logical, logi
 from layerscope.checkpoint.reader import Checkpoint, open_checkpoint
 from layerscope.errors import LayerscopeError
 from layerscope.spectral import distributed, esd
+from layerscope.spectral.adapters import adapter_kind, scan_adapter
 from layerscope.spectral.cache import ScanCache
 from layerscope.spectral.estimators import ESTIMATORS, MIN_EVALS, TailFit
 from layerscope.spectral.metrics import norm_metrics
@@ -56,6 +57,7 @@ class ScanOptions:
     batch_bytes: int | None = None  # None: DEFAULT_BATCH_BYTES for the device
     progress: bool = True
     cache: str | Path | None = None  # folder of finished tensors' rows (resumable scans)
+    base: str | Path | None = None  # adapter scans: also analyse W + ΔW of this base model
 
     def validate(self) -> None:
         esd.check_precision(self.precision)
@@ -95,6 +97,10 @@ def scan(path: str | Path, **options) -> pd.DataFrame:
     """
     opts = ScanOptions(**options)
     opts.validate()  # option errors before any file is opened
+    if adapter_kind(Path(path)) is not None:
+        return scan_adapter(path, base=opts.base, estimators=opts.estimators, progress=opts.progress)
+    if opts.base is not None:
+        raise LayerscopeError(f"--base applies to adapter folders; {path} is not one")
     return scan_checkpoint(open_checkpoint(path, opts.revision), opts)
 
 
@@ -447,7 +453,7 @@ def layer_summary(table: pd.DataFrame) -> pd.DataFrame:
     This is AlphaLoRA's layer quality v_i: the mean of a metric over the layer's projections.
     Failed matrices (NaN metrics) are left out of the means and counted in ``num_failed``.
     """
-    targets = table[table["kind"].isin(TARGET_KINDS) & table["layer"].notna()]
+    targets = table[table["kind"].isin(TARGET_KINDS | {"delta"}) & table["layer"].notna()]
     present = [c for c in SUMMARY_COLUMNS if c in targets.columns]
     grouped = targets.groupby(targets["layer"].astype(int), sort=True)
     summary = grouped[present].mean()

@@ -1,0 +1,278 @@
+"""Spectra of adapter updates ΔW = s·B·A, computed from the factors (never the full product).
+
+With reduced QR factorisations Aᵀ = Q_A R_A and B = Q_B R_B, ΔW = Q_B (s R_B R_Aᵀ) Q_Aᵀ, and the
+orthonormal Q's do not change singular values: the r nonzero eigenvalues of ΔWᵀΔW are the squared
+singular values of the r×r core C = s·R_B·R_Aᵀ.  Cost O((in + out)·r²) per module instead of
+O(in·out·min(in, out)).
+
+Sources:
+
+* a PEFT LoRA adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``):
+  s = lora_alpha / r, or lora_alpha / √r with ``use_rslora``; ``rank_pattern`` / ``alpha_pattern``
+  keys are matched against module names as PEFT matches them (the key is a suffix of the module
+  name at a dot boundary), and the stored factors' rank must agree with the config.
+* a layerscope MoE-LoRA adapter folder (``adapter.safetensors`` from ``save_adapters``): one row per
+  module and expert, ΔW_e = (lora_alpha / r)·B_e·A_e; MoR experts ΔW_e = s·diag(λ_B,e)·B·diag(λ_A,e)·A.
+
+A rank-r update has r nonzero eigenvalues (the other min(in, out) − r are zero by construction and
+left out of the ESD).  The norm metrics (λ_max, log norms, stable rank; entropy for r ≥ 2) are
+defined for any r; the power-law fits need at least 8 eigenvalues, so for r < 8 they are NaN and
+the row's status is ``too_few_evals``.  With ``base=MODEL`` each module's W + ΔW (formed
+explicitly, one at a time, in float64) is analysed too, as kind ``merged``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from layerscope.checkpoint.naming import detect_scheme
+from layerscope.checkpoint.reader import Checkpoint, TensorInfo, open_checkpoint, read_tensor
+from layerscope.errors import LayerscopeError
+from layerscope.spectral.estimators import ESTIMATORS, MIN_EVALS
+from layerscope.spectral.metrics import norm_metrics
+from layerscope.strictjson import strict_json
+
+PEFT_CONFIG = "adapter_config.json"
+PEFT_PREFIX = "base_model.model."
+OURS = "adapter.safetensors"
+ADAPTER_COLUMNS = ["lora_rank", "lora_scaling"]
+
+
+@dataclass
+class Update:
+    """One adapter update: the module it changes and ΔW's factors (ΔW = scaling · B · A)."""
+
+    module: str
+    expert: int | None
+    A: torch.Tensor  # (r, in)
+    B: torch.Tensor  # (out, r)
+    scaling: float
+    tensor: str  # the stored tensor the row points at
+    file: str
+    dtype: str  # stored dtype of the factors
+
+
+def adapter_kind(path: Path) -> str | None:
+    """"peft", "layerscope" or None (not an adapter folder)."""
+    if not path.is_dir():
+        return None
+    if (path / PEFT_CONFIG).is_file():
+        return "peft"
+    if (path / OURS).is_file():
+        return "layerscope"
+    return None
+
+
+def delta_eigenvalues(A: torch.Tensor, B: torch.Tensor, scaling: float) -> np.ndarray:
+    """The nonzero eigenvalues of ΔWᵀΔW for ΔW = scaling·B·A, ascending, in float64, from the r×r core."""
+    _, r_a = torch.linalg.qr(A.to(torch.float64).T)  # Aᵀ = Q_A R_A
+    _, r_b = torch.linalg.qr(B.to(torch.float64))  # B = Q_B R_B
+    core = scaling * (r_b @ r_a.T)
+    singular = torch.linalg.svdvals(core)
+    return np.sort((singular * singular).numpy())
+
+
+# ---- reading the two adapter formats -----------------------------------------------------------
+
+def _pattern_value(patterns: dict, module: str, default):
+    """PEFT's rule: the first pattern key that matches the module name as ``(.*\\.)?key$``."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def peft_updates(folder: Path) -> list[Update]:
+    config = strict_json((folder / PEFT_CONFIG).read_bytes(), str(folder / PEFT_CONFIG))
+    if not isinstance(config, dict):
+        raise LayerscopeError(f"{folder / PEFT_CONFIG}: expected a JSON object")
+    where = folder / PEFT_CONFIG
+    if str(config.get("peft_type", "LORA")).upper() != "LORA":
+        raise LayerscopeError(f"{where}: peft_type {config.get('peft_type')!r} is not LORA (only LoRA updates are "
+                              "analysed)")
+    if config.get("use_dora"):
+        raise LayerscopeError(f"{where}: use_dora is set; DoRA's update is not s·B·A and is not analysed")
+    rank, alpha = config.get("r", 8), config.get("lora_alpha", 8)
+    patterns = {key: config.get(key) or {} for key in ("rank_pattern", "alpha_pattern")}
+    for key, value in (("r", rank), ("lora_alpha", alpha)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise LayerscopeError(f"{where}: field {key!r} is {value!r}, expected a positive number")
+    for key, pattern in patterns.items():
+        if not isinstance(pattern, dict):
+            raise LayerscopeError(f"{where}: field {key!r} is not an object")
+    ckpt = open_checkpoint(folder)
+    factors: dict[str, dict[str, TensorInfo]] = {}
+    for name, info in ckpt.tensors.items():
+        match = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", name)
+        if match:
+            factors.setdefault(match.group(1), {})[match.group(2)] = info
+        elif ".lora_embedding_" in name or ".lora_magnitude_vector" in name:
+            raise LayerscopeError(f"{ckpt.path}: tensor {name!r}: embedding LoRA and DoRA updates are not analysed")
+    if not factors:
+        raise LayerscopeError(f"{ckpt.path}: no lora_A / lora_B weights in this adapter")
+    updates = []
+    for module, pair in factors.items():
+        if set(pair) != {"A", "B"}:
+            missing = "lora_B" if "A" in pair else "lora_A"
+            raise LayerscopeError(f"{ckpt.path}: module {module!r} has no {missing} weight")
+        A, B = read_tensor(pair["A"]), read_tensor(pair["B"])
+        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+            raise LayerscopeError(f"{ckpt.path}: module {module!r}: lora_A {list(A.shape)} and lora_B "
+                                  f"{list(B.shape)} are not (r, in) and (out, r)")
+        r = _pattern_value(patterns["rank_pattern"], module, rank)
+        if r != A.shape[0]:
+            raise LayerscopeError(f"{where}: module {module!r} has rank {A.shape[0]} in the weights but {r} in the "
+                                  "config (r / rank_pattern)")
+        module_alpha = _pattern_value(patterns["alpha_pattern"], module, alpha)
+        scaling = module_alpha / (math.sqrt(r) if config.get("use_rslora") else r)
+        updates.append(Update(module, None, A, B, float(scaling), pair["B"].name, pair["B"].file.name,
+                              pair["B"].dtype))
+    return updates
+
+
+def layerscope_updates(folder: Path) -> list[Update]:
+    from layerscope.planning.plan import Plan
+
+    ckpt = open_checkpoint(folder / OURS)
+    plan_file = folder / "plan.json"
+    if not plan_file.is_file():
+        raise LayerscopeError(f"{folder}: {OURS} without its plan.json (written together by save_adapters)")
+    plan = Plan.load(plan_file)
+    specs = {spec["name"]: spec for spec in plan.modules()}
+    updates = []
+    modules = sorted({name.rsplit(".", 1)[0] for name in ckpt.tensors if name.endswith(".lora_A")})
+    for module in modules:
+        spec = _spec_for(specs, module, folder)
+        scaling = spec["lora_alpha"] / spec["rank"]
+        A, B = ckpt.load(f"{module}.lora_A", torch.float64), ckpt.load(f"{module}.lora_B", torch.float64)
+        tensor, file = f"{module}.lora_B", (folder / OURS).name
+        stored = ckpt.tensors[tensor].dtype
+        if plan.document["expert_type"] == "mor":
+            lam_a, lam_b = ckpt.load(f"{module}.lambda_A", torch.float64), ckpt.load(f"{module}.lambda_B", torch.float64)
+            for j in range(lam_a.shape[0]):
+                updates.append(Update(module, j, lam_a[j][:, None] * A, lam_b[j][:, None] * B, scaling, tensor, file,
+                                      stored))
+        else:
+            for j in range(A.shape[0]):
+                updates.append(Update(module, j, A[j], B[j], scaling, tensor, file, stored))
+    if not updates:
+        raise LayerscopeError(f"{folder / OURS}: no lora_A tensors")
+    return updates
+
+
+def _spec_for(specs: dict, module: str, folder: Path) -> dict:
+    if module in specs:
+        return specs[module]
+    for name, spec in specs.items():
+        if name.endswith("." + module) or module.endswith("." + name):
+            return spec
+    raise LayerscopeError(f"{folder / OURS}: module {module!r} is not in the embedded plan")
+
+
+# ---- the table ---------------------------------------------------------------------------------
+
+def scan_adapter(folder: str | Path, *, base: str | Path | None = None,
+                 estimators: tuple[str, ...] = ("alpha", "alpha_hill", "alpha_peak"), progress: bool = True
+                 ) -> pd.DataFrame:
+    """One row per adapted module (and expert): the spectrum of ΔW, and of W + ΔW with ``base``."""
+    from tqdm.auto import tqdm
+
+    from layerscope.spectral.scan import FIT_COLUMNS, IDENTITY_COLUMNS, METRIC_COLUMNS, _fit_all, _fit_columns
+
+    folder = Path(folder)
+    kind = adapter_kind(folder)
+    if kind is None:
+        raise LayerscopeError(f"{folder}: not an adapter folder (adapter_config.json or {OURS})")
+    updates = peft_updates(folder) if kind == "peft" else layerscope_updates(folder)
+    scheme = detect_scheme({}, [f"{u.module}.weight" for u in updates])
+    base_ckpt = open_checkpoint(base) if base is not None else None
+    rows = []
+    for update in tqdm(updates, desc="adapter", unit="update", disable=(not progress) or None):
+        role = scheme.classify(f"{update.module}.weight", (update.B.shape[0], update.A.shape[1]), "F32")
+        identity = {"name": update.module if update.expert is None else f"{update.module}[{update.expert}]",
+                    "tensor": update.tensor, "file": update.file, "kind": "delta", "stack": role.stack,
+                    "layer": role.layer, "stack_layer": role.stack_layer, "role": role.role, "module": update.module,
+                    "expert": update.expert, "part": None, "dtype": update.dtype,
+                    "quantization": None}
+        rows.append(_delta_row(identity, update, estimators, _fit_all, _fit_columns))
+        if base_ckpt is not None:
+            rows.append(_merged_row(identity, update, base_ckpt, estimators))
+    columns = [*IDENTITY_COLUMNS, "N", "M", "num_evals", *ADAPTER_COLUMNS]
+    for name in ESTIMATORS:
+        if name in estimators:
+            columns += FIT_COLUMNS[name]
+    table = pd.DataFrame(rows, columns=[*columns, *METRIC_COLUMNS, "status", "precision", "note"])
+    table.attrs.update(path=str(folder), adapter=kind, architecture=f"{kind} adapter", base=str(base) if base is not None else None,
+                       naming=scheme.name, estimators=list(estimators), precision="f64", device="cpu",
+                       num_layers=int(table["layer"].max()) + 1 if table["layer"].notna().any() else None)
+    return table
+
+
+def _delta_row(identity: dict, update: Update, estimators, fit_all, fit_columns) -> dict:
+    out_f, in_f = update.B.shape[0], update.A.shape[1]
+    eigs = delta_eigenvalues(update.A, update.B, update.scaling)
+    r = len(eigs)
+    row = {**identity, "shape": f"{out_f}x{in_f}", "out_features": out_f, "in_features": in_f,
+           "N": max(out_f, in_f), "M": min(out_f, in_f), "num_evals": r, "lora_rank": update.A.shape[0],
+           "lora_scaling": update.scaling, "status": "ok", "precision": "f64", "note": None}
+    if eigs[-1] <= 0:
+        row["status"] = "zero_matrix"
+        row["note"] = "ΔW = 0 (B is zero: an untrained adapter)"
+        return row
+    notes = []
+    if r >= MIN_EVALS:
+        fits = fit_all(eigs, estimators)
+        row.update(fit_columns(fits))
+        alpha = fits["alpha"].alpha if "alpha" in fits else math.nan
+        notes += [f.note for f in fits.values() if f.note]
+    else:
+        alpha = math.nan
+        row["status"] = "too_few_evals"
+        notes.append(f"rank {r}: power-law fits need at least {MIN_EVALS} eigenvalues; norm metrics only")
+    row.update(norm_metrics(eigs, max(out_f, in_f), alpha))
+    if r < 2:
+        row["entropy"] = math.nan
+        notes.append("entropy is undefined for one eigenvalue")
+    row["note"] = "; ".join(notes) if notes else None
+    return row
+
+
+def _merged_row(identity: dict, update: Update, base: Checkpoint, estimators) -> dict:
+    from layerscope.spectral import esd
+    from layerscope.spectral.scan import _analyse_matrix, _Matrix
+
+    name = _base_tensor(base, update.module)
+    weight = base.load(name).to(torch.float64)
+    delta = update.scaling * (update.B.to(torch.float64) @ update.A.to(torch.float64))
+    if tuple(weight.shape) == tuple(delta.shape[::-1]) and weight.shape[0] != weight.shape[1]:
+        delta = delta.T  # a Conv1D base stores (in, out)
+    if tuple(weight.shape) != tuple(delta.shape):
+        raise LayerscopeError(f"{base.path}: {name} is {list(weight.shape)} but the adapter's update of "
+                              f"{update.module!r} is {list(delta.shape)}")
+    merged = weight + delta
+    eigs, finite, exponents = esd.scaled_gram_eigenvalues(merged[None], torch.float64)
+    row = {**identity, "name": identity["name"] + "+base", "tensor": name, "file": base.tensors[name].file.name,
+           "kind": "merged", "dtype": "F64", "conv1d": False}
+    result = _analyse_matrix(_Matrix(row, merged), eigs[0] if bool(finite[0]) else None, estimators,
+                             "ok" if bool(finite[0]) else "nonfinite_weights", int(exponents[0]))
+    result.update(lora_rank=update.A.shape[0], lora_scaling=update.scaling)
+    return result
+
+
+def _base_tensor(base: Checkpoint, module: str) -> str:
+    """The base weight of an adapted module: same name, or the one name that ends with it."""
+    wanted = f"{module}.weight"
+    if wanted in base.tensors:
+        return wanted
+    candidates = [n for n in base.tensors if n.endswith("." + wanted) or wanted.endswith("." + n)]
+    if len(candidates) != 1:
+        raise LayerscopeError(f"{base.path}: no base weight for adapted module {module!r} "
+                              f"({'none' if not candidates else len(candidates)} candidates)")
+    return candidates[0]
