@@ -329,6 +329,48 @@ def demo_command(out: Path, quiet: bool) -> None:
             click.echo(f"  {path}")
 
 
+@cli.command("compare")
+@click.argument("base", type=click.Path(path_type=Path))
+@click.argument("other", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), help="Write the tables here (.parquet, .csv or .json).")
+@click.option("--plot", type=click.Path(path_type=Path), help="Also draw α before/after by layer (.png).")
+@click.option("--estimators", default=",".join(ESTIMATORS), show_default=True, callback=_split_estimators)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True)
+@click.option("--include", metavar="REGEX")
+@click.option("--exclude", metavar="REGEX")
+@click.option("--cache", type=click.Path(path_type=Path), help="Resumable scans of both checkpoints (see scan).")
+@click.option("--quiet", "-q", is_flag=True)
+def compare_command(base: Path, other: Path, out: Path | None, plot: Path | None, estimators: tuple[str, ...],
+                    device: str, precision: str, include: str | None, exclude: str | None, cache: Path | None,
+                    quiet: bool) -> None:
+    """Per matrix: BASE and OTHER metrics, their change, and the spectrum of OTHER − BASE."""
+    from layerscope.spectral.compare import COMPARE_SCHEMA, compare, compare_layers
+
+    if out is not None:
+        check_writable(scan_outputs(out))
+    if plot is not None:
+        check_writable([plot], "--plot")
+    table = compare(base, other, estimators=estimators, device=device, precision=precision, include=include,
+                    exclude=exclude, cache=cache, progress=not quiet)
+    layers = compare_layers(table)
+    written = write_scan(table, layers, out, schema=COMPARE_SCHEMA) if out is not None else []
+    if plot is not None:
+        from layerscope.outputs import write_files
+        from layerscope.viz import plots
+
+        figure = plots.plot_compare(layers)
+        written += write_files({plot: lambda tmp: plots.save_to(figure, tmp)}, "--plot")
+    if not quiet:
+        changed = int((table["diff_status"] != "zero_matrix").sum())
+        click.echo(f"{base} -> {other}: {changed} of {len(table)} matrices changed")
+        shown = [c for c in ("changed_matrices", "alpha_base", "alpha_other", "delta_alpha", "delta_alpha_hill")
+                 if c in layers.columns]
+        click.echo(layers[["layer", *shown]].to_string(index=False, float_format="%.3f"))
+        for path in written:
+            click.echo(f"wrote {path}")
+
+
 @cli.command("architectures")
 def architectures_command() -> None:
     """Print the table of supported architectures (Markdown, as in the README)."""

@@ -57,13 +57,14 @@ def _without_run_attrs(table: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-def write_scan(matrices: pd.DataFrame, layers: pd.DataFrame, path: str | Path) -> list[Path]:
+def write_scan(matrices: pd.DataFrame, layers: pd.DataFrame, path: str | Path, schema: str = SCAN_SCHEMA
+               ) -> list[Path]:
     """Write the per-matrix and per-layer tables (and the .csv model sidecar) as one set; return them."""
     path = Path(path)
     fmt = output_format(path)
     matrices, layers = _without_run_attrs(matrices), _without_run_attrs(layers)
     if fmt == ".json":
-        document = {"schema": SCAN_SCHEMA, "model": jsonable(matrices.attrs),
+        document = {"schema": schema, "model": jsonable(matrices.attrs),
                     "matrices": _records(matrices), "layers": _records(layers)}
         return write_files({path: lambda tmp: tmp.write_text(json.dumps(document, indent=1, allow_nan=False))})
     if fmt == ".csv":

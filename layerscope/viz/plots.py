@@ -34,6 +34,13 @@ def save(fig: Figure, folder: Path, stem: str, fmt: str = "png") -> Path:
     return path
 
 
+def save_to(fig: Figure, path: Path, fmt: str = "png") -> Path:
+    """Draw ``fig`` into exactly ``path`` (for output sets, whose temporary names have no suffix)."""
+    fig.savefig(path, format=fmt, dpi=DPI, bbox_inches="tight", metadata={"Software": None})
+    plt.close(fig)
+    return path
+
+
 def safe_stem(name: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
 
@@ -115,6 +122,23 @@ def plot_alphas_by_layer(table: pd.DataFrame) -> Figure:
         ax.set_xlabel("layer")
         ax.set_ylabel(column)
     axes[0][-1].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def plot_compare(layers: pd.DataFrame) -> Figure:
+    """α before (base) and after (other) by layer, one panel per alpha column of a compare table."""
+    columns = [c for c in ALPHA_COLUMNS if f"{c}_base" in layers.columns]
+    fig, axes = plt.subplots(1, len(columns), figsize=(4.2 * len(columns), 3.6), squeeze=False, sharey=True)
+    for ax, column in zip(axes[0], columns):
+        ax.plot(layers["layer"], layers[f"{column}_base"], marker="o", markersize=3, label="base")
+        ax.plot(layers["layer"], layers[f"{column}_other"], marker="s", markersize=3, label="other")
+        for ref in REFERENCE_ALPHAS:
+            ax.axhline(ref, color="grey", linestyle="--", linewidth=1)
+        ax.set_title(f"{ALPHA_COLUMNS[column]}: before / after")
+        ax.set_xlabel("layer")
+        ax.set_ylabel(column)
+    axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
     return fig
 

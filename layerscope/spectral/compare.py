@@ -1,0 +1,105 @@
+"""What a fine-tune did to each matrix: metrics of BASE and OTHER side by side, and the spectrum of
+the difference W_other − W_base.
+
+Both checkpoints are scanned as usual (one tensor at a time; ``--cache`` applies), then each
+analysed tensor is read from both, subtracted in float64 and analysed as a matrix of its own.
+The layouts must match: the same analysed tensors with the same shapes (dtypes may differ, e.g. a
+bf16 base and an fp32 fine-tune).
+
+Columns per matrix: the identity columns of the scan; ``{metric}_base``, ``{metric}_other`` and
+``delta_{metric}`` (other − base) for every metric; ``diff_{metric}`` for the spectrum of the
+difference (``diff_status`` is ``zero_matrix`` where the matrix did not change).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from layerscope.checkpoint.quantization import load_logical, logical_tensors
+from layerscope.checkpoint.reader import open_checkpoint
+from layerscope.errors import LayerscopeError
+from layerscope.spectral import esd
+from layerscope.spectral.scan import (IDENTITY_COLUMNS, SUMMARY_COLUMNS, ScanOptions, _analyse_matrix, _matrices,
+                                      _wanted, scan)
+
+COMPARE_SCHEMA = "layerscope.compare/1"
+DIFF_COLUMNS = ["alpha", "alpha_hill", "alpha_peak", "lambda_max", "log_norm", "log_spectral_norm", "stable_rank",
+                "entropy", "status"]
+
+
+def compare(base: str | Path, other: str | Path, **options) -> pd.DataFrame:
+    """Per-matrix comparison of two checkpoints with the same layout (options as for ``scan``)."""
+    options = {**options, "cache": options.get("cache")}
+    progress = options.get("progress", True)
+    base_table = scan(base, **options)
+    other_table = scan(other, **options)
+    _check_same_layout(base_table, other_table, base, other)
+    diff = _difference_rows(base, other, ScanOptions(**options), progress)
+    keys = ["name"]
+    metrics = [c for c in SUMMARY_COLUMNS if c in base_table.columns]
+    merged = base_table[IDENTITY_COLUMNS].copy()
+    for column in metrics:
+        merged[f"{column}_base"] = base_table[column].to_numpy()
+        merged[f"{column}_other"] = other_table[column].to_numpy()
+        merged[f"delta_{column}"] = other_table[column].to_numpy() - base_table[column].to_numpy()
+    merged["status_base"] = base_table["status"].to_numpy()
+    merged["status_other"] = other_table["status"].to_numpy()
+    diff = diff.rename(columns={c: f"diff_{c}" for c in DIFF_COLUMNS})
+    table = merged.merge(diff, on=keys, how="left", validate="one_to_one")
+    table.attrs.update(schema=COMPARE_SCHEMA, base=str(base), other=str(other),
+                       naming=base_table.attrs.get("naming"), num_layers=base_table.attrs.get("num_layers"),
+                       estimators=base_table.attrs.get("estimators"), precision=base_table.attrs.get("precision"))
+    return table
+
+
+def _check_same_layout(base_table: pd.DataFrame, other_table: pd.DataFrame, base, other) -> None:
+    left = dict(zip(base_table["name"], base_table["shape"]))
+    right = dict(zip(other_table["name"], other_table["shape"]))
+    for name, shape in left.items():
+        if name not in right:
+            raise LayerscopeError(f"{other}: has no matrix {name!r}, which {base} has (the layouts differ)")
+        if right[name] != shape:
+            raise LayerscopeError(f"{other}: matrix {name!r} is {right[name]} but {shape} in {base}")
+    extra = [name for name in right if name not in left]
+    if extra:
+        raise LayerscopeError(f"{other}: has matrix {extra[0]!r}, which {base} lacks (the layouts differ)")
+
+
+def _difference_rows(base, other, opts: ScanOptions, progress: bool) -> pd.DataFrame:
+    from layerscope.checkpoint.naming import detect_scheme, scheme_by_name
+
+    left, right = open_checkpoint(base, opts.revision), open_checkpoint(other, opts.revision)
+    left_tensors = logical_tensors(left)
+    right_tensors = {t.name: t for t in logical_tensors(right)}
+    names = [t.name for t in left_tensors]
+    scheme = (scheme_by_name(opts.architecture, left.config, names) if opts.architecture
+              else detect_scheme(left.config, names))
+    selected = [(t, scheme.classify(t.name, t.shape, t.analysable_dtype)) for t in left_tensors]
+    selected = [(t, role) for t, role in selected if _wanted(t, role, opts)]
+    device = esd.resolve_device(opts.device)
+    dtype = esd.working_dtype(opts.precision, device)
+    rows = []
+    for info, role in tqdm(selected, desc="difference", unit="tensor", disable=(not progress) or None):
+        weight = load_logical(right, right_tensors[info.name]).to(torch.float64)
+        weight -= load_logical(left, info).to(torch.float64)
+        for matrix in _matrices(left, info, role, weight, scheme, opts.split_fused):
+            eigs, finite, exponent = esd.scaled_gram_eigenvalues(matrix.weight.to(device)[None], dtype)
+            row = _analyse_matrix(matrix, eigs[0] if bool(finite[0]) else None, opts.estimators,
+                                  "ok" if bool(finite[0]) else "nonfinite_weights", int(exponent[0]))
+            rows.append({"name": row["name"], **{c: row.get(c) for c in DIFF_COLUMNS}})
+    return pd.DataFrame(rows, columns=["name", *DIFF_COLUMNS])
+
+
+def compare_layers(table: pd.DataFrame) -> pd.DataFrame:
+    """Per layer: means of the base and other metrics and of their change, over projections and experts."""
+    targets = table[table["kind"].isin(["projection", "expert"]) & table["layer"].notna()]
+    columns = [c for c in table.columns if c.endswith(("_base", "_other")) or c.startswith("delta_")]
+    columns = [c for c in columns if not c.startswith("status")]
+    summary = targets.groupby(targets["layer"].astype(int), sort=True)[columns].mean()
+    summary.insert(0, "changed_matrices", targets.groupby(targets["layer"].astype(int))["diff_status"].apply(
+        lambda s: int((s != "zero_matrix").sum())))
+    return summary.reset_index()
