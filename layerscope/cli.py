@@ -23,7 +23,7 @@ from layerscope.planning.explain import explain_text
 from layerscope.spectral import distributed
 from layerscope.spectral.esd import PRECISIONS
 from layerscope.spectral.estimators import ESTIMATORS
-from layerscope.spectral.scan import ScanOptions, layer_summary, scan
+from layerscope.spectral.scan import ALL_ESTIMATORS, ScanOptions, layer_summary, scan
 from layerscope.outputs import check_writable
 from layerscope.tables import output_format, read_activations, read_scan, scan_outputs, write_activations, write_scan
 
@@ -38,9 +38,9 @@ def cli() -> None:
 
 def _split_estimators(_ctx, _param, value: str) -> tuple[str, ...]:
     names = tuple(v.strip() for v in value.split(",") if v.strip())
-    unknown = [n for n in names if n not in ESTIMATORS]
+    unknown = [n for n in names if n not in ALL_ESTIMATORS]
     if unknown or not names:
-        raise click.BadParameter(f"unknown {unknown or 'none given'}; choose from {', '.join(ESTIMATORS)}")
+        raise click.BadParameter(f"unknown {unknown or 'none given'}; choose from {', '.join(ALL_ESTIMATORS)}")
     return names
 
 
@@ -48,7 +48,7 @@ def _split_estimators(_ctx, _param, value: str) -> tuple[str, ...]:
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), help="Write the tables here (.parquet, .csv or .json).")
 @click.option("--estimators", default=",".join(ESTIMATORS), show_default=True, callback=_split_estimators,
-              help="Comma-separated tail estimators.")
+              help=f"Comma-separated estimators, of: {', '.join(ALL_ESTIMATORS)} (see README).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
               help="Eigenvalue precision policy (see README).")

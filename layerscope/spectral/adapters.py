@@ -205,7 +205,7 @@ def scan_adapter(folder: str | Path, *, base: str | Path | None = None,
         if base_ckpt is not None:
             rows.append(_merged_row(identity, update, base_ckpt, estimators))
     columns = [*IDENTITY_COLUMNS, "N", "M", "num_evals", *ADAPTER_COLUMNS]
-    for name in ESTIMATORS:
+    for name in ESTIMATORS:  # spectral estimators only: the matrix ones need the full ΔW
         if name in estimators:
             columns += FIT_COLUMNS[name]
     table = pd.DataFrame(rows, columns=[*columns, *METRIC_COLUMNS, "status", "precision", "note"])

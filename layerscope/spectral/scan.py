@@ -19,7 +19,7 @@ from layerscope.checkpoint.naming import TARGET_KINDS, NamingScheme, TensorRole,
 from layerscope.checkpoint.quantization import LogicalTensor, load_logical, logical_tensors
 from layerscope.checkpoint.reader import Checkpoint, open_checkpoint
 from layerscope.errors import LayerscopeError
-from layerscope.spectral import distributed, esd
+from layerscope.spectral import distributed, esd, rmt
 from layerscope.spectral.adapters import adapter_kind, scan_adapter
 from layerscope.spectral.cache import ScanCache
 from layerscope.spectral.estimators import ESTIMATORS, MIN_EVALS, TailFit
@@ -37,11 +37,18 @@ FIT_COLUMNS = {
     "alpha": ["alpha", "xmin", "D", "sigma", "num_pl_spikes"],
     "alpha_hill": ["alpha_hill", "xmin_hill"],
     "alpha_peak": ["alpha_peak", "xmin_peak", "D_peak"],
+    "alpha_farms": ["alpha_farms", "xmin_farms", "num_evals_farms"],
+    "mp": ["num_spikes", "sigma_mp", "mp_softrank", "bulk_max"],
+    "rand": ["rand_distance", "num_rand_spikes", "max_rand_eval"],
 }
+# Estimators that need the matrix itself (layerscope.spectral.rmt), not only its eigenvalues.
+MATRIX_ESTIMATORS = ("alpha_farms", "mp", "rand")
+ALL_ESTIMATORS = (*ESTIMATORS, *MATRIX_ESTIMATORS)
 METRIC_COLUMNS = ["lambda_max", "log_norm", "log_spectral_norm", "alpha_weighted", "log_alpha_norm",
                   "stable_rank", "entropy"]
-SUMMARY_COLUMNS = ["alpha", "alpha_hill", "alpha_peak", "lambda_max", "log_norm", "log_spectral_norm",
-                   "alpha_weighted", "log_alpha_norm", "stable_rank", "entropy"]
+SUMMARY_COLUMNS = ["alpha", "alpha_hill", "alpha_peak", "alpha_farms", "mp_softrank", "num_spikes", "rand_distance",
+                   "num_rand_spikes", "lambda_max", "log_norm", "log_spectral_norm", "alpha_weighted",
+                   "log_alpha_norm", "stable_rank", "entropy"]
 
 
 @dataclass(frozen=True)
@@ -61,9 +68,10 @@ class ScanOptions:
 
     def validate(self) -> None:
         esd.check_precision(self.precision)
-        unknown = [e for e in self.estimators if e not in ESTIMATORS]
+        unknown = [e for e in self.estimators if e not in ALL_ESTIMATORS]
         if unknown or not self.estimators:
-            raise LayerscopeError(f"--estimators: unknown {unknown or 'none given'} (known: {', '.join(ESTIMATORS)})")
+            raise LayerscopeError(f"--estimators: unknown {unknown or 'none given'} (known: "
+                                  f"{', '.join(ALL_ESTIMATORS)})")
         for flag, rx in (("--include", self.include), ("--exclude", self.exclude)):
             if rx is not None:
                 try:
@@ -278,7 +286,7 @@ def _working_bytes(weight: torch.Tensor, dtype: torch.dtype) -> int:
 
 def _columns(estimators: tuple[str, ...]) -> list[str]:
     cols = IDENTITY_COLUMNS + ["N", "M", "num_evals"]
-    for name in ESTIMATORS:
+    for name in ALL_ESTIMATORS:
         if name in estimators:
             cols += FIT_COLUMNS[name]
     return cols + METRIC_COLUMNS + ["status", "precision", "note"]
@@ -394,11 +402,35 @@ def _analyse_matrix(matrix: _Matrix, eigs: torch.Tensor | None, estimators: tupl
     alpha = fits["alpha"].alpha if "alpha" in fits else math.nan
     row.update(norm_metrics(eigs64, n_rows, alpha))
     notes = [f.note for f in fits.values() if f.note]
+    notes += _matrix_estimates(row, matrix, eigs64, estimators, extreme)
     if extreme:
         _rescale_extreme(row, exponent, alpha)
         notes.append(EXTREME_NOTE)
     row["note"] = "; ".join(notes) if notes else None
     return row
+
+
+def _matrix_estimates(row: dict, matrix: _Matrix, eigs: np.ndarray, estimators: tuple[str, ...],
+                      extreme: bool) -> list[str]:
+    """FARMS, MP fit and randomized ESD columns (layerscope.spectral.rmt); returns notes."""
+    wanted = [e for e in MATRIX_ESTIMATORS if e in estimators]
+    if not wanted:
+        return []
+    if extreme:
+        return [f"{', '.join(wanted)}: not computed for weights beyond float64's range"]
+    notes = []
+    n_rows, m_cols = max(matrix.weight.shape), min(matrix.weight.shape)
+    if "alpha_farms" in wanted:
+        pooled = rmt.farms_eigenvalues(matrix.weight)
+        fit = ESTIMATORS["alpha_peak"](np.clip(pooled, 0, None))
+        row.update(alpha_farms=fit.alpha, xmin_farms=fit.xmin, num_evals_farms=len(pooled))
+        if fit.note:
+            notes.append(f"alpha_farms: {fit.note}")
+    if "mp" in wanted:
+        row.update(rmt.mp_fit(eigs, n_rows, m_cols))
+    if "rand" in wanted:
+        row.update(rmt.randomized_esd(matrix.weight, eigs, row["name"]))
+    return notes
 
 
 def _unscaled(eigs: torch.Tensor, exponent: int) -> tuple[np.ndarray, bool]:
@@ -431,7 +463,7 @@ def _rescale_extreme(row: dict, exponent: int, alpha: float) -> None:
 
 
 def _fit_all(eigs: torch.Tensor, estimators: tuple[str, ...]) -> dict[str, TailFit]:
-    return {name: ESTIMATORS[name](eigs) for name in estimators}
+    return {name: ESTIMATORS[name](eigs) for name in estimators if name in ESTIMATORS}
 
 
 def _fit_columns(fits: dict[str, TailFit]) -> dict:
