@@ -4,7 +4,9 @@
 
 Eigensolvers scale poorly with threads, so on a 2-core machine two single-threaded ranks may beat
 one two-threaded process.  ``--layers N`` scans the first N blocks (``--include``); 0 scans all 32.
-Both runs must write byte-identical tables (checked); wall time includes process start-up.
+Wall time includes process start-up.  The two runs use different BLAS thread counts, so their
+tables agree to rounding (reported), not byte for byte; with equal thread counts they are
+byte-identical (tests/test_distributed.py).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_llama7b import generate  # noqa: E402
@@ -43,10 +47,14 @@ def main() -> None:
                       "--quiet", *scope], threads=2)
         multi = run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "layerscope", "scan", str(args.dir),
                      "--out", f"{tmp}/two.parquet", "--quiet", *scope], threads=1)
-        identical = Path(f"{tmp}/one.parquet").read_bytes() == Path(f"{tmp}/two.parquet").read_bytes()
-    print(json.dumps({"blocks": args.layers or 32, "one_process_2_threads_s": round(single, 1),
-                      "two_processes_1_thread_s": round(multi, 1), "speedup": round(single / multi, 2),
-                      "identical_tables": identical, "machine": machine(), "date": today()}, indent=1))
+        one, two = pd.read_parquet(f"{tmp}/one.parquet"), pd.read_parquet(f"{tmp}/two.parquet")
+    numeric = [c for c in one.columns if pd.api.types.is_float_dtype(one[c])]
+    relative = ((one[numeric] - two[numeric]).abs() / one[numeric].abs().clip(lower=1e-300)).max()
+    print(json.dumps({"blocks": args.layers or 32, "matrices": len(one),
+                      "one_process_2_threads_s": round(single, 1), "two_processes_1_thread_s": round(multi, 1),
+                      "speedup": round(single / multi, 2), "same_rows": list(one["name"]) == list(two["name"]),
+                      "max_relative_difference": {c: float(f"{v:.2g}") for c, v in relative.items() if v > 0},
+                      "machine": machine(), "date": today()}, indent=1))
 
 
 if __name__ == "__main__":

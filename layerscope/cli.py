@@ -301,16 +301,20 @@ def plot_command(scan_file: Path, layer: tuple[int, ...], matrix: str | None, mo
 @click.option("--activations", "activations_file", type=click.Path(path_type=Path),
               help="An activations table (.parquet/.json) to include.")
 @click.option("--plan", "plan_files", type=click.Path(path_type=Path), multiple=True, help="Plans to include.")
+@click.option("--compare", "compare_file", type=click.Path(path_type=Path),
+              help="A table from `layerscope compare` to show (alpha before/after by layer).")
 @click.option("--quiet", "-q", is_flag=True)
 def report_command(model: Path, out: Path, scan_file: Path | None, activations_file: Path | None,
-                   plan_files: tuple[Path, ...], quiet: bool) -> None:
+                   plan_files: tuple[Path, ...], compare_file: Path | None, quiet: bool) -> None:
     """Scan (or read a scan), then write an HTML report with plots, warnings, plans and tables."""
+    from layerscope.spectral.compare import COMPARE_SCHEMA
     from layerscope.viz import build_report
 
     table = read_scan(scan_file) if scan_file else scan(model, progress=not quiet)
     activations = read_activations(activations_file) if activations_file else None
     plans = {path.stem: Plan.load(path) for path in plan_files}
-    index = build_report(table, out, model_path=model, activations=activations, plans=plans,
+    comparison = read_scan(compare_file, schema=COMPARE_SCHEMA) if compare_file else None
+    index = build_report(table, out, model_path=model, activations=activations, plans=plans, comparison=comparison,
                          title=f"layerscope report: {model.name}")
     click.echo(f"wrote {index}")
 

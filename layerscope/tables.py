@@ -76,8 +76,8 @@ def write_scan(matrices: pd.DataFrame, layers: pd.DataFrame, path: str | Path, s
                         layers_path(path): lambda tmp: layers.to_parquet(tmp, index=False)})
 
 
-def read_scan(path: str | Path) -> pd.DataFrame:
-    """Read a per-matrix table written by :func:`write_scan`."""
+def read_scan(path: str | Path, schema: str = SCAN_SCHEMA) -> pd.DataFrame:
+    """Read a per-matrix table written by :func:`write_scan` (``schema``: what a .json must declare)."""
     path = Path(path)
     fmt = output_format(path)
     settle(scan_outputs(path))
@@ -86,8 +86,8 @@ def read_scan(path: str | Path) -> pd.DataFrame:
     try:
         if fmt == ".json":
             document = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(document, dict) or document.get("schema") != SCAN_SCHEMA:
-                raise LayerscopeError(f"{path}: field 'schema' is not {SCAN_SCHEMA!r}")
+            if not isinstance(document, dict) or document.get("schema") != schema:
+                raise LayerscopeError(f"{path}: field 'schema' is not {schema!r}")
             table = pd.DataFrame(document["matrices"])
             table.attrs.update(document.get("model", {}))
             return table

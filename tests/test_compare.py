@@ -64,3 +64,17 @@ def test_cli_writes_tables_and_the_before_after_plot(pair, tmp_path):
     assert "1 of 23 matrices changed" in result.stdout
     assert len(pd.read_csv(out)) == 23 and len(pd.read_csv(tmp_path / "cmp.layers.csv")) == 3
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_shows_the_comparison_panel(pair, tmp_path):
+    base, other, _ = pair
+    out = tmp_path / "cmp.json"
+    subprocess.run([sys.executable, "-m", "layerscope", "compare", str(base), str(other), "--out", str(out), "-q"],
+                   check=True)
+    report = tmp_path / "report"
+    result = subprocess.run([sys.executable, "-m", "layerscope", "report", str(base), "--out", str(report),
+                             "--compare", str(out), "-q"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    page = (report / "index.html").read_text()
+    assert "Fine-tune comparison" in page and "1 of 23 matrices changed" in page
+    assert (report / "img" / "compare_alphas.png").is_file()

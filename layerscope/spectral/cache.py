@@ -44,7 +44,7 @@ class ScanCache:
         self.folder = Path(folder)
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.folder / CACHE_FILE, isolation_level=None)
+            self._db = sqlite3.connect(self.folder / CACHE_FILE, isolation_level=None, timeout=120)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("CREATE TABLE IF NOT EXISTS rows (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
         except (OSError, sqlite3.Error) as exc:

@@ -87,7 +87,7 @@ def esd_eigenvalues(model_path: str | Path, names: list[str]) -> dict[str, torch
 
 def build_report(table: pd.DataFrame, out: str | Path, *, model_path: str | Path | None = None,
                  activations: pd.DataFrame | None = None, plans: dict | None = None,
-                 title: str | None = None) -> Path:
+                 comparison: pd.DataFrame | None = None, title: str | None = None) -> Path:
     """Write ``index.html`` with its PNGs and CSVs into ``out``; returns the index path."""
     out = Path(out)
     images = out / "img"
@@ -134,6 +134,22 @@ def build_report(table: pd.DataFrame, out: str | Path, *, model_path: str | Path
                         "layers that need little adapter capacity.</p>"
                         "<img src='img/near_zero_by_layer.png' alt='near-zero fraction by layer'>"
                         "<p><a href='activations.csv'>activations.csv</a></p>")
+
+    if comparison is not None:
+        from layerscope.spectral.compare import compare_layers
+
+        changes = compare_layers(comparison)
+        plots.save(plots.plot_compare(changes), images, "compare_alphas")
+        shown = [c for c in ("layer", "changed_matrices", "alpha_base", "alpha_other", "delta_alpha",
+                             "alpha_hill_base", "alpha_hill_other", "delta_alpha_hill", "delta_log_norm")
+                 if c in changes.columns]
+        sections.append("<h2>Fine-tune comparison</h2>"
+                        f"<p>{html.escape(str(comparison.attrs.get('base', 'base')))} → "
+                        f"{html.escape(str(comparison.attrs.get('other', 'other')))}: "
+                        f"{int((comparison['diff_status'] != 'zero_matrix').sum())} of {len(comparison)} matrices "
+                        "changed.  α before (base) and after (other) by layer:</p>"
+                        "<img src='img/compare_alphas.png' alt='alpha before and after by layer'>"
+                        + _table_html(changes[shown]))
 
     if plans:
         plots.save(plots.plot_allocations(plans), images, "allocations")
