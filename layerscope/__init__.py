@@ -1,12 +1,34 @@
-"""layerscope: spectral diagnostics and budgeted LoRA-expert allocation plans for LLM checkpoints."""
+"""layerscope: spectral diagnostics and budgeted LoRA-expert allocation plans for LLM checkpoints.
+
+The public names are imported on first use (PEP 562), so ``import layerscope`` and
+``layerscope --help`` do not pull in torch.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 from layerscope.errors import LayerscopeError
-from layerscope.planning import LoraSettings, Plan, plan
-from layerscope.spectral.compare import compare, compare_layers
-from layerscope.spectral.scan import layer_summary, scan
-from layerscope.tables import read_scan, write_scan
 
 __version__ = "0.1.0"
 
-__all__ = ["LayerscopeError", "LoraSettings", "Plan", "__version__", "compare", "compare_layers", "layer_summary",
-           "plan", "read_scan", "scan", "write_scan"]
+_LAZY = {
+    "LoraSettings": "layerscope.planning", "Plan": "layerscope.planning", "plan": "layerscope.planning",
+    "compare": "layerscope.spectral.compare", "compare_layers": "layerscope.spectral.compare",
+    "layer_summary": "layerscope.spectral.scan", "scan": "layerscope.spectral.scan",
+    "read_scan": "layerscope.tables", "write_scan": "layerscope.tables",
+}
+
+__all__ = ["LayerscopeError", "__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'layerscope' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -11,21 +11,14 @@ import unicodedata
 from pathlib import Path
 
 import click
-import pandas as pd
 
-from layerscope.activations.profile import DEFAULT_EPS, DEFAULT_REL_EPS
-from layerscope.demo import run_demo
 from layerscope.errors import LayerscopeError
-from layerscope.export import EXPORTERS, export_plan
-from layerscope.planning import STRATEGIES, LoraSettings, Plan
-from layerscope.planning import plan as make_plan
-from layerscope.planning.explain import explain_text
-from layerscope.spectral import distributed
-from layerscope.spectral.esd import PRECISIONS
-from layerscope.spectral.estimators import ESTIMATORS
-from layerscope.spectral.scan import ALL_ESTIMATORS, ScanOptions, layer_summary, scan
+from layerscope.names import (ALL_ESTIMATORS, DEFAULT_EPS, DEFAULT_REL_EPS, EXPORT_FORMATS, PRECISIONS,
+                              SPECTRAL_ESTIMATORS, STRATEGIES)
 from layerscope.outputs import check_writable
-from layerscope.tables import output_format, read_activations, read_scan, scan_outputs, write_activations, write_scan
+
+# Each command imports what it needs (torch, pandas, transformers) when it runs, so that
+# `layerscope --help` and every `--help` stay fast (tests/test_cli_speed.py).
 
 DEFAULT_DEMO_OUT = Path("reports") / "minilm"
 
@@ -47,7 +40,7 @@ def _split_estimators(_ctx, _param, value: str) -> tuple[str, ...]:
 @cli.command("scan")
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), help="Write the tables here (.parquet, .csv or .json).")
-@click.option("--estimators", default=",".join(ESTIMATORS), show_default=True, callback=_split_estimators,
+@click.option("--estimators", default=",".join(SPECTRAL_ESTIMATORS), show_default=True, callback=_split_estimators,
               help=f"Comma-separated estimators, of: {', '.join(ALL_ESTIMATORS)} (see README).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
@@ -66,6 +59,10 @@ def scan_command(path: Path, out: Path | None, estimators: tuple[str, ...], devi
                  include: str | None, exclude: str | None, split_fused: bool, architecture: str | None,
                  revision: str | None, cache: Path | None, base: Path | None, quiet: bool) -> None:
     """Per-matrix heavy-tailed spectral metrics of a safetensors checkpoint."""
+    from layerscope.spectral import distributed
+    from layerscope.spectral.scan import ScanOptions, layer_summary, scan
+    from layerscope.tables import scan_outputs, write_scan
+
     group = distributed.current(device)  # torchrun: this process is one rank of several
     writer = group is None or group.rank == 0
 
@@ -87,7 +84,7 @@ def scan_command(path: Path, out: Path | None, estimators: tuple[str, ...], devi
         _print_summary(matrices, layers, time.perf_counter() - started, written)
 
 
-def _print_summary(matrices: pd.DataFrame, layers: pd.DataFrame, seconds: float, written: list[Path]) -> None:
+def _print_summary(matrices, layers, seconds: float, written: list[Path]) -> None:
     attrs = matrices.attrs
     failed = int((matrices["status"] != "ok").sum())
     click.echo(
@@ -129,7 +126,7 @@ def _int_list(_ctx, param, value: str | None) -> tuple[int, ...] | None:
 
 @cli.command("plan")
 @click.argument("source", type=click.Path(path_type=Path))
-@click.option("--strategy", type=click.Choice(list(STRATEGIES)), default="alphalora", show_default=True)
+@click.option("--strategy", type=click.Choice(STRATEGIES), default="alphalora", show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), help="Write the plan JSON here.")
 @click.option("--total-experts", type=int, help="alphalora/mola: experts over all layers (alphalora default 160).")
 @click.option("--beta", type=float, help="alphalora: exponent of alpha (default 2.5).")
@@ -167,14 +164,24 @@ def _int_list(_ctx, param, value: str | None) -> tuple[int, ...] | None:
               show_default=True, help="Initialisation of A (B starts at zero).")
 @click.option("--aux-loss-coef", type=float, default=0.0, show_default=True,
               help="Load-balancing loss coefficient for the runtime (0 = off; Mixtral uses 0.001).")
+@click.option("--optimizer", help="Per-layer optimizer multipliers: tempbalance (lr), alphadecay (weight "
+              "decay), or both comma-separated.")
+@click.option("--optimizer-metric", default="alpha_hill", show_default=True,
+              help="Scan column the optimizer multipliers follow.")
 @click.option("--quiet", "-q", is_flag=True)
 @click.pass_context
 def plan_command(ctx: click.Context, source: Path, strategy: str, out: Path | None, budget_params: int | None,
                  budget_ratio: float | None, reference_rank: int, reference_experts: int, target_roles: str | None,
                  expert_type: str, lora_alpha: float, alpha_scale: float | None, dropout: float, init: str,
-                 aux_loss_coef: float, quiet: bool, **options) -> None:
+                 aux_loss_coef: float, optimizer: str | None, optimizer_metric: str, quiet: bool,
+                 **options) -> None:
     """Allocate experts, ranks and top-k per layer (SOURCE: a model folder or a scan table)."""
-    accepted = set(inspect.signature(STRATEGIES[strategy]).parameters)
+    from layerscope.planning import STRATEGIES as STRATEGY_FUNCTIONS
+    from layerscope.planning import LoraSettings
+    from layerscope.planning import plan as make_plan
+    from layerscope.planning.explain import explain_text
+
+    accepted = set(inspect.signature(STRATEGY_FUNCTIONS[strategy]).parameters)
     strategy_params = {}
     for option, value in options.items():  # the remaining options are named as the strategies' keywords
         if value is None:
@@ -192,6 +199,8 @@ def plan_command(ctx: click.Context, source: Path, strategy: str, out: Path | No
     the_plan = make_plan(source, strategy, budget_params=budget_params, budget_ratio=budget_ratio,
                          target_roles=roles, expert_type=expert_type, lora=lora, reference_rank=reference_rank,
                          reference_experts=reference_experts, command=_command_line(ctx), progress=not quiet,
+                         optimizer=[m.strip() for m in optimizer.split(",") if m.strip()] if optimizer else None,
+                         optimizer_metric=optimizer_metric,
                          **strategy_params)
     if out is not None:
         the_plan.save(out)
@@ -208,10 +217,13 @@ def _command_line(ctx: click.Context) -> str:
 
 @cli.command("export")
 @click.argument("plan_file", type=click.Path(path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(EXPORTERS), required=True)
+@click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), required=True)
 @click.option("--out", type=click.Path(path_type=Path), help="Write here instead of stdout.")
 def export_command(plan_file: Path, fmt: str, out: Path | None) -> None:
     """Export a plan for a trainer: PEFT LoraConfig JSON, MoLA arguments, or a CSV table."""
+    from layerscope.export import export_plan
+    from layerscope.planning import Plan
+
     text = export_plan(Plan.load(plan_file), fmt, out)
     click.echo(f"wrote {out}" if out is not None else text, nl=out is not None)
 
@@ -220,6 +232,9 @@ def export_command(plan_file: Path, fmt: str, out: Path | None) -> None:
 @click.argument("plan_file", type=click.Path(path_type=Path))
 def explain_command(plan_file: Path) -> None:
     """Per-layer table of a plan: metric, experts, rank, top-k and parameters."""
+    from layerscope.planning import Plan
+    from layerscope.planning.explain import explain_text
+
     click.echo(explain_text(Plan.load(plan_file)))
 
 
@@ -242,6 +257,7 @@ def activations_command(model: Path, calib: Path | None, max_samples: int, seq_l
                         eps: float, rel_eps: float, device: str, dtype: str, out: Path | None, quiet: bool) -> None:
     """Near-zero fractions of every layer's and projection's outputs on calibration text."""
     from layerscope.activations import layer_fractions, measure
+    from layerscope.tables import output_format, write_activations
 
     if out is not None:
         output_format(out)
@@ -268,6 +284,7 @@ def activations_command(model: Path, calib: Path | None, max_samples: int, seq_l
 @click.option("--out", type=click.Path(path_type=Path), default=Path("reports"), show_default=True)
 def plot_command(scan_file: Path, layer: tuple[int, ...], matrix: str | None, model: Path | None, out: Path) -> None:
     """ESD plots for chosen matrices, plus the by-layer metric plots of a scan table."""
+    from layerscope.tables import read_scan
     from layerscope.viz import plots
     from layerscope.viz.report import esd_eigenvalues
 
@@ -307,7 +324,10 @@ def plot_command(scan_file: Path, layer: tuple[int, ...], matrix: str | None, mo
 def report_command(model: Path, out: Path, scan_file: Path | None, activations_file: Path | None,
                    plan_files: tuple[Path, ...], compare_file: Path | None, quiet: bool) -> None:
     """Scan (or read a scan), then write an HTML report with plots, warnings, plans and tables."""
+    from layerscope.planning import Plan
     from layerscope.spectral.compare import COMPARE_SCHEMA
+    from layerscope.spectral.scan import scan
+    from layerscope.tables import read_activations, read_scan
     from layerscope.viz import build_report
 
     table = read_scan(scan_file) if scan_file else scan(model, progress=not quiet)
@@ -324,6 +344,8 @@ def report_command(model: Path, out: Path, scan_file: Path | None, activations_f
 @click.option("--quiet", "-q", is_flag=True)
 def demo_command(out: Path, quiet: bool) -> None:
     """The bundled MiniLM model end to end: scan, plans (alphalora, hilo, mola, adaptive-lora), exports."""
+    from layerscope.demo import run_demo
+
     started = time.perf_counter()
     written, summary = run_demo(out, progress=not quiet)
     if not quiet:
@@ -338,7 +360,7 @@ def demo_command(out: Path, quiet: bool) -> None:
 @click.argument("other", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), help="Write the tables here (.parquet, .csv or .json).")
 @click.option("--plot", type=click.Path(path_type=Path), help="Also draw α before/after by layer (.png).")
-@click.option("--estimators", default=",".join(ESTIMATORS), show_default=True, callback=_split_estimators)
+@click.option("--estimators", default=",".join(SPECTRAL_ESTIMATORS), show_default=True, callback=_split_estimators)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True)
 @click.option("--include", metavar="REGEX")
@@ -350,6 +372,7 @@ def compare_command(base: Path, other: Path, out: Path | None, plot: Path | None
                     quiet: bool) -> None:
     """Per matrix: BASE and OTHER metrics, their change, and the spectrum of OTHER − BASE."""
     from layerscope.spectral.compare import COMPARE_SCHEMA, compare, compare_layers
+    from layerscope.tables import scan_outputs, write_scan
 
     if out is not None:
         check_writable(scan_outputs(out))
@@ -373,6 +396,22 @@ def compare_command(base: Path, other: Path, out: Path | None, plot: Path | None
         click.echo(layers[["layer", *shown]].to_string(index=False, float_format="%.3f"))
         for path in written:
             click.echo(f"wrote {path}")
+
+
+@cli.command("merge")
+@click.argument("base", type=click.Path(path_type=Path))
+@click.argument("adapter", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for the merged model.")
+@click.option("--quiet", "-q", is_flag=True)
+def merge_command(base: Path, adapter: Path, out: Path, quiet: bool) -> None:
+    """Write BASE with a one-expert ADAPTER merged in (W + s·B·A), in BASE's shard layout."""
+    from layerscope.export.merge import merge
+
+    if out.exists() and not out.is_dir():
+        raise LayerscopeError(f"--out {out}: is a file, not a folder")
+    written = merge(base, adapter, out, progress=not quiet)
+    if not quiet:
+        click.echo(f"wrote {len(written)} files to {out}")
 
 
 @cli.command("architectures")
@@ -416,6 +455,9 @@ def main() -> None:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
+    except click.exceptions.NoArgsIsHelpError as exc:  # bare `layerscope`: the overview, as --help shows it
+        click.echo(exc.ctx.get_help())
+        sys.exit(0)
     except click.UsageError as exc:  # one line, like every other input error
         _error(exc.format_message())
         sys.exit(2)

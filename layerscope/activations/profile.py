@@ -27,9 +27,8 @@ from tqdm.auto import tqdm
 
 from layerscope.checkpoint.naming import NamingScheme, detect_scheme, scheme_by_name
 from layerscope.errors import LayerscopeError
+from layerscope.names import DEFAULT_EPS, DEFAULT_REL_EPS  # noqa: F401  (re-exported)
 
-DEFAULT_EPS = 1e-2
-DEFAULT_REL_EPS = 0.1
 HIST_LOW, HIST_HIGH, HIST_BINS = -8.0, 4.0, 48  # log10|x| from 1e-8 to 1e4, quarter decades
 
 

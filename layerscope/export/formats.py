@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from layerscope.errors import LayerscopeError
+from layerscope.names import EXPORT_FORMATS
 from layerscope.planning.accounting import module_params
 from layerscope.planning.plan import Plan
 from layerscope.tables import atomic_write
@@ -131,7 +132,7 @@ def to_table(plan: Plan) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-EXPORTERS = ("peft", "mola", "csv")
+EXPORTERS = EXPORT_FORMATS
 
 
 def export_plan(plan: Plan, fmt: str, out: Path | None = None) -> str:

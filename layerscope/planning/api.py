@@ -10,6 +10,8 @@ from layerscope.errors import LayerscopeError
 from layerscope.planning.accounting import baselines
 from layerscope.planning.budget import fit_budget
 from layerscope.planning.inputs import load_inputs
+from layerscope.planning.optimizer import DEFAULT_METRIC as DEFAULT_OPTIMIZER_METRIC
+from layerscope.planning.optimizer import optimizer_section
 from layerscope.planning.plan import EXPERT_TYPES, LoraSettings, Plan, build_plan
 from layerscope.planning.strategies import STRATEGIES, StrategyResult
 
@@ -17,7 +19,8 @@ from layerscope.planning.strategies import STRATEGIES, StrategyResult
 def plan(source, strategy: str = "alphalora", *, budget_params: int | None = None,
          budget_ratio: float | None = None, target_roles: list[str] | None = None, expert_type: str = "lora",
          lora: LoraSettings | None = None, reference_rank: int = 8, reference_experts: int = 8,
-         command: str | None = None, progress: bool = True, **strategy_params) -> Plan:
+         command: str | None = None, progress: bool = True, optimizer: list[str] | None = None,
+         optimizer_metric: str = DEFAULT_OPTIMIZER_METRIC, **strategy_params) -> Plan:
     """Allocate experts, ranks and top-k per layer.
 
     ``source``: a checkpoint folder/file (scanned only when the strategy needs a metric), a
@@ -25,6 +28,8 @@ def plan(source, strategy: str = "alphalora", *, budget_params: int | None = Non
     (see :mod:`layerscope.planning.strategies`).  With ``budget_params`` (trainable parameters,
     adapters + routers) or ``budget_ratio`` (× one rank-``reference_rank`` LoRA on every target
     module) the allocation is rescaled to the largest that fits; the plan records the slack.
+    ``optimizer`` (``tempbalance``, ``alphadecay``) adds per-layer learning-rate / weight-decay
+    multipliers from ``optimizer_metric`` (see :mod:`layerscope.planning.optimizer`).
     """
     if strategy not in STRATEGIES:
         raise LayerscopeError(f"--strategy {strategy!r}: unknown (known: {', '.join(STRATEGIES)})")
@@ -37,7 +42,8 @@ def plan(source, strategy: str = "alphalora", *, budget_params: int | None = Non
         raise LayerscopeError(f"strategy {strategy!r} has no option {unknown[0]!r} "
                               f"(options: {', '.join(p for p in accepted if p != 'inputs')})")
     metric = strategy_params.get("metric", accepted["metric"].default) if "metric" in accepted else None
-    inputs = load_inputs(source, metric=metric, progress=progress).restrict_roles(target_roles)
+    inputs = load_inputs(source, metric=metric, progress=progress,
+                         also=(optimizer_metric,) if optimizer else ()).restrict_roles(target_roles)
     result = _for_expert_type(function(inputs, **strategy_params), expert_type)
 
     allocations, budget_record = result.allocations, None
@@ -51,9 +57,15 @@ def plan(source, strategy: str = "alphalora", *, budget_params: int | None = Non
     if strategy_params.get("activations") is not None:
         activations = strategy_params["activations"]
         params["activations"] = str(activations) if isinstance(activations, (str, Path)) else "in-memory table"
-    return build_plan(inputs, result.name, params, allocations, metric=result.metric, budget=budget_record,
-                      expert_type=expert_type, lora=lora or LoraSettings(), reference_rank=reference_rank,
-                      reference_experts=reference_experts, command=command)
+    built = build_plan(inputs, result.name, params, allocations, metric=result.metric, budget=budget_record,
+                       expert_type=expert_type, lora=lora or LoraSettings(), reference_rank=reference_rank,
+                       reference_experts=reference_experts, command=command)
+    if optimizer:
+        planned = {layer["layer"] for layer in built.layers if layer["experts"] > 0}
+        metric_by_layer = {k: v for k, v in inputs.layer_metric(optimizer_metric).items() if k in planned}
+        built.document["optimizer"] = optimizer_section(metric_by_layer, list(optimizer), optimizer_metric)
+        built.validate()
+    return built
 
 
 def _for_expert_type(result: StrategyResult, expert_type: str) -> StrategyResult:

@@ -116,18 +116,26 @@ def inventory(path: str | Path) -> PlanInputs:
     return inputs_from_table(table, str(path))
 
 
-def load_inputs(source, metric: str | None = None, progress: bool = True) -> PlanInputs:
-    """From a DataFrame, a scan table file, or a checkpoint (scanned only if ``metric`` is needed)."""
+# Scan columns → the estimator that produces them (norm metrics come with every estimator).
+ESTIMATOR_OF = {"xmin": "alpha", "D": "alpha", "D_peak": "alpha_peak", "xmin_peak": "alpha_peak",
+                "xmin_hill": "alpha_hill", "alpha_farms": "alpha_farms", "xmin_farms": "alpha_farms",
+                "num_spikes": "mp", "sigma_mp": "mp", "mp_softrank": "mp", "bulk_max": "mp",
+                "rand_distance": "rand", "num_rand_spikes": "rand", "max_rand_eval": "rand",
+                "alpha_hill": "alpha_hill", "alpha_peak": "alpha_peak"}
+
+
+def load_inputs(source, metric: str | None = None, progress: bool = True, also: tuple[str, ...] = ()) -> PlanInputs:
+    """From a DataFrame, a scan table file, or a checkpoint (scanned only if ``metric`` or ``also`` — more
+    metric columns — is needed)."""
     if isinstance(source, pd.DataFrame):
         return inputs_from_table(source)
     path = Path(source)
     if path.is_file() and path.suffix in FORMATS:
         return inputs_from_table(read_scan(path), str(path))
-    if metric is None:
+    wanted = [m for m in (metric, *also) if m is not None]
+    if not wanted:
         return inventory(path)
     from layerscope.spectral.scan import scan  # a model path with a metric to measure
 
-    estimator = {"xmin": "alpha", "D": "alpha", "D_peak": "alpha_peak"}.get(metric, metric)
-    if estimator not in ("alpha", "alpha_hill", "alpha_peak"):
-        estimator = "alpha"  # norm metrics come with every scan; alpha_weighted needs alpha
-    return inputs_from_table(scan(path, estimators=(estimator,), progress=progress), str(path))
+    estimators = tuple(dict.fromkeys(ESTIMATOR_OF.get(m, "alpha") for m in wanted))  # alpha_weighted needs alpha
+    return inputs_from_table(scan(path, estimators=estimators, progress=progress), str(path))

@@ -78,6 +78,7 @@ def apply_plan(model: nn.Module, plan: Plan, verbose: bool = True) -> nn.Module:
                                 lora_alpha=spec["lora_alpha"], dropout=lora["dropout"], init=lora["init"],
                                 expert_type=plan.document["expert_type"], context=context)
         adapter.train(base.training)  # a new module starts in training mode; follow the model's mode
+        adapter.layer = spec["layer"]
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, adapter)
         wrapped[name] = adapter

@@ -34,8 +34,8 @@ import scipy.linalg.blas
 import torch
 
 from layerscope.errors import LayerscopeError
+from layerscope.names import PRECISIONS
 
-PRECISIONS = ("auto", "f64", "f32")
 F32_GUARD = 1e3
 GRAM_CHUNK_BYTES = 16 << 20  # working-dtype rows converted at a time while accumulating a Gram
 # CPU Gram matrices at least this wide use BLAS syrk (half a GEMM's flops, ~1.5-2x faster);

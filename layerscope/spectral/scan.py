@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from layerscope.checkpoint.naming import TARGET_KINDS, NamingScheme, TensorRole, detect_scheme, scheme_by_name
 from layerscope.checkpoint.quantization import LogicalTensor, load_logical, logical_tensors
 from layerscope.checkpoint.reader import Checkpoint, open_checkpoint
+from layerscope import names
 from layerscope.errors import LayerscopeError
 from layerscope.spectral import distributed, esd, rmt
 from layerscope.spectral.adapters import adapter_kind, scan_adapter
@@ -42,8 +43,8 @@ FIT_COLUMNS = {
     "rand": ["rand_distance", "num_rand_spikes", "max_rand_eval"],
 }
 # Estimators that need the matrix itself (layerscope.spectral.rmt), not only its eigenvalues.
-MATRIX_ESTIMATORS = ("alpha_farms", "mp", "rand")
-ALL_ESTIMATORS = (*ESTIMATORS, *MATRIX_ESTIMATORS)
+MATRIX_ESTIMATORS = names.MATRIX_ESTIMATORS
+ALL_ESTIMATORS = names.ALL_ESTIMATORS
 METRIC_COLUMNS = ["lambda_max", "log_norm", "log_spectral_norm", "alpha_weighted", "log_alpha_norm",
                   "stable_rank", "entropy"]
 SUMMARY_COLUMNS = ["alpha", "alpha_hill", "alpha_peak", "alpha_farms", "mp_softrank", "num_spikes", "rand_distance",

@@ -1,0 +1,14 @@
+"""Names and defaults the command line shows before any heavy library is imported.
+
+``layerscope --help`` must not import torch, pandas or transformers; the modules that implement
+these choices take their names from here (and a test checks the registries match).
+"""
+
+SPECTRAL_ESTIMATORS = ("alpha", "alpha_hill", "alpha_peak")  # fits of the eigenvalues alone (the default set)
+MATRIX_ESTIMATORS = ("alpha_farms", "mp", "rand")  # need the matrix itself
+ALL_ESTIMATORS = (*SPECTRAL_ESTIMATORS, *MATRIX_ESTIMATORS)
+PRECISIONS = ("auto", "f64", "f32")
+STRATEGIES = ("alphalora", "mola", "hilo", "adaptive-lora", "uniform")
+EXPORT_FORMATS = ("peft", "mola", "csv")
+DEFAULT_EPS = 1e-2  # activations: absolute near-zero threshold
+DEFAULT_REL_EPS = 0.1  # activations: near-zero threshold relative to each token's RMS
