@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from layerscope.cli import main
 from layerscope.spectral.estimators import ESTIMATORS
+import layerscope.spectral.scan  # noqa: F401  (the module the CLI's scan command imports from)
 from layerscope.spectral.scan import scan
 from tests.builders import LLAMA_CONFIG, llama_tensors, random_matrix, write_checkpoint
 
@@ -188,7 +189,7 @@ def test_unwritable_out_is_reported_before_the_scan(tmp_path, capsys, monkeypatc
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     called = []
-    monkeypatch.setattr("layerscope.cli.scan", lambda *a, **k: called.append(1))
+    monkeypatch.setattr(sys.modules["layerscope.spectral.scan"], "scan", lambda *a, **k: called.append(1))
     code, _, stderr = cli(capsys, monkeypatch, "scan", str(folder), "--out", str(blocker / "scan.parquet"))
     assert code == 2 and stderr.count("\n") == 1 and not called
     assert "--out" in stderr and str(blocker / "scan.parquet") in stderr and ".tmp" not in stderr
