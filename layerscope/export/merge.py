@@ -25,7 +25,8 @@ from layerscope.checkpoint.quantization import logical_tensors
 from layerscope.checkpoint.reader import SAFETENSORS_DTYPE, TensorInfo, open_checkpoint, read_raw, read_tensor
 from layerscope.errors import LayerscopeError
 from layerscope.outputs import write_files
-from layerscope.spectral.adapters import OURS, Update, _base_tensor, adapter_kind, layerscope_updates, peft_updates
+from layerscope.spectral.adapters import (OURS, Update, _base_tensor, adapter_kind, explicit_delta, layerscope_updates,
+                                          peft_updates)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
@@ -108,12 +109,7 @@ def _merged_bytes(info: TensorInfo, update: Update) -> bytes:
     weight = read_tensor(info)
     if not weight.is_floating_point() or weight.dim() != 2:
         raise LayerscopeError(f"{info.file}: {info.name} ({info.dtype}, {list(info.shape)}) is not a float matrix")
-    delta = update.scaling * (update.B.to(torch.float64) @ update.A.to(torch.float64))
-    if tuple(weight.shape) == tuple(delta.shape[::-1]) and weight.shape[0] != weight.shape[1]:
-        delta = delta.T  # a Conv1D base stores (in, out)
-    if tuple(weight.shape) != tuple(delta.shape):
-        raise LayerscopeError(f"{info.file}: {info.name} is {list(weight.shape)} but the update of "
-                              f"{update.module!r} is {list(delta.shape)}")
+    delta = explicit_delta(update, tuple(weight.shape), f"{info.file}: {info.name}")
     merged = (weight.to(torch.float64) + delta).to(weight.dtype).contiguous()
     if SAFETENSORS_DTYPE.get(merged.dtype) != info.dtype:
         raise LayerscopeError(f"{info.file}: {info.name}: cannot write back dtype {info.dtype}")

@@ -250,13 +250,7 @@ def _merged_row(identity: dict, update: Update, base: Checkpoint, estimators) ->
 
     name = _base_tensor(base, update.module)
     weight = base.load(name).to(torch.float64)
-    delta = update.scaling * (update.B.to(torch.float64) @ update.A.to(torch.float64))
-    if tuple(weight.shape) == tuple(delta.shape[::-1]) and weight.shape[0] != weight.shape[1]:
-        delta = delta.T  # a Conv1D base stores (in, out)
-    if tuple(weight.shape) != tuple(delta.shape):
-        raise LayerscopeError(f"{base.path}: {name} is {list(weight.shape)} but the adapter's update of "
-                              f"{update.module!r} is {list(delta.shape)}")
-    merged = weight + delta
+    merged = weight + explicit_delta(update, tuple(weight.shape), f"{base.path}: {name}")
     eigs, finite, exponents = esd.scaled_gram_eigenvalues(merged[None], torch.float64)
     row = {**identity, "name": identity["name"] + "+base", "tensor": name, "file": base.tensors[name].file.name,
            "kind": "merged", "dtype": "F64", "conv1d": False}
@@ -264,6 +258,17 @@ def _merged_row(identity: dict, update: Update, base: Checkpoint, estimators) ->
                              "ok" if bool(finite[0]) else "nonfinite_weights", int(exponents[0]))
     result.update(lora_rank=update.A.shape[0], lora_scaling=update.scaling)
     return result
+
+
+def explicit_delta(update: Update, weight_shape: tuple[int, ...], where: str) -> torch.Tensor:
+    """s·B·A in float64, oriented like the base weight it is added to (a Conv1D base stores (in, out))."""
+    delta = update.scaling * (update.B.to(torch.float64) @ update.A.to(torch.float64))
+    if weight_shape == tuple(delta.shape[::-1]) and weight_shape[0] != weight_shape[1]:
+        delta = delta.T
+    if weight_shape != tuple(delta.shape):
+        raise LayerscopeError(f"{where} is {list(weight_shape)} but the adapter's update of {update.module!r} is "
+                              f"{list(delta.shape)}")
+    return delta
 
 
 def _base_tensor(base: Checkpoint, module: str) -> str:

@@ -33,13 +33,11 @@ DIFF_COLUMNS = ["alpha", "alpha_hill", "alpha_peak", "lambda_max", "log_norm", "
 
 def compare(base: str | Path, other: str | Path, **options) -> pd.DataFrame:
     """Per-matrix comparison of two checkpoints with the same layout (options as for ``scan``)."""
-    options = {**options, "cache": options.get("cache")}
     progress = options.get("progress", True)
     base_table = scan(base, **options)
     other_table = scan(other, **options)
     _check_same_layout(base_table, other_table, base, other)
     diff = _difference_rows(base, other, ScanOptions(**options), progress)
-    keys = ["name"]
     metrics = [c for c in SUMMARY_COLUMNS if c in base_table.columns]
     merged = base_table[IDENTITY_COLUMNS].copy()
     for column in metrics:
@@ -49,7 +47,7 @@ def compare(base: str | Path, other: str | Path, **options) -> pd.DataFrame:
     merged["status_base"] = base_table["status"].to_numpy()
     merged["status_other"] = other_table["status"].to_numpy()
     diff = diff.rename(columns={c: f"diff_{c}" for c in DIFF_COLUMNS})
-    table = merged.merge(diff, on=keys, how="left", validate="one_to_one")
+    table = merged.merge(diff, on="name", how="left", validate="one_to_one")
     table.attrs.update(schema=COMPARE_SCHEMA, base=str(base), other=str(other),
                        naming=base_table.attrs.get("naming"), num_layers=base_table.attrs.get("num_layers"),
                        estimators=base_table.attrs.get("estimators"), precision=base_table.attrs.get("precision"))
