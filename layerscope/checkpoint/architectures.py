@@ -197,9 +197,87 @@ ADAPTER_PREFIXES = ("base_model.model.",)
 ADAPTER_FACTORS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
 
 # Which roles are attention and which feed-forward (Adaptive-LoRA's attention-heavy mode).
+# Token mixers of every kind (linear attention, state space, conv) count as attention here.
 ROLE_GROUPS: dict[str, frozenset[str]] = {
     "attention": frozenset({"q", "k", "v", "o", "qkv", "kv", "q_a", "q_b", "kv_a", "kv_b",
                             "cross_q", "cross_k", "cross_v", "cross_o"}),
     "mlp": frozenset({"gate", "up", "down", "gate_up", "shared_gate", "shared_up", "shared_down",
                       "shared_gate_up"}),
 }
+
+# A block list owned by no sub-config (see checkpoint.modeltree) is a tower when its path says so.
+TOWER_KEYWORDS: dict[str, str] = {
+    "vision": r"(^|\.)(vision\w*|visual\w*|vit|image_\w+|siglip\w*|clip\w*|patch\w*)(\.|$)",
+    "audio": r"(^|\.)(audio\w*|speech\w*|sound\w*|whisper\w*)(\.|$)",
+}
+
+# The module vocabulary shared by most families, for blocks that the model's own entry above does
+# not name (and for towers).  A block-relative path splits into a container (``self_attn``,
+# ``mlp.experts.3``, ``linear_attn``) and a leaf (``q_proj``); the container says which part of the
+# block it is, the leaf which projection.  First match wins in each list.
+CONTAINERS: list[tuple[str, str]] = [  # (part, regex searched in the lowercased container)
+    ("router", r"(^|\.)(router|gate)$"),
+    ("indexer", r"(^|\.)indexer$"),
+    ("cross_attention", r"(encoder_attn|cross_attn|crossattention|encdecattention|cross_attention)"),
+    ("linear_attention", r"(linear_attn|linear_attention|deltanet|lightning_attn|retention|(^|\.)kda)"),
+    ("mamba", r"(^|\.)(mamba\w*|ssm|mixer|ssm_mixer)$"),
+    ("conv", r"(^|\.)(conv|short_conv|conv_mixer)$"),
+    ("shared", r"(shared_experts?|shared_mlp|shared_ffn)"),
+    ("experts", r"(^|\.)experts(\.\d+)?$"),
+    ("attention", r"(attn|attention)"),
+    ("mlp", r"(mlp|ffn|feed_forward|(^|\.)ff$|intermediate|(^|\.)output$|densereludense|moe|(^|\.)fc$)"),
+]
+LEAF_ROLES: dict[str, dict[str, str]] = {  # part → {leaf: role}; "*" holds leaves valid in any part
+    "*": {**dict.fromkeys(("q_proj", "query", "wq", "q_lin", "query_proj", "to_q"), "q"),
+          **dict.fromkeys(("k_proj", "key", "wk", "k_lin", "key_proj", "to_k"), "k"),
+          **dict.fromkeys(("v_proj", "value", "wv", "v_lin", "value_proj", "to_v"), "v"),
+          **dict.fromkeys(("o_proj", "out_lin", "to_out"), "o"),
+          **dict.fromkeys(("qkv_proj", "qkv", "c_attn", "wqkv", "query_key_value", "qkv_linear"), "qkv"),
+          **dict.fromkeys(("q_a_proj", "wq_a"), "q_a"), **dict.fromkeys(("q_b_proj", "wq_b"), "q_b"),
+          **dict.fromkeys(("kv_a_proj_with_mqa", "wkv_a", "kv_a_proj"), "kv_a"),
+          **dict.fromkeys(("kv_b_proj", "wkv_b"), "kv_b"),
+          **dict.fromkeys(("gate_proj", "wi_0", "w_gate"), "gate"),
+          **dict.fromkeys(("up_proj", "wi_1", "fc_in", "c_fc", "dense_h_to_4h", "lin1", "linear_fc1", "fc1", "wi",
+                           "w_in", "w_up"), "up"),
+          **dict.fromkeys(("down_proj", "fc_out", "dense_4h_to_h", "lin2", "linear_fc2", "fc2", "w_out", "w_down"),
+                          "down"),
+          **dict.fromkeys(("gate_up_proj", "gate_up", "w13"), "gate_up"),
+          "shared_expert_gate": "shared_router",
+          "per_layer_input_gate": "per_layer_gate", "per_layer_projection": "per_layer_proj"},
+    "attention": {"out_proj": "o", "wo": "o", "dense": "o", "c_proj": "o", "proj": "o", "o": "o", "q": "q",
+                  "k": "k", "v": "v", "in_proj": "qkv"},
+    "cross_attention": {"out_proj": "o", "wo": "o", "dense": "o", "c_proj": "o", "proj": "o", "o": "o", "q": "q",
+                        "k": "k", "v": "v"},
+    "mlp": {"w1": "gate", "w3": "up", "w2": "down", "wo": "down", "c_proj": "down", "dense": "down",
+            "gate": "router", "router": "router"},
+    "experts": {"w1": "gate", "w3": "up", "w2": "down"},
+    "shared": {"w1": "gate", "w3": "up", "w2": "down", "wo": "down", "c_proj": "down"},
+    "router": {"*": "router"},
+    "indexer": {"wq_b": "idx_q_b", "wk": "idx_k", "weights_proj": "idx_weights"},
+    "linear_attention": {"in_proj_qkvz": "lin_qkvz", "in_proj_ba": "lin_ba", "in_proj_qkv": "lin_qkv",
+                         "in_proj_z": "lin_z", "in_proj_b": "lin_b", "in_proj_a": "lin_a", "out_proj": "lin_o",
+                         "o_proj": "lin_o", "q_proj": "lin_q", "k_proj": "lin_k", "v_proj": "lin_v"},
+    "mamba": {"in_proj": "ssm_in", "out_proj": "ssm_out", "x_proj": "ssm_x", "dt_proj": "ssm_dt"},
+    "conv": {"in_proj": "conv_in", "out_proj": "conv_out"},
+}
+# A leaf no list names, inside a part that is a token mixer, gets this prefix + its leaf name.
+PART_ROLE_PREFIX = {"linear_attention": "lin_", "mamba": "ssm_", "conv": "conv_", "attention": "attn_",
+                    "indexer": "idx_", "cross_attention": "cross_attn_"}
+# Parts whose roles get "cross_" (q → cross_q) or "shared_" (gate → shared_gate).
+ROLE_PREFIX_OF_PART = {"cross_attention": "cross_", "shared": "shared_"}
+
+# What kind of token mixer a role belongs to (the ``mixer`` column); MLP roles have none.
+MIXER_ROLE_PREFIXES: list[tuple[str, str]] = [("lin_", "linear_attention"), ("ssm_", "mamba"),
+                                              ("conv_", "conv"), ("idx_", "attention"), ("attn_", "attention"),
+                                              ("cross_", "attention")]
+ATTENTION_ROLES = frozenset({"q", "k", "v", "o", "qkv", "kv", "q_a", "q_b", "kv_a", "kv_b"})
+
+
+def mixer_of_role(role: str | None) -> str | None:
+    """attention | linear_attention | mamba | conv for a token-mixer role, None otherwise."""
+    if role is None:
+        return None
+    role = role.rsplit(".", 1)[-1]  # expert.{j}.gate → gate
+    if role in ATTENTION_ROLES:
+        return "attention"
+    return next((mixer for prefix, mixer in MIXER_ROLE_PREFIXES if role.startswith(prefix)), None)

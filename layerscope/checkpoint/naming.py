@@ -10,13 +10,20 @@ from layerscope.checkpoint.architectures import (
     ADAPTER_FACTORS,
     ADAPTER_PREFIXES,
     ARCHITECTURES,
+    CONTAINERS,
+    LEAF_ROLES,
     NON_LAYER_KINDS,
+    PART_ROLE_PREFIX,
+    ROLE_PREFIX_OF_PART,
     ROUTER_ROLES,
+    mixer_of_role,
 )
 from layerscope.checkpoint.dtypes import FLOATING
+from layerscope.checkpoint.modeltree import ModelTree
 from layerscope.errors import LayerscopeError
 
 GENERIC = "generic"
+MODULE_TREE = "module-tree"  # no naming entry; blocks from transformers' module tree, roles from the shared vocabulary
 _GENERIC_LAYER = re.compile(r"^(?P<prefix>.*?)\.(?P<layer>\d+)\.(?P<module>.+)$")
 _ANY_PREFIX = r"(?:[\w.]*\.)?"
 
@@ -29,15 +36,20 @@ class TensorRole:
     """What one tensor is: its kind, and for block tensors the layer, role and module path."""
 
     name: str
-    kind: str  # projection | expert | expert_stack | router | embedding | lm_head | norm | bias | vector | buffer | other
+    kind: str  # projection | expert | expert_stack | router | conv | embedding | lm_head | norm | bias | vector | buffer | other
     layer: int | None = None  # position in depth order over all stacks
     role: str | None = None
-    module: str | None = None  # e.g. model.layers.3.self_attn.q_proj (adapter prefix removed)
+    module: str | None = None  # live module path, e.g. model.layers.3.self_attn.q_proj (adapter prefix removed)
     expert: int | None = None
     conv1d: bool = False  # stored (in, out) like GPT-2's Conv1D
     adapter_factor: str | None = None  # lora_A / lora_B for PEFT adapter files
-    stack: str | None = None  # encoder | decoder
+    stack: str | None = None  # decoder | encoder | vision | audio ...
     stack_layer: int | None = None  # block index inside its stack
+    tower: str | None = None  # vision | audio ... for a block of a non-language sub-model
+
+    @property
+    def mixer(self) -> str | None:
+        return mixer_of_role(self.role) if self.kind in ("projection", "part") else None
 
 
 @dataclass(frozen=True)
@@ -57,21 +69,32 @@ class NamingScheme:
     so blocks of a later stack are numbered after those of the earlier ones.
     """
 
-    def __init__(self, architecture: dict | None, stack_depths: dict[str, int] | None = None):
+    def __init__(self, architecture: dict | None, stack_depths: dict[str, int] | None = None,
+                 tree: ModelTree | None = None):
         self.architecture = architecture
         self.stack_depths = stack_depths or {}
+        self.tree = tree  # the live module tree: blocks and live names come from it when present
 
     @property
     def name(self) -> str:
-        return self.architecture["name"] if self.architecture else GENERIC
+        if self.architecture:
+            return self.architecture["name"]
+        return MODULE_TREE if self.tree is not None else GENERIC
 
     @property
     def is_generic(self) -> bool:
-        return self.architecture is None
+        return self.architecture is None and self.tree is None
 
     @property
     def stacks(self) -> list[str]:
+        if self.tree is not None:
+            return [s.name for s in self.tree.stacks]
         return [s["stack"] for s in self.architecture["stacks"]] if self.architecture else []
+
+    @property
+    def towers(self) -> list[str]:
+        """Stacks of vision/audio sub-models (never planned unless asked for)."""
+        return [s.name for s in self.tree.stacks if s.is_tower] if self.tree is not None else []
 
     def stack_offset(self, stack: str) -> int:
         offset = 0
@@ -83,8 +106,21 @@ class NamingScheme:
 
     @property
     def num_layers(self) -> int | None:
+        if self.tree is not None:
+            return self.tree.num_layers or None
         depths = [self.stack_depths.get(s) for s in self.stacks]
         return sum(depths) if depths and all(d is not None for d in depths) else None
+
+    @cached_property
+    def _relative_rules(self) -> list[tuple[re.Pattern, str, bool, bool]]:
+        """(block-relative pattern, role, stacked, transposed) from the naming entry's modules."""
+        if self.architecture is None:
+            return []
+        stacked = set(self.architecture.get("stacked_experts", []))
+        transposed = self.architecture.get("transposed", [])
+        return [(re.compile("^" + re.escape(module).replace(r"\{expert\}", r"(?P<expert>\d+)") + "$"), role,
+                 module in stacked, transposed == "*" or module in transposed)
+                for module, role in self.architecture["modules"].items()]
 
     @cached_property
     def _rules(self) -> list[_Rule]:
@@ -112,6 +148,8 @@ class NamingScheme:
         base, factor = _strip_adapter(name)
         if dtype not in FLOATING:
             return TensorRole(name, "buffer")
+        if self.tree is not None:
+            return self._classify_live(name, base, shape, factor)
         if len(shape) < 2 or _is_bias(base):
             return TensorRole(name, self._vector_kind(base))
         for rule in self._rules:
@@ -130,6 +168,58 @@ class NamingScheme:
             )
         return TensorRole(name, "other", adapter_factor=factor)
 
+    def _classify_live(self, name: str, base: str, shape: tuple[int, ...], factor: str | None) -> TensorRole:
+        """Blocks and names from the live module tree; roles from the naming entry, else the shared vocabulary."""
+        live = self.tree.live_name(base)
+        module = live.removesuffix(".weight")
+        if len(shape) < 2 or _is_bias(live):
+            return TensorRole(name, self._vector_kind(live))
+        hit = self.tree.block_of(module)
+        if hit is None:
+            for kind, pattern in self._non_layer:
+                if pattern.search(live):
+                    return TensorRole(name, kind, module=module, adapter_factor=factor)
+            return TensorRole(name, "other", module=module, adapter_factor=factor)
+        stack, index, relative = hit
+        place = dict(layer=self.tree.offset(stack) + index, module=module, adapter_factor=factor,
+                     stack=stack.name, stack_layer=index, tower=stack.tower)
+        found = self._role_in_block(relative, len(shape))
+        linear = self.tree.is_linear(module)
+        container, _, leaf = module.rpartition(".")
+        if leaf in ("gate", "router") and f"{container}.experts" in self.tree.modules:
+            found = ("router", None, False, False)  # the gate beside the experts routes to them
+        if found is None:
+            if linear:
+                return TensorRole(name, "other", **place)  # a Linear nothing names: reported as unmapped
+            kind = "conv" if "conv" in relative.rsplit(".", 1)[-1] else "param"
+            return TensorRole(name, kind, **place)
+        role, expert, stacked, transposed = found
+        conv1d = transposed or module in self.tree.conv1d
+        if role in ROUTER_ROLES:
+            return TensorRole(name, "router", role=role, conv1d=conv1d, **place)
+        if stacked or (len(shape) >= 3 and expert is None):
+            return TensorRole(name, "expert_stack", role=role, conv1d=conv1d, **place)
+        if expert is not None:
+            return TensorRole(name, "expert", role=f"expert.{expert}.{role}", expert=expert, conv1d=conv1d, **place)
+        if not linear:  # a weight of no Linear layer (an SSM's A_log, a scale matrix): never an adapter target
+            return TensorRole(name, "param", role=role, **place)
+        return TensorRole(name, "projection", role=role, conv1d=conv1d, **place)
+
+    def _role_in_block(self, relative: str, ndim: int) -> tuple[str, int | None, bool, bool] | None:
+        """(role, expert, stacked, transposed) of a block-relative path, or None when nothing names it."""
+        for pattern, role, stacked, transposed in self._relative_rules:
+            match = pattern.match(relative)
+            if match:
+                expert = match.groupdict().get("expert")
+                return role, int(expert) if expert is not None else None, stacked, transposed
+        found = shared_vocabulary_role(relative)
+        if found is None:
+            return None
+        role, expert, in_experts = found
+        if ndim >= 3 and not in_experts and expert is None:
+            return None  # a 3-D tensor outside an experts container: a kernel, not a projection
+        return role, expert, ndim >= 3 and in_experts, False
+
     def matches(self, name: str) -> bool:
         """Whether a block rule of this architecture names the tensor (used to detect the layout)."""
         base = _strip_adapter(name)[0]
@@ -137,6 +227,12 @@ class NamingScheme:
 
     def block_layer(self, module_name: str) -> int | None:
         """Depth position of a block module (``model.layers.3`` → 3), None for anything else."""
+        if self.tree is not None:
+            for stack in self.tree.stacks:
+                match = re.fullmatch(re.escape(stack.path) + r"\.(\d+)", module_name)
+                if match:
+                    return self.tree.offset(stack) + int(match.group(1))
+            return None
         for stack in (self.architecture or {}).get("stacks", []):
             prefixes = "|".join(re.escape(p) for p in stack["prefixes"])
             match = re.match(rf"^{_ANY_PREFIX}(?:{prefixes})\.(\d+)$", module_name)
@@ -228,12 +324,40 @@ def _strip_adapter(name: str) -> tuple[str, str | None]:
     return base, None
 
 
-def detect_scheme(config: dict, names: list[str]) -> NamingScheme:
-    """Pick the architecture from config.json, else the table entry matching most names."""
+def shared_vocabulary_role(relative: str) -> tuple[str, int | None, bool] | None:
+    """(role, expert index, inside an experts container) from the vocabulary most families share."""
+    container, _, leaf = relative.rpartition(".")
+    lowered = container.lower()
+    expert_match = re.search(r"(?:^|\.)experts\.(\d+)$", container)
+    expert = int(expert_match.group(1)) if expert_match else None
+    part = next((p for p, rx in CONTAINERS if re.search(rx, lowered)), None)
+    in_experts = part == "experts"
+    if part == "router":
+        return "router", None, False
+    key = leaf.lower()
+    role = LEAF_ROLES.get(part or "", {}).get(key) or LEAF_ROLES["*"].get(key)
+    if role is None:
+        prefix = PART_ROLE_PREFIX.get(part or "")
+        if prefix is None:
+            return None
+        role = prefix + key.removesuffix("_proj")
+    elif part in ROLE_PREFIX_OF_PART and role not in ROUTER_ROLES and not role.startswith(ROLE_PREFIX_OF_PART[part]):
+        role = ROLE_PREFIX_OF_PART[part] + role
+    return role, expert, in_experts
+
+
+def detect_scheme(config: dict, names: list[str], tree: ModelTree | None = None) -> NamingScheme:
+    """Pick the architecture from config.json, else the table entry matching most names.
+
+    With the live module ``tree`` the blocks, stacks and module names come from it, and the entry
+    (or the shared vocabulary when no entry covers the model type) names the roles.
+    """
     model_type = config.get("model_type")
     for arch in ARCHITECTURES:
         if model_type in arch["model_types"]:
-            return bind_scheme(arch, config, names)
+            return bind_scheme(arch, config, names, tree)
+    if tree is not None:
+        return NamingScheme(None, tree=tree)
     best, best_hits = None, 0
     for arch in ARCHITECTURES:
         hits = sum(1 for n in names if NamingScheme(arch).matches(n))
@@ -242,8 +366,11 @@ def detect_scheme(config: dict, names: list[str]) -> NamingScheme:
     return bind_scheme(best, config, names)
 
 
-def bind_scheme(architecture: dict | None, config: dict, names: list[str]) -> NamingScheme:
+def bind_scheme(architecture: dict | None, config: dict, names: list[str],
+                tree: ModelTree | None = None) -> NamingScheme:
     """A scheme for one checkpoint: each stack's depth from config.json, else from the block names."""
+    if tree is not None:
+        return NamingScheme(architecture, {s.name: s.depth for s in tree.stacks}, tree)
     if architecture is None:
         return NamingScheme(None)
     seen: dict[str, int] = {}
@@ -267,11 +394,14 @@ def bind_scheme(architecture: dict | None, config: dict, names: list[str]) -> Na
     return NamingScheme(architecture, depths)
 
 
-def scheme_by_name(name: str, config: dict | None = None, names: list[str] | None = None) -> NamingScheme:
+def scheme_by_name(name: str, config: dict | None = None, names: list[str] | None = None,
+                   tree: ModelTree | None = None) -> NamingScheme:
     if name == GENERIC:
         return NamingScheme(None)
+    if name == MODULE_TREE and tree is not None:
+        return NamingScheme(None, tree=tree)
     for arch in ARCHITECTURES:
         if arch["name"] == name:
-            return bind_scheme(arch, config or {}, names or [])
+            return bind_scheme(arch, config or {}, names or [], tree)
     known = ", ".join([a["name"] for a in ARCHITECTURES] + [GENERIC])
     raise LayerscopeError(f"--architecture {name!r}: unknown (known: {known})")

@@ -44,7 +44,7 @@ def to_peft_config(plan: Plan, base_model_name_or_path: str | None = None, modul
     lora = plan.document["lora"]
     return {
         "peft_type": "LORA",
-        "task_type": None,
+        "task_type": plan.model.get("task"),
         "base_model_name_or_path": base_model_name_or_path or plan.model["path"],
         "r": _most_common([m["rank"] for m in modules]),
         "lora_alpha": _most_common([m["lora_alpha"] for m in modules]),

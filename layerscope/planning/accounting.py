@@ -53,7 +53,8 @@ def account(inputs: PlanInputs, allocations) -> Accounting:
         if alloc.experts <= 0:
             continue
         for role, in_f, out_f in shapes.get(alloc.layer, []):
-            part = module_params(in_f, out_f, alloc.experts, alloc.rank_of(role), alloc.top_k, alloc.expert_type)
+            part = module_params(in_f, out_f, alloc.experts, alloc.rank_for(role, in_f, out_f), alloc.top_k,
+                                 alloc.expert_type)
             totals = [t + p for t, p in zip(totals, (part.trainable_adapters, part.trainable_routers,
                                                      part.active_adapters, part.active_routers))]
     return Accounting(*totals)

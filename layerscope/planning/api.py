@@ -20,7 +20,8 @@ def plan(source, strategy: str = "alphalora", *, budget_params: int | None = Non
          budget_ratio: float | None = None, target_roles: list[str] | None = None, expert_type: str = "lora",
          lora: LoraSettings | None = None, reference_rank: int = 8, reference_experts: int = 8,
          command: str | None = None, progress: bool = True, optimizer: list[str] | None = None,
-         optimizer_metric: str = DEFAULT_OPTIMIZER_METRIC, **strategy_params) -> Plan:
+         optimizer_metric: str = DEFAULT_OPTIMIZER_METRIC, include_towers: bool = False,
+         allow_unmapped: bool = False, **strategy_params) -> Plan:
     """Allocate experts, ranks and top-k per layer.
 
     ``source``: a checkpoint folder/file (scanned only when the strategy needs a metric), a
@@ -30,6 +31,8 @@ def plan(source, strategy: str = "alphalora", *, budget_params: int | None = Non
     module) the allocation is rescaled to the largest that fits; the plan records the slack.
     ``optimizer`` (``tempbalance``, ``alphadecay``) adds per-layer learning-rate / weight-decay
     multipliers from ``optimizer_metric`` (see :mod:`layerscope.planning.optimizer`).
+    Plans cover the language model; ``include_towers`` adds the vision/audio towers' blocks.  A model
+    with block Linear layers of no known role is refused unless ``allow_unmapped``.
     """
     if strategy not in STRATEGIES:
         raise LayerscopeError(f"--strategy {strategy!r}: unknown (known: {', '.join(STRATEGIES)})")
@@ -42,8 +45,8 @@ def plan(source, strategy: str = "alphalora", *, budget_params: int | None = Non
         raise LayerscopeError(f"strategy {strategy!r} has no option {unknown[0]!r} "
                               f"(options: {', '.join(p for p in accepted if p != 'inputs')})")
     metric = strategy_params.get("metric", accepted["metric"].default) if "metric" in accepted else None
-    inputs = load_inputs(source, metric=metric, progress=progress,
-                         also=(optimizer_metric,) if optimizer else ()).restrict_roles(target_roles)
+    inputs = load_inputs(source, metric=metric, progress=progress, also=(optimizer_metric,) if optimizer else (),
+                         include_towers=include_towers, allow_unmapped=allow_unmapped).restrict_roles(target_roles)
     result = _for_expert_type(function(inputs, **strategy_params), expert_type)
 
     allocations, budget_record = result.allocations, None

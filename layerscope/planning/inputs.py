@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from layerscope.checkpoint.modeltree import model_facts, tree_for_checkpoint
 from layerscope.checkpoint.naming import detect_scheme
 from layerscope.checkpoint.quantization import logical_tensors
 from layerscope.checkpoint.reader import open_checkpoint
@@ -32,9 +33,16 @@ class ModelIdentity:
     num_layers: int
     fingerprint: str
     conv1d: bool = False
+    stacks: tuple[dict, ...] = ()  # {"name", "depth", "tower"} of every block stack, in layer order
+    task: str | None = None  # PEFT task type of the checkpoint's model class (CAUSAL_LM, SEQ_2_SEQ_LM ...)
 
     def as_dict(self) -> dict:
-        return dict(self.__dict__)
+        out = {k: v for k, v in self.__dict__.items() if k not in ("stacks", "task")}
+        if self.stacks:
+            out["stacks"] = [dict(s) for s in self.stacks]
+        if self.task:
+            out["task"] = self.task
+        return out
 
 
 @dataclass
@@ -73,7 +81,14 @@ class PlanInputs:
         return PlanInputs(self.model, self.modules[self.modules["role"].isin(roles)].reset_index(drop=True))
 
 
-def inputs_from_table(table: pd.DataFrame, source: str = "scan table") -> PlanInputs:
+def inputs_from_table(table: pd.DataFrame, source: str = "scan table", include_towers: bool = False,
+                      allow_unmapped: bool = False) -> PlanInputs:
+    """Plan inputs from a scan table: the projections of the language model's blocks (and of the
+    vision/audio towers with ``include_towers``).
+
+    A block Linear that no role names (``kind == "other"``) is refused unless ``allow_unmapped``:
+    planning around it would silently leave part of every block without adapters.
+    """
     missing = [c for c in MODULE_COLUMNS + ["kind"] if c not in table.columns]
     if missing:
         raise LayerscopeError(f"{source}: column {missing[0]!r} is missing (not a layerscope scan table?)")
@@ -82,7 +97,17 @@ def inputs_from_table(table: pd.DataFrame, source: str = "scan table") -> PlanIn
         if not attrs.get(field):
             raise LayerscopeError(f"{source}: model field {field!r} is missing (write scans as .parquet/.json, "
                                   "or keep the .model.json next to a .csv)")
-    modules = table[(table["kind"] == "projection") & table["layer"].notna()].copy()
+    in_blocks = table[table["layer"].notna()]
+    towers = set(attrs.get("towers") or [])
+    if towers and not include_towers and "stack" in table.columns:
+        in_blocks = in_blocks[~in_blocks["stack"].isin(towers)]
+    unmapped = sorted(set(in_blocks[in_blocks["kind"] == "other"]["module"].dropna().astype(str)))
+    if unmapped and not allow_unmapped:
+        raise LayerscopeError(
+            f"{source}: {len(unmapped)} Linear layer(s) inside the blocks have no known role, e.g. {unmapped[0]!r} "
+            f"(all: {', '.join(unmapped[:6])}{' ...' if len(unmapped) > 6 else ''}); plan without them with "
+            "--allow-unmapped, or report the layout")
+    modules = in_blocks[in_blocks["kind"] == "projection"].copy()
     if modules.empty:
         raise LayerscopeError(f"{source}: no projection matrices inside layers to plan for")
     modules["layer"] = modules["layer"].astype(int)
@@ -92,28 +117,30 @@ def inputs_from_table(table: pd.DataFrame, source: str = "scan table") -> PlanIn
         path=str(attrs.get("path", source)), architecture=attrs.get("architecture"),
         model_type=attrs.get("model_type"), naming=attrs["naming"], num_layers=int(num_layers),
         fingerprint=attrs["fingerprint"], conv1d=bool(attrs.get("conv1d", False)),
+        stacks=tuple(attrs.get("stack_depths") or ()), task=attrs.get("task"),
     )
     return PlanInputs(identity, modules)
 
 
-def inventory(path: str | Path) -> PlanInputs:
+def inventory(path: str | Path, include_towers: bool = False, allow_unmapped: bool = False) -> PlanInputs:
     """Target modules and their shapes from the safetensors headers alone (no tensor is read)."""
     ckpt = open_checkpoint(path)
     tensors = logical_tensors(ckpt)
-    scheme = detect_scheme(ckpt.config, [t.name for t in tensors])
-    conv1d = (scheme.architecture or {}).get("transposed") == "*"
+    tree, _ = tree_for_checkpoint(ckpt.config, ckpt.path)
+    scheme = detect_scheme(ckpt.config, [t.name for t in tensors], tree)
     rows = []
     for info in tensors:
         role = scheme.classify(info.name, info.shape, info.analysable_dtype)
-        if role.kind != "projection" or len(info.shape) != 2 or role.layer is None:
+        if role.kind not in ("projection", "other") or len(info.shape) != 2 or role.layer is None:
             continue
         out_f, in_f = (info.shape[1], info.shape[0]) if role.conv1d else info.shape
-        rows.append({"kind": "projection", "layer": role.layer, "role": role.role, "module": role.module,
-                     "in_features": in_f, "out_features": out_f})
-    table = pd.DataFrame(rows, columns=["kind", *MODULE_COLUMNS])
+        rows.append({"kind": role.kind, "stack": role.stack, "layer": role.layer, "role": role.role,
+                     "module": role.module, "in_features": in_f, "out_features": out_f})
+    table = pd.DataFrame(rows, columns=["kind", "stack", *MODULE_COLUMNS])
     table.attrs.update(path=str(path), architecture=ckpt.architecture, model_type=ckpt.config.get("model_type"),
-                       naming=scheme.name, num_layers=scheme.num_layers or ckpt.num_layers, fingerprint=ckpt.fingerprint(), conv1d=conv1d)
-    return inputs_from_table(table, str(path))
+                       num_layers=scheme.num_layers or ckpt.num_layers, fingerprint=ckpt.fingerprint(),
+                       **model_facts(scheme, tree))
+    return inputs_from_table(table, str(path), include_towers, allow_unmapped)
 
 
 # Scan columns → the estimator that produces them (norm metrics come with every estimator).
@@ -124,18 +151,20 @@ ESTIMATOR_OF = {"xmin": "alpha", "D": "alpha", "D_peak": "alpha_peak", "xmin_pea
                 "alpha_hill": "alpha_hill", "alpha_peak": "alpha_peak"}
 
 
-def load_inputs(source, metric: str | None = None, progress: bool = True, also: tuple[str, ...] = ()) -> PlanInputs:
+def load_inputs(source, metric: str | None = None, progress: bool = True, also: tuple[str, ...] = (),
+                include_towers: bool = False, allow_unmapped: bool = False) -> PlanInputs:
     """From a DataFrame, a scan table file, or a checkpoint (scanned only if ``metric`` or ``also`` — more
     metric columns — is needed)."""
+    scope = dict(include_towers=include_towers, allow_unmapped=allow_unmapped)
     if isinstance(source, pd.DataFrame):
-        return inputs_from_table(source)
+        return inputs_from_table(source, **scope)
     path = Path(source)
     if path.is_file() and path.suffix in FORMATS:
-        return inputs_from_table(read_scan(path), str(path))
+        return inputs_from_table(read_scan(path), str(path), **scope)
     wanted = [m for m in (metric, *also) if m is not None]
     if not wanted:
-        return inventory(path)
+        return inventory(path, **scope)
     from layerscope.spectral.scan import scan  # a model path with a metric to measure
 
     estimators = tuple(dict.fromkeys(ESTIMATOR_OF.get(m, "alpha") for m in wanted))  # alpha_weighted needs alpha
-    return inputs_from_table(scan(path, estimators=estimators, progress=progress), str(path))
+    return inputs_from_table(scan(path, estimators=estimators, progress=progress), str(path), **scope)

@@ -184,7 +184,7 @@ def build_plan(inputs: PlanInputs, strategy: str, params: dict, allocations, *, 
     for alloc in allocations:
         modules = [
             {"name": module, "role": role, "in_features": in_f, "out_features": out_f,
-             "rank": alloc.rank_of(role), "lora_alpha": lora.alpha_for(alloc.rank_of(role))}
+             "rank": alloc.rank_for(role, in_f, out_f), "lora_alpha": lora.alpha_for(alloc.rank_for(role, in_f, out_f))}
             for role, module, in_f, out_f in _modules_of(inputs, alloc.layer)
         ]
         layers.append({"layer": alloc.layer, "metric": _finite(alloc.metric), "experts": alloc.experts,

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from layerscope.checkpoint.architectures import ROLE_GROUPS
+from layerscope.checkpoint.architectures import ROLE_GROUPS, mixer_of_role
 from layerscope.errors import LayerscopeError
 from layerscope.planning.inputs import PlanInputs
 from layerscope.planning.rounding import largest_remainder, reference_rounding
@@ -42,6 +42,11 @@ class LayerAllocation:
 
     def rank_of(self, role: str) -> int:
         return self.module_ranks.get(role, self.rank)
+
+    def rank_for(self, role: str, in_features: int, out_features: int) -> int:
+        """The role's rank, capped at the matrix's smaller dimension (a small gate projection of a
+        linear-attention block can be narrower than the layer's rank; more rank would add nothing)."""
+        return min(self.rank_of(role), in_features, out_features)
 
 
 @dataclass(frozen=True)
@@ -251,7 +256,8 @@ def adaptive_lora(inputs: PlanInputs, mode: str = "linear-decay", base_rank: int
                 rank, module_ranks = int(base * factor), {}
             else:
                 ffn = max(min_rank, int(base / 2))
-                module_ranks = {role: (base if role in ROLE_GROUPS["attention"] else ffn) for role in roles}
+                module_ranks = {role: (base if role in ROLE_GROUPS["attention"] or mixer_of_role(role) else ffn)
+                                for role in roles}
                 module_ranks = {r: min(max_rank, v) for r, v in module_ranks.items()}
                 rank = min(max_rank, base)
             out.append(LayerAllocation(layer, 1, max(1, min(max_rank, rank)), 1, module_ranks=module_ranks))

@@ -8,6 +8,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from layerscope.checkpoint.modeltree import tree_of_model
 from layerscope.checkpoint.naming import detect_scheme
 from layerscope.errors import LayerscopeError
 from layerscope.planning.plan import Plan
@@ -17,8 +18,12 @@ LAYER_COUNT_FIELDS = ("num_hidden_layers", "n_layer", "num_layers")
 
 
 def _model_layer_count(model: nn.Module) -> int | None:
-    """Blocks over all stacks (encoder + decoder for T5/BART), as the scan numbers them."""
+    """Blocks over all stacks (encoder + decoder for T5/BART, towers of composite models), as the scan numbers them."""
     config = getattr(model, "config", None)
+    if hasattr(config, "model_type"):  # a transformers model: its own module tree, as the scan saw it
+        tree = tree_of_model(model)
+        if tree.stacks:
+            return tree.num_layers
     if hasattr(config, "to_dict"):
         scheme = detect_scheme(config.to_dict(), [f"{n}.weight" for n, _ in model.named_modules()])
         if scheme.num_layers is not None:

@@ -15,6 +15,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from layerscope.checkpoint.modeltree import model_facts, tree_for_checkpoint
 from layerscope.checkpoint.naming import TARGET_KINDS, NamingScheme, TensorRole, detect_scheme, scheme_by_name
 from layerscope.checkpoint.quantization import LogicalTensor, load_logical, logical_tensors
 from layerscope.checkpoint.reader import Checkpoint, open_checkpoint
@@ -32,7 +33,7 @@ ANALYSED_KINDS = frozenset({"projection", "expert", "expert_stack", "router", "e
 # Batching pays on GPUs; on CPU it buys little, so memory wins there.
 DEFAULT_BATCH_BYTES = {"cpu": 32 << 20, "cuda": 1 << 30}
 
-IDENTITY_COLUMNS = ["name", "tensor", "file", "kind", "stack", "layer", "stack_layer", "role", "module", "expert",
+IDENTITY_COLUMNS = ["name", "tensor", "file", "kind", "stack", "layer", "stack_layer", "role", "mixer", "module", "expert",
                     "part", "dtype", "quantization", "shape", "out_features", "in_features"]
 FIT_COLUMNS = {
     "alpha": ["alpha", "xmin", "D", "sigma", "num_pl_spikes"],
@@ -66,6 +67,7 @@ class ScanOptions:
     progress: bool = True
     cache: str | Path | None = None  # folder of finished tensors' rows (resumable scans)
     base: str | Path | None = None  # adapter scans: also analyse W + ΔW of this base model
+    live_names: bool = True  # name modules as the model transformers builds has them (when it can build it)
 
     def validate(self) -> None:
         esd.check_precision(self.precision)
@@ -117,8 +119,9 @@ def scan_checkpoint(ckpt: Checkpoint, opts: ScanOptions) -> pd.DataFrame:
     opts.validate()
     logical = logical_tensors(ckpt)
     names = [t.name for t in logical]
-    scheme = (scheme_by_name(opts.architecture, ckpt.config, names) if opts.architecture
-              else detect_scheme(ckpt.config, names))
+    tree, no_tree = tree_for_checkpoint(ckpt.config, ckpt.path) if opts.live_names else (None, "--no-live-names")
+    scheme = (scheme_by_name(opts.architecture, ckpt.config, names, tree) if opts.architecture
+              else detect_scheme(ckpt.config, names, tree))
     device = esd.resolve_device(distributed.rank_device(opts.device, distributed.current(opts.device)))
     dtype = esd.working_dtype(opts.precision, device)
     classified = [(t, scheme.classify(t.name, t.shape, t.analysable_dtype)) for t in logical]
@@ -143,9 +146,9 @@ def scan_checkpoint(ckpt: Checkpoint, opts: ScanOptions) -> pd.DataFrame:
         path=str(ckpt.path),
         architecture=ckpt.architecture,
         model_type=ckpt.config.get("model_type"),
-        naming=scheme.name,
-        stacks=scheme.stacks,
-        conv1d=(scheme.architecture or {}).get("transposed") == "*",
+        **model_facts(scheme, tree),
+        live_names=tree is not None,
+        live_names_note=no_tree,
         unmapped=sorted({str(r.module) for _, r in classified if r.kind == "other" and r.layer is not None}),
         quantization=sorted({t.quantization for t in logical if t.quantization}),
         num_layers=scheme.num_layers or ckpt.num_layers or _layers_seen(table),
@@ -316,7 +319,8 @@ def _identity(info: LogicalTensor, role: TensorRole) -> dict:
     """The table columns that say which tensor a row is and what the naming scheme made of it."""
     return {
         "name": info.name, "tensor": info.name, "file": info.file.name, "kind": role.kind, "stack": role.stack,
-        "layer": role.layer, "stack_layer": role.stack_layer, "role": role.role, "module": role.module,
+        "layer": role.layer, "stack_layer": role.stack_layer, "role": role.role, "mixer": role.mixer,
+        "module": role.module,
         "expert": role.expert, "part": role.adapter_factor, "dtype": info.dtype, "quantization": info.quantization,
         "conv1d": role.conv1d,
     }

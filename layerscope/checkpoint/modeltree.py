@@ -1,0 +1,283 @@
+"""The module tree transformers builds for a checkpoint: live names, block stacks, towers.
+
+transformers renames many checkpoints' keys on load (its conversion mappings; composite wrappers
+such as Gemma 3's ``language_model.model.layers`` → ``model.language_model.layers``), and PEFT, the
+runtime and every trainer see the *live* names.  The tree is built on the meta device (no memory,
+no weights), so this costs the same for any model size.  Its block stacks are the outermost
+``nn.ModuleList``s of blocks that hold Linear layers; a stack owned by a vision or audio
+sub-model is a *tower*.
+
+transformers is optional: without it, or for a checkpoint it cannot build (custom code, an unknown
+type), :func:`tree_for_checkpoint` returns ``None`` and the naming tables alone are used.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+from layerscope.checkpoint.architectures import TOWER_KEYWORDS
+
+LANGUAGE = None  # the ``tower`` of a language-model stack
+
+
+@dataclass(frozen=True)
+class BlockStack:
+    """One sequence of blocks: ``path.0``, ``path.1`` ... in the live model."""
+
+    name: str  # decoder | encoder | vision | audio | ...
+    path: str  # live ModuleList path, e.g. model.language_model.layers
+    depth: int
+    tower: str | None = LANGUAGE  # vision | audio | ... for a non-language sub-model
+
+    @property
+    def is_tower(self) -> bool:
+        return self.tower is not LANGUAGE
+
+
+@dataclass
+class ModelTree:
+    """Live block stacks (language stacks first, then towers), Linear shapes, and the key renaming."""
+
+    stacks: list[BlockStack]
+    linears: dict[str, tuple[int, int]]  # live module path → (in_features, out_features)
+    class_name: str | None = None
+    is_encoder_decoder: bool = False
+    conv1d: frozenset[str] = frozenset()  # modules stored (in, out), like GPT-2's Conv1D
+    modules: frozenset[str] = frozenset()  # every module path
+    # checkpoint key → (live key, converted): converted keys were fused or split on load, so the
+    # live key is not the stored tensor's own; the key after the plain renamings is returned then.
+    rename: Callable[[str], tuple[str, bool]] = field(default=lambda key: (key, False), repr=False)
+
+    def offset(self, stack: BlockStack) -> int:
+        return sum(s.depth for s in self.stacks[: self.stacks.index(stack)])
+
+    @property
+    def num_layers(self) -> int:
+        return sum(s.depth for s in self.stacks)
+
+    @property
+    def language_layers(self) -> int:
+        return sum(s.depth for s in self.stacks if not s.is_tower)
+
+    def block_of(self, module: str) -> tuple[BlockStack, int, str] | None:
+        """(stack, index in the stack, path inside the block) of a live module or parameter path."""
+        best = None
+        for stack in self.stacks:
+            prefix = stack.path + "." if stack.path else ""
+            if module.startswith(prefix):
+                match = re.match(r"(\d+)\.(.+)$", module[len(prefix):])
+                if match and (best is None or len(stack.path) > len(best[0].path)):
+                    best = (stack, int(match.group(1)), match.group(2))
+        return best
+
+    def live_name(self, checkpoint_name: str) -> str:
+        """The live parameter name of a stored tensor (after transformers' renamings, before any fusing)."""
+        return self.rename(checkpoint_name)[0]
+
+    def is_linear(self, module: str) -> bool:
+        return module in self.linears
+
+
+PEFT_TASKS: list[tuple[str, str]] = [  # model class name suffix → PEFT task_type
+    ("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"), ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"),
+    ("ForSequenceClassification", "SEQ_CLS"), ("ForTokenClassification", "TOKEN_CLS"),
+    ("ForQuestionAnswering", "QUESTION_ANS"), ("Model", "FEATURE_EXTRACTION"),
+]
+
+
+def peft_task(class_name: str | None, is_encoder_decoder: bool = False) -> str | None:
+    """PEFT's task_type for a transformers model class (None where PEFT has none, e.g. masked LM)."""
+    if not class_name:
+        return None
+    if class_name.endswith("ForConditionalGeneration"):
+        return "SEQ_2_SEQ_LM" if is_encoder_decoder else "CAUSAL_LM"
+    return next((task for suffix, task in PEFT_TASKS if class_name.endswith(suffix)), None)
+
+
+def model_facts(scheme, tree: ModelTree | None) -> dict:
+    """Scan/plan attributes that describe the block stacks, the towers and the model's task."""
+    facts = {"naming": scheme.name, "stacks": scheme.stacks, "towers": scheme.towers,
+             "conv1d": (scheme.architecture or {}).get("transposed") == "*" or bool(tree and tree.conv1d)}
+    if tree is not None:
+        facts["stack_depths"] = [{"name": s.name, "depth": s.depth, "tower": s.tower} for s in tree.stacks]
+        facts["task"] = peft_task(tree.class_name, tree.is_encoder_decoder)
+    return facts
+
+
+def tree_of_model(model, rename: Callable[[str], tuple[str, bool]] | None = None) -> ModelTree:
+    """The tree of a built torch model (a live one, or one on the meta device)."""
+    from torch import nn
+
+    config = getattr(model, "config", None)
+    lists = _block_lists(model)
+    towers = [_tower_of(model, path, config) for path, _ in lists]
+    language = [(p, m) for (p, m), t in zip(lists, towers) if t is LANGUAGE]
+    named = [BlockStack(_language_stack_name(path, model, len(language)), path, len(blocks))
+             for path, blocks in language]
+    tower_lists = [(p, m, t) for (p, m), t in zip(lists, towers) if t is not LANGUAGE]
+    for path, blocks, tower in tower_lists:
+        siblings = [p for p, _, t in tower_lists if t == tower]
+        name = tower if len(siblings) == 1 else f"{tower}.{_distinct_segment(path, siblings)}"
+        named.append(BlockStack(name, path, len(blocks), tower))
+    linears, conv1d = {}, set()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            linears[name] = (module.in_features, module.out_features)
+        elif type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:
+            linears[name] = (int(module.weight.shape[0]), int(module.weight.shape[1]))
+            conv1d.add(name)
+    return ModelTree(named, linears, type(model).__name__, bool(getattr(config, "is_encoder_decoder", False)),
+                     frozenset(conv1d), frozenset(name for name, _ in model.named_modules()),
+                     rename or (lambda key: (key, False)))
+
+
+def _block_lists(model) -> list[tuple[str, object]]:
+    """Outermost ModuleLists whose items are blocks (containers holding Linear layers), in registration order."""
+    from torch import nn
+
+    found: list[tuple[str, object]] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or any(name.startswith(f"{outer}.") for outer, _ in found):
+            continue
+        items = list(module)
+        if not items or any(isinstance(item, nn.Linear) or type(item).__name__ == "Conv1D" for item in items):
+            continue  # a list of bare layers (heads, projections) is no block stack
+        if any(isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D" for item in items for m in item.modules()):
+            found.append((name, module))
+    return found
+
+
+def _tower_of(model, path: str, config) -> str | None:
+    """The sub-config name (``vision``, ``audio`` ...) of the sub-model that owns a block list, None for language."""
+    owner_config = None
+    parts = path.split(".")
+    for depth in range(len(parts), 0, -1):
+        owner = model.get_submodule(".".join(parts[:depth]))
+        if hasattr(owner, "config") and owner is not model:
+            owner_config = owner.config
+            break
+    if config is not None and owner_config is not None and owner_config is not config:
+        for attr, value in vars(config).items():
+            if attr.endswith("_config") and value is not None and hasattr(value, "model_type"):
+                same = value is owner_config or value.model_type == getattr(owner_config, "model_type", None)
+                if same:
+                    tower = attr.removesuffix("_config")
+                    return LANGUAGE if tower in ("text", "language", "llm", "decoder", "encoder") else tower
+    lowered = path.lower()
+    for tower, pattern in TOWER_KEYWORDS.items():
+        if re.search(pattern, lowered):
+            return tower
+    return LANGUAGE
+
+
+def _language_stack_name(path: str, model, count: int) -> str:
+    segments = path.split(".")
+    if count > 1:
+        for name in ("encoder", "decoder"):
+            if name in segments or any(s.startswith(name) for s in segments):
+                return name
+    is_causal = type(model).__name__.endswith(("ForCausalLM", "ForConditionalGeneration", "LMHeadModel"))
+    if "encoder" in segments and not getattr(getattr(model, "config", None), "is_decoder", False) and not is_causal:
+        return "encoder"
+    return "decoder" if is_causal or "decoder" in segments else "encoder"
+
+
+def _distinct_segment(path: str, siblings: list[str]) -> str:
+    others = [set(s.split(".")) for s in siblings if s != path]
+    unique = [seg for seg in path.split(".") if all(seg not in o for o in others) and not seg.isdigit()]
+    return unique[-1] if unique else str(siblings.index(path))
+
+
+def tree_for_checkpoint(config: dict, folder: Path | None) -> tuple[ModelTree | None, str | None]:
+    """(tree, None), or (None, why not) when transformers is absent or cannot build this model."""
+    if not config.get("model_type"):
+        return None, "config.json has no model_type"
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return None, "transformers is not installed"
+    config_file = folder / "config.json" if folder is not None and folder.is_dir() else None
+    if config_file is not None and not config_file.is_file():
+        config_file = None
+    key = (str(config_file), _freeze(config))
+    if key not in _TREES:
+        if len(_TREES) >= 8:
+            _TREES.pop(next(iter(_TREES)))
+        _TREES[key] = _build_tree(config, config_file)
+    return _TREES[key]
+
+
+_TREES: dict[tuple, tuple[ModelTree | None, str | None]] = {}
+
+
+def _freeze(value):
+    if isinstance(value, dict):
+        return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
+    if isinstance(value, list):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def _build_tree(config: dict, config_file: Path | None) -> tuple[ModelTree | None, str | None]:
+    try:
+        model = _meta_model(config, config_file)
+    except Exception as exc:  # noqa: BLE001 - any failure means "use the naming tables"
+        return None, f"transformers cannot build {config.get('model_type')}: {type(exc).__name__}"
+    return tree_of_model(model, _renamer(model)), None
+
+
+def _meta_model(config_dict: dict, config_file: Path | None):
+    """The model on the meta device; config.json is parsed by transformers itself (it reads what it wrote)."""
+    import torch
+    import transformers
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if config_file is not None:
+            config = transformers.AutoConfig.from_pretrained(str(config_file.parent), local_files_only=True)
+        else:
+            fields = {k: v for k, v in config_dict.items() if k not in ("model_type", "transformers_version")}
+            config = transformers.AutoConfig.for_model(config_dict["model_type"], **fields)
+        architectures = config_dict.get("architectures") or []
+        cls = getattr(transformers, architectures[0], None) if architectures else None
+        with torch.device("meta"):
+            if cls is not None and hasattr(cls, "_from_config"):
+                return cls._from_config(config)
+            for auto in ("AutoModelForCausalLM", "AutoModelForSeq2SeqLM", "AutoModelForImageTextToText", "AutoModel"):
+                try:
+                    return getattr(transformers, auto).from_config(config)
+                except ValueError:
+                    continue
+    raise ValueError("no auto class builds this config")
+
+
+def _renamer(model) -> Callable[[str], tuple[str, bool]]:
+    """checkpoint key → (live parameter name, converted), by transformers' own conversion mapping."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:  # transformers 4.x: keys load under their stored names
+        return lambda key: (key, False)
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    live = dict.fromkeys([name for name, _ in model.named_parameters()], True)
+    live.update(dict.fromkeys([name for name, _ in model.named_buffers()], True))
+    prefix = getattr(model, "base_model_prefix", None) or None
+
+    @lru_cache(maxsize=None)
+    def rename(key: str) -> tuple[str, bool]:
+        try:
+            renamed, converter = rename_source_key(key, renamings, converters, prefix, live)
+            if converter is None:
+                return renamed, False
+            return rename_source_key(key, renamings, [], prefix, live)[0], True
+        except Exception:  # noqa: BLE001 - a key transformers cannot place keeps its stored name
+            return key, False
+
+    return rename

