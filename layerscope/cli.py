@@ -98,8 +98,11 @@ def _print_summary(matrices, layers, seconds: float, written: list[Path]) -> Non
                    "projection; check the table (or pass --architecture) before planning", err=True)
     unmapped = attrs.get("unmapped") or []
     if unmapped:
-        click.echo(f"WARNING: {len(unmapped)} block matrices match no role of naming {attrs['naming']} (kind "
-                   f"'other', left out of the layer means), e.g. {one_line(unmapped[0])}", err=True)
+        shown = ", ".join(one_line(m) for m in unmapped[:5]) + (" ..." if len(unmapped) > 5 else "")
+        click.echo(f"WARNING: {len(unmapped)} Linear layers inside the blocks have no known role (kind 'other', left "
+                   f"out of the layer means; plan refuses them without --allow-unmapped): {shown}", err=True)
+    if attrs.get("towers"):
+        click.echo(f"towers (own stacks, not planned unless --include-towers): {', '.join(attrs['towers'])}")
     if attrs.get("cache"):
         cache = attrs["cache"]
         click.echo(f"cache {cache['folder']}: {cache['reused']} tensors reused, {cache['computed']} computed")
@@ -107,7 +110,8 @@ def _print_summary(matrices, layers, seconds: float, written: list[Path]) -> Non
         click.echo(f"dequantized from: {', '.join(attrs['quantization'])} (see the quantization column)")
     cols = [c for c in ("alpha", "alpha_hill", "alpha_peak") if c in layers.columns]
     if len(layers):
-        click.echo(layers[["layer", "num_matrices", *cols]].to_string(index=False, float_format="%.3f"))
+        where = [c for c in ("stack", "stack_layer", "mixer") if c in layers.columns and layers[c].nunique() > 1]
+        click.echo(layers[["layer", *where, "num_matrices", *cols]].fillna({"mixer": "-"}).to_string(index=False, float_format="%.3f"))
     for path in written:
         click.echo(f"wrote {path}")
 
@@ -168,13 +172,17 @@ def _int_list(_ctx, param, value: str | None) -> tuple[int, ...] | None:
               "decay), or both comma-separated.")
 @click.option("--optimizer-metric", default="alpha_hill", show_default=True,
               help="Scan column the optimizer multipliers follow.")
+@click.option("--include-towers", is_flag=True, help="Also plan the vision/audio towers' blocks (default: the "
+              "language model only).")
+@click.option("--allow-unmapped", is_flag=True, help="Plan a model whose blocks hold Linear layers of no known role "
+              "(they get no adapters).")
 @click.option("--quiet", "-q", is_flag=True)
 @click.pass_context
 def plan_command(ctx: click.Context, source: Path, strategy: str, out: Path | None, budget_params: int | None,
                  budget_ratio: float | None, reference_rank: int, reference_experts: int, target_roles: str | None,
                  expert_type: str, lora_alpha: float, alpha_scale: float | None, dropout: float, init: str,
-                 aux_loss_coef: float, optimizer: str | None, optimizer_metric: str, quiet: bool,
-                 **options) -> None:
+                 aux_loss_coef: float, optimizer: str | None, optimizer_metric: str, include_towers: bool,
+                 allow_unmapped: bool, quiet: bool, **options) -> None:
     """Allocate experts, ranks and top-k per layer (SOURCE: a model folder or a scan table)."""
     from layerscope.planning import STRATEGIES as STRATEGY_FUNCTIONS
     from layerscope.planning import LoraSettings
@@ -200,8 +208,8 @@ def plan_command(ctx: click.Context, source: Path, strategy: str, out: Path | No
                          target_roles=roles, expert_type=expert_type, lora=lora, reference_rank=reference_rank,
                          reference_experts=reference_experts, command=_command_line(ctx), progress=not quiet,
                          optimizer=[m.strip() for m in optimizer.split(",") if m.strip()] if optimizer else None,
-                         optimizer_metric=optimizer_metric,
-                         **strategy_params)
+                         optimizer_metric=optimizer_metric, include_towers=include_towers,
+                         allow_unmapped=allow_unmapped, **strategy_params)
     if out is not None:
         the_plan.save(out)
     if not quiet:

@@ -144,10 +144,31 @@ def tiny_config(entry: ZooEntry, layers: int | None = 2):
             config = transformers.AutoConfig.for_model(entry.model_type)
         except Exception as exc:  # noqa: BLE001 - the reason is what the zoo reports
             raise NotTiny(f"no default config: {type(exc).__name__}: {str(exc)[:100]}") from None
-        for sub in [config, *_sub_configs(config)]:
+        subs = [config, *_sub_configs(config)]
+        depths = [_depth(sub) for sub in subs]
+        for sub in subs:
             _shrink(sub, layers)
+        for sub, depth in zip(subs, depths):
+            _resample_per_layer_lists(sub, depth)
         _fix_known_fields(config)
+        if hasattr(config, "validate"):
+            config.validate()  # what save_pretrained will check
     return config
+
+
+def _depth(config) -> int | None:
+    return next((_get(config, k) for k in ("num_hidden_layers", "num_layers") if _is_int(_get(config, k))), None)
+
+
+def _resample_per_layer_lists(config, old_depth: int | None) -> None:
+    """Lists with one entry per layer follow the new depth, one entry of each distinct kind first."""
+    depth = _depth(config)
+    if not old_depth or not depth or depth == old_depth:
+        return
+    for key, value in list(vars(config).items()):
+        if isinstance(value, list) and len(value) == old_depth and all(isinstance(v, (str, int, bool)) for v in value):
+            kinds = list(dict.fromkeys(value))
+            _set(config, key, (kinds * depth)[:depth])
 
 
 def _fix_known_fields(config) -> None:

@@ -281,3 +281,11 @@ def _renamer(model) -> Callable[[str], tuple[str, bool]]:
             return key, False
 
     return rename
+
+
+def live_names(config: dict, folder: Path | None, names: list[str]) -> dict[str, str]:
+    """checkpoint tensor name → live parameter name (identity where transformers renames nothing or is absent)."""
+    tree, _ = tree_for_checkpoint(config, folder)
+    if tree is None:
+        return {name: name for name in names}
+    return {name: tree.live_name(name) for name in names}

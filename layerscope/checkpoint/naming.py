@@ -175,6 +175,8 @@ class NamingScheme:
         if len(shape) < 2 or _is_bias(live):
             return TensorRole(name, self._vector_kind(live))
         hit = self.tree.block_of(module)
+        if hit is None and len(shape) >= 3:  # a patch-embedding or audio convolution kernel: no matrix
+            return TensorRole(name, "conv" if not self.tree.is_linear(module) else "other", module=module)
         if hit is None:
             for kind, pattern in self._non_layer:
                 if pattern.search(live):

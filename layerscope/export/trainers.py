@@ -82,12 +82,16 @@ def check_peft_keys(config: dict, module_names: list[str], model: str) -> None:
 
 
 def checkpoint_module_names(path: str) -> list[str]:
-    """Module names of a checkpoint: its weight tensors' names without ``.weight``."""
+    """Module names of the model a checkpoint builds: its weight tensors' live names without ``.weight``
+    (as transformers renames them on load, so PEFT sees the same names)."""
+    from layerscope.checkpoint.modeltree import live_names
     from layerscope.checkpoint.quantization import logical_tensors
     from layerscope.checkpoint.reader import open_checkpoint
 
-    return [t.name.removesuffix(".weight") for t in logical_tensors(open_checkpoint(path))
-            if t.name.endswith(".weight")]
+    ckpt = open_checkpoint(path)
+    stored = [t.name for t in logical_tensors(ckpt)]
+    return [live.removesuffix(".weight") for live in live_names(ckpt.config, ckpt.path, stored).values()
+            if live.endswith(".weight")]
 
 
 # ---- axolotl -----------------------------------------------------------------------------------

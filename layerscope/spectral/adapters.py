@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from layerscope.checkpoint.modeltree import live_names
 from layerscope.checkpoint.naming import detect_scheme
 from layerscope.checkpoint.reader import Checkpoint, TensorInfo, open_checkpoint, read_tensor
 from layerscope.errors import LayerscopeError
@@ -272,8 +273,13 @@ def explicit_delta(update: Update, weight_shape: tuple[int, ...], where: str) ->
 
 
 def _base_tensor(base: Checkpoint, module: str) -> str:
-    """The base weight of an adapted module: same name, or the one name that ends with it."""
+    """The stored base weight of an adapted module (named as the live model names it): the tensor whose
+    live name is the module's weight, else the same stored name, else the one name that ends with it."""
     wanted = f"{module}.weight"
+    by_live = [stored for stored, live in live_names(base.config, base.path, list(base.tensors)).items()
+               if live == wanted or live.endswith("." + wanted)]
+    if len(by_live) == 1:
+        return by_live[0]
     if wanted in base.tensors:
         return wanted
     candidates = [n for n in base.tensors if n.endswith("." + wanted) or wanted.endswith("." + n)]

@@ -246,7 +246,9 @@ class _Progress:
 
     def collect(self, matrices: list[_Matrix], rows: list[dict]) -> None:
         for matrix, row in zip(matrices, rows):
-            self.results[matrix.owner] = (self.results[matrix.owner] or []) + [row]
+            if self.results[matrix.owner] is None:
+                self.results[matrix.owner] = []
+            self.results[matrix.owner].append(row)
             self._maybe_store(matrix.owner)
 
     def expect(self, index: int, count: int) -> None:
@@ -484,6 +486,12 @@ def _fit_columns(fits: dict[str, TailFit]) -> dict:
     return out
 
 
+def _mixers(values: pd.Series) -> str | None:
+    """The token mixer kinds of one layer (``attention``, ``mamba``, ``linear_attention+attention`` ...)."""
+    kinds = sorted(set(values.dropna()))
+    return "+".join(kinds) if kinds else None
+
+
 def layer_summary(table: pd.DataFrame) -> pd.DataFrame:
     """Per-layer means over the layer's adapter-target matrices (projections and experts).
 
@@ -495,9 +503,10 @@ def layer_summary(table: pd.DataFrame) -> pd.DataFrame:
     grouped = targets.groupby(targets["layer"].astype(int), sort=True)
     summary = grouped[present].mean()
     summary.insert(0, "stack", grouped["stack"].first())
-    summary.insert(1, "stack_layer", grouped["stack_layer"].first())
-    summary.insert(2, "num_matrices", grouped.size())
-    summary.insert(3, "num_failed", grouped["status"].apply(lambda s: int((s != "ok").sum())))
+    summary.insert(1, "stack_layer", grouped["stack_layer"].first().astype("Int64"))
+    summary.insert(2, "mixer", grouped["mixer"].agg(_mixers) if "mixer" in targets.columns else None)
+    summary.insert(3, "num_matrices", grouped.size())
+    summary.insert(4, "num_failed", grouped["status"].apply(lambda s: int((s != "ok").sum())))
     summary = summary.reset_index()
     summary.attrs.update(table.attrs)
     return summary
