@@ -13,6 +13,7 @@ import json
 import warnings
 from pathlib import Path
 
+import pytest
 import torch
 
 from zoo_models import ZooEntry, build
@@ -66,6 +67,7 @@ def check(entry: ZooEntry, folder: Path) -> dict:
 
     from layerscope import plan, scan
     from layerscope.errors import LayerscopeError
+    from layerscope.export.formats import peft_refused
     from layerscope.runtime import apply_plan, load_adapters, save_adapters
     from layerscope.runtime.io import adapter_state
 
@@ -105,16 +107,16 @@ def check(entry: ZooEntry, folder: Path) -> dict:
     live_modules = {name for name, _ in model.named_modules()}
     assert planned <= live_modules, f"planned names the model lacks: {sorted(planned - live_modules)[:3]}"
     assert not any(table.set_index("module").loc[list(planned), "stack"].isin(facts["towers"])), "tower planned"
-    try:
-        peft_config = _peft_config(single)
-    except LayerscopeError as exc:  # PEFT's own MoE conversion would retarget MLP names: token mixers only
-        if "PEFT converts targets" not in str(exc):
-            raise
-        mixers = sorted(set(table[table["mixer"].notna() & (table["kind"] == "projection")]["role"]))
-        single = plan(table, "adaptive-lora", target_roles=mixers, progress=False)
+    refused = peft_refused(single, single.modules())
+    if refused:  # PEFT retargets or refuses these by name: the export says so; plan the other roles for PEFT
+        with pytest.raises(LayerscopeError, match="PEFT"):
+            _peft_config(single)
+        refused_roles = {m["role"] for m in single.modules() if m["name"] in refused}
+        keep = sorted(set(single.document["target_roles"]) - refused_roles)
+        single = plan(table, "adaptive-lora", target_roles=keep, progress=False)
         planned = {m["name"] for m in single.modules()}
-        peft_config = _peft_config(single)
-        facts["peft_scope"] = "token mixers"
+        facts["peft_scope"] = f"without {', '.join(sorted(refused_roles))}"
+    peft_config = _peft_config(single)
     _, fresh = build(entry)
     peft_model = get_peft_model(fresh, LoraConfig(**peft_config))
     adapted = {name.removeprefix("base_model.model.") for name, m in peft_model.named_modules()

@@ -206,9 +206,12 @@ ROLE_GROUPS: dict[str, frozenset[str]] = {
 }
 
 # A block list owned by no sub-config (see checkpoint.modeltree) is a tower when its path says so.
+# Sub-configs that hold the language model; any other sub-config's blocks form a tower.
+LANGUAGE_SUB_CONFIGS = frozenset({"text", "language", "llm", "decoder", "text_decoder", "thinker"})
 TOWER_KEYWORDS: dict[str, str] = {
     "vision": r"(^|\.)(vision\w*|visual\w*|vit|image_\w+|siglip\w*|clip\w*|patch\w*)(\.|$)",
     "audio": r"(^|\.)(audio\w*|speech\w*|sound\w*|whisper\w*)(\.|$)",
+    "projector": r"(^|\.)(merger\w*|\w*projector\w*|connector|resampler)(\.|$)",
 }
 
 # The module vocabulary shared by most families, for blocks that the model's own entry above does
@@ -216,17 +219,23 @@ TOWER_KEYWORDS: dict[str, str] = {
 # ``mlp.experts.3``, ``linear_attn``) and a leaf (``q_proj``); the container says which part of the
 # block it is, the leaf which projection.  First match wins in each list.
 CONTAINERS: list[tuple[str, str]] = [  # (part, regex searched in the lowercased container)
-    ("router", r"(^|\.)(router|gate)$"),
+    ("router", r"(^|\.)(router|gate)(\.|$)|(^|\.)router_\w+$"),
     ("indexer", r"(^|\.)indexer$"),
     ("cross_attention", r"(encoder_attn|cross_attn|crossattention|encdecattention|cross_attention)"),
     ("linear_attention", r"(linear_attn|linear_attention|deltanet|lightning_attn|retention|(^|\.)kda)"),
     ("mamba", r"(^|\.)(mamba\w*|ssm|mixer|ssm_mixer)$"),
     ("conv", r"(^|\.)(conv|short_conv|conv_mixer)$"),
+    ("recurrent", r"(^|\.)(temporal_block|rg_lru|recurrent\w*)$"),
+    ("adapter", r"(^|\.)(adapter_modules|adapters?)(\.|$)"),
     ("shared", r"(shared_experts?|shared_mlp|shared_ffn)"),
     ("experts", r"(^|\.)experts(\.\d+)?$"),
     ("attention", r"(attn|attention)"),
-    ("mlp", r"(mlp|ffn|feed_forward|(^|\.)ff$|intermediate|(^|\.)output$|densereludense|moe|(^|\.)fc$)"),
+    ("mlp_in", r"(^|\.)intermediate(_query)?$"),
+    ("mlp_out", r"(^|\.)output(_query)?$"),
+    ("mlp", r"(mlp|ffn|feed_forward|(^|\.)ff$|intermediate|densereludense|moe|(^|\.)fc$|merger)"),
 ]
+# A Linear inside a norm module (adaptive norms' conditioning) is part of the norm: never planned.
+NORM_CONTAINER = r"(^|\.)\w*norm\w*$"
 LEAF_ROLES: dict[str, dict[str, str]] = {  # part → {leaf: role}; "*" holds leaves valid in any part
     "*": {**dict.fromkeys(("q_proj", "query", "wq", "q_lin", "query_proj", "to_q"), "q"),
           **dict.fromkeys(("k_proj", "key", "wk", "k_lin", "key_proj", "to_k"), "k"),
@@ -241,15 +250,20 @@ LEAF_ROLES: dict[str, dict[str, str]] = {  # part → {leaf: role}; "*" holds le
                            "w_in", "w_up"), "up"),
           **dict.fromkeys(("down_proj", "fc_out", "dense_4h_to_h", "lin2", "linear_fc2", "fc2", "w_out", "w_down"),
                           "down"),
-          **dict.fromkeys(("gate_up_proj", "gate_up", "w13"), "gate_up"),
+          **dict.fromkeys(("gate_up_proj", "gate_up", "w13", "input_linear"), "gate_up"),
+          "output_linear": "down", "ffn": "up", "ffn_output": "down",
           "shared_expert_gate": "shared_router",
           "per_layer_input_gate": "per_layer_gate", "per_layer_projection": "per_layer_proj"},
     "attention": {"out_proj": "o", "wo": "o", "dense": "o", "c_proj": "o", "proj": "o", "o": "o", "q": "q",
-                  "k": "k", "v": "v", "in_proj": "qkv"},
+                  "k": "k", "v": "v", "in_proj": "qkv", "output": "o"},
     "cross_attention": {"out_proj": "o", "wo": "o", "dense": "o", "c_proj": "o", "proj": "o", "o": "o", "q": "q",
                         "k": "k", "v": "v"},
     "mlp": {"w1": "gate", "w3": "up", "w2": "down", "wo": "down", "c_proj": "down", "dense": "down",
-            "gate": "router", "router": "router"},
+            "gate": "router", "router": "router", "linear_1": "up", "linear_2": "down", "intermediate": "up",
+            "output": "down", "intermediate_dense": "up", "output_dense": "down", "w_0": "gate", "w_1": "up",
+            "key": "up", "value": "down", "receptance": "gate", "0": "up", "2": "down"},
+    "mlp_in": {"dense": "up"},
+    "mlp_out": {"dense": "down"},
     "experts": {"w1": "gate", "w3": "up", "w2": "down"},
     "shared": {"w1": "gate", "w3": "up", "w2": "down", "wo": "down", "c_proj": "down"},
     "router": {"*": "router"},
@@ -259,16 +273,20 @@ LEAF_ROLES: dict[str, dict[str, str]] = {  # part → {leaf: role}; "*" holds le
                          "o_proj": "lin_o", "q_proj": "lin_q", "k_proj": "lin_k", "v_proj": "lin_v"},
     "mamba": {"in_proj": "ssm_in", "out_proj": "ssm_out", "x_proj": "ssm_x", "dt_proj": "ssm_dt"},
     "conv": {"in_proj": "conv_in", "out_proj": "conv_out"},
+    "recurrent": {"linear_x": "rec_x", "linear_y": "rec_y", "linear_out": "rec_out"},
 }
 # A leaf no list names, inside a part that is a token mixer, gets this prefix + its leaf name.
 PART_ROLE_PREFIX = {"linear_attention": "lin_", "mamba": "ssm_", "conv": "conv_", "attention": "attn_",
-                    "indexer": "idx_", "cross_attention": "cross_attn_"}
+                    "indexer": "idx_", "cross_attention": "cross_attn_", "recurrent": "rec_", "adapter": "adapter_"}
 # Parts whose roles get "cross_" (q → cross_q) or "shared_" (gate → shared_gate).
 ROLE_PREFIX_OF_PART = {"cross_attention": "cross_", "shared": "shared_"}
 
-# What kind of token mixer a role belongs to (the ``mixer`` column); MLP roles have none.
+# What kind of token mixer a role belongs to (the ``mixer`` column): attention, linear_attention (Gated
+# DeltaNet, KDA, lightning), mamba (selective state space), conv (short convolutions), recurrent (RG-LRU);
+# MLP roles have none.
 MIXER_ROLE_PREFIXES: list[tuple[str, str]] = [("lin_", "linear_attention"), ("ssm_", "mamba"),
-                                              ("conv_", "conv"), ("idx_", "attention"), ("attn_", "attention"),
+                                              ("conv_", "conv"), ("rec_", "recurrent"), ("idx_", "attention"),
+                                              ("attn_", "attention"),
                                               ("cross_", "attention")]
 ATTENTION_ROLES = frozenset({"q", "k", "v", "o", "qkv", "kv", "q_a", "q_b", "kv_a", "kv_b"})
 

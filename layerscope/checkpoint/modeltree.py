@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from layerscope.checkpoint.architectures import TOWER_KEYWORDS
+from layerscope.checkpoint.architectures import LANGUAGE_SUB_CONFIGS, TOWER_KEYWORDS
 
 LANGUAGE = None  # the ``tower`` of a language-model stack
 
@@ -117,8 +117,12 @@ def tree_of_model(model, rename: Callable[[str], tuple[str, bool]] | None = None
     lists = _block_lists(model)
     towers = [_tower_of(model, path, config) for path, _ in lists]
     language = [(p, m) for (p, m), t in zip(lists, towers) if t is LANGUAGE]
-    named = [BlockStack(_language_stack_name(path, model, len(language)), path, len(blocks))
-             for path, blocks in language]
+    named = []
+    for path, blocks in language:
+        name = _language_stack_name(path, model, len(language))
+        if any(s.name == name for s in named):  # a second list of the same kind: name it by its own path
+            name = f"{name}.{_distinct_segment(path, [p for p, _ in language])}"
+        named.append(BlockStack(name, path, len(blocks)))
     tower_lists = [(p, m, t) for (p, m), t in zip(lists, towers) if t is not LANGUAGE]
     for path, blocks, tower in tower_lists:
         siblings = [p for p, _, t in tower_lists if t == tower]
@@ -167,12 +171,16 @@ def _tower_of(model, path: str, config) -> str | None:
                 same = value is owner_config or value.model_type == getattr(owner_config, "model_type", None)
                 if same:
                     tower = attr.removesuffix("_config")
-                    return LANGUAGE if tower in ("text", "language", "llm", "decoder", "encoder") else tower
-    lowered = path.lower()
-    for tower, pattern in TOWER_KEYWORDS.items():
-        if re.search(pattern, lowered):
-            return tower
-    return LANGUAGE
+                    if tower in LANGUAGE_SUB_CONFIGS:
+                        return LANGUAGE
+                    kind = _keyword_tower(f"{path}.{getattr(owner_config, 'model_type', '')}".replace("_", "."))
+                    return kind or tower  # an "encoder" sub-model of a speech model is its audio tower
+    return _keyword_tower(path) or LANGUAGE
+
+
+def _keyword_tower(text: str) -> str | None:
+    lowered = text.lower()
+    return next((tower for tower, pattern in TOWER_KEYWORDS.items() if re.search(pattern, lowered)), None)
 
 
 def _language_stack_name(path: str, model, count: int) -> str:

@@ -13,6 +13,7 @@ from layerscope.checkpoint.architectures import (
     CONTAINERS,
     LEAF_ROLES,
     NON_LAYER_KINDS,
+    NORM_CONTAINER,
     PART_ROLE_PREFIX,
     ROLE_PREFIX_OF_PART,
     ROUTER_ROLES,
@@ -185,9 +186,11 @@ class NamingScheme:
         stack, index, relative = hit
         place = dict(layer=self.tree.offset(stack) + index, module=module, adapter_factor=factor,
                      stack=stack.name, stack_layer=index, tower=stack.tower)
-        found = self._role_in_block(relative, len(shape))
-        linear = self.tree.is_linear(module)
         container, _, leaf = module.rpartition(".")
+        if re.search(NORM_CONTAINER, container.lower()):  # an adaptive norm's conditioning Linear
+            return TensorRole(name, "norm", **place)
+        found = self._role_in_block(relative, len(shape), context=stack.path)
+        linear = self.tree.is_linear(module)
         if leaf in ("gate", "router") and f"{container}.experts" in self.tree.modules:
             found = ("router", None, False, False)  # the gate beside the experts routes to them
         if found is None:
@@ -207,14 +210,17 @@ class NamingScheme:
             return TensorRole(name, "param", role=role, **place)
         return TensorRole(name, "projection", role=role, conv1d=conv1d, **place)
 
-    def _role_in_block(self, relative: str, ndim: int) -> tuple[str, int | None, bool, bool] | None:
-        """(role, expert, stacked, transposed) of a block-relative path, or None when nothing names it."""
+    def _role_in_block(self, relative: str, ndim: int, context: str = "") -> tuple[str, int | None, bool, bool] | None:
+        """(role, expert, stacked, transposed) of a block-relative path, or None when nothing names it.
+
+        ``context`` (the stack's path) stands in for the container when the block is itself one
+        (``merger.mlp.0.linear_1``: the block ``mlp.0`` has no sub-container)."""
         for pattern, role, stacked, transposed in self._relative_rules:
             match = pattern.match(relative)
             if match:
                 expert = match.groupdict().get("expert")
                 return role, int(expert) if expert is not None else None, stacked, transposed
-        found = shared_vocabulary_role(relative)
+        found = shared_vocabulary_role(relative if "." in relative or not context else f"{context}.{relative}")
         if found is None:
             return None
         role, expert, in_experts = found

@@ -41,6 +41,7 @@ def to_peft_config(plan: Plan, base_model_name_or_path: str | None = None, modul
     if plan.document["expert_type"] != "lora":
         raise LayerscopeError(f"{plan.source}: expert_type {plan.document['expert_type']!r} has no PEFT equivalent")
     _check_peft_moe_renames(plan, modules)
+    _check_peft_mamba(plan, modules)
     lora = plan.document["lora"]
     return {
         "peft_type": "LORA",
@@ -70,6 +71,31 @@ def _peft_moe_renames(model_type: str | None) -> set[str]:
         return set()
     pattern = _MODEL_TO_CONVERSION_PATTERN.get(model_type)
     return set(_MOE_TARGET_MODULE_MAPPING.get(pattern, {})) if pattern else set()
+
+
+# PEFT (0.21, tuners_utils._check_lora_target_modules_mamba) refuses LoRA on these module leaf names in
+# these model types: their fused Mamba kernels bypass the Linear's forward.
+PEFT_MAMBA_TYPES = frozenset({"falcon_h1", "mamba", "mamba2", "falcon_mamba", "nemotron_h"})
+PEFT_MAMBA_REFUSED = frozenset({"out_proj", "conv1d"})
+
+
+def peft_refused(plan: Plan, modules: list[dict]) -> list[str]:
+    """Planned modules that PEFT would refuse or retarget for this model type (see the two checks below)."""
+    model_type = plan.model.get("model_type")
+    refused = PEFT_MAMBA_REFUSED if model_type in PEFT_MAMBA_TYPES else set()
+    renamed = _peft_moe_renames(model_type)
+    return sorted(m["name"] for m in modules if m["name"].rsplit(".", 1)[-1] in refused | renamed)
+
+
+def _check_peft_mamba(plan: Plan, modules: list[dict]) -> None:
+    if plan.model.get("model_type") not in PEFT_MAMBA_TYPES:
+        return
+    refused = sorted({m["role"] for m in modules if m["name"].rsplit(".", 1)[-1] in PEFT_MAMBA_REFUSED})
+    if refused:
+        raise LayerscopeError(
+            f"{plan.source}: PEFT refuses LoRA on {'/'.join(sorted(PEFT_MAMBA_REFUSED))} modules of "
+            f"{plan.model.get('model_type')} models (its fused Mamba kernels skip them); plan without role(s) "
+            f"{', '.join(refused)} (--target-roles) or train with layerscope.runtime")
 
 
 def _check_peft_moe_renames(plan: Plan, modules: list[dict]) -> None:
