@@ -13,12 +13,12 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from zoo_check import check  # noqa: E402
-from zoo_models import NotTiny, registry  # noqa: E402
+from tests.zoo_check import check  # noqa: E402
+from tests.zoo_models import NotTiny, registry  # noqa: E402
 
 CORE = [
     "llama", "gpt2", "t5", "bert", "mixtral", "qwen3_moe", "deepseek_v3",  # the older families
-    "gemma3", "llava", "qwen2_5_omni" if False else "paligemma",  # composite: a vision tower beside the language model
+    "gemma3", "llava", "paligemma", "qwen2_audio",  # composite: a vision tower beside the language model
     "qwen3_next", "qwen3_5", "jamba", "nemotron_h", "falcon_h1", "lfm2",  # hybrid token mixers
     "deepseek_v4", "deepseek_v32", "hunyuan_v1_moe", "granitemoehybrid", "whisper",
 ]

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from zoo_models import ZooEntry, build
+from tests.zoo_models import ZooEntry, build
 
 TOWER_NOTE = "towers"
 

@@ -46,7 +46,7 @@ SIZES: dict[str, int] = {
     "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
     "mamba_d_state": 16, "mamba_n_heads": 4, "mamba_d_head": 32, "mamba_n_groups": 1, "ssm_state_size": 16,
     "state_size": 16, "n_groups": 1, "mamba_expand": 2, "mamba_headdim": 32, "mamba_head_dim": 32,
-    "time_step_rank": 8, "mamba_dt_rank": 8,
+    "time_step_rank": 8, "mamba_dt_rank": 8, "mamba_d_ssm": 2 * WIDTH,
     # vision / audio towers
     "image_size": 32, "patch_size": 8, "num_channels": 3,
     "vocab_size": 512, "max_position_embeddings": 256,
@@ -183,6 +183,8 @@ def _fix_known_fields(config) -> None:
         if isinstance(layer_types, list) and layers and len(layer_types) != layers:
             kinds = list(dict.fromkeys(layer_types))  # one layer of each kind first, so every mixer is built
             _set(sub, "layer_types", (kinds * layers)[:layers])
+        if "head_dim" in vars(sub) and sub.head_dim is None and _is_int(_get(sub, "num_attention_heads")):
+            _set(sub, "head_dim", SIZES["head_dim"])  # derived later from sizes we changed: give it outright
         if _is_int(_get(sub, "first_k_dense_replace")) and layers:
             _set(sub, "first_k_dense_replace", min(sub.first_k_dense_replace, 1))
 

@@ -44,7 +44,7 @@ class ModelTree:
     """Live block stacks (language stacks first, then towers), Linear shapes, and the key renaming."""
 
     stacks: list[BlockStack]
-    linears: dict[str, tuple[int, int]]  # live module path → (in_features, out_features)
+    linears: dict[str, tuple[int, int]]  # live module path → (in, out) of plain Linear/Conv1D layers
     class_name: str | None = None
     is_encoder_decoder: bool = False
     conv1d: frozenset[str] = frozenset()  # modules stored (in, out), like GPT-2's Conv1D
@@ -130,7 +130,9 @@ def tree_of_model(model, rename: Callable[[str], tuple[str, bool]] | None = None
         named.append(BlockStack(name, path, len(blocks), tower))
     linears, conv1d = {}, set()
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
+        # A Linear subclass with a forward of its own (DeepSeek V4's grouped o_a_proj) computes something
+        # else from its weight: wrapping it as y = Wx + BAx would be wrong, so it is no projection.
+        if isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward:
             linears[name] = (module.in_features, module.out_features)
         elif type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:
             linears[name] = (int(module.weight.shape[0]), int(module.weight.shape[1]))

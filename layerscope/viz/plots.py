@@ -106,23 +106,60 @@ def plot_esd(eigs: torch.Tensor | np.ndarray, name: str = "") -> Figure:
     return fig
 
 
+# Points are coloured by what part of the block a matrix is (a handful of colours, not one per role).
+PART_COLOURS = {"attention": "#4C72B0", "linear_attention": "#8172B3", "mamba": "#55A868", "conv": "#937860",
+                "recurrent": "#DA8BC3", "mlp": "#DD8452", "expert": "#C44E52"}
+
+
+def _part_of(row) -> str:
+    if row["kind"] == "expert":
+        return "expert"
+    mixer = row.get("mixer") if hasattr(row, "get") else None
+    return mixer if isinstance(mixer, str) and mixer else "mlp"
+
+
 def plot_alphas_by_layer(table: pd.DataFrame) -> Figure:
-    """The three alphas by layer: every projection as a dot, the layer mean as a line; 2 and 6 marked."""
-    targets = table[table["kind"].isin(["projection", "expert"]) & table["layer"].notna()]
-    columns = [c for c in ALPHA_COLUMNS if c in targets.columns]
-    fig, axes = plt.subplots(1, len(columns), figsize=(4.2 * len(columns), 3.8), squeeze=False, sharey=True)
+    """The alphas by layer, one panel and scale per metric: every matrix a dot coloured by the part of the
+    block it belongs to (attention, linear attention, mamba, conv, MLP, experts), the layer mean a line,
+    α = 2 and 6 marked; on hybrid models each layer's background shows its token-mixer kind."""
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import MaxNLocator
+
+    targets = table[table["kind"].isin(["projection", "expert"]) & table["layer"].notna()].copy()
+    columns = [c for c in ALPHA_COLUMNS if c in targets.columns and targets[c].notna().any()]
+    targets["part"] = [_part_of(row) for _, row in targets.iterrows()]
+    layer_mixer = targets.dropna(subset=["mixer"]).groupby("layer")["mixer"].agg(
+        lambda v: "+".join(sorted(set(v)))) if "mixer" in targets.columns else pd.Series(dtype=str)
+    hybrid = layer_mixer.nunique() > 1
+    fig, axes = plt.subplots(1, max(1, len(columns)), figsize=(4.4 * max(1, len(columns)), 3.9), squeeze=False)
     for ax, column in zip(axes[0], columns):
-        for role, group in targets.groupby("role"):
-            ax.scatter(group["layer"], group[column], s=14, alpha=0.6, label=str(role))
+        if hybrid:
+            for layer, mixer in layer_mixer.items():
+                colour = PART_COLOURS.get(mixer.split("+")[0], "#999999")
+                ax.axvspan(layer - 0.5, layer + 0.5, color=colour, alpha=0.10, linewidth=0)
+        for part, colour in PART_COLOURS.items():
+            group = targets[targets["part"] == part]
+            if len(group):
+                ax.scatter(group["layer"], group[column], s=12, alpha=0.6, color=colour, label=part.replace("_", " "))
         means = targets.groupby("layer")[column].mean()
         ax.plot(means.index, means.values, color="black", linewidth=2, label="layer mean")
         for ref in REFERENCE_ALPHAS:
             ax.axhline(ref, color="grey", linestyle="--", linewidth=1)
+        values = targets[column].dropna()
+        if len(values):  # own scale per metric; a few extreme fits must not flatten the rest
+            low, high = float(values.quantile(0.01)), float(values.quantile(0.99))
+            pad = 0.08 * max(high - low, 0.5)
+            ax.set_ylim(min(low, 2) - pad, high + pad)
         ax.set_title(ALPHA_COLUMNS[column])
         ax.set_xlabel("layer")
         ax.set_ylabel(column)
-    axes[0][-1].legend(fontsize=7, ncol=2)
-    fig.tight_layout()
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if hybrid:
+        handles += [Patch(color=PART_COLOURS.get(m, "#999999"), alpha=0.25) for m in sorted(set(layer_mixer))]
+        labels += [f"{m.replace('_', ' ')} layer" for m in sorted(set(layer_mixer))]
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.08 if len(labels) <= 6 else 0.14, 1, 1))
     return fig
 
 
