@@ -206,6 +206,9 @@ ROLE_GROUPS: dict[str, frozenset[str]] = {
 }
 
 # A block list owned by no sub-config (see checkpoint.modeltree) is a tower when its path says so.
+# nn.Linear subclasses whose forward is not x ↦ Wx + b (grouped per-head projections): not adapter targets.
+NOT_PROJECTION_CLASSES = r"Grouped"
+
 # Sub-configs that hold the language model; any other sub-config's blocks form a tower.
 LANGUAGE_SUB_CONFIGS = frozenset({"text", "language", "llm", "decoder", "text_decoder", "thinker"})
 TOWER_KEYWORDS: dict[str, str] = {

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from layerscope.checkpoint.architectures import LANGUAGE_SUB_CONFIGS, TOWER_KEYWORDS
+from layerscope.checkpoint.architectures import LANGUAGE_SUB_CONFIGS, NOT_PROJECTION_CLASSES, TOWER_KEYWORDS
 
 LANGUAGE = None  # the ``tower`` of a language-model stack
 
@@ -130,9 +130,9 @@ def tree_of_model(model, rename: Callable[[str], tuple[str, bool]] | None = None
         named.append(BlockStack(name, path, len(blocks), tower))
     linears, conv1d = {}, set()
     for name, module in model.named_modules():
-        # A Linear subclass with a forward of its own (DeepSeek V4's grouped o_a_proj) computes something
-        # else from its weight: wrapping it as y = Wx + BAx would be wrong, so it is no projection.
-        if isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward:
+        # Some Linear subclasses compute something else from their weight (DeepSeek V4's grouped o_a_proj):
+        # wrapping them as y = Wx + BAx would be wrong, so they are no projections.
+        if isinstance(module, nn.Linear) and not re.search(NOT_PROJECTION_CLASSES, type(module).__name__):
             linears[name] = (module.in_features, module.out_features)
         elif type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:
             linears[name] = (int(module.weight.shape[0]), int(module.weight.shape[1]))
