@@ -80,7 +80,15 @@ class ModelTree:
         return self.rename(checkpoint_name)[0]
 
     def is_linear(self, module: str) -> bool:
-        return module in self.linears
+        """A plain Linear in the live model; a block beyond the configured depth (the tensors have more
+        blocks than config.json says) is judged by the same path in the stack's other blocks."""
+        if module in self.linears:
+            return True
+        hit = self.block_of(module)
+        if hit is None or hit[1] < hit[0].depth:
+            return False
+        stack, _, relative = hit
+        return any(f"{stack.path}.{i}.{relative}" in self.linears for i in range(stack.depth))
 
 
 PEFT_TASKS: list[tuple[str, str]] = [  # model class name suffix → PEFT task_type
