@@ -231,8 +231,10 @@ def _command_line(ctx: click.Context) -> str:
               "engine takes (vllm: 8, 16, 32, 64, 128, 256, 320, 512); the parameter change goes to stderr.")
 @click.option("--check-model", type=click.Path(path_type=Path), help="peft/axolotl: check every pattern key and "
               "target names exactly one module of this checkpoint (default: the plan's model, when present).")
+@click.option("--allow-other-model", is_flag=True, help="Accept a --check-model that is not the plan's model "
+              "(other shapes, layer count or tensors).")
 def export_command(plan_file: Path, fmt: str, out: Path | None, round_ranks: str | None,
-                   check_model: Path | None) -> None:
+                   check_model: Path | None, allow_other_model: bool) -> None:
     """Export a plan for a trainer: PEFT LoraConfig JSON, axolotl YAML, MoE-PEFT MixLoRA JSON, MoLA
     arguments, or a CSV table."""
     from layerscope.export import export_plan
@@ -244,7 +246,8 @@ def export_command(plan_file: Path, fmt: str, out: Path | None, round_ranks: str
         check_model = Path(plan.model["path"])
     if out is not None:
         check_writable([out])
-    text = export_plan(plan, fmt, out, round_ranks=round_ranks, check_model=check_model)
+    text = export_plan(plan, fmt, out, round_ranks=round_ranks, check_model=check_model,
+                       allow_other_model=allow_other_model)
     if round_ranks is not None:
         click.echo(rounding_report(plan, export_modules(plan, round_ranks), round_ranks), err=True)
     click.echo(f"wrote {out}" if out is not None else text, nl=out is not None)
@@ -342,9 +345,11 @@ def plot_command(scan_file: Path, layer: tuple[int, ...], matrix: str | None, mo
 @click.option("--plan", "plan_files", type=click.Path(path_type=Path), multiple=True, help="Plans to include.")
 @click.option("--compare", "compare_file", type=click.Path(path_type=Path),
               help="A table from `layerscope compare` to show (alpha before/after by layer).")
+@click.option("--allow-other-model", is_flag=True, help="Include plans/activations made for another model.")
 @click.option("--quiet", "-q", is_flag=True)
 def report_command(model: Path, out: Path, scan_file: Path | None, activations_file: Path | None,
-                   plan_files: tuple[Path, ...], compare_file: Path | None, quiet: bool) -> None:
+                   plan_files: tuple[Path, ...], compare_file: Path | None, allow_other_model: bool,
+                   quiet: bool) -> None:
     """Scan (or read a scan), then write an HTML report with plots, warnings, plans and tables."""
     from layerscope.planning import Plan
     from layerscope.spectral.compare import COMPARE_SCHEMA
@@ -352,9 +357,19 @@ def report_command(model: Path, out: Path, scan_file: Path | None, activations_f
     from layerscope.tables import read_activations, read_scan
     from layerscope.viz import build_report
 
+    from layerscope.planning.matching import (activations_difference, plan_difference, require_same_model,
+                                              table_shapes)
+
     table = read_scan(scan_file) if scan_file else scan(model, progress=not quiet)
     activations = read_activations(activations_file) if activations_file else None
     plans = {path.stem: Plan.load(path) for path in plan_files}
+    shapes, fingerprint = table_shapes(table), table.attrs.get("fingerprint")
+    for path, the_plan in zip(plan_files, plans.values()):
+        require_same_model(plan_difference(the_plan, shapes, table.attrs.get("num_layers"), fingerprint, str(model)),
+                           str(path), allow_other_model)
+    if activations is not None:
+        require_same_model(activations_difference(activations, fingerprint, str(model), set(shapes)),
+                           str(activations_file), allow_other_model)
     comparison = read_scan(compare_file, schema=COMPARE_SCHEMA) if compare_file else None
     index = build_report(table, out, model_path=model, activations=activations, plans=plans, comparison=comparison,
                          title=f"layerscope report: {model.name}")

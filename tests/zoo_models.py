@@ -51,6 +51,12 @@ SIZES: dict[str, int] = {
     "image_size": 32, "patch_size": 8, "num_channels": 3,
     "vocab_size": 512, "max_position_embeddings": 256,
 }
+# Per-type settings where the default config would build only one kind of layer (LFM2's default is all
+# attention): the tiny model must hold every kind of block the family has.
+OVERRIDES: dict[str, dict] = {
+    "lfm2": {"layer_types": ["conv", "full_attention"], "full_attn_idxs": [1]},
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"], "full_attn_idxs": [1]},
+}
 LAYER_FIELDS = ("num_hidden_layers", "n_layer", "num_layers", "encoder_layers", "decoder_layers",
                 "num_decoder_layers", "n_layers", "depth", "num_encoder_layers")
 
@@ -151,6 +157,9 @@ def tiny_config(entry: ZooEntry, layers: int | None = 2):
         for sub, depth in zip(subs, depths):
             _resample_per_layer_lists(sub, depth)
         _fix_known_fields(config)
+        for key, value in OVERRIDES.get(entry.model_type, {}).items():
+            if layers == 2:
+                _set(config, key, value)
         if hasattr(config, "validate"):
             config.validate()  # what save_pretrained will check
     return config

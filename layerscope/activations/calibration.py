@@ -98,7 +98,7 @@ def pack(documents: list[str], tokenizer, seq_len: int, max_samples: int | None 
     if not stream:
         raise LayerscopeError("calibration text tokenised to nothing")
     sequences = [prefix + stream[i:i + body] + suffix for i in range(0, len(stream), body)]
-    return sequences[:max_samples] if max_samples else sequences
+    return sequences if max_samples is None else sequences[:max_samples]
 
 
 def special_tokens(tokenizer) -> tuple[list[int], list[int]]:

@@ -65,6 +65,10 @@ def measure(folder: str | Path, calib: str | Path | None = None, *, max_samples:
     """Per-module near-zero fractions of a local model on calibration text (bundled by default)."""
     from layerscope.spectral.esd import resolve_device
 
+    if batch_size < 1:
+        raise LayerscopeError(f"--batch-size {batch_size}: must be >= 1")
+    if max_samples is not None and max_samples < 1:
+        raise LayerscopeError(f"--max-samples {max_samples}: must be >= 1 (leave it out for the default)")
     device = str(resolve_device(device))
     documents = read_documents(calib)
     model, tokenizer = load_model(folder, device, dtype)

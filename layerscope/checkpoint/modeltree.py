@@ -254,6 +254,15 @@ def _meta_model(config_dict: dict, config_file: Path | None):
     import torch
     import transformers
 
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # building a head class alone logs advice meant for training
+    try:
+        return _build_on_meta(transformers, torch, config_dict, config_file)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+
+
+def _build_on_meta(transformers, torch, config_dict: dict, config_file: Path | None):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if config_file is not None:

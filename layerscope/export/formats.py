@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from functools import lru_cache
 import shlex
 from collections import Counter
 from pathlib import Path
@@ -61,16 +62,40 @@ def to_peft_config(plan: Plan, base_model_name_or_path: str | None = None, modul
 
 
 def _peft_moe_renames(model_type: str | None) -> set[str]:
-    """Leaf names PEFT's transformers-v5 MoE conversion rewrites for this model type (empty if none)."""
-    try:
-        from peft.utils.transformers_weight_conversion import (
-            _MODEL_TO_CONVERSION_PATTERN,
-            _MOE_TARGET_MODULE_MAPPING,
-        )
-    except ImportError:  # PEFT not installed, or a version without the conversion
+    """Leaf names PEFT's transformers-v5 MoE conversion rewrites for this model type (empty if none).
+
+    Read from the two tables' source (PEFT's ``_MOE_TARGET_MODULE_MAPPING``, transformers'
+    ``_MODEL_TO_CONVERSION_PATTERN``) rather than by importing them: importing PEFT costs seconds and
+    drags in bitsandbytes, and an export needs neither."""
+    patterns = _source_literal("transformers", "conversion_mapping.py", "_MODEL_TO_CONVERSION_PATTERN") or {}
+    mapping = _source_literal("peft", "utils/transformers_weight_conversion.py", "_MOE_TARGET_MODULE_MAPPING")
+    if not mapping:
         return set()
-    pattern = _MODEL_TO_CONVERSION_PATTERN.get(model_type)
-    return set(_MOE_TARGET_MODULE_MAPPING.get(pattern, {})) if pattern else set()
+    patterns = {**patterns, "mixtral": "mixtral"}  # PEFT adds mixtral to transformers' table
+    pattern = patterns.get(model_type)
+    return set(mapping.get(pattern, {})) if pattern else set()
+
+
+@lru_cache(maxsize=None)
+def _source_literal(package: str, relative: str, name: str):
+    """A module-level literal assignment in an installed package's source, without importing the package."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.origin:
+        return None
+    path = Path(spec.origin).parent / relative
+    if not path.is_file():
+        return None
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        if any(isinstance(t, ast.Name) and t.id == name for t in targets) and node.value is not None:
+            try:
+                return ast.literal_eval(node.value)
+            except ValueError:
+                return None
+    return None
 
 
 # PEFT (0.21, tuners_utils._check_lora_target_modules_mamba) refuses LoRA on these module leaf names in
@@ -162,15 +187,21 @@ EXPORTERS = EXPORT_FORMATS
 
 
 def export_plan(plan: Plan, fmt: str, out: Path | None = None, *, round_ranks: str | None = None,
-                check_model: str | Path | None = None) -> str:
+                check_model: str | Path | None = None, allow_other_model: bool = False) -> str:
     """Render (and, with ``out``, atomically write) an export; returns the text.
 
     ``round_ranks``: round every rank up to a serving engine's set (``vllm``).  ``check_model``: a
-    checkpoint whose module names every PEFT pattern key / target must match exactly once.
+    checkpoint that must be the plan's model (module shapes, layer count, fingerprint; unless
+    ``allow_other_model``) and whose module names every PEFT pattern key / target must match exactly once.
     """
     from layerscope.export.trainers import (check_peft_keys, checkpoint_module_names, export_modules, mixlora_json,
                                             to_axolotl_yaml)
+    from layerscope.planning.matching import checkpoint_shapes, plan_difference, require_same_model
 
+    if check_model is not None:
+        shapes, num_layers, fingerprint = checkpoint_shapes(check_model)
+        require_same_model(plan_difference(plan, shapes, num_layers, fingerprint, str(check_model)),
+                           plan.source, allow_other_model)
     modules = export_modules(plan, round_ranks)
     if round_ranks is not None and fmt == "mola":
         raise LayerscopeError("--round-ranks applies to the peft, axolotl, mixlora and csv exports")

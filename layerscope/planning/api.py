@@ -13,7 +13,7 @@ from layerscope.planning.inputs import load_inputs
 from layerscope.planning.optimizer import DEFAULT_METRIC as DEFAULT_OPTIMIZER_METRIC
 from layerscope.planning.optimizer import optimizer_section
 from layerscope.planning.plan import EXPERT_TYPES, LoraSettings, Plan, build_plan
-from layerscope.planning.strategies import STRATEGIES, StrategyResult
+from layerscope.planning.strategies import STRATEGIES, StrategyResult, check_options
 
 
 def plan(source, strategy: str = "alphalora", *, budget_params: int | None = None,
@@ -44,6 +44,7 @@ def plan(source, strategy: str = "alphalora", *, budget_params: int | None = Non
     if unknown:
         raise LayerscopeError(f"strategy {strategy!r} has no option {unknown[0]!r} "
                               f"(options: {', '.join(p for p in accepted if p != 'inputs')})")
+    check_options(strategy, strategy_params)
     metric = strategy_params.get("metric", accepted["metric"].default) if "metric" in accepted else None
     inputs = load_inputs(source, metric=metric, progress=progress, also=(optimizer_metric,) if optimizer else (),
                          include_towers=include_towers, allow_unmapped=allow_unmapped).restrict_roles(target_roles)
@@ -83,13 +84,29 @@ def _for_expert_type(result: StrategyResult, expert_type: str) -> StrategyResult
     return replace(result, allocations=typed(result.allocations), scale=scale)
 
 
+def largest_sensible_budget(inputs) -> int:
+    """The adapted weights' own parameter count: adapters costing more than fine-tuning those weights outright
+    (millions of experts per layer) are a typo, not a plan."""
+    return int(sum(int(m.in_features) * int(m.out_features) for m in inputs.modules.itertuples()))
+
+
 def _budget(inputs, result, budget_params, budget_ratio, reference_rank) -> tuple[int | None, str | None]:
+    largest = largest_sensible_budget(inputs)
     if budget_params is not None:
+        if budget_params < 1:
+            raise LayerscopeError(f"--budget-params {budget_params}: must be >= 1")
+        if budget_params > largest:
+            raise LayerscopeError(f"--budget-params {budget_params:,}: more than the {largest:,} parameters of the "
+                                  f"adapted weights themselves; the largest sensible budget is {largest:,}")
         return int(budget_params), "budget_params"
     if budget_ratio is not None:
         if budget_ratio <= 0:
             raise LayerscopeError(f"--budget-ratio {budget_ratio}: must be > 0")
         single = baselines(inputs, reference_rank, 1)["single_lora"]["trainable"]
+        if budget_ratio * single > largest:
+            raise LayerscopeError(f"--budget-ratio {budget_ratio}: {int(budget_ratio * single):,} parameters, more "
+                                  f"than the {largest:,} of the adapted weights themselves; the largest sensible "
+                                  f"ratio is {largest / single:.4g}")
         return int(budget_ratio * single), f"budget_ratio {budget_ratio} x single rank-{reference_rank} LoRA"
     if result.default_budget is not None:
         return result.default_budget(), "strategy reference (uniform experts x rank)"

@@ -22,6 +22,8 @@ from layerscope.errors import LayerscopeError
 from layerscope.tables import FORMATS, read_scan
 
 MODULE_COLUMNS = ["layer", "role", "module", "in_features", "out_features"]
+# Numeric scan columns that say where a matrix is, not how it is: never a planning metric.
+NOT_METRICS = frozenset({"layer", "stack_layer", "expert", "in_features", "out_features", "N", "M", "num_evals"})
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,10 @@ class PlanInputs:
         """Mean of a metric over each layer's target modules (AlphaLoRA's v_i)."""
         if column not in self.modules.columns:
             raise LayerscopeError(f"metric {column!r} is not in the scan table (scan with that estimator)")
+        if not pd.api.types.is_numeric_dtype(self.modules[column]) or pd.api.types.is_bool_dtype(self.modules[column]):
+            numeric = [c for c in self.modules.columns if c not in NOT_METRICS and pd.api.types.is_numeric_dtype(
+                self.modules[c]) and not pd.api.types.is_bool_dtype(self.modules[c])]
+            raise LayerscopeError(f"metric {column!r} is not a numeric column; metrics are: {', '.join(numeric)}")
         means = self.modules.groupby("layer")[column].mean()
         bad = [int(layer) for layer, v in means.items() if not math.isfinite(v)]
         if bad:

@@ -16,6 +16,10 @@ from layerscope.planning.inputs import PlanInputs
 from layerscope.tables import atomic_write, jsonable
 
 SCHEMA_ID = "layerscope.plan/1"
+# Documents of ours that are not plans, and what to call them when one is given as a plan.
+OTHER_DOCUMENTS = {"layerscope.scan/1": "a scan (make a plan from it with `layerscope plan FILE`)",
+                   "layerscope.activations/1": "an activation table",
+                   "layerscope.compare/1": "a compare table"}
 EXPERT_TYPES = ("lora", "mor")
 INITS = ("kaiming-uniform", "gaussian")
 
@@ -110,11 +114,29 @@ class Plan:
 
         if not isinstance(self.document, dict):
             raise LayerscopeError(f"{self.source}: $: a plan is a JSON object")
+        schema = self.document.get("schema")
+        if schema in OTHER_DOCUMENTS:
+            raise LayerscopeError(f"{self.source}: this is {OTHER_DOCUMENTS[schema]}, not a plan (schema {schema!r})")
         errors = sorted(_validator().iter_errors(self.document), key=lambda e: list(e.absolute_path))
         if errors:
             error = jsonschema.exceptions.best_match(errors)
             raise LayerscopeError(f"{self.source}: {error.json_path}: {error.message}")
         self._check_consistency()
+
+    def _check_module_redundancy(self, where: str, j: int, layer: dict, module: dict) -> None:
+        """A module repeats its layer's rank (capped at its matrix size) and the alpha the lora settings give it;
+        an edit to one copy only would make exports and the runtime disagree about the plan."""
+        per_role = self.strategy["name"] == "adaptive-lora" and self.strategy["params"].get("mode") == "attention-heavy"
+        capped = min(layer["rank"], module["in_features"], module["out_features"])
+        if (module["rank"] > capped) if per_role else (module["rank"] != capped):
+            raise LayerscopeError(f"{where}.modules[{j}].rank: {module['rank']} disagrees with the layer's rank "
+                                  f"{layer['rank']} (edit both, or re-plan)")
+        lora = self.document["lora"]
+        expected = (lora["alpha_scale"] * module["rank"] if lora.get("alpha_scale") is not None
+                    else lora.get("fixed_alpha"))
+        if expected is not None and abs(module["lora_alpha"] - expected) > 1e-9 * max(1.0, abs(expected)):
+            raise LayerscopeError(f"{where}.modules[{j}].lora_alpha: {module['lora_alpha']} disagrees with the lora "
+                                  f"settings ({expected} for rank {module['rank']})")
 
     def _check_consistency(self) -> None:
         seen = set()
@@ -132,6 +154,7 @@ class Plan:
                 if module["rank"] > min(module["in_features"], module["out_features"]):
                     raise LayerscopeError(f"{where}.modules[{j}].rank: {module['rank']} exceeds the matrix size "
                                           f"{module['out_features']}x{module['in_features']}")
+                self._check_module_redundancy(where, j, layer, module)
         stored = self.accounting
         recomputed = _recount(self)
         for field in ("trainable", "active_per_token"):

@@ -282,6 +282,44 @@ def uniform(inputs: PlanInputs, experts: int = 1, rank: int = 8, top_k: int = 2)
     return StrategyResult("uniform", params, allocate(rank), Scale("rank", rank, 1, allocate, [1.0] * len(layers)))
 
 
+# ---------------------------------------------------------------- option checks (before any solving)
+
+COUNT_OPTIONS = ("total_experts", "experts", "rank", "top_k", "base_rank", "min_rank", "max_rank", "max_experts",
+                 "reference_experts", "reference_rank")
+
+
+def check_options(strategy: str, params: dict) -> None:
+    """Refuse options no allocation can honour, naming the flag (``--top-k 5 --experts 2``, ``--experts 0``)."""
+    def flag(name: str) -> str:
+        return "--" + name.replace("_", "-")
+
+    for name in COUNT_OPTIONS:
+        value = params.get(name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise LayerscopeError(f"{flag(name)} {value}: must be a whole number >= 1")
+    if params.get("min_experts") is not None and params["min_experts"] < 0:
+        raise LayerscopeError(f"--min-experts {params['min_experts']}: must be >= 0")
+    for name in ("ranks", "pattern"):
+        values = params.get(name)
+        if values is not None and (not values or any(v < (1 if name == "ranks" else 0) for v in values)):
+            raise LayerscopeError(f"{flag(name)} {','.join(map(str, values))}: every entry must be >= "
+                                  f"{1 if name == 'ranks' else 0}")
+    top_k = params.get("top_k")
+    if top_k is not None:
+        most = {"uniform": params.get("experts", 1),
+                "hilo": params.get("experts", 8) if params.get("experts_mode", "fixed") == "fixed" else None,
+                "alphalora": params.get("max_experts") or params.get("total_experts"),
+                "mola": max(params["pattern"]) if params.get("pattern") else params.get("total_experts")}.get(strategy)
+        if most is not None and top_k > most:
+            raise LayerscopeError(f"--top-k {top_k}: more than the {most} expert(s) a layer can have here "
+                                  "(top-k routes among a layer's experts)")
+    low, base, high = params.get("min_rank"), params.get("base_rank"), params.get("max_rank")
+    if low is not None and high is not None and low > high:
+        raise LayerscopeError(f"--min-rank {low} > --max-rank {high}")
+    if base is not None and high is not None and base > high:
+        raise LayerscopeError(f"--base-rank {base} > --max-rank {high}")
+
+
 STRATEGIES: dict[str, Callable[..., StrategyResult]] = {
     "alphalora": alphalora,
     "mola": mola,

@@ -1,0 +1,83 @@
+"""Is this plan (or activation table) for this model?  The first difference, or None.
+
+Plans, scans and activation tables record the model's header fingerprint; wherever two of them are
+combined (``report --plan/--activations``, ``export --check-model``) the pair must describe the same
+model.  A fingerprint alone only says *that* they differ, so the comparison goes from the most
+telling fact to the least: a planned module the model lacks or has in another shape, another layer
+count, then other tensors (fingerprint).  ``--allow-other-model`` accepts a mismatch on purpose.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from layerscope.errors import LayerscopeError
+from layerscope.planning.plan import Plan
+
+ALLOW_FLAG = "--allow-other-model"
+
+
+def plan_difference(plan: Plan, shapes: dict[str, tuple[int, int]], num_layers: int | None,
+                    fingerprint: str | None, model: str) -> str | None:
+    """``shapes``: live module name → (in_features, out_features) of the model."""
+    for module in plan.modules() or [m for layer in plan.layers for m in layer["modules"]]:
+        name = module["name"]
+        if name not in shapes:
+            return f"planned module {name} is not in {model}"
+        if shapes[name] != (module["in_features"], module["out_features"]):
+            in_f, out_f = shapes[name]
+            return (f"planned module {name} is {module['in_features']} -> {module['out_features']} in the plan but "
+                    f"{in_f} -> {out_f} in {model}")
+    if num_layers is not None and num_layers != plan.model["num_layers"]:
+        return f"the plan is for {plan.model['num_layers']} layers, {model} has {num_layers}"
+    if fingerprint is not None and fingerprint != plan.model["fingerprint"]:
+        return f"{model} has other tensors than the plan's model (header fingerprint differs)"
+    return None
+
+
+def table_shapes(table: pd.DataFrame) -> dict[str, tuple[int, int]]:
+    rows = table[table["module"].notna() & table["in_features"].notna() & table["part"].isna()] \
+        if "part" in table.columns else table[table["module"].notna()]
+    return {str(r.module): (int(r.in_features), int(r.out_features)) for r in rows.itertuples(index=False)}
+
+
+def checkpoint_shapes(path: str | Path) -> tuple[dict[str, tuple[int, int]], int | None, str]:
+    """(live module → (in, out), layer count, fingerprint) of a checkpoint, from its headers alone."""
+    from layerscope.checkpoint.modeltree import tree_for_checkpoint
+    from layerscope.checkpoint.naming import detect_scheme
+    from layerscope.checkpoint.quantization import logical_tensors
+    from layerscope.checkpoint.reader import open_checkpoint
+
+    ckpt = open_checkpoint(path)
+    tensors = logical_tensors(ckpt)
+    tree, _ = tree_for_checkpoint(ckpt.config, ckpt.path)
+    scheme = detect_scheme(ckpt.config, [t.name for t in tensors], tree)
+    shapes = {}
+    for info in tensors:
+        role = scheme.classify(info.name, info.shape, info.analysable_dtype)
+        if role.module is not None and len(info.shape) == 2:
+            out_f, in_f = (info.shape[1], info.shape[0]) if role.conv1d else info.shape
+            shapes[role.module] = (int(in_f), int(out_f))
+    return shapes, scheme.num_layers or ckpt.num_layers, ckpt.fingerprint()
+
+
+def require_same_model(difference: str | None, what: str, allow: bool) -> None:
+    if difference is not None and not allow:
+        raise LayerscopeError(f"{what} was made for another model: {difference} ({ALLOW_FLAG} to use it anyway)")
+
+
+def activations_difference(activations: pd.DataFrame, fingerprint: str | None, model: str,
+                           modules: set[str] | None = None) -> str | None:
+    """The first module the table measured that the model lacks, else a fingerprint difference."""
+    if modules and "module" in activations.columns:
+        measured = activations[activations["kind"] == "projection"] if "kind" in activations.columns else activations
+        strangers = [str(m) for m in measured["module"].dropna() if str(m) not in modules]
+        if strangers:
+            return f"it measured module {strangers[0]}, which {model} does not have"
+    measured = activations.attrs.get("fingerprint")
+    if measured and fingerprint and measured != fingerprint:
+        where = activations.attrs.get("path")
+        return f"measured on {where or 'another model'}, whose header fingerprint differs from {model}'s"
+    return None
