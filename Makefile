@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench clean example-report
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ install: $(VENV)/.installed
 
 demo: install
 	$(VENV)/bin/layerscope demo
+
+# The committed example report (reports/minilm/): regenerated on purpose only; `make demo` writes layerscope-demo/.
+example-report: install
+	$(VENV)/bin/layerscope demo --out reports/minilm -q
 
 test: install
 	$(PY) -m pytest -q

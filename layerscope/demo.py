@@ -29,8 +29,12 @@ def run_demo(out: Path, progress: bool = True, screenshot: bool = True) -> tuple
     from layerscope.viz.browser import find_chromium
     from layerscope.viz.browser import screenshot as take_screenshot
 
+    import time
+
     model = bundled_model_path()
+    started = time.perf_counter()
     matrices = scan(model, progress=progress)
+    seconds = time.perf_counter() - started
     matrices.attrs["path"] = BUNDLED_MODEL_NAME  # portable: no machine-specific site-packages path
     written = write_scan(matrices, layer_summary(matrices), out / "scan.csv")
     activations = measure(model, max_samples=64, seq_len=128, progress=progress)
@@ -57,5 +61,16 @@ def run_demo(out: Path, progress: bool = True, screenshot: bool = True) -> tuple
     written.append(index)
     if screenshot and find_chromium():
         written.append(take_screenshot(index, out / "screenshot.png"))
-    summaries = [explain_text(p) for p in plans.values()]
+    summaries = [scan_summary(matrices, seconds), *(explain_text(p) for p in plans.values())]
     return written, "\n\n".join(summaries)
+
+
+def scan_summary(matrices, seconds: float) -> str:
+    """What the scan found, in the words the README shows: one line, then the per-layer alphas."""
+    attrs = matrices.attrs
+    layers = layer_summary(matrices)
+    failed = int((matrices["status"] != "ok").sum())
+    columns = ["layer", "num_matrices", *(c for c in ("alpha", "alpha_hill", "alpha_peak") if c in layers.columns)]
+    return (f"{attrs['path']}: {attrs.get('architecture')}, naming={attrs['naming']}, {attrs.get('num_layers')} layers, "
+            f"{len(matrices)} matrices ({failed} not analysable) in {seconds:.1f} s on {attrs['device']}\n"
+            + layers[columns].to_string(index=False, float_format="%.3f"))

@@ -90,17 +90,28 @@ def read_scan(path: str | Path, schema: str = SCAN_SCHEMA) -> pd.DataFrame:
                 raise LayerscopeError(f"{path}: field 'schema' is not {schema!r}")
             table = pd.DataFrame(document["matrices"])
             table.attrs.update(document.get("model", {}))
-            return table
+            return integer_columns(table)
         if fmt == ".parquet":
-            return pd.read_parquet(path)
+            return integer_columns(pd.read_parquet(path))
         table = pd.read_csv(path)
         if model_path(path).is_file():
             table.attrs.update(json.loads(model_path(path).read_text(encoding="utf-8")))
-        return table
+        return integer_columns(table)
     except LayerscopeError:
         raise
     except Exception as exc:  # pandas/pyarrow raise many types for a corrupt file
         raise LayerscopeError(f"{path}: cannot read table ({type(exc).__name__}: {exc})") from None
+
+
+# Index-like columns: whole numbers or missing (pandas' nullable Int64), never 1.0 in a CSV or 0.000 in a print.
+INTEGER_COLUMNS = ("layer", "stack_layer", "expert")
+
+
+def integer_columns(table: pd.DataFrame) -> pd.DataFrame:
+    for column in INTEGER_COLUMNS:
+        if column in table.columns and not pd.api.types.is_integer_dtype(table[column]):
+            table[column] = pd.to_numeric(table[column], errors="coerce").astype("Int64")
+    return table
 
 
 def _records(table: pd.DataFrame) -> list[dict]:

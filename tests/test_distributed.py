@@ -74,6 +74,18 @@ def test_a_failing_rank_fails_the_run_with_its_one_line_error(model, tmp_path):
     assert not out.parent.exists() or list(out.parent.iterdir()) == []
 
 
+def test_a_truncated_shard_fails_once_with_a_rank_prefix(model, tmp_path):
+    """Every rank reads the headers, so every rank fails; the user sees one line, from rank 0."""
+    broken = tmp_path / "truncated"
+    shutil.copytree(model, broken)
+    shard = sorted(broken.glob("*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[:-64])
+    result = _run("scan", str(broken), "--quiet", torchrun=True)
+    assert result.returncode != 0
+    ours = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(ours) == 1 and ours[0].startswith("error: rank 0: ") and shard.name in ours[0], result.stderr
+
+
 def test_cost_balanced_shares_cover_every_tensor_once():
     costs = [matrix_cost(shape) for shape in [(4096, 4096)] * 4 + [(11008, 4096)] * 3 + [(8, 64, 32)] * 5]
     shares = [Group(rank, 3, rank, None).share(costs) for rank in range(3)]

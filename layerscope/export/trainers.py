@@ -167,7 +167,7 @@ def to_mixlora_config(plan: Plan, modules: list[dict]) -> dict:
     }
     if first["experts"] > 1:
         config.update(routing_strategy="mixlora", num_experts=first["experts"], top_k=first["top_k"],
-                      router_aux_loss_coef=float(lora["router_aux_loss_coef"]) or 0.01, router_init_range=0.02,
+                      router_aux_loss_coef=float(lora["router_aux_loss_coef"]), router_init_range=0.02,
                       jitter_noise=0.0)
     return config
 

@@ -23,12 +23,13 @@ from layerscope.checkpoint.quantization import load_logical, logical_tensors
 from layerscope.checkpoint.reader import open_checkpoint
 from layerscope.errors import LayerscopeError
 from layerscope.spectral import esd
+from layerscope.spectral.estimators import MIN_EVALS
 from layerscope.spectral.scan import (IDENTITY_COLUMNS, SUMMARY_COLUMNS, ScanOptions, _analyse_matrix, _matrices,
                                       _wanted, scan)
 
 COMPARE_SCHEMA = "layerscope.compare/1"
 DIFF_COLUMNS = ["alpha", "alpha_hill", "alpha_peak", "lambda_max", "log_norm", "log_spectral_norm", "stable_rank",
-                "entropy", "status"]
+                "entropy", "status", "rank", "note"]
 
 
 def compare(base: str | Path, other: str | Path, **options) -> pd.DataFrame:
@@ -48,10 +49,18 @@ def compare(base: str | Path, other: str | Path, **options) -> pd.DataFrame:
     merged["status_other"] = other_table["status"].to_numpy()
     diff = diff.rename(columns={c: f"diff_{c}" for c in DIFF_COLUMNS})
     table = merged.merge(diff, on="name", how="left", validate="one_to_one")
+    table["note"] = [_joined_notes(b, o, d) for b, o, d in zip(base_table["note"], other_table["note"], table["diff_note"])]
+    table = table.drop(columns=["diff_note"])
     table.attrs.update(schema=COMPARE_SCHEMA, base=str(base), other=str(other),
                        naming=base_table.attrs.get("naming"), num_layers=base_table.attrs.get("num_layers"),
                        estimators=base_table.attrs.get("estimators"), precision=base_table.attrs.get("precision"))
     return table
+
+
+def _joined_notes(base, other, diff) -> str | None:
+    parts = [f"{label}: {text}" for label, text in (("base", base), ("other", other), ("difference", diff))
+             if isinstance(text, str) and text]
+    return "; ".join(parts) if parts else None
 
 
 def _check_same_layout(base_table: pd.DataFrame, other_table: pd.DataFrame, base, other) -> None:
@@ -88,8 +97,21 @@ def _difference_rows(base, other, opts: ScanOptions, progress: bool) -> pd.DataF
             eigs, finite, exponent = esd.scaled_gram_eigenvalues(matrix.weight.to(device)[None], dtype)
             row = _analyse_matrix(matrix, eigs[0] if bool(finite[0]) else None, opts.estimators,
                                   "ok" if bool(finite[0]) else "nonfinite_weights", int(exponent[0]))
+            row["rank"] = _numerical_rank(eigs[0], matrix.weight.shape) if bool(finite[0]) else None
+            if row["status"] == "ok" and row["rank"] is not None and row["rank"] < MIN_EVALS:
+                row["status"] = "low_rank"  # e.g. a LoRA update: too few nonzero eigenvalues for a tail fit
+                row["note"] = (f"the difference has rank {row['rank']}: power-law fits need {MIN_EVALS} nonzero "
+                               "eigenvalues (the norm metrics are exact)")
             rows.append({"name": row["name"], **{c: row.get(c) for c in DIFF_COLUMNS}})
     return pd.DataFrame(rows, columns=["name", *DIFF_COLUMNS])
+
+
+def _numerical_rank(eigs: torch.Tensor, shape) -> int:
+    """Eigenvalues of WᵀW above λ_max · max(N, M) · ε of the working dtype (numpy's matrix_rank rule, squared)."""
+    top = float(eigs.max())
+    if top <= 0:
+        return 0
+    return int((eigs > top * max(shape) * torch.finfo(eigs.dtype).eps).sum())
 
 
 def compare_layers(table: pd.DataFrame) -> pd.DataFrame:

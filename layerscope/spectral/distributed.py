@@ -56,6 +56,17 @@ class Group:
                 raise LayerscopeError(f"rank {rank}: {failure}")
         return [payload for _, payload in gathered]
 
+    def guard(self, work: Callable[[], object]) -> object:
+        """Run ``work`` on every rank and keep each rank's own result; a failure on any rank becomes the
+        same one-line ``rank N: ...`` error everywhere (printed once, by rank 0), not one error per rank."""
+        kept = {}
+
+        def local():
+            kept["value"] = work()
+
+        self.run(local)
+        return kept["value"]
+
 
 _GROUP: Group | None = None
 

@@ -26,6 +26,7 @@ from layerscope.spectral.adapters import adapter_kind, scan_adapter
 from layerscope.spectral.cache import ScanCache
 from layerscope.spectral.estimators import ESTIMATORS, MIN_EVALS, TailFit
 from layerscope.spectral.metrics import norm_metrics
+from layerscope.tables import integer_columns
 
 ANALYSED_KINDS = frozenset({"projection", "expert", "expert_stack", "router", "embedding", "lm_head", "other"})
 # Matrices of one shape are stacked into batches up to this many bytes (stored weights plus
@@ -112,7 +113,10 @@ def scan(path: str | Path, **options) -> pd.DataFrame:
         return scan_adapter(path, base=opts.base, estimators=opts.estimators, progress=opts.progress)
     if opts.base is not None:
         raise LayerscopeError(f"--base applies to adapter folders; {path} is not one")
-    return scan_checkpoint(open_checkpoint(path, opts.revision), opts)
+    group = distributed.current(opts.device)
+    if group is None:
+        return scan_checkpoint(open_checkpoint(path, opts.revision), opts)
+    return scan_checkpoint(group.guard(lambda: open_checkpoint(path, opts.revision)), opts)
 
 
 def scan_checkpoint(ckpt: Checkpoint, opts: ScanOptions) -> pd.DataFrame:
@@ -140,7 +144,7 @@ def scan_checkpoint(ckpt: Checkpoint, opts: ScanOptions) -> pd.DataFrame:
     reused = sum(count for _, count in outcomes)
     rows = [row for index in range(len(selected)) for row in results[index]]
 
-    table = pd.DataFrame(rows, columns=_columns(opts.estimators))
+    table = integer_columns(pd.DataFrame(rows, columns=_columns(opts.estimators)))
     _require_layer_matrices(ckpt, table, opts)
     table.attrs.update(
         path=str(ckpt.path),
@@ -290,12 +294,17 @@ def _working_bytes(weight: torch.Tensor, dtype: torch.dtype) -> int:
     return weight.numel() * weight.element_size() + 2 * m * m * torch.finfo(dtype).bits // 8
 
 
+# Norm metrics built on WeightWatcher's alpha: only written when that estimator runs.
+ALPHA_NORM_COLUMNS = ("alpha_weighted", "log_alpha_norm")
+
+
 def _columns(estimators: tuple[str, ...]) -> list[str]:
     cols = IDENTITY_COLUMNS + ["N", "M", "num_evals"]
     for name in ALL_ESTIMATORS:
         if name in estimators:
             cols += FIT_COLUMNS[name]
-    return cols + METRIC_COLUMNS + ["status", "precision", "note"]
+    metrics = [c for c in METRIC_COLUMNS if "alpha" in estimators or c not in ALPHA_NORM_COLUMNS]
+    return cols + metrics + ["status", "precision", "note"]
 
 
 def _layers_seen(table: pd.DataFrame) -> int | None:
@@ -445,7 +454,8 @@ def _unscaled(eigs: torch.Tensor, exponent: int) -> tuple[np.ndarray, bool]:
     scaled = eigs.to(torch.float64).cpu().numpy()
     if exponent == 0:
         return scaled, False
-    unscaled = np.ldexp(scaled, exponent)
+    with np.errstate(over="ignore", under="ignore"):  # out of float64's range is what this checks for
+        unscaled = np.ldexp(scaled, exponent)
     if np.isfinite(unscaled[-1]) and unscaled[-1] >= np.finfo(np.float64).tiny:
         return unscaled, False
     return scaled, True

@@ -31,4 +31,32 @@ def screenshot(page: str | Path, png: str | Path, width: int = 1280, height: int
         result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     if result.returncode != 0 or not png.is_file():
         raise LayerscopeError(f"chromium could not render {page}: {result.stderr.strip().splitlines()[-1:]}")
+    _stamp(png, page)
     return png
+
+
+PAGE_HASH_KEY = "layerscope-page-sha256"
+
+
+def page_hash(page: str | Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(page).read_bytes()).hexdigest()
+
+
+def _stamp(png: Path, page: Path) -> None:
+    """Record which page the picture shows (sha256 of the HTML), so a stale screenshot can be told apart."""
+    from PIL import Image, PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text(PAGE_HASH_KEY, page_hash(page))
+    with Image.open(png) as image:
+        image.load()
+        image.save(png, pnginfo=info)
+
+
+def stamped_hash(png: str | Path) -> str | None:
+    from PIL import Image
+
+    with Image.open(png) as image:
+        return image.info.get(PAGE_HASH_KEY)

@@ -181,17 +181,31 @@ def plot_compare(layers: pd.DataFrame) -> Figure:
 
 
 def plot_norms_by_layer(table: pd.DataFrame) -> Figure:
-    targets = table[table["kind"].isin(["projection", "expert"]) & table["layer"].notna()]
-    columns = [c for c in ("alpha_weighted", "log_norm", "stable_rank") if c in targets.columns]
-    fig, axes = plt.subplots(1, len(columns), figsize=(4.2 * len(columns), 3.6), squeeze=False)
+    """alpha_weighted, log_norm and stable_rank by layer: one line per role on a dense model; on a model with
+    many roles (experts) one line per block part (its mean), so the legend stays short."""
+    from matplotlib.ticker import MaxNLocator
+
+    targets = table[table["kind"].isin(["projection", "expert"]) & table["layer"].notna()].copy()
+    columns = [c for c in ("alpha_weighted", "log_norm", "stable_rank") if c in targets.columns
+               and targets[c].notna().any()]
+    by_part = targets["role"].nunique() > 8
+    if by_part:
+        targets["line"] = [_part_of(row).replace("_", " ") for _, row in targets.iterrows()]
+    else:
+        targets["line"] = targets["role"].astype(str)
+    fig, axes = plt.subplots(1, max(1, len(columns)), figsize=(4.4 * max(1, len(columns)), 3.9), squeeze=False)
     for ax, column in zip(axes[0], columns):
-        for role, group in targets.groupby("role"):
-            ax.plot(group["layer"], group[column], marker="o", markersize=3, linewidth=1, label=str(role))
-        ax.set_title(f"{column} by layer")
+        for line, group in targets.groupby("line", sort=True):
+            means = group.groupby("layer")[column].mean()
+            colour = PART_COLOURS.get(line.replace(" ", "_")) if by_part else None
+            ax.plot(means.index, means.values, marker="o", markersize=3, linewidth=1, label=line, color=colour)
+        ax.set_title(f"{column} by layer" + (" (mean per part)" if by_part else ""))
         ax.set_xlabel("layer")
         ax.set_ylabel(column)
-    axes[0][-1].legend(fontsize=7, ncol=2)
-    fig.tight_layout()
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 8), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.08 if len(labels) <= 8 else 0.14, 1, 1))
     return fig
 
 
@@ -227,12 +241,19 @@ def plot_allocations(plans: dict) -> Figure:
         offset = (i - (len(plans) - 1) / 2) * width
         experts_ax.bar(np.asarray(layers) + offset, experts, width=width, label=label)
         ranks_ax.bar(np.asarray(layers) + offset, ranks, width=width, label=name)
+    from matplotlib.ticker import MaxNLocator
+
     experts_ax.set_title("experts per layer")
-    experts_ax.set_xlabel("layer")
     experts_ax.set_ylabel("experts")
     ranks_ax.set_title("rank per layer (mean over modules)")
-    ranks_ax.set_xlabel("layer")
     ranks_ax.set_ylabel("rank")
-    experts_ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
+    for ax in (experts_ax, ranks_ax):
+        ax.set_xlabel("layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    # Below the panels, never over the bars: one row per plan with its trainable/active parameters.
+    handles, labels = experts_ax.get_legend_handles_labels()
+    rows = max(1, -(-len(labels) // 2))
+    fig.legend(handles, labels, loc="lower center", ncol=min(2, len(labels)), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.055 * rows + 0.02, 1, 1))
     return fig

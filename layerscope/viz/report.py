@@ -14,7 +14,7 @@ from layerscope.export import export_plan
 from layerscope.planning.explain import explain_table
 from layerscope.spectral.esd import gram_eigenvalues
 from layerscope.spectral.scan import layer_summary
-from layerscope.tables import atomic_write
+from layerscope.outputs import write_files
 from layerscope.viz import plots
 
 LOW_ALPHA, HIGH_ALPHA = plots.REFERENCE_ALPHAS
@@ -95,17 +95,18 @@ def build_report(table: pd.DataFrame, out: str | Path, *, model_path: str | Path
     attrs = table.attrs
     layers = layer_summary(table)
     warnings = warnings_table(table)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "scan.csv", lambda tmp: table.to_csv(tmp, index=False))
-    atomic_write(out / "scan.layers.csv", lambda tmp: layers.to_csv(tmp, index=False))
-    atomic_write(out / "warnings.csv", lambda tmp: warnings.to_csv(tmp, index=False))
+    title = title or default_title(table, model_path)
+    files = _ReportFiles(out)  # every file is written at the end, as one output set
+    files.text("scan.csv", table.to_csv(index=False))
+    files.text("scan.layers.csv", layers.to_csv(index=False))
+    files.text("warnings.csv", warnings.to_csv(index=False))
 
     sections = [f"<h1>{html.escape(title or 'layerscope report')}</h1>",
                 f"<p class='muted'>{html.escape(str(attrs.get('path', '')))}</p>", _summary(table, layers)]
     sections.append(_warnings_section(warnings))
 
-    plots.save(plots.plot_alphas_by_layer(table), images, "alphas_by_layer")
-    plots.save(plots.plot_norms_by_layer(table), images, "norms_by_layer")
+    files.figure(plots.plot_alphas_by_layer(table), "alphas_by_layer")
+    files.figure(plots.plot_norms_by_layer(table), "norms_by_layer")
     sections.append("<h2>Spectral metrics by layer</h2>"
                     "<p>Each dot is one projection; the black line is the layer mean (AlphaLoRA's layer quality). "
                     "Dashed lines mark α = 2 and α = 6.</p>"
@@ -119,16 +120,16 @@ def build_report(table: pd.DataFrame, out: str | Path, *, model_path: str | Path
         figures = []
         for name, eigs in esd_eigenvalues(source, names).items():
             stem = "esd_" + plots.safe_stem(name)
-            plots.save(plots.plot_esd(eigs, name), images, stem)
+            files.figure(plots.plot_esd(eigs, name), stem)
             figures.append(f"<img src='img/{stem}.png' alt='ESD of {html.escape(name)}'>")
         sections.append("<h2>Empirical spectral densities</h2><p>The lowest- and highest-α matrices and one per "
                         "layer: log-log ESD with the fitted power law from xmin, lin-lin ESD, and the KS scan "
                         "(D and α against xmin; look for several minima — 'fingers').</p>" + "".join(figures))
 
     if activations is not None:
-        plots.save(plots.plot_near_zero(activations), images, "near_zero_by_layer")
+        files.figure(plots.plot_near_zero(activations), "near_zero_by_layer")
         flat = activations.drop(columns=[c for c in ("hist_log10",) if c in activations.columns])
-        atomic_write(out / "activations.csv", lambda tmp: flat.to_csv(tmp, index=False))
+        files.text("activations.csv", flat.to_csv(index=False))
         sections.append("<h2>Activations</h2><p>Share of output entries near zero on the calibration text "
                         f"({html.escape(str(activations.attrs.get('calibration', '')))}): HILO's signal for "
                         "layers that need little adapter capacity.</p>"
@@ -139,7 +140,7 @@ def build_report(table: pd.DataFrame, out: str | Path, *, model_path: str | Path
         from layerscope.spectral.compare import compare_layers
 
         changes = compare_layers(comparison)
-        plots.save(plots.plot_compare(changes), images, "compare_alphas")
+        files.figure(plots.plot_compare(changes), "compare_alphas")
         shown = [c for c in ("layer", "changed_matrices", "alpha_base", "alpha_other", "delta_alpha",
                              "alpha_hill_base", "alpha_hill_other", "delta_alpha_hill", "delta_log_norm")
                  if c in changes.columns]
@@ -152,15 +153,15 @@ def build_report(table: pd.DataFrame, out: str | Path, *, model_path: str | Path
                         + _table_html(changes[shown]))
 
     if plans:
-        plots.save(plots.plot_allocations(plans), images, "allocations")
+        files.figure(plots.plot_allocations(plans), "allocations")
         parts = ["<h2>Allocation plans</h2><img src='img/allocations.png' alt='allocations by layer'>"]
         for name, plan in plans.items():
             stem = f"plan_{plots.safe_stem(name)}"
-            plan.save(out / f"{stem}.json")
+            files.text(f"{stem}.json", plan.to_json())
             links = [f"<a href='{stem}.json'>{stem}.json</a>"]
             for fmt, suffix in (("mola", ".mola.txt"), ("peft", ".peft.json")):
                 try:
-                    export_plan(plan, fmt, out / f"{stem}{suffix}")
+                    files.text(f"{stem}{suffix}", export_plan(plan, fmt))
                     links.append(f"<a href='{stem}{suffix}'>{fmt} export</a>")
                 except Exception as exc:  # an export a plan cannot have (e.g. PEFT for mixtures)
                     links.append(f"<span class='muted'>{fmt}: {html.escape(str(exc).split(': ', 1)[-1])}</span>")
@@ -179,9 +180,58 @@ def build_report(table: pd.DataFrame, out: str | Path, *, model_path: str | Path
     document = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title or 'layerscope')}"
                 f"</title><style>{STYLE}</style></head><body>{''.join(sections)}"
                 "<p class='muted'>Generated by layerscope.</p></body></html>\n")
-    index = out / "index.html"
-    atomic_write(index, lambda tmp: tmp.write_text(document, encoding="utf-8"))
-    return index
+    files.text("index.html", document)
+    files.commit()
+    return out / "index.html"
+
+
+GENERIC_FOLDER_NAMES = frozenset({"model", "models", "checkpoint", "checkpoints", "weights", "hf", "final", "main",
+                                  "snapshot", "snapshots", "output", "out", "merged", "base"})
+
+
+def model_display_name(path: str | Path) -> str:
+    """The name people know a model by: ``org/name`` of a hub cache entry, else the folder name (with its parent's
+    when the folder is called something like ``model`` or is a snapshot hash)."""
+    parts = Path(str(path)).resolve().parts if path else ()
+    for part in reversed(parts):
+        if part.startswith("models--"):
+            return part.removeprefix("models--").replace("--", "/")
+    names = [p for p in parts if p not in ("/", "")]
+    if not names:
+        return "model"
+    name = names[-1].removesuffix(".safetensors")
+    if (name.lower() in GENERIC_FOLDER_NAMES or _is_hash(name)) and len(names) > 1:
+        return f"{names[-2]}/{name}"
+    return name
+
+
+def _is_hash(name: str) -> bool:
+    return len(name) >= 32 and all(c in "0123456789abcdef" for c in name.lower())
+
+
+def default_title(table: pd.DataFrame, model_path: str | Path | None) -> str:
+    attrs = table.attrs
+    name = model_display_name(model_path or attrs.get("path", ""))
+    architecture = attrs.get("architecture") or attrs.get("model_type")
+    return f"layerscope report: {name}" + (f" ({architecture})" if architecture else "")
+
+
+class _ReportFiles:
+    """The report's files, gathered in memory and committed as one output set (all new, or the old report)."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.writers: dict[Path, object] = {}
+
+    def text(self, relative: str, text: str) -> None:
+        self.writers[self.out / relative] = lambda tmp: tmp.write_text(text, encoding="utf-8")
+
+    def figure(self, figure, stem: str) -> None:
+        self.writers[self.out / "img" / f"{stem}.png"] = lambda tmp: plots.save_to(figure, tmp)
+
+    def commit(self) -> None:
+        (self.out / "img").mkdir(parents=True, exist_ok=True)
+        write_files(self.writers)
 
 
 def _summary(table: pd.DataFrame, layers: pd.DataFrame) -> str:
