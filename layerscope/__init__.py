@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "LoraSettings": "layerscope.planning", "Plan": "layerscope.planning", "plan": "layerscope.planning",
     "compare": "layerscope.spectral.compare", "compare_layers": "layerscope.spectral.compare",
-    "layer_summary": "layerscope.spectral.scan", "scan": "layerscope.spectral.scan",
+    "layer_summary": "layerscope.spectral.scan", "scan": "layerscope.adapters",
     "read_scan": "layerscope.tables", "write_scan": "layerscope.tables",
 }
 

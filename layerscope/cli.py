@@ -13,8 +13,16 @@ from pathlib import Path
 import click
 
 from layerscope.errors import LayerscopeError
-from layerscope.names import (ALL_ESTIMATORS, DEFAULT_EPS, DEFAULT_REL_EPS, EXPORT_FORMATS, PRECISIONS,
-                              RANK_ROUNDINGS, SPECTRAL_ESTIMATORS, STRATEGIES)
+from layerscope.names import (
+    ALL_ESTIMATORS,
+    DEFAULT_EPS,
+    DEFAULT_REL_EPS,
+    EXPORT_FORMATS,
+    PRECISIONS,
+    RANK_ROUNDINGS,
+    SPECTRAL_ESTIMATORS,
+    STRATEGIES,
+)
 from layerscope.outputs import check_writable, write_files
 
 # Each command imports what it needs (torch, pandas, transformers) when it runs, so that
@@ -59,8 +67,9 @@ def scan_command(path: Path, out: Path | None, estimators: tuple[str, ...], devi
                  include: str | None, exclude: str | None, split_fused: bool, architecture: str | None,
                  revision: str | None, cache: Path | None, base: Path | None, quiet: bool) -> None:
     """Per-matrix heavy-tailed spectral metrics of a safetensors checkpoint."""
+    from layerscope.adapters import scan
     from layerscope.spectral import distributed
-    from layerscope.spectral.scan import ScanOptions, layer_summary, scan
+    from layerscope.spectral.scan import ScanOptions, layer_summary
     from layerscope.tables import scan_outputs, write_scan
 
     group = distributed.current(device)  # torchrun: this process is one rank of several
@@ -354,13 +363,11 @@ def report_command(model: Path, out: Path, scan_file: Path | None, activations_f
                    quiet: bool) -> None:
     """Scan (or read a scan), then write an HTML report with plots, warnings, plans and tables."""
     from layerscope.planning import Plan
+    from layerscope.planning.matching import activations_difference, plan_difference, require_same_model, table_shapes
     from layerscope.spectral.compare import COMPARE_SCHEMA
     from layerscope.spectral.scan import scan
     from layerscope.tables import read_activations, read_scan
     from layerscope.viz import build_report
-
-    from layerscope.planning.matching import (activations_difference, plan_difference, require_same_model,
-                                              table_shapes)
 
     table = read_scan(scan_file) if scan_file else scan(model, progress=not quiet)
     activations = read_activations(activations_file) if activations_file else None
@@ -442,7 +449,7 @@ def compare_command(base: Path, other: Path, out: Path | None, plot: Path | None
 @click.option("--quiet", "-q", is_flag=True)
 def merge_command(base: Path, adapter: Path, out: Path, quiet: bool) -> None:
     """Write BASE with a one-expert ADAPTER merged in (W + s·B·A), in BASE's shard layout."""
-    from layerscope.export.merge import merge
+    from layerscope.adapters import merge
 
     if out.exists() and not out.is_dir():
         raise LayerscopeError(f"--out {out}: is a file, not a folder")

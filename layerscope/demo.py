@@ -25,11 +25,11 @@ def bundled_model_path() -> str:
 
 def run_demo(out: Path, progress: bool = True, screenshot: bool = True) -> tuple[list[Path], str]:
     """Scan, profile activations, make five plans, export them and write the report under ``out``."""
+    import time
+
     from layerscope.viz import build_report
     from layerscope.viz.browser import find_chromium
     from layerscope.viz.browser import screenshot as take_screenshot
-
-    import time
 
     model = bundled_model_path()
     started = time.perf_counter()

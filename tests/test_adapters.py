@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import layerscope
+from layerscope.adapters.updates import delta_eigenvalues
 from layerscope.errors import LayerscopeError
 from layerscope.runtime import apply_plan, save_adapters
-from layerscope.spectral.adapters import delta_eigenvalues
 from tests.builders import save_tiny_llama
 
 transformers = pytest.importorskip("transformers")

@@ -17,9 +17,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import layerscope.spectral.scan  # noqa: F401  (the module the CLI's scan command imports from)
 from layerscope.cli import main
 from layerscope.spectral.estimators import ESTIMATORS
-import layerscope.spectral.scan  # noqa: F401  (the module the CLI's scan command imports from)
 from layerscope.spectral.scan import scan
 from tests.builders import LLAMA_CONFIG, llama_tensors, random_matrix, write_checkpoint
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import tomllib
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import tomllib
 import torch
 
 import layerscope
@@ -261,7 +261,7 @@ def test_alphas_by_layer_has_a_scale_per_metric_and_a_short_legend(scan_file):
     import matplotlib
 
     matplotlib.use("Agg")
-    from layerscope.viz.plots import plot_alphas_by_layer, plot_allocations
+    from layerscope.viz.plots import plot_allocations, plot_alphas_by_layer
 
     table = layerscope.read_scan(scan_file)
     table.loc[table.index[0], "alpha"] = 63.0  # one wild fit must not flatten the other panels

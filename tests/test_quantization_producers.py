@@ -52,7 +52,11 @@ def _assert_equal_to_reference(ours: dict[str, torch.Tensor], reference: dict[st
 ct = pytest.importorskip("compressed_tensors")
 from compressed_tensors.compressors import ModelCompressor  # noqa: E402
 from compressed_tensors.quantization import (  # noqa: E402
-    QuantizationArgs, QuantizationConfig, QuantizationScheme, apply_quantization_config)
+    QuantizationArgs,
+    QuantizationConfig,
+    QuantizationScheme,
+    apply_quantization_config,
+)
 
 GROUP = 16
 STRATEGIES = {

@@ -13,7 +13,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 import layerscope
 from layerscope.spectral.estimators import ESTIMATORS

@@ -13,8 +13,7 @@ import layerscope
 from layerscope.runtime import apply_plan
 
 transformers = pytest.importorskip("transformers")
-from layerscope.runtime.trainer import (LayerscopeTrainer, RouterCollapseWarning,  # noqa: E402
-                                        RouterTelemetry)
+from layerscope.runtime.trainer import LayerscopeTrainer, RouterCollapseWarning, RouterTelemetry  # noqa: E402
 from tests.builders import save_tiny_llama  # noqa: E402
 
 

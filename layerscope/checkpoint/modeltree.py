@@ -17,7 +17,7 @@ import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 from layerscope.checkpoint.architectures import LANGUAGE_SUB_CONFIGS, NOT_PROJECTION_CLASSES, TOWER_KEYWORDS
@@ -297,7 +297,7 @@ def _renamer(model) -> Callable[[str], tuple[str, bool]]:
     live.update(dict.fromkeys([name for name, _ in model.named_buffers()], True))
     prefix = getattr(model, "base_model_prefix", None) or None
 
-    @lru_cache(maxsize=None)
+    @cache
     def rename(key: str) -> tuple[str, bool]:
         try:
             renamed, converter = rename_source_key(key, renamings, converters, prefix, live)

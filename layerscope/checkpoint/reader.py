@@ -22,8 +22,8 @@ import torch
 from layerscope.checkpoint.architectures import ARCHITECTURES
 from layerscope.checkpoint.dtypes import TORCH_DTYPE, UNDECODED, decode_f4, nbytes
 from layerscope.checkpoint.header import HEADER_CAP_BYTES, parse_header
-from layerscope.strictjson import json_type, quote, strict_json
 from layerscope.errors import LayerscopeError
+from layerscope.strictjson import json_type, quote, strict_json
 
 INDEX_NAMES = ("model.safetensors.index.json", "adapter_model.safetensors.index.json")
 SINGLE_NAMES = ("model.safetensors", "adapter_model.safetensors")

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import json
 import re
-from functools import lru_cache
 import shlex
 from collections import Counter
+from functools import cache
 from pathlib import Path
 
 import pandas as pd
 
 from layerscope.errors import LayerscopeError
-from layerscope.names import EXPORT_FORMATS
 from layerscope.planning.accounting import module_params
 from layerscope.planning.plan import Plan
-from layerscope.tables import atomic_write
 
 
 def _most_common(values):
@@ -76,7 +74,7 @@ def _peft_moe_renames(model_type: str | None) -> set[str]:
     return set(mapping.get(pattern, {})) if pattern else set()
 
 
-@lru_cache(maxsize=None)
+@cache
 def _source_literal(package: str, relative: str, name: str):
     """A module-level literal assignment in an installed package's source, without importing the package."""
     import ast
@@ -181,48 +179,3 @@ def to_table(plan: Plan, modules: list[dict] | None = None) -> pd.DataFrame:
                      "in_features": m["in_features"], "out_features": m["out_features"],
                      "trainable": counts.trainable_total, "active_per_token": counts.active_total})
     return pd.DataFrame(rows)
-
-
-EXPORTERS = EXPORT_FORMATS
-
-
-def export_plan(plan: Plan, fmt: str, out: Path | None = None, *, round_ranks: str | None = None,
-                check_model: str | Path | None = None, allow_other_model: bool = False) -> str:
-    """Render (and, with ``out``, atomically write) an export; returns the text.
-
-    ``round_ranks``: round every rank up to a serving engine's set (``vllm``).  ``check_model``: a
-    checkpoint that must be the plan's model (module shapes, layer count, fingerprint; unless
-    ``allow_other_model``) and whose module names every PEFT pattern key / target must match exactly once.
-    """
-    from layerscope.export.trainers import (check_peft_keys, checkpoint_module_names, export_modules, mixlora_json,
-                                            to_axolotl_yaml)
-    from layerscope.planning.matching import checkpoint_shapes, plan_difference, require_same_model
-
-    if check_model is not None:
-        shapes, num_layers, fingerprint = checkpoint_shapes(check_model)
-        require_same_model(plan_difference(plan, shapes, num_layers, fingerprint, str(check_model)),
-                           plan.source, allow_other_model)
-    modules = export_modules(plan, round_ranks)
-    if round_ranks is not None and fmt == "mola":
-        raise LayerscopeError("--round-ranks applies to the peft, axolotl, mixlora and csv exports")
-    if fmt == "peft":
-        config = to_peft_config(plan, modules=modules)
-        if check_model is not None:
-            check_peft_keys(config, checkpoint_module_names(str(check_model)), str(check_model))
-        text = json.dumps(config, indent=2) + "\n"
-    elif fmt == "mola":
-        text = mola_command_line(to_mola_args(plan)) + "\n"
-    elif fmt == "csv":
-        text = to_table(plan, modules).to_csv(index=False)
-    elif fmt == "axolotl":
-        text = to_axolotl_yaml(plan, modules)
-        if check_model is not None:
-            config = to_peft_config(plan, modules=modules)
-            check_peft_keys(config, checkpoint_module_names(str(check_model)), str(check_model))
-    elif fmt == "mixlora":
-        text = mixlora_json(plan, modules)
-    else:
-        raise LayerscopeError(f"--format {fmt!r}: expected one of {', '.join(EXPORTERS)}")
-    if out is not None:
-        atomic_write(Path(out), lambda tmp: tmp.write_text(text, encoding="utf-8"))
-    return text

@@ -21,6 +21,7 @@ import re
 from collections.abc import Iterable
 
 from layerscope.errors import LayerscopeError
+from layerscope.export.formats import _most_common
 from layerscope.planning.accounting import module_params
 from layerscope.planning.plan import Plan
 
@@ -113,7 +114,6 @@ def to_axolotl_yaml(plan: Plan, modules: list[dict]) -> str:
                               "(export --format mixlora for uniform mixtures, or use layerscope.runtime)")
     if plan.document["expert_type"] != "lora":
         raise LayerscopeError(f"{plan.source}: expert_type {plan.document['expert_type']!r} has no axolotl equivalent")
-    from layerscope.export.formats import _most_common
 
     lora = plan.document["lora"]
     lines = ["# written by layerscope from a plan; merge into your axolotl config",

@@ -10,9 +10,9 @@ from importlib import resources
 from pathlib import Path
 
 from layerscope.errors import LayerscopeError
-from layerscope.strictjson import strict_json
 from layerscope.planning.accounting import accounting_report
 from layerscope.planning.inputs import PlanInputs
+from layerscope.strictjson import strict_json
 from layerscope.tables import atomic_write, jsonable
 
 SCHEMA_ID = "layerscope.plan/1"

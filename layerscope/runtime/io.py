@@ -12,9 +12,9 @@ from torch import nn
 
 from layerscope.errors import LayerscopeError
 from layerscope.export.formats import to_peft_config
+from layerscope.outputs import write_files
 from layerscope.planning.plan import Plan
 from layerscope.runtime.apply import adapters, apply_plan
-from layerscope.outputs import write_files
 
 ADAPTER_FILE = "adapter.safetensors"
 PLAN_FILE = "plan.json"

@@ -24,8 +24,15 @@ from layerscope.checkpoint.reader import open_checkpoint
 from layerscope.errors import LayerscopeError
 from layerscope.spectral import esd
 from layerscope.spectral.estimators import MIN_EVALS
-from layerscope.spectral.scan import (IDENTITY_COLUMNS, SUMMARY_COLUMNS, ScanOptions, _analyse_matrix, _matrices,
-                                      _wanted, scan)
+from layerscope.spectral.scan import (
+    IDENTITY_COLUMNS,
+    SUMMARY_COLUMNS,
+    ScanOptions,
+    _analyse_matrix,
+    _matrices,
+    _wanted,
+    scan,
+)
 
 COMPARE_SCHEMA = "layerscope.compare/1"
 DIFF_COLUMNS = ["alpha", "alpha_hill", "alpha_peak", "lambda_max", "log_norm", "log_spectral_norm", "stable_rank",

@@ -15,14 +15,13 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from layerscope import names
 from layerscope.checkpoint.modeltree import model_facts, tree_for_checkpoint
 from layerscope.checkpoint.naming import TARGET_KINDS, NamingScheme, TensorRole, detect_scheme, scheme_by_name
 from layerscope.checkpoint.quantization import LogicalTensor, load_logical, logical_tensors
 from layerscope.checkpoint.reader import Checkpoint, open_checkpoint
-from layerscope import names
 from layerscope.errors import LayerscopeError
 from layerscope.spectral import distributed, esd, rmt
-from layerscope.spectral.adapters import adapter_kind, scan_adapter
 from layerscope.spectral.cache import ScanCache
 from layerscope.spectral.estimators import ESTIMATORS, MIN_EVALS, TailFit
 from layerscope.spectral.metrics import norm_metrics
@@ -109,10 +108,8 @@ def scan(path: str | Path, **options) -> pd.DataFrame:
     """
     opts = ScanOptions(**options)
     opts.validate()  # option errors before any file is opened
-    if adapter_kind(Path(path)) is not None:
-        return scan_adapter(path, base=opts.base, estimators=opts.estimators, progress=opts.progress)
     if opts.base is not None:
-        raise LayerscopeError(f"--base applies to adapter folders; {path} is not one")
+        raise LayerscopeError(f"--base applies to adapter folders; {path} is not one (use layerscope.scan)")
     group = distributed.current(opts.device)
     if group is None:
         return scan_checkpoint(open_checkpoint(path, opts.revision), opts)

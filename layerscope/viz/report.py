@@ -11,10 +11,10 @@ import torch
 
 from layerscope.checkpoint.reader import open_checkpoint
 from layerscope.export import export_plan
+from layerscope.outputs import write_files
 from layerscope.planning.explain import explain_table
 from layerscope.spectral.esd import gram_eigenvalues
 from layerscope.spectral.scan import layer_summary
-from layerscope.outputs import write_files
 from layerscope.viz import plots
 
 LOW_ALPHA, HIGH_ALPHA = plots.REFERENCE_ALPHAS
@@ -90,7 +90,6 @@ def build_report(table: pd.DataFrame, out: str | Path, *, model_path: str | Path
                  comparison: pd.DataFrame | None = None, title: str | None = None) -> Path:
     """Write ``index.html`` with its PNGs and CSVs into ``out``; returns the index path."""
     out = Path(out)
-    images = out / "img"
     plans = plans or {}
     attrs = table.attrs
     layers = layer_summary(table)

@@ -8,7 +8,7 @@ tensor, not the model.  All files are written as one output set (complete, or no
 
 Adapters: a layerscope ``save_adapters`` folder of a plan with one expert per layer (LoRA or MoR),
 or a PEFT LoRA folder (``adapter_config.json``; s from ``lora_alpha``/``r``, rslora and patterns as
-in :mod:`layerscope.spectral.adapters`).  Mixtures (several experts) have no single merged weight
+in :mod:`layerscope.adapters.updates`).  Mixtures (several experts) have no single merged weight
 and are refused, as are quantized base weights (a merged weight would need requantizing).
 """
 
@@ -21,12 +21,19 @@ from pathlib import Path
 
 import torch
 
+from layerscope.adapters.updates import (
+    OURS,
+    Update,
+    adapter_kind,
+    base_tensor,
+    explicit_delta,
+    layerscope_updates,
+    peft_updates,
+)
 from layerscope.checkpoint.quantization import logical_tensors
 from layerscope.checkpoint.reader import SAFETENSORS_DTYPE, TensorInfo, open_checkpoint, read_raw, read_tensor
 from layerscope.errors import LayerscopeError
 from layerscope.outputs import write_files
-from layerscope.spectral.adapters import (OURS, Update, _base_tensor, adapter_kind, explicit_delta, layerscope_updates,
-                                          peft_updates)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
@@ -43,7 +50,7 @@ def merge(base: str | Path, adapter: str | Path, out: str | Path, progress: bool
     quantized = {t.name for t in logical_tensors(ckpt) if t.quantization}
     targets: dict[str, Update] = {}
     for update in updates:
-        name = _base_tensor(ckpt, update.module)
+        name = base_tensor(ckpt, update.module)
         if name in quantized:
             raise LayerscopeError(f"{base}: {name} is quantized; merging into quantized weights is not exact")
         if name in targets:

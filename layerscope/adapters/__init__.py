@@ -1,0 +1,36 @@
+"""Adapters above the pipeline: their spectra (ΔW = s·B·A, and W + ΔW against a base), merging them into
+the base, and ``scan`` for any folder — a checkpoint or an adapter.
+
+This stage sits above spectral analysis and planning because an adapter folder of ours carries its
+plan: reading one needs both.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from layerscope.adapters.merge import merge
+from layerscope.adapters.spectra import scan_adapter
+from layerscope.adapters.updates import adapter_kind
+from layerscope.errors import LayerscopeError
+from layerscope.spectral.scan import ScanOptions
+from layerscope.spectral.scan import scan as scan_checkpoint_path
+
+__all__ = ["merge", "scan", "scan_adapter"]
+
+
+def scan(path: str | Path, **options) -> pd.DataFrame:
+    """Per-matrix spectral metrics of a checkpoint, or of an adapter folder's updates.
+
+    Keyword options are the fields of :class:`layerscope.spectral.ScanOptions`; ``base`` (adapters
+    only) also analyses W + ΔW of that base model.  Model facts are in ``df.attrs``.
+    """
+    opts = ScanOptions(**options)
+    opts.validate()  # option errors before any file is opened
+    if adapter_kind(Path(path)) is not None:
+        return scan_adapter(path, base=opts.base, estimators=opts.estimators, progress=opts.progress)
+    if opts.base is not None:
+        raise LayerscopeError(f"--base applies to adapter folders; {path} is not one")
+    return scan_checkpoint_path(path, **{k: v for k, v in options.items() if k != "base"})
