@@ -44,8 +44,8 @@ def test_help_imports_no_heavy_library(args):
 def test_cli_names_match_the_registries():
     from layerscope.export import EXPORTERS
     from layerscope.planning import STRATEGIES
+    from layerscope.spectral.columns import FIT_COLUMNS
     from layerscope.spectral.estimators import ESTIMATORS
-    from layerscope.spectral.scan import FIT_COLUMNS
 
     assert tuple(ESTIMATORS) == names.SPECTRAL_ESTIMATORS
     assert set(names.ALL_ESTIMATORS) == set(FIT_COLUMNS)

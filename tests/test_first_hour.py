@@ -243,8 +243,8 @@ def test_license_is_an_spdx_string():
 
 
 def test_extreme_alphas_and_magnitudes_raise_no_runtime_warnings():
+    from layerscope.spectral.analysis import unscaled as _unscaled
     from layerscope.spectral.metrics import norm_metrics
-    from layerscope.spectral.scan import _unscaled
 
     eigs = np.geomspace(1e-3, 1e12, 64)
     with warnings.catch_warnings():

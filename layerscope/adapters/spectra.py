@@ -53,7 +53,8 @@ def scan_adapter(folder: str | Path, *, base: str | Path | None = None,
     """One row per adapted module (and expert): the spectrum of ΔW, and of W + ΔW with ``base``."""
     from tqdm.auto import tqdm
 
-    from layerscope.spectral.scan import FIT_COLUMNS, IDENTITY_COLUMNS, METRIC_COLUMNS, _fit_all, _fit_columns
+    from layerscope.spectral.analysis import fit_all, fit_columns
+    from layerscope.spectral.columns import FIT_COLUMNS, IDENTITY_COLUMNS, METRIC_COLUMNS
 
     folder = Path(folder)
     kind = adapter_kind(folder)
@@ -70,7 +71,7 @@ def scan_adapter(folder: str | Path, *, base: str | Path | None = None,
                     "layer": role.layer, "stack_layer": role.stack_layer, "role": role.role, "module": update.module,
                     "expert": update.expert, "part": None, "dtype": update.dtype,
                     "quantization": None}
-        rows.append(_delta_row(identity, update, estimators, _fit_all, _fit_columns))
+        rows.append(_delta_row(identity, update, estimators, fit_all, fit_columns))
         if base_ckpt is not None:
             rows.append(_merged_row(identity, update, base_ckpt, estimators))
     columns = [*IDENTITY_COLUMNS, "N", "M", "num_evals", *ADAPTER_COLUMNS]
@@ -115,7 +116,7 @@ def _delta_row(identity: dict, update: Update, estimators, fit_all, fit_columns)
 
 def _merged_row(identity: dict, update: Update, base: Checkpoint, estimators) -> dict:
     from layerscope.spectral import esd
-    from layerscope.spectral.scan import _analyse_matrix, _Matrix
+    from layerscope.spectral.analysis import Matrix, analyse_matrix
 
     name = base_tensor(base, update.module)
     weight = base.load(name).to(torch.float64)
@@ -123,7 +124,7 @@ def _merged_row(identity: dict, update: Update, base: Checkpoint, estimators) ->
     eigs, finite, exponents = esd.scaled_gram_eigenvalues(merged[None], torch.float64)
     row = {**identity, "name": identity["name"] + "+base", "tensor": name, "file": base.tensors[name].file.name,
            "kind": "merged", "dtype": "F64", "conv1d": False}
-    result = _analyse_matrix(_Matrix(row, merged), eigs[0] if bool(finite[0]) else None, estimators,
+    result = analyse_matrix(Matrix(row, merged), eigs[0] if bool(finite[0]) else None, estimators,
                              "ok" if bool(finite[0]) else "nonfinite_weights", int(exponents[0]))
     result.update(lora_rank=update.A.shape[0], lora_scaling=update.scaling)
     return result

@@ -23,16 +23,10 @@ from layerscope.checkpoint.quantization import load_logical, logical_tensors
 from layerscope.checkpoint.reader import open_checkpoint
 from layerscope.errors import LayerscopeError
 from layerscope.spectral import esd
+from layerscope.spectral.analysis import analyse_matrix
+from layerscope.spectral.columns import IDENTITY_COLUMNS, SUMMARY_COLUMNS
 from layerscope.spectral.estimators import MIN_EVALS
-from layerscope.spectral.scan import (
-    IDENTITY_COLUMNS,
-    SUMMARY_COLUMNS,
-    ScanOptions,
-    _analyse_matrix,
-    _matrices,
-    _wanted,
-    scan,
-)
+from layerscope.spectral.scan import ScanOptions, _matrices, _wanted, scan
 
 COMPARE_SCHEMA = "layerscope.compare/1"
 DIFF_COLUMNS = ["alpha", "alpha_hill", "alpha_peak", "lambda_max", "log_norm", "log_spectral_norm", "stable_rank",
@@ -102,7 +96,7 @@ def _difference_rows(base, other, opts: ScanOptions, progress: bool) -> pd.DataF
         weight -= load_logical(left, info).to(torch.float64)
         for matrix in _matrices(left, info, role, weight, scheme, opts.split_fused):
             eigs, finite, exponent = esd.scaled_gram_eigenvalues(matrix.weight.to(device)[None], dtype)
-            row = _analyse_matrix(matrix, eigs[0] if bool(finite[0]) else None, opts.estimators,
+            row = analyse_matrix(matrix, eigs[0] if bool(finite[0]) else None, opts.estimators,
                                   "ok" if bool(finite[0]) else "nonfinite_weights", int(exponent[0]))
             row["rank"] = _numerical_rank(eigs[0], matrix.weight.shape) if bool(finite[0]) else None
             if row["status"] == "ok" and row["rank"] is not None and row["rank"] < MIN_EVALS:

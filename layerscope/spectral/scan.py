@@ -10,47 +10,30 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from layerscope import names
 from layerscope.checkpoint.modeltree import model_facts, tree_for_checkpoint
 from layerscope.checkpoint.naming import TARGET_KINDS, NamingScheme, TensorRole, detect_scheme, scheme_by_name
 from layerscope.checkpoint.quantization import LogicalTensor, load_logical, logical_tensors
 from layerscope.checkpoint.reader import Checkpoint, open_checkpoint
 from layerscope.errors import LayerscopeError
-from layerscope.spectral import distributed, esd, rmt
+from layerscope.spectral import distributed, esd
+from layerscope.spectral.analysis import Matrix, analyse_batch
 from layerscope.spectral.cache import ScanCache
-from layerscope.spectral.estimators import ESTIMATORS, MIN_EVALS, TailFit
-from layerscope.spectral.metrics import norm_metrics
+from layerscope.spectral.columns import ALL_ESTIMATORS, layer_summary, scan_columns
+
+__all__ = ["ScanOptions", "layer_summary", "scan", "scan_checkpoint"]
 from layerscope.tables import integer_columns
 
 ANALYSED_KINDS = frozenset({"projection", "expert", "expert_stack", "router", "embedding", "lm_head", "other"})
+
+
 # Matrices of one shape are stacked into batches up to this many bytes (stored weights plus
 # their Gram matrices in the working dtype).
 # Batching pays on GPUs; on CPU it buys little, so memory wins there.
 DEFAULT_BATCH_BYTES = {"cpu": 32 << 20, "cuda": 1 << 30}
-
-IDENTITY_COLUMNS = ["name", "tensor", "file", "kind", "stack", "layer", "stack_layer", "role", "mixer", "module", "expert",
-                    "part", "dtype", "quantization", "shape", "out_features", "in_features"]
-FIT_COLUMNS = {
-    "alpha": ["alpha", "xmin", "D", "sigma", "num_pl_spikes"],
-    "alpha_hill": ["alpha_hill", "xmin_hill"],
-    "alpha_peak": ["alpha_peak", "xmin_peak", "D_peak"],
-    "alpha_farms": ["alpha_farms", "xmin_farms", "num_evals_farms"],
-    "mp": ["num_spikes", "sigma_mp", "mp_softrank", "bulk_max"],
-    "rand": ["rand_distance", "num_rand_spikes", "max_rand_eval"],
-}
-# Estimators that need the matrix itself (layerscope.spectral.rmt), not only its eigenvalues.
-MATRIX_ESTIMATORS = names.MATRIX_ESTIMATORS
-ALL_ESTIMATORS = names.ALL_ESTIMATORS
-METRIC_COLUMNS = ["lambda_max", "log_norm", "log_spectral_norm", "alpha_weighted", "log_alpha_norm",
-                  "stable_rank", "entropy"]
-SUMMARY_COLUMNS = ["alpha", "alpha_hill", "alpha_peak", "alpha_farms", "mp_softrank", "num_spikes", "rand_distance",
-                   "num_rand_spikes", "lambda_max", "log_norm", "log_spectral_norm", "alpha_weighted",
-                   "log_alpha_norm", "stable_rank", "entropy"]
 
 
 @dataclass(frozen=True)
@@ -84,18 +67,9 @@ class ScanOptions:
 
 
 @dataclass
-class _Matrix:
-    """One matrix to analyse: its table identity and its weights (2-D, as stored)."""
-
-    row: dict
-    weight: torch.Tensor
-    owner: int = -1  # index of the selected tensor it comes from
-
-
-@dataclass
 class _Batch:
     key: tuple | None = None  # (shape, stored dtype): what can be stacked
-    items: list[_Matrix] = field(default_factory=list)
+    items: list[Matrix] = field(default_factory=list)
     nbytes: int = 0
 
 
@@ -141,7 +115,7 @@ def scan_checkpoint(ckpt: Checkpoint, opts: ScanOptions) -> pd.DataFrame:
     reused = sum(count for _, count in outcomes)
     rows = [row for index in range(len(selected)) for row in results[index]]
 
-    table = integer_columns(pd.DataFrame(rows, columns=_columns(opts.estimators)))
+    table = integer_columns(pd.DataFrame(rows, columns=scan_columns(opts.estimators)))
     _require_layer_matrices(ckpt, table, opts)
     table.attrs.update(
         path=str(ckpt.path),
@@ -205,14 +179,14 @@ class _RankWork:
                         count += 1
                         shape_key = (tuple(matrix.weight.shape), matrix.weight.dtype)
                         if batch.items and (shape_key != batch.key or batch.nbytes >= batch_bytes):
-                            progress.collect(list(batch.items), _analyse_batch(batch, device, dtype, opts.estimators, bar))
+                            progress.collect(batch.items, analyse_batch(batch.items, device, dtype, opts.estimators, bar))
                             batch = _Batch()
                         batch.key = shape_key
                         batch.items.append(matrix)
                         batch.nbytes += _working_bytes(matrix.weight, dtype)
                     progress.expect(index, count)
                 if batch.items:
-                    progress.collect(list(batch.items), _analyse_batch(batch, device, dtype, opts.estimators, bar))
+                    progress.collect(batch.items, analyse_batch(batch.items, device, dtype, opts.estimators, bar))
         finally:
             if cache:
                 cache.close()
@@ -245,7 +219,7 @@ class _Progress:
         self._expected: dict[int, int] = {}
         self._cache = cache
 
-    def collect(self, matrices: list[_Matrix], rows: list[dict]) -> None:
+    def collect(self, matrices: list[Matrix], rows: list[dict]) -> None:
         for matrix, row in zip(matrices, rows):
             if self.results[matrix.owner] is None:
                 self.results[matrix.owner] = []
@@ -291,19 +265,6 @@ def _working_bytes(weight: torch.Tensor, dtype: torch.dtype) -> int:
     return weight.numel() * weight.element_size() + 2 * m * m * torch.finfo(dtype).bits // 8
 
 
-# Norm metrics built on WeightWatcher's alpha: only written when that estimator runs.
-ALPHA_NORM_COLUMNS = ("alpha_weighted", "log_alpha_norm")
-
-
-def _columns(estimators: tuple[str, ...]) -> list[str]:
-    cols = IDENTITY_COLUMNS + ["N", "M", "num_evals"]
-    for name in ALL_ESTIMATORS:
-        if name in estimators:
-            cols += FIT_COLUMNS[name]
-    metrics = [c for c in METRIC_COLUMNS if "alpha" in estimators or c not in ALPHA_NORM_COLUMNS]
-    return cols + metrics + ["status", "precision", "note"]
-
-
 def _layers_seen(table: pd.DataFrame) -> int | None:
     layers = table["layer"].dropna()
     return int(layers.max()) + 1 if len(layers) else None
@@ -337,7 +298,7 @@ def _identity(info: LogicalTensor, role: TensorRole) -> dict:
 def _matrices(
     ckpt: Checkpoint, info: LogicalTensor, role: TensorRole, weight: torch.Tensor, scheme: NamingScheme,
     split_fused: bool,
-) -> Iterator[_Matrix]:
+) -> Iterator[Matrix]:
     """The 2-D matrices one tensor contributes: itself, its experts, or itself plus its fused parts.
 
     Weights stay in their stored dtype; the Gram computation converts them chunk by chunk.
@@ -348,9 +309,9 @@ def _matrices(
         for j, matrix in enumerate(experts):
             kind = "expert" if role.kind == "expert_stack" else role.kind
             expert_role = f"expert.{j}.{role.role}" if role.kind == "expert_stack" else role.role
-            yield _Matrix({**base, "name": f"{info.name}[{j}]", "kind": kind, "role": expert_role, "expert": j}, matrix)
+            yield Matrix({**base, "name": f"{info.name}[{j}]", "kind": kind, "role": expert_role, "expert": j}, matrix)
         return
-    yield _Matrix(dict(base), weight)
+    yield Matrix(dict(base), weight)
     if split_fused and role.role:
         out_dim = 1 if role.conv1d else 0
         parts = scheme.fused_parts(role.role, weight.shape[out_dim], ckpt.config, info.name)
@@ -358,162 +319,4 @@ def _matrices(
             return
         for (part, _), chunk in zip(parts, torch.split(weight, [s for _, s in parts], dim=out_dim)):
             row = {**base, "name": f"{info.name}:{part}", "kind": "part", "role": part, "part": part}
-            yield _Matrix(row, chunk.contiguous())
-
-
-def _analyse_batch(batch: _Batch, device: torch.device, dtype: torch.dtype, estimators: tuple[str, ...],
-                   bar: tqdm) -> list[dict]:
-    rows: list[dict] = []
-    good = [m for m in batch.items if min(m.weight.shape) >= MIN_EVALS]
-    eig_iter, finite_iter, exponent_iter = iter([]), iter([]), iter([])
-    if good:
-        weights = [m.weight for m in good]
-        stacked = (weights[0][None] if len(weights) == 1 else torch.stack(weights)).to(device)
-        eigs_batch, finite, exponents = esd.scaled_gram_eigenvalues(stacked, dtype)
-        del stacked
-        eig_iter, finite_iter, exponent_iter = iter(eigs_batch), iter(finite.tolist()), iter(exponents.tolist())
-    for matrix in batch.items:
-        exponent = 0
-        if min(matrix.weight.shape) < MIN_EVALS:
-            eigs, status = None, "too_few_evals"
-        else:
-            eigs, is_finite, exponent = next(eig_iter), next(finite_iter), next(exponent_iter)
-            eigs, status = (eigs, "ok") if is_finite else (None, "nonfinite_weights")
-        rows.append(_analyse_matrix(matrix, eigs, estimators, status, exponent))
-        bar.update(1)
-    batch.items.clear()
-    return rows
-
-
-def _analyse_matrix(matrix: _Matrix, eigs: torch.Tensor | None, estimators: tuple[str, ...], status: str,
-                    exponent: int = 0) -> dict:
-    """One table row; ``eigs × 2^exponent`` are the Gram eigenvalues (exponent ≠ 0 only for extreme weights)."""
-    rows_, cols_ = matrix.weight.shape
-    n_rows, m_cols = max(rows_, cols_), min(rows_, cols_)
-    out_features, in_features = (cols_, rows_) if matrix.row.pop("conv1d") else (rows_, cols_)
-    row = {**matrix.row, "shape": f"{rows_}x{cols_}", "out_features": out_features, "in_features": in_features,
-           "N": n_rows, "M": m_cols, "num_evals": m_cols,
-           "status": status, "precision": None, "note": None}
-    if eigs is None:
-        return row
-    used = eigs.dtype
-    eigs64, extreme = _unscaled(eigs, exponent)
-    if float(eigs64[-1]) <= 0:
-        row["status"] = "zero_matrix"
-        return row
-    fits = _fit_all(eigs64, estimators)
-    if used == torch.float32 and not esd.f32_fit_is_trustworthy(
-        [fits[k].xmin for k in ("alpha", "alpha_peak") if k in fits], float(eigs64[-1]), n_rows
-    ):
-        eigs, _, exponents = esd.scaled_gram_eigenvalues(matrix.weight.to(eigs.device)[None], torch.float64)
-        exponent = int(exponents[0])
-        eigs64, extreme = _unscaled(eigs[0], exponent)
-        fits = _fit_all(eigs64, estimators)
-        used = "f64 (f32 guard)"
-    row["precision"] = {torch.float32: "f32", torch.float64: "f64"}.get(used, used)
-    row.update(_fit_columns(fits))
-    alpha = fits["alpha"].alpha if "alpha" in fits else math.nan
-    row.update(norm_metrics(eigs64, n_rows, alpha))
-    notes = [f.note for f in fits.values() if f.note]
-    notes += _matrix_estimates(row, matrix, eigs64, estimators, extreme)
-    if extreme:
-        _rescale_extreme(row, exponent, alpha)
-        notes.append(EXTREME_NOTE)
-    row["note"] = "; ".join(notes) if notes else None
-    return row
-
-
-def _matrix_estimates(row: dict, matrix: _Matrix, eigs: np.ndarray, estimators: tuple[str, ...],
-                      extreme: bool) -> list[str]:
-    """FARMS, MP fit and randomized ESD columns (layerscope.spectral.rmt); returns notes."""
-    wanted = [e for e in MATRIX_ESTIMATORS if e in estimators]
-    if not wanted:
-        return []
-    if extreme:
-        return [f"{', '.join(wanted)}: not computed for weights beyond float64's range"]
-    notes = []
-    n_rows, m_cols = max(matrix.weight.shape), min(matrix.weight.shape)
-    if "alpha_farms" in wanted:
-        pooled = rmt.farms_eigenvalues(matrix.weight)
-        fit = ESTIMATORS["alpha_peak"](np.clip(pooled, 0, None))
-        row.update(alpha_farms=fit.alpha, xmin_farms=fit.xmin, num_evals_farms=len(pooled))
-        if fit.note:
-            notes.append(f"alpha_farms: {fit.note}")
-    if "mp" in wanted:
-        row.update(rmt.mp_fit(eigs, n_rows, m_cols))
-    if "rand" in wanted:
-        row.update(rmt.randomized_esd(matrix.weight, eigs, row["name"]))
-    return notes
-
-
-def _unscaled(eigs: torch.Tensor, exponent: int) -> tuple[np.ndarray, bool]:
-    """float64 eigenvalues in true units, or (when float64 cannot hold them) still scaled, flagged extreme."""
-    scaled = eigs.to(torch.float64).cpu().numpy()
-    if exponent == 0:
-        return scaled, False
-    with np.errstate(over="ignore", under="ignore"):  # out of float64's range is what this checks for
-        unscaled = np.ldexp(scaled, exponent)
-    if np.isfinite(unscaled[-1]) and unscaled[-1] >= np.finfo(np.float64).tiny:
-        return unscaled, False
-    return scaled, True
-
-
-EXTREME_NOTE = ("eigenvalues beyond float64's range: alpha/alpha_hill and the log norms are exact, lambda_max "
-                "and the xmins are not representable, alpha_peak (not scale-invariant) is left out")
-
-
-def _rescale_extreme(row: dict, exponent: int, alpha: float) -> None:
-    """Metrics of eigenvalues known as λ' × 2^exponent that float64 cannot hold: scale-invariant ones
-    stay; log norms shift by exponent·log10(2); the rest are not representable (NaN)."""
-    shift = exponent * math.log10(2)
-    row["log_norm"] += shift
-    row["log_spectral_norm"] += shift
-    if math.isfinite(alpha):
-        row["log_alpha_norm"] += alpha * shift
-        row["alpha_weighted"] = alpha * row["log_spectral_norm"]
-    for column in ("lambda_max", "xmin", "xmin_hill", "xmin_peak", "alpha_peak", "D_peak"):
-        if column in row:
-            row[column] = math.nan
-
-
-def _fit_all(eigs: torch.Tensor, estimators: tuple[str, ...]) -> dict[str, TailFit]:
-    return {name: ESTIMATORS[name](eigs) for name in estimators if name in ESTIMATORS}
-
-
-def _fit_columns(fits: dict[str, TailFit]) -> dict:
-    out: dict = {}
-    if "alpha" in fits:
-        f = fits["alpha"]
-        out.update(alpha=f.alpha, xmin=f.xmin, D=f.D, sigma=f.sigma, num_pl_spikes=f.num_pl_spikes)
-    if "alpha_hill" in fits:
-        out.update(alpha_hill=fits["alpha_hill"].alpha, xmin_hill=fits["alpha_hill"].xmin)
-    if "alpha_peak" in fits:
-        f = fits["alpha_peak"]
-        out.update(alpha_peak=f.alpha, xmin_peak=f.xmin, D_peak=f.D)
-    return out
-
-
-def _mixers(values: pd.Series) -> str | None:
-    """The token mixer kinds of one layer (``attention``, ``mamba``, ``linear_attention+attention`` ...)."""
-    kinds = sorted(set(values.dropna()))
-    return "+".join(kinds) if kinds else None
-
-
-def layer_summary(table: pd.DataFrame) -> pd.DataFrame:
-    """Per-layer means over the layer's adapter-target matrices (projections and experts).
-
-    This is AlphaLoRA's layer quality v_i: the mean of a metric over the layer's projections.
-    Failed matrices (NaN metrics) are left out of the means and counted in ``num_failed``.
-    """
-    targets = table[table["kind"].isin(TARGET_KINDS | {"delta"}) & table["layer"].notna()]
-    present = [c for c in SUMMARY_COLUMNS if c in targets.columns]
-    grouped = targets.groupby(targets["layer"].astype(int), sort=True)
-    summary = grouped[present].mean()
-    summary.insert(0, "stack", grouped["stack"].first())
-    summary.insert(1, "stack_layer", grouped["stack_layer"].first().astype("Int64"))
-    summary.insert(2, "mixer", grouped["mixer"].agg(_mixers) if "mixer" in targets.columns else None)
-    summary.insert(3, "num_matrices", grouped.size())
-    summary.insert(4, "num_failed", grouped["status"].apply(lambda s: int((s != "ok").sum())))
-    summary = summary.reset_index()
-    summary.attrs.update(table.attrs)
-    return summary
+            yield Matrix(row, chunk.contiguous())

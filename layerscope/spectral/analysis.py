@@ -1,0 +1,156 @@
+"""One matrix (or a batch of one shape) to a table row: Gram eigenvalues, tail fits, norm metrics, notes."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from layerscope.spectral import esd, rmt
+from layerscope.spectral.columns import MATRIX_ESTIMATORS
+from layerscope.spectral.estimators import ESTIMATORS, MIN_EVALS, TailFit
+from layerscope.spectral.metrics import norm_metrics
+
+
+@dataclass
+class Matrix:
+    """One matrix to analyse: its table identity and its weights (2-D, as stored)."""
+
+    row: dict
+    weight: torch.Tensor
+    owner: int = -1  # index of the selected tensor it comes from
+
+
+def analyse_batch(matrices: list[Matrix], device: torch.device, dtype: torch.dtype, estimators: tuple[str, ...],
+                  bar: tqdm) -> list[dict]:
+    """Rows for matrices of one shape: their Gram eigenvalues in one batched call, then each row's fits."""
+    rows: list[dict] = []
+    good = [m for m in matrices if min(m.weight.shape) >= MIN_EVALS]
+    eig_iter, finite_iter, exponent_iter = iter([]), iter([]), iter([])
+    if good:
+        weights = [m.weight for m in good]
+        stacked = (weights[0][None] if len(weights) == 1 else torch.stack(weights)).to(device)
+        eigs_batch, finite, exponents = esd.scaled_gram_eigenvalues(stacked, dtype)
+        del stacked
+        eig_iter, finite_iter, exponent_iter = iter(eigs_batch), iter(finite.tolist()), iter(exponents.tolist())
+    for matrix in matrices:
+        exponent = 0
+        if min(matrix.weight.shape) < MIN_EVALS:
+            eigs, status = None, "too_few_evals"
+        else:
+            eigs, is_finite, exponent = next(eig_iter), next(finite_iter), next(exponent_iter)
+            eigs, status = (eigs, "ok") if is_finite else (None, "nonfinite_weights")
+        rows.append(analyse_matrix(matrix, eigs, estimators, status, exponent))
+        bar.update(1)
+    return rows
+
+
+def analyse_matrix(matrix: Matrix, eigs: torch.Tensor | None, estimators: tuple[str, ...], status: str,
+                    exponent: int = 0) -> dict:
+    """One table row; ``eigs × 2^exponent`` are the Gram eigenvalues (exponent ≠ 0 only for extreme weights)."""
+    rows_, cols_ = matrix.weight.shape
+    n_rows, m_cols = max(rows_, cols_), min(rows_, cols_)
+    out_features, in_features = (cols_, rows_) if matrix.row.pop("conv1d") else (rows_, cols_)
+    row = {**matrix.row, "shape": f"{rows_}x{cols_}", "out_features": out_features, "in_features": in_features,
+           "N": n_rows, "M": m_cols, "num_evals": m_cols,
+           "status": status, "precision": None, "note": None}
+    if eigs is None:
+        return row
+    used = eigs.dtype
+    eigs64, extreme = unscaled(eigs, exponent)
+    if float(eigs64[-1]) <= 0:
+        row["status"] = "zero_matrix"
+        return row
+    fits = fit_all(eigs64, estimators)
+    if used == torch.float32 and not esd.f32_fit_is_trustworthy(
+        [fits[k].xmin for k in ("alpha", "alpha_peak") if k in fits], float(eigs64[-1]), n_rows
+    ):
+        eigs, _, exponents = esd.scaled_gram_eigenvalues(matrix.weight.to(eigs.device)[None], torch.float64)
+        exponent = int(exponents[0])
+        eigs64, extreme = unscaled(eigs[0], exponent)
+        fits = fit_all(eigs64, estimators)
+        used = "f64 (f32 guard)"
+    row["precision"] = {torch.float32: "f32", torch.float64: "f64"}.get(used, used)
+    row.update(fit_columns(fits))
+    alpha = fits["alpha"].alpha if "alpha" in fits else math.nan
+    row.update(norm_metrics(eigs64, n_rows, alpha))
+    notes = [f.note for f in fits.values() if f.note]
+    notes += _matrix_estimates(row, matrix, eigs64, estimators, extreme)
+    if extreme:
+        _rescale_extreme(row, exponent, alpha)
+        notes.append(EXTREME_NOTE)
+    row["note"] = "; ".join(notes) if notes else None
+    return row
+
+
+def _matrix_estimates(row: dict, matrix: Matrix, eigs: np.ndarray, estimators: tuple[str, ...],
+                      extreme: bool) -> list[str]:
+    """FARMS, MP fit and randomized ESD columns (layerscope.spectral.rmt); returns notes."""
+    wanted = [e for e in MATRIX_ESTIMATORS if e in estimators]
+    if not wanted:
+        return []
+    if extreme:
+        return [f"{', '.join(wanted)}: not computed for weights beyond float64's range"]
+    notes = []
+    n_rows, m_cols = max(matrix.weight.shape), min(matrix.weight.shape)
+    if "alpha_farms" in wanted:
+        pooled = rmt.farms_eigenvalues(matrix.weight)
+        fit = ESTIMATORS["alpha_peak"](np.clip(pooled, 0, None))
+        row.update(alpha_farms=fit.alpha, xmin_farms=fit.xmin, num_evals_farms=len(pooled))
+        if fit.note:
+            notes.append(f"alpha_farms: {fit.note}")
+    if "mp" in wanted:
+        row.update(rmt.mp_fit(eigs, n_rows, m_cols))
+    if "rand" in wanted:
+        row.update(rmt.randomized_esd(matrix.weight, eigs, row["name"]))
+    return notes
+
+
+def unscaled(eigs: torch.Tensor, exponent: int) -> tuple[np.ndarray, bool]:
+    """float64 eigenvalues in true units, or (when float64 cannot hold them) still scaled, flagged extreme."""
+    scaled = eigs.to(torch.float64).cpu().numpy()
+    if exponent == 0:
+        return scaled, False
+    with np.errstate(over="ignore", under="ignore"):  # out of float64's range is what this checks for
+        unscaled = np.ldexp(scaled, exponent)
+    if np.isfinite(unscaled[-1]) and unscaled[-1] >= np.finfo(np.float64).tiny:
+        return unscaled, False
+    return scaled, True
+
+
+EXTREME_NOTE = ("eigenvalues beyond float64's range: alpha/alpha_hill and the log norms are exact, lambda_max "
+                "and the xmins are not representable, alpha_peak (not scale-invariant) is left out")
+
+
+def _rescale_extreme(row: dict, exponent: int, alpha: float) -> None:
+    """Metrics of eigenvalues known as λ' × 2^exponent that float64 cannot hold: scale-invariant ones
+    stay; log norms shift by exponent·log10(2); the rest are not representable (NaN)."""
+    shift = exponent * math.log10(2)
+    row["log_norm"] += shift
+    row["log_spectral_norm"] += shift
+    if math.isfinite(alpha):
+        row["log_alpha_norm"] += alpha * shift
+        row["alpha_weighted"] = alpha * row["log_spectral_norm"]
+    for column in ("lambda_max", "xmin", "xmin_hill", "xmin_peak", "alpha_peak", "D_peak"):
+        if column in row:
+            row[column] = math.nan
+
+
+def fit_all(eigs: torch.Tensor, estimators: tuple[str, ...]) -> dict[str, TailFit]:
+    return {name: ESTIMATORS[name](eigs) for name in estimators if name in ESTIMATORS}
+
+
+def fit_columns(fits: dict[str, TailFit]) -> dict:
+    out: dict = {}
+    if "alpha" in fits:
+        f = fits["alpha"]
+        out.update(alpha=f.alpha, xmin=f.xmin, D=f.D, sigma=f.sigma, num_pl_spikes=f.num_pl_spikes)
+    if "alpha_hill" in fits:
+        out.update(alpha_hill=fits["alpha_hill"].alpha, xmin_hill=fits["alpha_hill"].xmin)
+    if "alpha_peak" in fits:
+        f = fits["alpha_peak"]
+        out.update(alpha_peak=f.alpha, xmin_peak=f.xmin, D_peak=f.D)
+    return out

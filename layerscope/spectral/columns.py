@@ -1,0 +1,76 @@
+"""The scan table's columns and the per-layer summary (AlphaLoRA's layer means)."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from layerscope import names
+from layerscope.checkpoint.naming import TARGET_KINDS
+
+IDENTITY_COLUMNS = ["name", "tensor", "file", "kind", "stack", "layer", "stack_layer", "role", "mixer", "module", "expert",
+                    "part", "dtype", "quantization", "shape", "out_features", "in_features"]
+
+
+FIT_COLUMNS = {
+    "alpha": ["alpha", "xmin", "D", "sigma", "num_pl_spikes"],
+    "alpha_hill": ["alpha_hill", "xmin_hill"],
+    "alpha_peak": ["alpha_peak", "xmin_peak", "D_peak"],
+    "alpha_farms": ["alpha_farms", "xmin_farms", "num_evals_farms"],
+    "mp": ["num_spikes", "sigma_mp", "mp_softrank", "bulk_max"],
+    "rand": ["rand_distance", "num_rand_spikes", "max_rand_eval"],
+}
+
+
+METRIC_COLUMNS = ["lambda_max", "log_norm", "log_spectral_norm", "alpha_weighted", "log_alpha_norm",
+                  "stable_rank", "entropy"]
+
+
+SUMMARY_COLUMNS = ["alpha", "alpha_hill", "alpha_peak", "alpha_farms", "mp_softrank", "num_spikes", "rand_distance",
+                   "num_rand_spikes", "lambda_max", "log_norm", "log_spectral_norm", "alpha_weighted",
+                   "log_alpha_norm", "stable_rank", "entropy"]
+
+
+# Norm metrics built on WeightWatcher's alpha: only written when that estimator runs.
+ALPHA_NORM_COLUMNS = ("alpha_weighted", "log_alpha_norm")
+
+
+def scan_columns(estimators: tuple[str, ...]) -> list[str]:
+    cols = IDENTITY_COLUMNS + ["N", "M", "num_evals"]
+    for name in ALL_ESTIMATORS:
+        if name in estimators:
+            cols += FIT_COLUMNS[name]
+    metrics = [c for c in METRIC_COLUMNS if "alpha" in estimators or c not in ALPHA_NORM_COLUMNS]
+    return cols + metrics + ["status", "precision", "note"]
+
+
+def _mixers(values: pd.Series) -> str | None:
+    """The token mixer kinds of one layer (``attention``, ``mamba``, ``linear_attention+attention`` ...)."""
+    kinds = sorted(set(values.dropna()))
+    return "+".join(kinds) if kinds else None
+
+
+def layer_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Per-layer means over the layer's adapter-target matrices (projections and experts).
+
+    This is AlphaLoRA's layer quality v_i: the mean of a metric over the layer's projections.
+    Failed matrices (NaN metrics) are left out of the means and counted in ``num_failed``.
+    """
+    targets = table[table["kind"].isin(TARGET_KINDS | {"delta"}) & table["layer"].notna()]
+    present = [c for c in SUMMARY_COLUMNS if c in targets.columns]
+    grouped = targets.groupby(targets["layer"].astype(int), sort=True)
+    summary = grouped[present].mean()
+    summary.insert(0, "stack", grouped["stack"].first())
+    summary.insert(1, "stack_layer", grouped["stack_layer"].first().astype("Int64"))
+    summary.insert(2, "mixer", grouped["mixer"].agg(_mixers) if "mixer" in targets.columns else None)
+    summary.insert(3, "num_matrices", grouped.size())
+    summary.insert(4, "num_failed", grouped["status"].apply(lambda s: int((s != "ok").sum())))
+    summary = summary.reset_index()
+    summary.attrs.update(table.attrs)
+    return summary
+
+
+# Estimators that need the matrix itself (layerscope.spectral.rmt), not only its eigenvalues.
+MATRIX_ESTIMATORS = names.MATRIX_ESTIMATORS
+
+
+ALL_ESTIMATORS = names.ALL_ESTIMATORS
