@@ -1,0 +1,255 @@
+"""Commands that read checkpoints: scan, compare, plot, report, demo, merge, architectures."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import click
+
+from layerscope.cli.group import DEFAULT_DEMO_OUT, _split_estimators, cli, one_line
+from layerscope.errors import LayerscopeError
+from layerscope.names import (
+    ALL_ESTIMATORS,
+    PRECISIONS,
+    SPECTRAL_ESTIMATORS,
+)
+from layerscope.outputs import check_writable, write_files
+
+
+@cli.command("scan")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), help="Write the tables here (.parquet, .csv or .json).")
+@click.option("--estimators", default=",".join(SPECTRAL_ESTIMATORS), show_default=True, callback=_split_estimators,
+              help=f"Comma-separated estimators, of: {', '.join(ALL_ESTIMATORS)} (see README).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
+              help="Eigenvalue precision policy (see README).")
+@click.option("--include", metavar="REGEX", help="Only tensors whose name matches.")
+@click.option("--exclude", metavar="REGEX", help="Skip tensors whose name matches.")
+@click.option("--split-fused", is_flag=True, help="Also report the parts of fused qkv / gate_up matrices.")
+@click.option("--architecture", help="Force a naming scheme (llama, gpt2, bert, ..., generic).")
+@click.option("--revision", help="Hub cache folders (models--org--name): snapshot commit or ref (default: main).")
+@click.option("--cache", type=click.Path(path_type=Path), help="Keep each finished tensor's results in this "
+              "folder: a killed scan resumes where it stopped, a repeated one is instant.")
+@click.option("--base", type=click.Path(path_type=Path), help="Adapter folders: also analyse W + ΔW of this "
+              "base model.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar, no summary.")
+def scan_command(path: Path, out: Path | None, estimators: tuple[str, ...], device: str, precision: str,
+                 include: str | None, exclude: str | None, split_fused: bool, architecture: str | None,
+                 revision: str | None, cache: Path | None, base: Path | None, quiet: bool) -> None:
+    """Per-matrix heavy-tailed spectral metrics of a safetensors checkpoint."""
+    from layerscope.adapters import scan
+    from layerscope.spectral import distributed
+    from layerscope.spectral.scan import ScanOptions, layer_summary
+    from layerscope.tables import scan_outputs, write_scan
+
+    group = distributed.current(device)  # torchrun: this process is one rank of several
+    writer = group is None or group.rank == 0
+
+    def preflight() -> None:  # a bad suffix or an unwritable place fails before the work
+        if out is not None and writer:
+            check_writable(scan_outputs(out))
+
+    preflight() if group is None else group.run(preflight)
+    started = time.perf_counter()
+    options = ScanOptions(estimators=estimators, device=device, precision=precision, include=include,
+                          exclude=exclude, split_fused=split_fused, architecture=architecture,
+                          revision=revision, cache=cache, base=base, progress=not quiet)
+    matrices = scan(path, **options.__dict__)
+    if not writer:
+        return  # rank 0 writes and reports the gathered table
+    layers = layer_summary(matrices)
+    written = write_scan(matrices, layers, out) if out is not None else []
+    if not quiet:
+        _print_summary(matrices, layers, time.perf_counter() - started, written)
+
+
+def _print_summary(matrices, layers, seconds: float, written: list[Path]) -> None:
+    attrs = matrices.attrs
+    failed = int((matrices["status"] != "ok").sum())
+    click.echo(
+        f"{attrs['path']}: {attrs.get('architecture') or attrs.get('model_type') or 'unknown architecture'}, "
+        f"naming={attrs['naming']}, {attrs.get('num_layers')} layers, {len(matrices)} matrices "
+        f"({failed} not analysable) in {seconds:.1f} s on {attrs['device']}"
+    )
+    if attrs["naming"] == "generic":
+        click.echo(f"WARNING: {attrs.get('model_type') or 'this architecture'} is not in layerscope's naming table: "
+                   "layers were found with the generic '.N.' rule and every block matrix is treated as a "
+                   "projection; check the table (or pass --architecture) before planning", err=True)
+    unmapped = attrs.get("unmapped") or []
+    if unmapped:
+        shown = ", ".join(one_line(m) for m in unmapped[:5]) + (" ..." if len(unmapped) > 5 else "")
+        click.echo(f"WARNING: {len(unmapped)} Linear layers inside the blocks have no known role (kind 'other', left "
+                   f"out of the layer means; plan refuses them without --allow-unmapped): {shown}", err=True)
+    if attrs.get("towers"):
+        click.echo(f"towers (own stacks, not planned unless --include-towers): {', '.join(attrs['towers'])}")
+    if attrs.get("cache"):
+        cache = attrs["cache"]
+        click.echo(f"cache {cache['folder']}: {cache['reused']} tensors reused, {cache['computed']} computed")
+    if attrs.get("quantization"):
+        click.echo(f"dequantized from: {', '.join(attrs['quantization'])} (see the quantization column)")
+    cols = [c for c in ("alpha", "alpha_hill", "alpha_peak") if c in layers.columns]
+    if len(layers):
+        where = [c for c in ("stack", "stack_layer", "mixer") if c in layers.columns and layers[c].nunique() > 1]
+        click.echo(layers[["layer", *where, "num_matrices", *cols]].fillna({"mixer": "-"}).to_string(index=False, float_format="%.3f"))
+    for path in written:
+        click.echo(f"wrote {path}")
+
+
+@cli.command("compare")
+@click.argument("base", type=click.Path(path_type=Path))
+@click.argument("other", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), help="Write the tables here (.parquet, .csv or .json).")
+@click.option("--plot", type=click.Path(path_type=Path), help="Also draw α before/after by layer (.png).")
+@click.option("--estimators", default=",".join(SPECTRAL_ESTIMATORS), show_default=True, callback=_split_estimators)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True)
+@click.option("--include", metavar="REGEX")
+@click.option("--exclude", metavar="REGEX")
+@click.option("--cache", type=click.Path(path_type=Path), help="Resumable scans of both checkpoints (see scan).")
+@click.option("--quiet", "-q", is_flag=True)
+def compare_command(base: Path, other: Path, out: Path | None, plot: Path | None, estimators: tuple[str, ...],
+                    device: str, precision: str, include: str | None, exclude: str | None, cache: Path | None,
+                    quiet: bool) -> None:
+    """Per matrix: BASE and OTHER metrics, their change, and the spectrum of OTHER − BASE."""
+    from layerscope.spectral.compare import COMPARE_SCHEMA, compare, compare_layers
+    from layerscope.tables import scan_outputs, write_scan
+
+    if out is not None:
+        check_writable(scan_outputs(out))
+    if plot is not None:
+        check_writable([plot], "--plot")
+    table = compare(base, other, estimators=estimators, device=device, precision=precision, include=include,
+                    exclude=exclude, cache=cache, progress=not quiet)
+    layers = compare_layers(table)
+    written = write_scan(table, layers, out, schema=COMPARE_SCHEMA) if out is not None else []
+    if plot is not None:
+        from layerscope.viz import plots
+
+        figure = plots.plot_compare(layers)
+        written += write_files({plot: lambda tmp: plots.save_to(figure, tmp)}, "--plot")
+    if not quiet:
+        changed = int((table["diff_status"] != "zero_matrix").sum())
+        click.echo(f"{base} -> {other}: {changed} of {len(table)} matrices changed")
+        shown = [c for c in ("changed_matrices", "alpha_base", "alpha_other", "delta_alpha", "delta_alpha_hill")
+                 if c in layers.columns]
+        click.echo(layers[["layer", *shown]].to_string(index=False, float_format="%.3f"))
+        for path in written:
+            click.echo(f"wrote {path}")
+
+
+@cli.command("plot")
+@click.argument("scan_file", type=click.Path(path_type=Path))
+@click.option("--layer", type=int, multiple=True, help="Plot the ESD of every matrix of this layer (repeatable).")
+@click.option("--matrix", metavar="REGEX", help="Plot the ESD of every matrix whose name matches.")
+@click.option("--model", type=click.Path(path_type=Path), help="Checkpoint to read the matrices from "
+              "(default: the path recorded in the scan).")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("reports"), show_default=True)
+def plot_command(scan_file: Path, layer: tuple[int, ...], matrix: str | None, model: Path | None, out: Path) -> None:
+    """ESD plots for chosen matrices, plus the by-layer metric plots of a scan table."""
+    from layerscope.tables import read_scan
+    from layerscope.viz import plots
+    from layerscope.viz.report import esd_eigenvalues
+
+    table = read_scan(scan_file)
+    figures = {out / "alphas_by_layer.png": plots.plot_alphas_by_layer(table),
+               out / "norms_by_layer.png": plots.plot_norms_by_layer(table)}
+    chosen = table[table["status"] == "ok"]
+    if layer or matrix:
+        mask = chosen["layer"].isin(layer) if layer else False
+        if matrix:
+            try:
+                mask = mask | chosen["name"].str.contains(matrix, regex=True)
+            except re.error as exc:
+                raise LayerscopeError(f"--matrix {matrix!r}: invalid regular expression ({exc})") from None
+        chosen = chosen[mask.fillna(False) if hasattr(mask, "fillna") else mask]
+        if chosen.empty:
+            raise LayerscopeError(f"{scan_file}: no analysable matrix matches --layer {list(layer)} / --matrix {matrix}")
+        source = model or table.attrs.get("path")
+        if not source or not Path(str(source)).exists():
+            raise LayerscopeError(f"{scan_file}: the scanned model {source!r} is not here; pass --model PATH")
+        for name, eigs in esd_eigenvalues(source, list(chosen["name"])).items():
+            figures[out / f"esd_{plots.safe_stem(name)}.png"] = plots.plot_esd(eigs, name)
+    out.mkdir(parents=True, exist_ok=True)  # nothing is written before every figure is drawn
+    written = write_files({path: (lambda tmp, fig=fig: plots.save_to(fig, tmp)) for path, fig in figures.items()})
+    for path in written:
+        click.echo(f"wrote {path}")
+
+
+@cli.command("report")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Report folder (index.html inside).")
+@click.option("--scan", "scan_file", type=click.Path(path_type=Path), help="Use this scan table instead of scanning.")
+@click.option("--activations", "activations_file", type=click.Path(path_type=Path),
+              help="An activations table (.parquet/.json) to include.")
+@click.option("--plan", "plan_files", type=click.Path(path_type=Path), multiple=True, help="Plans to include.")
+@click.option("--compare", "compare_file", type=click.Path(path_type=Path),
+              help="A table from `layerscope compare` to show (alpha before/after by layer).")
+@click.option("--allow-other-model", is_flag=True, help="Include plans/activations made for another model.")
+@click.option("--quiet", "-q", is_flag=True)
+def report_command(model: Path, out: Path, scan_file: Path | None, activations_file: Path | None,
+                   plan_files: tuple[Path, ...], compare_file: Path | None, allow_other_model: bool,
+                   quiet: bool) -> None:
+    """Scan (or read a scan), then write an HTML report with plots, warnings, plans and tables."""
+    from layerscope.planning import Plan
+    from layerscope.planning.matching import activations_difference, plan_difference, require_same_model, table_shapes
+    from layerscope.spectral.compare import COMPARE_SCHEMA
+    from layerscope.spectral.scan import scan
+    from layerscope.tables import read_activations, read_scan
+    from layerscope.viz import build_report
+
+    table = read_scan(scan_file) if scan_file else scan(model, progress=not quiet)
+    activations = read_activations(activations_file) if activations_file else None
+    plans = {path.stem: Plan.load(path) for path in plan_files}
+    shapes, fingerprint = table_shapes(table), table.attrs.get("fingerprint")
+    for path, the_plan in zip(plan_files, plans.values()):
+        require_same_model(plan_difference(the_plan, shapes, table.attrs.get("num_layers"), fingerprint, str(model)),
+                           str(path), allow_other_model)
+    if activations is not None:
+        require_same_model(activations_difference(activations, fingerprint, str(model), set(shapes)),
+                           str(activations_file), allow_other_model)
+    comparison = read_scan(compare_file, schema=COMPARE_SCHEMA) if compare_file else None
+    index = build_report(table, out, model_path=model, activations=activations, plans=plans, comparison=comparison)
+    click.echo(f"wrote {index}")
+
+
+@cli.command("demo")
+@click.option("--out", type=click.Path(path_type=Path), default=DEFAULT_DEMO_OUT, show_default=True)
+@click.option("--quiet", "-q", is_flag=True)
+def demo_command(out: Path, quiet: bool) -> None:
+    """The bundled MiniLM model end to end: scan, plans (alphalora, hilo, mola, adaptive-lora), exports."""
+    from layerscope.demo import run_demo
+
+    started = time.perf_counter()
+    written, summary = run_demo(out, progress=not quiet)
+    if not quiet:
+        click.echo(summary)
+        click.echo(f"\ndemo finished in {time.perf_counter() - started:.1f} s; wrote:")
+        for path in written:
+            click.echo(f"  {path}")
+
+
+@cli.command("merge")
+@click.argument("base", type=click.Path(path_type=Path))
+@click.argument("adapter", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for the merged model.")
+@click.option("--quiet", "-q", is_flag=True)
+def merge_command(base: Path, adapter: Path, out: Path, quiet: bool) -> None:
+    """Write BASE with a one-expert ADAPTER merged in (W + s·B·A), in BASE's shard layout."""
+    from layerscope.adapters import merge
+
+    if out.exists() and not out.is_dir():
+        raise LayerscopeError(f"--out {out}: is a file, not a folder")
+    written = merge(base, adapter, out, progress=not quiet)
+    if not quiet:
+        click.echo(f"wrote {len(written)} files to {out}")
+
+
+@cli.command("architectures")
+def architectures_command() -> None:
+    """Print the table of supported architectures (Markdown, as in the README)."""
+    from layerscope.checkpoint.support import architecture_table
+
+    click.echo(architecture_table(), nl=False)
