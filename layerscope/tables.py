@@ -46,7 +46,7 @@ def scan_outputs(path: str | Path) -> list[Path]:
 
 
 # df.attrs about one run rather than the model (cache reuse): shown by the CLI, never written.
-RUN_ATTRS = ("cache",)
+RUN_ATTRS = ("cache", "ranks")
 
 
 def _without_run_attrs(table: pd.DataFrame) -> pd.DataFrame:

@@ -86,6 +86,35 @@ def test_a_truncated_shard_fails_once_with_a_rank_prefix(model, tmp_path):
     assert len(ours) == 1 and ours[0].startswith("error: rank 0: ") and shard.name in ours[0], result.stderr
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_nodes_on_loopback_write_the_single_process_table_byte_for_byte(model, tmp_path):
+    """torchrun's multi-node path: a c10d rendezvous on 127.0.0.1, two agents (``--nnodes 2``), one rank each."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    endpoint = f"127.0.0.1:{_free_port()}"
+    agents = [subprocess.Popen([str(TORCHRUN), "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+                                "--rdzv-endpoint", endpoint, "--rdzv-id", "layerscope-test", "-m", "layerscope",
+                                "scan", str(model), "--out", str(tmp_path / "multi.parquet")],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+              for _ in range(2)]
+    outputs = [agent.communicate(timeout=300) for agent in agents]
+    assert all(agent.returncode == 0 for agent in agents), outputs
+    single = _run("scan", str(model), "--out", str(tmp_path / "single.parquet"), "--quiet", torchrun=False)
+    assert single.returncode == 0, single.stderr
+    for name in ("{}.parquet", "{}.layers.parquet"):
+        assert (tmp_path / name.format("multi")).read_bytes() == (tmp_path / name.format("single")).read_bytes()
+    printed = "".join(out for out, _ in outputs)  # rank 0's agent prints the summary, one line per rank
+    assert printed.count("wrote ") == 2 and "rank 0: " in printed and "rank 1: " in printed
+    shares = [line for line in printed.splitlines() if line.startswith("rank ")]
+    assert sum(int(line.split()[2]) for line in shares) == 30 and all("peak memory" in line for line in shares)
+
+
 def test_cost_balanced_shares_cover_every_tensor_once():
     costs = [matrix_cost(shape) for shape in [(4096, 4096)] * 4 + [(11008, 4096)] * 3 + [(8, 64, 32)] * 5]
     shares = [Group(rank, 3, rank, None).share(costs) for rank in range(3)]

@@ -35,10 +35,13 @@ from layerscope.outputs import check_writable, write_files
               "folder: a killed scan resumes where it stopped, a repeated one is instant.")
 @click.option("--base", type=click.Path(path_type=Path), help="Adapter folders: also analyse W + ΔW of this "
               "base model.")
+@click.option("--threads", type=int, help="CPU threads (default: $LAYERSCOPE_THREADS, else this process's share "
+              "of its CPUs: all of them, or cores / ranks on this node under torchrun).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar, no summary.")
 def scan_command(path: Path, out: Path | None, estimators: tuple[str, ...], device: str, precision: str,
                  include: str | None, exclude: str | None, split_fused: bool, architecture: str | None,
-                 revision: str | None, cache: Path | None, base: Path | None, quiet: bool) -> None:
+                 revision: str | None, cache: Path | None, base: Path | None, threads: int | None,
+                 quiet: bool) -> None:
     """Per-matrix heavy-tailed spectral metrics of a safetensors checkpoint."""
     from layerscope.adapters import scan
     from layerscope.spectral import distributed
@@ -56,7 +59,7 @@ def scan_command(path: Path, out: Path | None, estimators: tuple[str, ...], devi
     started = time.perf_counter()
     options = ScanOptions(estimators=estimators, device=device, precision=precision, include=include,
                           exclude=exclude, split_fused=split_fused, architecture=architecture,
-                          revision=revision, cache=cache, base=base, progress=not quiet)
+                          revision=revision, cache=cache, base=base, progress=not quiet, threads=threads)
     matrices = scan(path, **options.__dict__)
     if not writer:
         return  # rank 0 writes and reports the gathered table
@@ -85,6 +88,9 @@ def _print_summary(matrices, layers, seconds: float, written: list[Path]) -> Non
                    f"out of the layer means; plan refuses them without --allow-unmapped): {shown}", err=True)
     if attrs.get("towers"):
         click.echo(f"towers (own stacks, not planned unless --include-towers): {', '.join(attrs['towers'])}")
+    for rank in attrs.get("ranks") or []:  # torchrun: is any rank's share much heavier than the others?
+        click.echo(f"rank {rank['rank']}: {rank['matrices']} matrices, {rank['seconds']:.1f} s, "
+                   f"peak memory {rank['peak_mib']:.0f} MiB, {rank['threads']} threads")
     if attrs.get("cache"):
         cache = attrs["cache"]
         click.echo(f"cache {cache['folder']}: {cache['reused']} tensors reused, {cache['computed']} computed")
@@ -92,7 +98,9 @@ def _print_summary(matrices, layers, seconds: float, written: list[Path]) -> Non
         click.echo(f"dequantized from: {', '.join(attrs['quantization'])} (see the quantization column)")
     cols = [c for c in ("alpha", "alpha_hill", "alpha_peak") if c in layers.columns]
     if len(layers):
-        where = [c for c in ("stack", "stack_layer", "mixer") if c in layers.columns and layers[c].nunique() > 1]
+        several_stacks = "stack" in layers.columns and layers["stack"].nunique() > 1
+        where = (["stack", "stack_layer"] if several_stacks else []) + (
+            ["mixer"] if "mixer" in layers.columns and layers["mixer"].nunique() > 1 else [])
         click.echo(layers[["layer", *where, "num_matrices", *cols]].fillna({"mixer": "-"}).to_string(index=False, float_format="%.3f"))
     for path in written:
         click.echo(f"wrote {path}")

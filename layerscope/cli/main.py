@@ -7,6 +7,10 @@ import sys
 
 import click
 
+# Idle OpenMP threads sleep instead of spinning on cores other work needs (set before any command imports
+# torch; the user's own setting wins; see layerscope.spectral.threads).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from layerscope.cli import analysis, planning  # noqa: F401  (registers the commands)
 from layerscope.cli.group import cli, one_line
 from layerscope.errors import LayerscopeError

@@ -38,9 +38,9 @@ from layerscope.names import PRECISIONS
 
 F32_GUARD = 1e3
 GRAM_CHUNK_BYTES = 16 << 20  # working-dtype rows converted at a time while accumulating a Gram
-# CPU Gram matrices at least this wide use BLAS syrk (half a GEMM's flops, ~1.5-2x faster);
-# below it MKL's batched GEMM is as fast or faster (measured; benchmarks/RESULTS.md).
-SYRK_MIN_DIM = 1024
+# CPU Gram matrices at least this wide use BLAS syrk (half a GEMM's flops): single-threaded, as the scan
+# runs small Grams, dsyrk of a 1536x384 weight takes 3.7 ms against 9.0 ms for the GEMM (benchmarks/RESULTS.md).
+SYRK_MIN_DIM = 64
 
 
 def resolve_device(device: str) -> torch.device:
@@ -102,7 +102,8 @@ def scaled_gram_eigenvalues(batch: torch.Tensor, dtype: torch.dtype, chunk_bytes
     """
     if batch.shape[-2] < batch.shape[-1]:
         batch = batch.mT
-    largest = torch.linalg.vector_norm(batch, ord=math.inf, dim=(-2, -1)).to(torch.float64)
+    # max |w| from amax and amin: two reductions without a temporary (|W| or a norm kernel cost 20x more)
+    largest = torch.maximum(batch.amax(dim=(-2, -1)).abs(), batch.amin(dim=(-2, -1)).abs()).to(torch.float64)
     finite = torch.isfinite(largest)
     _, k = torch.frexp(torch.where(finite & (largest > 0), largest, torch.ones_like(largest)))
     extreme = k.abs() > SAFE_EXPONENT[dtype]

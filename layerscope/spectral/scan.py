@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import os
 import re
+import time
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -19,7 +21,7 @@ from layerscope.checkpoint.naming import TARGET_KINDS, NamingScheme, TensorRole,
 from layerscope.checkpoint.quantization import LogicalTensor, load_logical, logical_tensors
 from layerscope.checkpoint.reader import Checkpoint, open_checkpoint
 from layerscope.errors import LayerscopeError
-from layerscope.spectral import distributed, esd
+from layerscope.spectral import distributed, esd, threads
 from layerscope.spectral.analysis import Matrix, analyse_batch
 from layerscope.spectral.cache import ScanCache
 from layerscope.spectral.columns import ALL_ESTIMATORS, layer_summary, scan_columns
@@ -51,6 +53,7 @@ class ScanOptions:
     cache: str | Path | None = None  # folder of finished tensors' rows (resumable scans)
     base: str | Path | None = None  # adapter scans: also analyse W + ΔW of this base model
     live_names: bool = True  # name modules as the model transformers builds has them (when it can build it)
+    threads: int | None = None  # CPU threads (default: $LAYERSCOPE_THREADS, else this process's share of the cores)
 
     def validate(self) -> None:
         esd.check_precision(self.precision)
@@ -110,9 +113,9 @@ def scan_checkpoint(ckpt: Checkpoint, opts: ScanOptions) -> pd.DataFrame:
     work = _RankWork(ckpt, selected, mine, scheme, opts, device, dtype)
     outcomes = [work()] if group is None else group.run(work)
     results: dict[int, list[dict]] = {}
-    for rank_results, _ in outcomes:
+    for rank_results, _, _ in outcomes:
         results.update(rank_results)
-    reused = sum(count for _, count in outcomes)
+    reused = sum(count for _, count, _ in outcomes)
     rows = [row for index in range(len(selected)) for row in results[index]]
 
     table = integer_columns(pd.DataFrame(rows, columns=scan_columns(opts.estimators)))
@@ -134,7 +137,18 @@ def scan_checkpoint(ckpt: Checkpoint, opts: ScanOptions) -> pd.DataFrame:
     )
     if opts.cache:  # how this run went, not what the model is: never written to the output files
         table.attrs["cache"] = {"folder": str(opts.cache), "reused": reused, "computed": len(selected) - reused}
+    if group is not None:  # per rank: its share, time and peak memory (an unbalanced share shows here)
+        table.attrs["ranks"] = [share for _, _, share in outcomes]
     return table
+
+
+def _peak_mib(device: torch.device) -> float:
+    """Peak memory of this process: the accelerator's allocator on CUDA, else the resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 @dataclass
@@ -149,7 +163,8 @@ class _RankWork:
     device: torch.device
     dtype: torch.dtype
 
-    def __call__(self) -> tuple[dict[int, list[dict]], int]:
+    def __call__(self) -> tuple[dict[int, list[dict]], int, dict]:
+        started = time.perf_counter()
         opts, device, dtype = self.opts, self.device, self.dtype
         total = sum(_matrix_count(*self.selected[i]) for i in self.mine)
         batch_bytes = opts.batch_bytes if opts.batch_bytes is not None else DEFAULT_BATCH_BYTES.get(device.type,
@@ -158,8 +173,10 @@ class _RankWork:
         progress = _Progress(len(self.selected), cache)
         batch = _Batch()
         show = opts.progress and _is_rank0()
+        analyser = None
         try:
             with tqdm(total=total, unit="matrix", desc="scan", disable=(not show) or None) as bar:
+                analyser = _Analyser(device, dtype, opts.estimators, bar, progress, threads.cores(opts.threads))
                 to_compute = []
                 for index in self.mine:
                     info, role = self.selected[index]
@@ -179,18 +196,79 @@ class _RankWork:
                         count += 1
                         shape_key = (tuple(matrix.weight.shape), matrix.weight.dtype)
                         if batch.items and (shape_key != batch.key or batch.nbytes >= batch_bytes):
-                            progress.collect(batch.items, analyse_batch(batch.items, device, dtype, opts.estimators, bar))
+                            analyser.submit(batch.items)
                             batch = _Batch()
                         batch.key = shape_key
                         batch.items.append(matrix)
                         batch.nbytes += _working_bytes(matrix.weight, dtype)
                     progress.expect(index, count)
                 if batch.items:
-                    progress.collect(batch.items, analyse_batch(batch.items, device, dtype, opts.estimators, bar))
+                    analyser.submit(batch.items)
+                analyser.drain()
         finally:
+            if analyser is not None:
+                analyser.close()
             if cache:
                 cache.close()
-        return {i: progress.results[i] for i in self.mine}, len(self.mine) - len(to_compute)
+        share = {"rank": int(os.environ.get("RANK", "0")), "matrices": total,
+                 "seconds": round(time.perf_counter() - started, 3), "peak_mib": _peak_mib(device),
+                 "threads": threads.cores(opts.threads) if device.type == "cpu" else 1}
+        return {i: progress.results[i] for i in self.mine}, len(self.mine) - len(to_compute), share
+
+
+class _Analyser:
+    """Analyses batches as they fill.  On CPU, batches of small Gram matrices run on worker threads side by
+    side with torch single-threaded; a wide one runs here with every thread (see layerscope.spectral.threads).
+    Rows are collected here, in submission order, so the cache and the table see one writer."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, estimators: tuple[str, ...], bar: tqdm,
+                 progress: _Progress, total_threads: int):
+        self.device, self.dtype, self.estimators, self.bar, self.progress = device, dtype, estimators, bar, progress
+        self.total = total_threads
+        parallel = device.type == "cpu" and total_threads > 1
+        self.pool = ThreadPoolExecutor(total_threads, thread_name_prefix="layerscope-esd") if parallel else None
+        self.inflight: deque = deque()
+        self.single = None  # the single-threaded setting while batches run side by side
+
+    def submit(self, items: list[Matrix]) -> None:
+        plan = threads.plan_for(min(items[0].weight.shape), len(items), self.total)
+        if self.pool is None or plan.workers == 1:
+            self.drain()
+            count = plan.intra_op if self.device.type == "cpu" else torch.get_num_threads()
+            with threads.compute_threads(count):
+                self.progress.collect(items, analyse_batch(items, self.device, self.dtype, self.estimators, self.bar))
+            return
+        if self.single is None:
+            self.single = threads.compute_threads(1)
+            self.single.__enter__()
+        self.inflight.append((items, self.pool.submit(analyse_batch, items, self.device, self.dtype,
+                                                      self.estimators, self.bar)))
+        while len(self.inflight) > 2 * plan.workers:  # bounded: at most a few batches' weights in memory
+            self._collect_oldest()
+
+    def _collect_oldest(self) -> None:
+        items, future = self.inflight.popleft()
+        self.progress.collect(items, future.result())
+
+    def drain(self) -> None:
+        try:
+            while self.inflight:
+                self._collect_oldest()
+        finally:
+            self._leave_single()
+
+    def _leave_single(self) -> None:
+        if self.single is not None:
+            single, self.single = self.single, None
+            single.__exit__(None, None, None)
+
+    def close(self) -> None:
+        try:
+            self.drain()
+        finally:
+            if self.pool is not None:
+                self.pool.shutdown(wait=True, cancel_futures=True)
+            self._leave_single()
 
 
 def _is_rank0() -> bool:
