@@ -292,3 +292,28 @@ def test_example_prints_its_starting_accuracy_and_a_few_loss_lines(capsys):
     assert "accuracy before training" in out and "(was " in out
     assert sum(line.startswith("step ") and "loss" in line for line in out.splitlines()) == 2  # steps 25 and 50
     assert "{'loss'" not in out
+
+
+def test_adapters_live_on_the_base_models_device():
+    """A plan applied to a model already moved to a device (the GPU in practice; meta here) puts every adapter
+    parameter and buffer there too (found on an H200: the expert-load buffer stayed on the CPU)."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(config)
+    plan = layerscope.plan(_inventory_table(model), "uniform", experts=2, progress=False)
+    apply_plan(model, plan, verbose=False)
+    for adapter in model._layerscope["modules"].values():
+        assert {t.device.type for t in [*adapter.parameters(), *adapter.buffers()]} == {"meta"}
+
+
+def _inventory_table(model) -> "pd.DataFrame":
+    import pandas as pd
+
+    rows = [{"kind": "projection", "layer": int(name.split(".")[2]), "role": name.rsplit(".", 1)[-1],
+             "module": name, "in_features": m.in_features, "out_features": m.out_features}
+            for name, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in name]
+    table = pd.DataFrame(rows)
+    table.attrs.update(fingerprint="0" * 64, naming="llama", num_layers=2, path="meta-model")
+    return table

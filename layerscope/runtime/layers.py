@@ -65,7 +65,9 @@ class MoELoraLinear(nn.Module):
             raise ValueError(f"expert_type {expert_type!r}: expected lora or mor")
         self._init_A(init)
         self.router = nn.Linear(in_features, experts, bias=False, **factory) if experts > 1 else None
-        self.register_buffer("expert_load", torch.zeros(experts, dtype=torch.float64), persistent=False)
+        # On the base's device: a plan applied to a model already on the GPU must not leave this on the CPU.
+        self.register_buffer("expert_load", torch.zeros(experts, dtype=torch.float64, device=weight.device),
+                             persistent=False)
         self.last_aux_loss: torch.Tensor | None = None
 
     @property
