@@ -15,7 +15,7 @@ STAGES = [
     {"activations", "planning"},
     {"export"},
     {"runtime", "viz"},
-    {"adapters", "demo", "cli", "__main__"},
+    {"adapters", "experiments", "demo", "cli", "__main__"},
 ]
 
 

@@ -20,7 +20,12 @@ from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
-from layerscope.checkpoint.architectures import LANGUAGE_SUB_CONFIGS, NOT_PROJECTION_CLASSES, TOWER_KEYWORDS
+from layerscope.checkpoint.architectures import (
+    ARCHITECTURES,
+    LANGUAGE_SUB_CONFIGS,
+    NOT_PROJECTION_CLASSES,
+    TOWER_KEYWORDS,
+)
 
 LANGUAGE = None  # the ``tower`` of a language-model stack
 
@@ -211,10 +216,25 @@ def _distinct_segment(path: str, siblings: list[str]) -> str:
     return unique[-1] if unique else str(siblings.index(path))
 
 
-def tree_for_checkpoint(config: dict, folder: Path | None) -> tuple[ModelTree | None, str | None]:
-    """(tree, None), or (None, why not) when transformers is absent or cannot build this model."""
+TABLE_VERIFIED = "naming table (checked against transformers' module tree for this model type)"
+
+
+def table_verified(config: dict) -> bool:
+    """A single-model checkpoint of a type the naming tables claim: its stored names are the live ones and the
+    tables map its blocks exactly (tests/test_architectures.py builds each such type with transformers), so the
+    meta-device build (and transformers' 3-4 s import) can be skipped."""
+    claimed = {t for arch in ARCHITECTURES for t in arch["model_types"]}
+    composite = any(isinstance(v, dict) and "model_type" in v for v in config.values())
+    return config.get("model_type") in claimed and not composite
+
+
+def tree_for_checkpoint(config: dict, folder: Path | None, force: bool = False) -> tuple[ModelTree | None, str | None]:
+    """(tree, None), or (None, why not): the naming tables already cover the type (unless ``force``),
+    transformers is absent, or it cannot build this model."""
     if not config.get("model_type"):
         return None, "config.json has no model_type"
+    if table_verified(config) and not force:
+        return None, TABLE_VERIFIED
     try:
         import transformers  # noqa: F401
     except ImportError:

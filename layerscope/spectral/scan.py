@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from layerscope.checkpoint.modeltree import model_facts, tree_for_checkpoint
+from layerscope.checkpoint.modeltree import TABLE_VERIFIED, model_facts, tree_for_checkpoint
 from layerscope.checkpoint.naming import TARGET_KINDS, NamingScheme, TensorRole, detect_scheme, scheme_by_name
 from layerscope.checkpoint.quantization import LogicalTensor, load_logical, logical_tensors
 from layerscope.checkpoint.reader import Checkpoint, open_checkpoint
@@ -125,7 +125,7 @@ def scan_checkpoint(ckpt: Checkpoint, opts: ScanOptions) -> pd.DataFrame:
         architecture=ckpt.architecture,
         model_type=ckpt.config.get("model_type"),
         **model_facts(scheme, tree),
-        live_names=tree is not None,
+        live_names=tree is not None or no_tree == TABLE_VERIFIED,
         live_names_note=no_tree,
         unmapped=sorted({str(r.module) for _, r in classified if r.kind == "other" and r.layer is not None}),
         quantization=sorted({t.quantization for t in logical if t.quantization}),

@@ -257,3 +257,25 @@ def plot_allocations(plans: dict) -> Figure:
     fig.legend(handles, labels, loc="lower center", ncol=min(2, len(labels)), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.055 * rows + 0.02, 1, 1))
     return fig
+
+
+def plot_eval_curves(comparison: dict) -> Figure:
+    """A plan comparison's evaluation metric against training steps: per plan the mean over seeds (line)
+    and the range over seeds (band); the final values per seed as dots at the right."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for name, by_seed in comparison["curves"].items():
+        curves = [np.asarray(points, dtype=float) for points in by_seed.values()]
+        steps = curves[0][:, 0]
+        values = np.vstack([c[:, 1] for c in curves if len(c) == len(steps)])
+        line, = ax.plot(steps, values.mean(axis=0), linewidth=2 if name == "uniform" else 1.5,
+                        linestyle="--" if name == "uniform" else "-", label=f"{name} (n={len(values)})")
+        ax.fill_between(steps, values.min(axis=0), values.max(axis=0), color=line.get_color(), alpha=0.15)
+    ax.set_xlabel("training step")
+    ax.set_ylabel(comparison["metric"])
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title(f"{comparison['metric']} on the evaluation rows (mean over seeds, band = range)", fontsize=10)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    return fig
