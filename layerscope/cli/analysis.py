@@ -195,11 +195,13 @@ def plot_command(scan_file: Path, layer: tuple[int, ...], matrix: str | None, mo
 @click.option("--plan", "plan_files", type=click.Path(path_type=Path), multiple=True, help="Plans to include.")
 @click.option("--compare", "compare_file", type=click.Path(path_type=Path),
               help="A table from `layerscope compare` to show (alpha before/after by layer).")
+@click.option("--plan-comparison", "plan_comparison_file", type=click.Path(path_type=Path),
+              help="A comparison.json from `layerscope compare-plans` to show.")
 @click.option("--allow-other-model", is_flag=True, help="Include plans/activations made for another model.")
 @click.option("--quiet", "-q", is_flag=True)
 def report_command(model: Path, out: Path, scan_file: Path | None, activations_file: Path | None,
-                   plan_files: tuple[Path, ...], compare_file: Path | None, allow_other_model: bool,
-                   quiet: bool) -> None:
+                   plan_files: tuple[Path, ...], compare_file: Path | None, plan_comparison_file: Path | None,
+                   allow_other_model: bool, quiet: bool) -> None:
     """Scan (or read a scan), then write an HTML report with plots, warnings, plans and tables."""
     from layerscope.planning import Plan
     from layerscope.planning.matching import activations_difference, plan_difference, require_same_model, table_shapes
@@ -219,7 +221,15 @@ def report_command(model: Path, out: Path, scan_file: Path | None, activations_f
         require_same_model(activations_difference(activations, fingerprint, str(model), set(shapes)),
                            str(activations_file), allow_other_model)
     comparison = read_scan(compare_file, schema=COMPARE_SCHEMA) if compare_file else None
-    index = build_report(table, out, model_path=model, activations=activations, plans=plans, comparison=comparison)
+    plan_comparison = None
+    if plan_comparison_file is not None:
+        from layerscope.strictjson import strict_json
+
+        if not plan_comparison_file.is_file():
+            raise LayerscopeError(f"{plan_comparison_file}: no such file")
+        plan_comparison = strict_json(plan_comparison_file.read_bytes(), str(plan_comparison_file))
+    index = build_report(table, out, model_path=model, activations=activations, plans=plans, comparison=comparison,
+                         plan_comparison=plan_comparison)
     click.echo(f"wrote {index}")
 
 

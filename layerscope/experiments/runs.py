@@ -109,6 +109,7 @@ def _model(path: str, task: Task):
         warnings.simplefilter("ignore")
         verbosity = transformers.logging.get_verbosity()
         transformers.logging.set_verbosity_error()  # "newly initialized head" is expected here
+        transformers.utils.logging.disable_progress_bar()  # one "Loading weights" bar per run is noise
         try:
             if task.kind == "classification":
                 return transformers.AutoModelForSequenceClassification.from_pretrained(
@@ -119,6 +120,7 @@ def _model(path: str, task: Task):
                                   f"({str(exc).splitlines()[0][:160]})") from None
         finally:
             transformers.logging.set_verbosity(verbosity)
+            transformers.utils.logging.enable_progress_bar()
 
 
 def _train_head(model) -> dict[str, int]:

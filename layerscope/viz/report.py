@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import json
 import math
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pandas as pd
 import torch
 
 from layerscope.checkpoint.reader import open_checkpoint
+from layerscope.errors import LayerscopeError
 from layerscope.export import export_plan
 from layerscope.outputs import write_files
 from layerscope.planning.explain import explain_table
@@ -87,8 +89,11 @@ def esd_eigenvalues(model_path: str | Path, names: list[str]) -> dict[str, torch
 
 def build_report(table: pd.DataFrame, out: str | Path, *, model_path: str | Path | None = None,
                  activations: pd.DataFrame | None = None, plans: dict | None = None,
-                 comparison: pd.DataFrame | None = None, title: str | None = None) -> Path:
-    """Write ``index.html`` with its PNGs and CSVs into ``out``; returns the index path."""
+                 comparison: pd.DataFrame | None = None, title: str | None = None,
+                 plan_comparison: dict | None = None) -> Path:
+    """Write ``index.html`` with its PNGs and CSVs into ``out``; returns the index path.
+
+    ``plan_comparison``: a ``layerscope.plan-comparison/1`` document (``compare-plans``) to show."""
     out = Path(out)
     plans = plans or {}
     attrs = table.attrs
@@ -150,6 +155,9 @@ def build_report(table: pd.DataFrame, out: str | Path, *, model_path: str | Path
                         "changed.  α before (base) and after (other) by layer:</p>"
                         "<img src='img/compare_alphas.png' alt='alpha before and after by layer'>"
                         + _table_html(changes[shown]))
+
+    if plan_comparison is not None:
+        sections.append(_plan_comparison_section(plan_comparison, files))
 
     if plans:
         files.figure(plots.plot_allocations(plans), "allocations")
@@ -231,6 +239,29 @@ class _ReportFiles:
     def commit(self) -> None:
         (self.out / "img").mkdir(parents=True, exist_ok=True)
         write_files(self.writers)
+
+
+PLAN_COMPARISON_COLUMNS = ("plan", "strategy", "n", "mean", "sd", "ci95_low", "ci95_high", "diff_vs_uniform",
+                           "diff_ci95_low", "diff_ci95_high", "p_value", "trainable", "active_per_token",
+                           "seconds_per_step", "peak_memory_mib")
+
+
+def _plan_comparison_section(document: dict, files: _ReportFiles) -> str:
+    if document.get("schema") != "layerscope.plan-comparison/1":
+        raise LayerscopeError("--plan-comparison: not a compare-plans document (schema layerscope.plan-comparison/1)")
+    files.figure(plots.plot_eval_curves(document), "plan_comparison_curves")
+    files.text("plan_comparison.json", json.dumps(document, indent=1) + "\n")
+    rows = pd.DataFrame(document["plans"])
+    shown = rows[[c for c in PLAN_COMPARISON_COLUMNS if c in rows.columns]]
+    task = document["task"]
+    return ("<h2>Do the plans pay? Equal-budget fine-tuning</h2>"
+            f"<p class='{'ok' if 'beat' in document['verdict'] and 'no plan' not in document['verdict'] else 'muted'}'>"
+            f"{html.escape(document['verdict'])}</p>"
+            f"<p>{html.escape(document['metric'])} on {task['eval_rows']} held-out rows of {html.escape(task['source'])} "
+            f"({task['kind']}), seeds {', '.join(map(str, document['seeds']))}, {document['settings']['steps']} steps; "
+            "mean over seeds with its 95 % interval, and each plan minus uniform seed by seed (paired t-test).</p>"
+            "<img src='img/plan_comparison_curves.png' alt='evaluation curves per plan'>"
+            + _table_html(shown) + "<p><a href='plan_comparison.json'>plan_comparison.json</a></p>")
 
 
 def _summary(table: pd.DataFrame, layers: pd.DataFrame) -> str:
