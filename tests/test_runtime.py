@@ -308,7 +308,7 @@ def test_adapters_live_on_the_base_models_device():
         assert {t.device.type for t in [*adapter.parameters(), *adapter.buffers()]} == {"meta"}
 
 
-def _inventory_table(model) -> pd.DataFrame:
+def _inventory_table(model):
     import pandas as pd
 
     rows = [{"kind": "projection", "layer": int(name.split(".")[2]), "role": name.rsplit(".", 1)[-1],
