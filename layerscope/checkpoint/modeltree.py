@@ -112,13 +112,18 @@ def peft_task(class_name: str | None, is_encoder_decoder: bool = False) -> str |
     return next((task for suffix, task in PEFT_TASKS if class_name.endswith(suffix)), None)
 
 
-def model_facts(scheme, tree: ModelTree | None) -> dict:
-    """Scan/plan attributes that describe the block stacks, the towers and the model's task."""
+def model_facts(scheme, tree: ModelTree | None, config: dict | None = None) -> dict:
+    """Scan/plan attributes that describe the block stacks, the towers and the model's task (PEFT's task type
+    from the built class, else from config.json's ``architectures``)."""
     facts = {"naming": scheme.name, "stacks": scheme.stacks, "towers": scheme.towers,
              "conv1d": (scheme.architecture or {}).get("transposed") == "*" or bool(tree and tree.conv1d)}
     if tree is not None:
         facts["stack_depths"] = [{"name": s.name, "depth": s.depth, "tower": s.tower} for s in tree.stacks]
         facts["task"] = peft_task(tree.class_name, tree.is_encoder_decoder)
+    elif config:
+        architectures = config.get("architectures") or [None]
+        facts["task"] = peft_task(architectures[0] if isinstance(architectures[0], str) else None,
+                                  config.get("is_encoder_decoder") is True)
     return facts
 
 

@@ -145,7 +145,7 @@ def inventory(path: str | Path, include_towers: bool = False, allow_unmapped: bo
     table = pd.DataFrame(rows, columns=["kind", "stack", *MODULE_COLUMNS])
     table.attrs.update(path=str(path), architecture=ckpt.architecture, model_type=ckpt.config.get("model_type"),
                        num_layers=scheme.num_layers or ckpt.num_layers, fingerprint=ckpt.fingerprint(),
-                       **model_facts(scheme, tree))
+                       **model_facts(scheme, tree, ckpt.config))
     return inputs_from_table(table, str(path), include_towers, allow_unmapped)
 
 

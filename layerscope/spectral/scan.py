@@ -124,7 +124,7 @@ def scan_checkpoint(ckpt: Checkpoint, opts: ScanOptions) -> pd.DataFrame:
         path=str(ckpt.path),
         architecture=ckpt.architecture,
         model_type=ckpt.config.get("model_type"),
-        **model_facts(scheme, tree),
+        **model_facts(scheme, tree, ckpt.config),
         live_names=tree is not None or no_tree == TABLE_VERIFIED,
         live_names_note=no_tree,
         unmapped=sorted({str(r.module) for _, r in classified if r.kind == "other" and r.layer is not None}),
