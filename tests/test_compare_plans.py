@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import math
 import random
@@ -172,7 +173,9 @@ def test_the_report_shows_a_comparison(model, task_file, tmp_path):
     document = compare_plans(model, task, ["mola"], seeds=[0, 1], settings=SETTINGS, out=tmp_path / "cmp",
                              progress=False)
     table = layerscope.scan(model, progress=False)
-    index = layerscope.viz.build_report(table, tmp_path / "report", plan_comparison=document)
+    from layerscope.viz import build_report
+
+    index = build_report(table, tmp_path / "report", plan_comparison=document)
     page = index.read_text()
-    assert "Equal-budget fine-tuning" in page and document["verdict"] in page
+    assert "Equal-budget fine-tuning" in page and html.escape(document["verdict"]) in page
     assert (tmp_path / "report" / "img" / "plan_comparison_curves.png").is_file()

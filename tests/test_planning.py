@@ -160,7 +160,7 @@ def test_budget_is_met_without_exceeding_it(strategy, params):
 
 
 def test_budget_respects_matrix_sizes():
-    plan = plan_from([3.0] * 2, "uniform", budget_params=10**9)
+    plan = plan_from([3.0] * 2, "uniform", budget_params=10**6)  # below 8 full-rank experts per module (1.3M)
     assert {layer["rank"] for layer in plan.layers} == {64}  # rank cannot exceed min(in, out)
     assert plan.strategy["budget"]["slack"] > 0
 

@@ -48,9 +48,11 @@ def test_peft_key_check_catches_a_wrong_module_name(hilo, folder):
     document = copy.deepcopy(hilo.document)
     document["layers"][1]["modules"][0]["name"] = "model.layers.1.self_attn.qq_proj"
     broken = layerscope.Plan(document, source="broken.json")
+    with pytest.raises(LayerscopeError, match="planned module model.layers.1.self_attn.qq_proj is not in"):
+        export_plan(broken, "peft", check_model=folder)  # the model check names it first
     with pytest.raises(LayerscopeError, match=r"rank_pattern key 'model\\\\.layers\\\\.1\\\\.self_attn\\\\.qq_proj' "
                                               r"matches 0 modules"):
-        export_plan(broken, "peft", check_model=folder)
+        export_plan(broken, "peft", check_model=folder, allow_other_model=True)  # and the key check still does
     export_plan(hilo, "peft", check_model=folder)  # the real plan passes
 
 

@@ -87,13 +87,19 @@ def check(entry: ZooEntry, folder: Path) -> dict:
     rows = table[table["part"].isna()].drop_duplicates("module").set_index("module", drop=False)
     tied = {n for n, (_, _) in expected.items() if n not in rows.index}
     stored_params = {name.removesuffix(".weight") for name, _ in model.named_parameters()}
+    stack_names: dict[str, str] = {}
     for module, (stack, layer) in expected.items():
         if module in tied:
             assert module in stored_params or True  # not stored under its own name (tied): nothing to scan
             continue
         row = rows.loc[module]
         assert row["kind"] in ("projection", "router", "expert"), f"{module}: kind {row['kind']}"
-        assert (row["stack"], int(row["layer"])) == (stack, layer), f"{module}: {row['stack']}/{row['layer']}"
+        assert int(row["layer"]) == layer, f"{module}: layer {row['layer']}, the module tree says {layer}"
+        # Stack names are conventions (the naming tables call BERT's blocks an encoder even in BertLMHeadModel):
+        # what must hold is that the scan's stacks split the blocks exactly as the module tree's do.
+        named_as = stack_names.setdefault(stack, row["stack"])
+        assert row["stack"] == named_as, f"{module}: stack {row['stack']}, its stack-mates are {named_as}"
+    assert len(set(stack_names.values())) == len(stack_names), f"two stacks merged: {stack_names}"
     facts["mixers"] = sorted(set(table["mixer"].dropna()))
     facts["experts"] = bool((table["kind"].isin(["expert", "expert_stack"])).any())
     missing = sorted(tied)

@@ -51,7 +51,7 @@ def plan(source, strategy: str = "alphalora", *, budget_params: int | None = Non
     result = _for_expert_type(function(inputs, **strategy_params), expert_type)
 
     allocations, budget_record = result.allocations, None
-    budget, budget_source = _budget(inputs, result, budget_params, budget_ratio, reference_rank)
+    budget, budget_source = _budget(inputs, result, budget_params, budget_ratio, reference_rank, reference_experts)
     if budget is not None:
         fitted = fit_budget(inputs, result, budget)
         allocations = fitted.allocations
@@ -84,20 +84,23 @@ def _for_expert_type(result: StrategyResult, expert_type: str) -> StrategyResult
     return replace(result, allocations=typed(result.allocations), scale=scale)
 
 
-def largest_sensible_budget(inputs) -> int:
-    """The adapted weights' own parameter count: adapters costing more than fine-tuning those weights outright
-    (millions of experts per layer) are a typo, not a plan."""
-    return int(sum(int(m.in_features) * int(m.out_features) for m in inputs.modules.itertuples()))
+def largest_sensible_budget(inputs, experts: int = 8) -> int:
+    """What ``experts`` full-rank LoRA experts on every target module would train (rank = the matrix's smaller
+    side): no allocation can use more, so a bigger budget (millions of experts per layer) is a typo, not a plan."""
+    return int(experts * sum(min(int(m.in_features), int(m.out_features)) * (int(m.in_features) + int(m.out_features))
+                             for m in inputs.modules.itertuples()))
 
 
-def _budget(inputs, result, budget_params, budget_ratio, reference_rank) -> tuple[int | None, str | None]:
-    largest = largest_sensible_budget(inputs)
+def _budget(inputs, result, budget_params, budget_ratio, reference_rank,
+            reference_experts: int = 8) -> tuple[int | None, str | None]:
+    largest = largest_sensible_budget(inputs, max(reference_experts, 8))
     if budget_params is not None:
         if budget_params < 1:
             raise LayerscopeError(f"--budget-params {budget_params}: must be >= 1")
         if budget_params > largest:
-            raise LayerscopeError(f"--budget-params {budget_params:,}: more than the {largest:,} parameters of the "
-                                  f"adapted weights themselves; the largest sensible budget is {largest:,}")
+            raise LayerscopeError(f"--budget-params {budget_params:,}: more than {max(reference_experts, 8)} full-rank "
+                                  f"experts on every target module would train; the largest sensible budget is "
+                                  f"{largest:,}")
         return int(budget_params), "budget_params"
     if budget_ratio is not None:
         if budget_ratio <= 0:
@@ -105,8 +108,8 @@ def _budget(inputs, result, budget_params, budget_ratio, reference_rank) -> tupl
         single = baselines(inputs, reference_rank, 1)["single_lora"]["trainable"]
         if budget_ratio * single > largest:
             raise LayerscopeError(f"--budget-ratio {budget_ratio}: {int(budget_ratio * single):,} parameters, more "
-                                  f"than the {largest:,} of the adapted weights themselves; the largest sensible "
-                                  f"ratio is {largest / single:.4g}")
+                                  f"than {max(reference_experts, 8)} full-rank experts on every target module would "
+                                  f"train; the largest sensible ratio is {largest / single:.4g}")
         return int(budget_ratio * single), f"budget_ratio {budget_ratio} x single rank-{reference_rank} LoRA"
     if result.default_budget is not None:
         return result.default_budget(), "strategy reference (uniform experts x rank)"

@@ -169,6 +169,8 @@ class _RankWork:
         total = sum(_matrix_count(*self.selected[i]) for i in self.mine)
         batch_bytes = opts.batch_bytes if opts.batch_bytes is not None else DEFAULT_BATCH_BYTES.get(device.type,
                                                                                                    32 << 20)
+        if device.type == "cpu":  # batches run side by side: the budget is for all of them together
+            batch_bytes = max(1, batch_bytes // threads.cores(opts.threads))
         cache = ScanCache(opts.cache, _cache_settings(opts, device, dtype)) if opts.cache else None
         progress = _Progress(len(self.selected), cache)
         batch = _Batch()
@@ -243,7 +245,7 @@ class _Analyser:
             self.single.__enter__()
         self.inflight.append((items, self.pool.submit(analyse_batch, items, self.device, self.dtype,
                                                       self.estimators, self.bar)))
-        while len(self.inflight) > 2 * plan.workers:  # bounded: at most a few batches' weights in memory
+        while len(self.inflight) > plan.workers:  # bounded: about one batch per worker in memory
             self._collect_oldest()
 
     def _collect_oldest(self) -> None:
