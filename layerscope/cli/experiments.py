@@ -23,8 +23,8 @@ from layerscope.outputs import check_writable
 @click.option("--eval-fraction", type=float, default=0.2, show_default=True)
 @click.option("--plans", "plans", required=True, help="Comma-separated plan files or strategy names (uniform, "
               "alphalora, mola, hilo, adaptive-lora); names are planned here at --budget-params.")
-@click.option("--budget-params", type=int, help="Trainable parameters of every plan planned here (default: one "
-              "rank-8 LoRA on every target module).")
+@click.option("--budget-params", type=int, help="Trainable parameters of every plan planned here (default: 4x one "
+              "rank-8 LoRA on every target module; at 1x every strategy is one rank-8 expert per layer).")
 @click.option("--budget-tolerance", type=float, default=0.05, show_default=True,
               help="Largest relative difference between two plans' trainable parameters.")
 @click.option("--seeds", default="0,1,2", show_default=True, callback=_int_list)

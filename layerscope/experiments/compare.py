@@ -93,9 +93,12 @@ def resolve_plans(model: str, plans: list[str | Path], budget_params: int | None
     return named
 
 
+DEFAULT_BUDGET_RATIO = 4  # x one rank-8 LoRA per target module: room to allocate (at 1x every strategy is one rank-8 expert)
+
+
 def _uniform_budget(model: str) -> int:
-    """The default budget: what one rank-8 LoRA on every target module trains."""
-    return plan(model, UNIFORM, progress=False).accounting["trainable"]["total"]
+    """The default budget: four times what one rank-8 LoRA on every target module trains."""
+    return DEFAULT_BUDGET_RATIO * plan(model, UNIFORM, progress=False).accounting["trainable"]["total"]
 
 
 def run_key(model: str, the_plan: Plan, task: Task, seed: int, settings: Settings) -> str:
