@@ -147,7 +147,8 @@ def test_bad_input_is_one_line_before_training(model, task_file, tmp_path):
     cases.append((["--task", str(task_file), "--plans", f"uniform,{foreign}"], "made for another model"))
     bigger = tmp_path / "bigger.json"
     layerscope.plan(model, "uniform", rank=16, progress=False).save(bigger)
-    cases.append((["--task", str(task_file), "--plans", f"uniform,{bigger}"], "+100.0%"))
+    cases.append((["--task", str(task_file), "--plans", f"uniform,{bigger}", "--budget-params", str(_single(model))],
+                  "+100.0%, beyond --budget-tolerance 5%"))
     for args, needle in cases:
         out = tmp_path / "out"
         plans = [] if "--plans" in args else ["--plans", "hilo"]
@@ -159,7 +160,13 @@ def test_bad_input_is_one_line_before_training(model, task_file, tmp_path):
 
 def test_budgets_that_differ_are_refused_with_the_difference(model):
     with pytest.raises(LayerscopeError, match=r"-50.0%, beyond --budget-tolerance 5%"):
+        resolve_plans(str(model), [_plan_file(model, rank=4)], _single(model), 0.05)
+    with pytest.raises(LayerscopeError, match=r"-87.5%"):  # the default budget: 4x one rank-8 LoRA per module
         resolve_plans(str(model), [_plan_file(model, rank=4)], None, 0.05)
+
+
+def _single(model: Path) -> int:
+    return layerscope.plan(model, "uniform", progress=False).accounting["trainable"]["total"]
 
 
 def _plan_file(model: Path, rank: int) -> Path:
