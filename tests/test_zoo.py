@@ -21,6 +21,7 @@ CORE = [
     "gemma3", "llava", "paligemma", "qwen2_audio",  # composite: a vision tower beside the language model
     "qwen3_next", "qwen3_5", "jamba", "nemotron_h", "falcon_h1", "lfm2",  # hybrid token mixers
     "deepseek_v4", "deepseek_v32", "hunyuan_v1_moe", "granitemoehybrid", "whisper",
+    "bart",  # BartForCausalLM: a decoder without its encoder stack
 ]
 ENTRIES = {entry.model_type: entry for entry in registry()}
 

@@ -396,6 +396,8 @@ def bind_scheme(architecture: dict | None, config: dict, names: list[str],
         found = seen.get(stack["stack"])
         if configured is not None and found is not None and found > configured:
             configured = None  # config.json disagrees with the tensors; trust the tensors
+        if found is None and names:  # the checkpoint has no block of this stack (BartForCausalLM: no encoder)
+            configured = None
         depth = configured if configured is not None else found
         if depth is not None:
             depths[stack["stack"]] = depth
