@@ -174,12 +174,20 @@ def explicit_delta(update: Update, weight_shape: tuple[int, ...], where: str) ->
     return delta
 
 
+def _live_names_of(base: Checkpoint) -> dict[str, str]:
+    """stored → live name of every tensor, computed once per checkpoint (merge asks for every adapted module)."""
+    cached = getattr(base, "_live_names", None)
+    if cached is None:
+        cached = live_names(base.config, base.path, list(base.tensors))
+        base._live_names = cached
+    return cached
+
+
 def base_tensor(base: Checkpoint, module: str) -> str:
     """The stored base weight of an adapted module (named as the live model names it): the tensor whose
     live name is the module's weight, else the same stored name, else the one name that ends with it."""
     wanted = f"{module}.weight"
-    by_live = [stored for stored, live in live_names(base.config, base.path, list(base.tensors)).items()
-               if live == wanted or live.endswith("." + wanted)]
+    by_live = [stored for stored, live in _live_names_of(base).items() if live == wanted or live.endswith("." + wanted)]
     if len(by_live) == 1:
         return by_live[0]
     if wanted in base.tensors:

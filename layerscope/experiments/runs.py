@@ -10,7 +10,6 @@ alike; its parameters are reported apart from the plan's.
 from __future__ import annotations
 
 import math
-import resource
 import tempfile
 import time
 import warnings
@@ -21,6 +20,7 @@ import torch
 from layerscope.errors import LayerscopeError
 from layerscope.experiments.task import Task
 from layerscope.planning.plan import Plan
+from layerscope.spectral.scan import peak_memory_mib
 
 HEAD_NAMES = ("classifier", "score", "pre_classifier")
 
@@ -92,7 +92,7 @@ def train_run(model_path: str, plan: Plan, task: Task, seed: int, settings: Sett
             "train_loss": losses, "trainable_adapters": adapters, "trainable_head": sum(head.values()),
             "plan_trainable": plan.accounting["trainable"]["total"],
             "plan_active_per_token": plan.accounting["active_per_token"]["total"],
-            "seconds_per_step": seconds / settings.steps, "peak_memory_mib": _peak_mib(device),
+            "seconds_per_step": seconds / settings.steps, "peak_memory_mib": peak_memory_mib(device),
             "device": str(device)}
 
 
@@ -183,9 +183,3 @@ def evaluate(model, tokenizer, task: Task, settings: Settings, device: torch.dev
             tokens += count
     model.train(was_training)
     return correct / total if task.kind == "classification" else (loss_sum / tokens if tokens else math.nan)
-
-
-def _peak_mib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process's peak (KiB on Linux)

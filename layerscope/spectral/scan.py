@@ -142,7 +142,7 @@ def scan_checkpoint(ckpt: Checkpoint, opts: ScanOptions) -> pd.DataFrame:
     return table
 
 
-def _peak_mib(device: torch.device) -> float:
+def peak_memory_mib(device: torch.device) -> float:
     """Peak memory of this process: the accelerator's allocator on CUDA, else the resident set."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -213,7 +213,7 @@ class _RankWork:
             if cache:
                 cache.close()
         share = {"rank": int(os.environ.get("RANK", "0")), "matrices": total,
-                 "seconds": round(time.perf_counter() - started, 3), "peak_mib": _peak_mib(device),
+                 "seconds": round(time.perf_counter() - started, 3), "peak_mib": peak_memory_mib(device),
                  "threads": threads.cores(opts.threads) if device.type == "cpu" else 1}
         return {i: progress.results[i] for i in self.mine}, len(self.mine) - len(to_compute), share
 
