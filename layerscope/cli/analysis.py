@@ -204,6 +204,7 @@ def report_command(model: Path, out: Path, scan_file: Path | None, activations_f
                    allow_other_model: bool, quiet: bool) -> None:
     """Scan (or read a scan), then write an HTML report with plots, warnings, plans and tables."""
     from layerscope.planning import Plan
+    from layerscope.planning.matching import ALLOW_FLAG as ALLOW
     from layerscope.planning.matching import activations_difference, plan_difference, require_same_model, table_shapes
     from layerscope.spectral.compare import COMPARE_SCHEMA
     from layerscope.spectral.scan import scan
@@ -228,6 +229,10 @@ def report_command(model: Path, out: Path, scan_file: Path | None, activations_f
         if not plan_comparison_file.is_file():
             raise LayerscopeError(f"{plan_comparison_file}: no such file")
         plan_comparison = strict_json(plan_comparison_file.read_bytes(), str(plan_comparison_file))
+        compared_on = plan_comparison.get("fingerprint") if isinstance(plan_comparison, dict) else None
+        if compared_on != fingerprint and not allow_other_model:
+            raise LayerscopeError(f"{plan_comparison_file} was made for another model: its model's header fingerprint "
+                                  f"{str(compared_on)[:16]} differs from {model}'s ({ALLOW} to use it anyway)")
     index = build_report(table, out, model_path=model, activations=activations, plans=plans, comparison=comparison,
                          plan_comparison=plan_comparison)
     click.echo(f"wrote {index}")

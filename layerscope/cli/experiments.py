@@ -1,35 +1,91 @@
-"""``compare-plans``: train plans at one budget on a local task and say whether any beats uniform."""
+"""``compare-plans``: train each strategy against the uniform plan of its own structure and say what the data show."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import click
 
 from layerscope.cli.group import _int_list, cli
+from layerscope.errors import LayerscopeError
 from layerscope.outputs import check_writable
+
+
+def _float_list(_ctx, _param, value: str | None) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    try:
+        numbers = tuple(float(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected comma-separated numbers like 3e-4,1e-3,3e-3") from None
+    if not numbers:
+        raise click.BadParameter("empty list")
+    return numbers
+
+
+def parse_options(values: tuple[str, ...]) -> dict[str, dict]:
+    """``alphalora.beta=2`` → {"alphalora": {"beta": 2}}; values are JSON where they parse (numbers, true/false),
+    comma lists of numbers become tuples, anything else stays text."""
+    options: dict[str, dict] = {}
+    for item in values:
+        target, sep, value = item.partition("=")
+        strategy, dot, key = target.partition(".")
+        if not sep or not dot or not strategy or not key:
+            raise LayerscopeError(f"--option {item!r}: expected STRATEGY.OPTION=VALUE, e.g. hilo.ranks=2,4,6")
+        options.setdefault(strategy, {})[key.replace("-", "_")] = _value(value)
+    return options
+
+
+def _value(text: str):
+    if "," in text:
+        parts = [_value(part) for part in text.split(",") if part.strip()]
+        return tuple(parts)
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 @cli.command("compare-plans")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--task", "task_file", type=click.Path(path_type=Path), required=True,
-              help="Training rows: .jsonl, .csv, .parquet, or a datasets save_to_disk folder.")
+              help="Training rows: .jsonl, .csv, .parquet, or a datasets save_to_disk folder (a DatasetDict's "
+                   "validation and test splits are used).")
 @click.option("--eval-task", "eval_file", type=click.Path(path_type=Path),
-              help="Evaluation rows (default: a seeded --eval-fraction of --task).")
+              help="Test rows (default: the DatasetDict's test split, else a seeded --eval-fraction of --task).")
+@click.option("--validation-task", "validation_file", type=click.Path(path_type=Path),
+              help="Validation rows, for the curves and the learning-rate sweep (default: the DatasetDict's "
+                   "validation split, else a seeded --validation-fraction of --task).")
 @click.option("--task-kind", type=click.Choice(["classification", "causal-lm"]), default="classification",
               show_default=True)
 @click.option("--text-column", default="text", show_default=True)
 @click.option("--label-column", default="label", show_default=True)
 @click.option("--eval-fraction", type=float, default=0.2, show_default=True)
-@click.option("--plans", "plans", required=True, help="Comma-separated plan files or strategy names (uniform, "
-              "alphalora, mola, hilo, adaptive-lora); names are planned here at --budget-params.")
-@click.option("--budget-params", type=int, help="Trainable parameters of every plan planned here (default: 4x one "
-              "rank-8 LoRA on every target module; at 1x every strategy is one rank-8 expert per layer).")
+@click.option("--validation-fraction", type=float, default=0.15, show_default=True)
+@click.option("--plans", "plans", required=True,
+              help="Comma-separated strategies (alphalora, mola, hilo, adaptive-lora) or plan files; each is paired "
+                   "with the uniform plan of its own structure.  Add 'dense' for a dense single-LoRA arm.")
+@click.option("--option", "options", multiple=True,
+              help="A strategy option, STRATEGY.OPTION=VALUE (repeatable), e.g. hilo.ranks=2,4,6 or alphalora.beta=2.")
+@click.option("--expert-type", type=click.Choice(["lora", "mor"]), default="lora", show_default=True)
+@click.option("--target-roles", help="Comma-separated roles to adapt in every arm (default: every projection).")
+@click.option("--budget-params", type=int, help="Fit every strategy to this many trainable parameters (keeping its "
+              "shape); by default strategies use their depth-scaled defaults (5 experts per layer for "
+              "alphalora and mola).")
 @click.option("--budget-tolerance", type=float, default=0.05, show_default=True,
-              help="Largest relative difference between two plans' trainable parameters.")
+              help="Largest relative difference between a strategy's and its baseline's trainable parameters.")
 @click.option("--seeds", default="0,1,2", show_default=True, callback=_int_list)
 @click.option("--steps", type=int, default=100, show_default=True)
-@click.option("--lr", "learning_rate", type=float, default=1e-3, show_default=True)
+@click.option("--lr", "learning_rate", type=float, default=1e-3, show_default=True,
+              help="Learning rate when no --lr-sweep is given.")
+@click.option("--lr-sweep", callback=_float_list,
+              help="Learning rates to try on the first baseline arm; the best on the validation rows is used by "
+                   "every arm.")
+@click.option("--sweep-seeds", callback=_int_list, help="Seeds of the sweep (default: the first of --seeds).")
+@click.option("--scheduler", type=click.Choice(["linear", "cosine", "constant"]), default="linear",
+              show_default=True)
+@click.option("--warmup-ratio", type=float, default=0.1, show_default=True)
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @click.option("--eval-every", type=int, default=10, show_default=True)
 @click.option("--max-length", type=int, default=64, show_default=True, help="Tokens per row (truncated).")
@@ -37,30 +93,43 @@ from layerscope.outputs import check_writable
 @click.option("--out", type=click.Path(path_type=Path), required=True,
               help="Folder: comparison.json, results.csv, curves.png, runs/ (the resume store).")
 @click.option("--quiet", "-q", is_flag=True)
-def compare_plans_command(model: Path, task_file: Path, eval_file: Path | None, task_kind: str, text_column: str,
-                          label_column: str, eval_fraction: float, plans: str, budget_params: int | None,
-                          budget_tolerance: float, seeds: tuple[int, ...], steps: int, learning_rate: float,
-                          batch_size: int, eval_every: int, max_length: int, device: str, out: Path,
-                          quiet: bool) -> None:
-    """Fine-tune each plan with each seed on a local task; report the metric per plan, the paired difference to
-    uniform and whether any plan beats it.  Interrupted runs resume from --out/runs."""
-    from layerscope.experiments import Settings, compare_plans, load_task, results_table
+def compare_plans_command(model: Path, task_file: Path, eval_file: Path | None, validation_file: Path | None,
+                          task_kind: str, text_column: str, label_column: str, eval_fraction: float,
+                          validation_fraction: float, plans: str, options: tuple[str, ...], expert_type: str,
+                          target_roles: str | None, budget_params: int | None, budget_tolerance: float,
+                          seeds: tuple[int, ...], steps: int, learning_rate: float,
+                          lr_sweep: tuple[float, ...] | None, sweep_seeds: tuple[int, ...] | None, scheduler: str,
+                          warmup_ratio: float, batch_size: int, eval_every: int, max_length: int, device: str,
+                          out: Path, quiet: bool) -> None:
+    """Fine-tune each strategy and its like-for-like uniform baseline with each seed on a local task; report each
+    arm's test metric, the paired difference to its baseline, and what the data rule out.  A .gguf MODEL is
+    converted once to a folder under --out.  Interrupted runs resume from --out/runs."""
+    from layerscope.experiments import PlanSettings, Settings, compare_plans, load_task, prepare_model, results_table
 
     check_writable([out / "comparison.json"])
     task = load_task(task_file, task_kind, text_column=text_column, label_column=label_column, eval_path=eval_file,
-                     eval_fraction=eval_fraction, seed=0)
+                     eval_fraction=eval_fraction, validation_path=validation_file,
+                     validation_fraction=validation_fraction, seed=0)
     settings = Settings(steps=steps, learning_rate=learning_rate, batch_size=batch_size, eval_every=eval_every,
-                        max_length=max_length, device=device)
+                        max_length=max_length, device=device, scheduler=scheduler, warmup_ratio=warmup_ratio)
     settings.check()
+    roles = [r.strip() for r in target_roles.split(",") if r.strip()] if target_roles else None
+    plan_settings = PlanSettings(target_roles=roles, expert_type=expert_type, options=parse_options(options),
+                                 budget_params=budget_params, tolerance=budget_tolerance)
     names = [p.strip() for p in plans.split(",") if p.strip()]
-    document = compare_plans(model, task, names, seeds=list(seeds), settings=settings, out=out,
-                             budget_params=budget_params, budget_tolerance=budget_tolerance, progress=not quiet)
+    folder = prepare_model(model, out)
+    document = compare_plans(folder, task, names, seeds=list(seeds), settings=settings, out=out,
+                             plan_settings=plan_settings, lr_sweep=list(lr_sweep) if lr_sweep else None,
+                             sweep_seeds=list(sweep_seeds) if sweep_seeds else None, progress=not quiet)
     if not quiet:
         table = results_table(document)
-        shown = [c for c in ("plan", "n", "mean", "sd", "ci95_low", "ci95_high", "diff_vs_uniform", "p_value",
-                             "trainable", "seconds_per_step") if c in table.columns]
-        click.echo(f"{document['metric']} on {len(task.eval_texts)} evaluation rows, {len(seeds)} seeds, "
-                   f"{steps} steps:")
+        shown = [c for c in ("arm", "kind", "baseline", "n", "mean", "ci95_low", "ci95_high", "diff_vs_baseline",
+                             "p_holm", "mde80", "collapsed", "trainable", "active_per_token", "seconds_per_step")
+                 if c in table.columns]
+        click.echo(f"{document['metric']} on {len(task.eval_texts)} test rows, {len(seeds)} seeds, {steps} steps, "
+                   f"lr {document['settings']['learning_rate']:g}:")
         click.echo(table[shown].to_string(index=False, float_format="%.4f"))
         click.echo(document["verdict"])
+        if document.get("dense_verdict"):
+            click.echo(f"Mixture vs dense: {document['dense_verdict']}")
         click.echo(f"wrote {out / 'comparison.json'}, {out / 'results.csv'}, {out / 'curves.png'}")

@@ -1,111 +1,147 @@
-"""``compare_plans``: do plans beat the uniform one on this model and task, at one trainable-parameter budget?
+"""``compare_plans``: does each strategy beat the uniform plan of its own structure, on this model and task?
 
-Every plan (files, or strategy names planned here at ``budget_params``) is trained with every seed;
-each finished run is stored at once under ``out/runs/`` keyed by everything that determines it, so an
-interrupted comparison resumes where it stopped and a finished one is not retrained.  The document
-(``layerscope.plan-comparison/1``) holds per plan the metric's mean, standard deviation and 95 %
-interval over seeds, the paired difference to uniform with a paired t-test, the parameter counts,
-seconds per step, peak memory and the evaluation curves, and one sentence that says which plans
-beat uniform, or that none did.
+The arms (:mod:`layerscope.experiments.arms`): every strategy, the like-for-like uniform baseline it is
+paired with, and optionally a dense single LoRA of equal trainable parameters.  The protocol:
+
+1. the learning rate is chosen on the *validation* rows: with ``lr_sweep``, the first baseline arm
+   trains at each rate with ``sweep_seeds``, and the rate with the best mean final validation metric is
+   used by every arm (chosen for the baseline, so a tuning advantage, if any, is the baseline's);
+2. every arm trains with every seed, the same batches in the same order per seed, the same head and
+   steps; each finished run is stored at once under ``out/runs/`` keyed by everything that determines
+   it (model tensors, the whole plan, task rows, seed, settings), so an interrupted comparison resumes;
+3. the *test* rows are scored once per run, at the end; nothing is chosen with them;
+4. per arm: mean, sd and a 95 % interval over seeds, collapsed runs; per strategy: the paired difference
+   to its baseline with interval, p-value, Holm-corrected p and the minimum detectable effect at 80 %
+   power (:mod:`layerscope.experiments.stats`); and whether the baseline's validation curve had flattened.
+
+The document is ``layerscope.plan-comparison/2``; progress goes to a bar on a terminal, else to one
+line per evaluation and per run on stderr.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict
+import math
+import sys
+import time
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pandas as pd
 
 from layerscope.errors import LayerscopeError
 from layerscope.experiments import stats
-from layerscope.experiments.runs import Settings, higher_is_better, metric_name, train_run
+from layerscope.experiments.arms import Arm, PlanSettings, build_arms, structure
+from layerscope.experiments.runs import Settings, check_model_for_task, higher_is_better, metric_name, train_run
 from layerscope.experiments.task import Task
-from layerscope.names import STRATEGIES
 from layerscope.outputs import write_files
-from layerscope.planning import Plan, plan
-from layerscope.planning.matching import checkpoint_shapes, plan_difference, require_same_model
 
-SCHEMA = "layerscope.plan-comparison/1"
-UNIFORM = "uniform"
+SCHEMA = "layerscope.plan-comparison/2"
+FLAT_SHARE = 0.1  # the baseline's curve has flattened when its last quarter moved < 10 % of its whole change
 
 
 def compare_plans(model: str | Path, task: Task, plans: list[str | Path], *, seeds: list[int], settings: Settings,
-                  out: str | Path, budget_params: int | None = None, budget_tolerance: float = 0.05,
-                  progress: bool = True) -> dict:
-    """Train every plan with every seed (resuming stored runs); write and return the comparison document."""
+                  out: str | Path, plan_settings: PlanSettings | None = None, lr_sweep: list[float] | None = None,
+                  sweep_seeds: list[int] | None = None, progress: bool = True) -> dict:
+    """Train every arm with every seed (resuming stored runs); write and return the comparison document."""
     settings.check()
     if not seeds or len(set(seeds)) != len(seeds):
         raise LayerscopeError(f"--seeds {seeds}: give one or more distinct seeds")
+    if lr_sweep is not None and (not lr_sweep or any(not (lr > 0 and math.isfinite(lr)) for lr in lr_sweep)):
+        raise LayerscopeError(f"--lr-sweep {lr_sweep}: give one or more finite learning rates > 0")
     model, out = str(model), Path(out)
-    named = resolve_plans(model, plans, budget_params, budget_tolerance)
-    runs_dir = out / "runs"
-    records: dict[str, list[dict]] = {name: [] for name in named}
-    todo = [(name, seed) for seed in seeds for name in named]
-    from tqdm.auto import tqdm
-
-    for name, seed in tqdm(todo, desc="runs", unit="run", disable=(not progress) or None):
-        the_plan = named[name]
-        key = run_key(model, the_plan, task, seed, settings)
-        stored = runs_dir / f"{_safe(name)}__seed{seed}.json"
-        record = _stored(stored, key)
-        if record is None:
-            record = {"key": key, "plan": name, **train_run(model, the_plan, task, seed, settings)}
-            runs_dir.mkdir(parents=True, exist_ok=True)
-            text = json.dumps(record, indent=1)
-            write_files({stored: lambda tmp, text=text: tmp.write_text(text)}, "--out")
-        records[name].append(record)
-    document = _document(model, task, named, records, seeds, settings)
+    check_model_for_task(model, task)
+    arms = build_arms(model, plans, plan_settings or PlanSettings())
+    log = _Log(progress)
+    store = _RunStore(out / "runs", model, task)
+    selection = None
+    if lr_sweep:
+        settings, selection = _choose_learning_rate(arms, lr_sweep, sweep_seeds or seeds[:1], settings, store, log)
+    records: dict[str, list[dict]] = {arm.name: [] for arm in arms}
+    todo = [(arm, seed) for seed in seeds for arm in arms]
+    for number, (arm, seed) in enumerate(todo, 1):
+        records[arm.name].append(store.run(arm, seed, settings, log, f"run {number}/{len(todo)}"))
+    document = _document(model, task, arms, records, seeds, settings, selection)
     _write_outputs(out, document)
     return document
 
 
-def resolve_plans(model: str, plans: list[str | Path], budget_params: int | None, tolerance: float) -> dict[str, Plan]:
-    """Plan files as they are (checked against the model), strategy names planned at one budget; uniform added
-    when missing.  Refuses budgets that differ by more than ``tolerance``, saying by how much."""
-    if not plans:
-        raise LayerscopeError("--plans: give two or more plans (files or strategy names)")
-    budget = budget_params or _uniform_budget(model)
-    shapes, num_layers, fingerprint = checkpoint_shapes(model)
-    named: dict[str, Plan] = {}
-    for item in plans:
-        if str(item) in STRATEGIES:
-            named[str(item)] = plan(model, str(item), budget_params=budget, progress=False,
-                                    command=f"compare-plans: {item} at --budget-params {budget}")
-        else:
-            path = Path(item)
-            loaded = Plan.load(path)
-            require_same_model(plan_difference(loaded, shapes, num_layers, fingerprint, model), str(path), False)
-            named[path.stem] = loaded
-    if UNIFORM not in named:
-        named[UNIFORM] = plan(model, UNIFORM, budget_params=budget, progress=False,
-                              command=f"compare-plans: uniform baseline at --budget-params {budget}")
-    if len(named) < 2:
-        raise LayerscopeError("--plans: a comparison needs a plan besides uniform")
-    reference = named[UNIFORM].accounting["trainable"]["total"]
-    for name, the_plan in named.items():
-        trainable = the_plan.accounting["trainable"]["total"]
-        if abs(trainable - reference) > tolerance * reference:
-            raise LayerscopeError(f"plan {name!r} trains {trainable:,} parameters, uniform {reference:,}: "
-                                  f"{(trainable - reference) / reference:+.1%}, beyond --budget-tolerance "
-                                  f"{tolerance:.0%} (plan them at one --budget-params)")
-    return named
+def _choose_learning_rate(arms: list[Arm], rates: list[float], seeds: list[int], settings: Settings,
+                          store: _RunStore, log: _Log) -> tuple[Settings, dict]:
+    baseline = next(arm for arm in arms if arm.kind == "baseline")
+    higher = higher_is_better(store.task)
+    scores = {}
+    for rate in rates:
+        trial = replace(settings, learning_rate=rate)
+        finals = [store.run(baseline, seed, trial, log, f"lr sweep {rate:g}")["final_validation"] for seed in seeds]
+        scores[rate] = sum(finals) / len(finals)
+    chosen = (max if higher else min)(scores, key=lambda rate: scores[rate])
+    log.line(f"learning rate {chosen:g} chosen on the validation rows ({baseline.name}: "
+             + ", ".join(f"{rate:g} → {score:.4f}" for rate, score in scores.items()) + ")")
+    return replace(settings, learning_rate=chosen), {
+        "chosen": chosen, "arm": baseline.name, "seeds": seeds, "split": "validation",
+        "validation_mean": {f"{rate:g}": score for rate, score in scores.items()},
+        "why": "chosen for the first baseline arm and used by every arm (a tuning advantage goes to the baseline)"}
 
 
-DEFAULT_BUDGET_RATIO = 4  # x one rank-8 LoRA per target module: room to allocate (at 1x every strategy is one rank-8 expert)
+class _Log:
+    """A progress bar on a terminal; otherwise one timestamped line per event on stderr."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def line(self, text: str) -> None:
+        if self.enabled:
+            print(f"[compare-plans {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
 
-def _uniform_budget(model: str) -> int:
-    """The default budget: four times what one rank-8 LoRA on every target module trains."""
-    return DEFAULT_BUDGET_RATIO * plan(model, UNIFORM, progress=False).accounting["trainable"]["total"]
+class _RunStore:
+    """``out/runs/<arm>__seed<s>[__lr<rate>].json``: one finished run each, reused when its key matches."""
+
+    def __init__(self, folder: Path, model: str, task: Task):
+        self.folder, self.model, self.task = folder, model, task
+
+    def run(self, arm: Arm, seed: int, settings: Settings, log: _Log, label: str) -> dict:
+        key = run_key(arm.plan, self.task, seed, settings)
+        path = self.folder / f"{_safe(arm.name)}__seed{seed}__lr{settings.learning_rate:g}.json"
+        stored = _stored(path, key)
+        if stored is not None:
+            log.line(f"{label}: {arm.name} seed {seed} at lr {settings.learning_rate:g}: stored result reused")
+            return stored
+        log.line(f"{label}: {arm.name} seed {seed} at lr {settings.learning_rate:g}: training {settings.steps} steps")
+
+        def tell(text: str) -> None:
+            log.line(f"  {arm.name} seed {seed}: {text}")
+
+        record = {"key": key, "arm": arm.name, **train_run(self.model, arm.plan, self.task, seed, settings, tell)}
+        record["collapsed"] = collapsed(record, self.task)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(record, indent=1)
+        write_files({path: lambda tmp, text=text: tmp.write_text(text)}, "--out")
+        log.line(f"{label}: {arm.name} seed {seed}: test {record['metric']} {record['final']:.4f} "
+                 f"({record['seconds_per_step']:.2f} s/step)")
+        return record
 
 
-def run_key(model: str, the_plan: Plan, task: Task, seed: int, settings: Settings) -> str:
-    """Everything that determines a run: model tensors, plan, task rows, seed, training settings."""
-    parts = {"model": the_plan.model["fingerprint"], "plan": _digest(the_plan.document.get("layers")),
-             "lora": the_plan.document.get("lora"), "task": _digest([task.kind, task.train_texts, task.train_labels,
-                                                                    task.eval_texts, task.eval_labels]),
+def collapsed(record: dict, task: Task) -> bool:
+    """A run that learned nothing: test accuracy within two binomial standard errors of always answering the
+    majority label, or (causal LM) a final validation loss no lower than before training."""
+    if task.kind == "classification":
+        chance = task.majority_rate()
+        return record["final"] <= chance + 2 * math.sqrt(chance * (1 - chance) / len(task.eval_labels))
+    return record["final_validation"] >= record["curve"][0][1]
+
+
+def run_key(the_plan, task: Task, seed: int, settings: Settings) -> str:
+    """Everything that determines a run: model tensors, the whole plan (layers, expert type, LoRA settings,
+    roles), task rows, seed, training settings."""
+    document = the_plan.document
+    parts = {"model": the_plan.model["fingerprint"],
+             "plan": _digest({k: document.get(k) for k in ("layers", "expert_type", "lora", "target_roles",
+                                                           "optimizer")}),
+             "task": _digest([task.kind, task.train_texts, task.train_labels, task.validation_texts,
+                              task.validation_labels, task.eval_texts, task.eval_labels]),
              "seed": seed, "settings": asdict(settings)}
     return _digest(parts)
 
@@ -128,45 +164,80 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
-def _document(model: str, task: Task, named: dict[str, Plan], records: dict[str, list[dict]], seeds: list[int],
-              settings: Settings) -> dict:
+def _document(model: str, task: Task, arms: list[Arm], records: dict[str, list[dict]], seeds: list[int],
+              settings: Settings, selection: dict | None) -> dict:
     higher = higher_is_better(task)
+    bounds = (0.0, 1.0) if task.kind == "classification" else None
     by_seed = {name: {r["seed"]: r for r in runs} for name, runs in records.items()}
-    uniform = [by_seed[UNIFORM][s]["final"] for s in seeds]
-    rows, pairs = [], {}
-    for name, the_plan in named.items():
-        finals = [by_seed[name][s]["final"] for s in seeds]
-        summary = stats.summarise(finals)
-        runs = [by_seed[name][s] for s in seeds]
-        row = {"plan": name, "strategy": the_plan.strategy["name"], "n": summary.n, "mean": summary.mean,
-               "sd": summary.sd, "ci95_low": summary.ci_low, "ci95_high": summary.ci_high,
-               "trainable": the_plan.accounting["trainable"]["total"],
-               "active_per_token": the_plan.accounting["active_per_token"]["total"],
+    finals = {arm.name: [by_seed[arm.name][s]["final"] for s in seeds] for arm in arms}
+    pairs = {arm.name: stats.paired(finals[arm.name], finals[arm.baseline])
+             for arm in arms if arm.kind in ("strategy", "dense") and arm.baseline}
+    pairs = {**pairs, **stats.corrected({name: p for name, p in pairs.items() if _arm(arms, name).kind == "strategy"})}
+    rows = []
+    for arm in arms:
+        runs = [by_seed[arm.name][s] for s in seeds]
+        summary = stats.summarise(finals[arm.name], bounds)
+        row = {"arm": arm.name, "kind": arm.kind, "strategy": arm.plan.strategy["name"],
+               "structure": structure(arm.plan), "baseline": arm.baseline, "built": arm.built,
+               "n": summary.n, "mean": summary.mean, "sd": summary.sd, "ci95_low": summary.ci_low,
+               "ci95_high": summary.ci_high, "interval": summary.interval,
+               "trainable": arm.trainable, "active_per_token": arm.active,
                "trainable_in_model": runs[0]["trainable_adapters"], "head": runs[0]["trainable_head"],
+               "collapsed": sum(bool(r.get("collapsed")) for r in runs),
                "seconds_per_step": sum(r["seconds_per_step"] for r in runs) / len(runs),
-               "peak_memory_mib": max(r["peak_memory_mib"] for r in runs), "finals": finals}
-        if name != UNIFORM:
-            pair = stats.paired(finals, uniform)
-            pairs[name] = pair
-            row.update(diff_vs_uniform=pair.mean_difference, diff_ci95_low=pair.ci_low, diff_ci95_high=pair.ci_high,
-                       paired_t=pair.t, p_value=pair.p_value)
+               "peak_memory_mib": max(r["peak_memory_mib"] for r in runs), "finals": finals[arm.name],
+               "finals_validation": [r["final_validation"] for r in runs]}
+        if arm.name in pairs:
+            pair = pairs[arm.name]
+            row.update(diff_vs_baseline=pair.mean_difference, diff_sd=pair.sd, diff_ci95_low=pair.ci_low,
+                       diff_ci95_high=pair.ci_high, paired_t=pair.t, p_value=pair.p_value,
+                       p_holm=pair.p_holm if arm.kind == "strategy" else None, mde80=pair.mde,
+                       testable=pair.testable, not_testable=pair.reason or None)
         rows.append(row)
-    budget = named[UNIFORM].accounting["trainable"]["total"]
-    return {"schema": SCHEMA, "model": model, "task": task.describe(), "metric": metric_name(task),
-            "higher_is_better": higher, "seeds": seeds, "settings": asdict(settings), "budget": budget,
-            "verdict": stats.verdict(pairs, higher, budget, len(seeds)), "plans": _jsonable(rows),
+    metric = metric_name(task)
+    strategy_pairs = {a.name: (a.baseline, pairs[a.name]) for a in arms if a.kind == "strategy" and a.name in pairs}
+    dense_pairs = {a.name: (a.baseline, pairs[a.name]) for a in arms if a.kind == "dense" and a.name in pairs}
+    return {"schema": SCHEMA, "model": model, "fingerprint": arms[0].plan.model["fingerprint"],
+            "task": task.describe(), "metric": metric, "higher_is_better": higher, "seeds": seeds,
+            "settings": asdict(settings), "learning_rate": selection or {"chosen": settings.learning_rate,
+                                                                          "why": "given (--lr), not swept"},
+            "verdict": stats.verdict(strategy_pairs, higher, len(seeds), metric),
+            "dense_verdict": stats.verdict(dense_pairs, higher, len(seeds), metric) if dense_pairs else None,
+            "baseline_convergence": _convergence(arms, records, higher),
+            "chance": task.majority_rate() if task.kind == "classification" else None,
+            "arms": _jsonable(rows),
             "curves": {name: {str(r["seed"]): r["curve"] for r in runs} for name, runs in records.items()},
-            "plan_documents": {name: p.document for name, p in named.items()}}
+            "plan_documents": {arm.name: arm.plan.document for arm in arms}}
+
+
+def _arm(arms: list[Arm], name: str) -> Arm:
+    return next(arm for arm in arms if arm.name == name)
+
+
+def _convergence(arms: list[Arm], records: dict[str, list[dict]], higher: bool) -> dict:
+    """Per baseline: how much its mean validation curve moved in the last quarter of training, against the whole run."""
+    out = {}
+    for arm in arms:
+        if arm.kind != "baseline":
+            continue
+        curves = [r["curve"] for r in records[arm.name]]
+        steps = [point[0] for point in curves[0]]
+        mean = [sum(c[i][1] for c in curves) / len(curves) for i in range(len(steps))]
+        quarter = next(i for i, step in enumerate(steps) if step >= 0.75 * steps[-1])
+        whole, last = mean[-1] - mean[0], mean[-1] - mean[quarter]
+        flattened = abs(last) <= FLAT_SHARE * abs(whole) if whole else True
+        out[arm.name] = {"validation_start": mean[0], "validation_at_75pct": mean[quarter], "validation_end": mean[-1],
+                         "last_quarter_change": last, "whole_change": whole, "flattened": flattened}
+    return out
 
 
 def _jsonable(rows: list[dict]) -> list[dict]:
-    import math
-
     return [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()} for row in rows]
 
 
 def results_table(document: dict) -> pd.DataFrame:
-    return pd.DataFrame([{k: v for k, v in row.items() if k != "finals"} for row in document["plans"]])
+    return pd.DataFrame([{k: v for k, v in row.items() if k not in ("finals", "finals_validation")}
+                         for row in document["arms"]])
 
 
 def _write_outputs(out: Path, document: dict) -> None:

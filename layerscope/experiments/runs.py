@@ -4,15 +4,23 @@ Training goes through the Trainer integration (``LayerscopeTrainer``: the plan's
 ``RouterTelemetry``), with the seed fixing the initialisation and the data order, so a run is
 reproducible and every plan sees the same batches in the same order for a given seed.  A
 classification model's new head (``classifier`` / ``score``) trains with the adapters in every plan
-alike; its parameters are reported apart from the plan's.
+alike; its parameters are reported apart from the plan's.  A causal-LM run needs the model's own LM
+head: a checkpoint whose head transformers would initialise at random is refused.
+
+The curve is measured on the validation rows; the run's ``final`` number on the test rows, once, at
+the end.  ``peak_memory_mib`` is the run's own peak (the accelerator allocator's peak since the run
+began, or on the CPU the resident set sampled every 20 ms during the run, minus the resident set
+before the model was built), so it does not depend on the order of the runs in one process.
 """
 
 from __future__ import annotations
 
 import math
 import tempfile
+import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -20,9 +28,9 @@ import torch
 from layerscope.errors import LayerscopeError
 from layerscope.experiments.task import Task
 from layerscope.planning.plan import Plan
-from layerscope.spectral.scan import peak_memory_mib
 
 HEAD_NAMES = ("classifier", "score", "pre_classifier")
+SCHEDULERS = ("linear", "cosine", "constant")
 
 
 @dataclass(frozen=True)
@@ -33,13 +41,19 @@ class Settings:
     eval_every: int = 10
     max_length: int = 64
     device: str = "auto"
+    scheduler: str = "linear"  # after warm-up: linear decay to 0 (the usual LoRA fine-tuning schedule)
+    warmup_ratio: float = 0.1
 
     def check(self) -> None:
         for name in ("steps", "batch_size", "eval_every", "max_length"):
             if getattr(self, name) < 1:
                 raise LayerscopeError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
-        if not self.learning_rate > 0:
-            raise LayerscopeError(f"--lr {self.learning_rate}: must be > 0")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise LayerscopeError(f"--lr {self.learning_rate}: must be a finite number > 0")
+        if self.scheduler not in SCHEDULERS:
+            raise LayerscopeError(f"--scheduler {self.scheduler!r}: expected one of {', '.join(SCHEDULERS)}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise LayerscopeError(f"--warmup-ratio {self.warmup_ratio}: must be in [0, 1)")
 
 
 def metric_name(task: Task) -> str:
@@ -50,8 +64,9 @@ def higher_is_better(task: Task) -> bool:
     return task.kind == "classification"
 
 
-def train_run(model_path: str, plan: Plan, task: Task, seed: int, settings: Settings) -> dict:
-    """Train ``plan`` on ``task`` with ``seed``; returns the run's record (curve, final metric, costs)."""
+def train_run(model_path: str, plan: Plan, task: Task, seed: int, settings: Settings,
+              log: Callable[[str], None] | None = None) -> dict:
+    """Train ``plan`` on ``task`` with ``seed``; returns the run's record (validation curve, test metric, costs)."""
     import transformers
 
     from layerscope.runtime import apply_plan
@@ -59,19 +74,16 @@ def train_run(model_path: str, plan: Plan, task: Task, seed: int, settings: Sett
 
     device = _device(settings.device)
     transformers.set_seed(seed)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_path, local_files_only=True)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = _model(model_path, task)
-    apply_plan(model, plan, verbose=False)
-    head = _train_head(model)
-    adapters = sum(p.numel() for name, p in model.named_parameters() if p.requires_grad and name not in head)
-    train = _examples(tokenizer, task.train_texts, task.train_labels, task.kind, settings.max_length)
-    curve = _Curve(task, tokenizer, settings, device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    with tempfile.TemporaryDirectory(prefix="layerscope-compare-") as scratch, warnings.catch_warnings():
+    tokenizer = load_tokenizer(model_path)
+    with _PeakMemory(device) as memory, tempfile.TemporaryDirectory(prefix="layerscope-compare-") as scratch, \
+            warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        model = _model(model_path, task)
+        apply_plan(model, plan, verbose=False)
+        head = _train_head(model)
+        adapters = sum(p.numel() for name, p in model.named_parameters() if p.requires_grad and name not in head)
+        train = _examples(tokenizer, task.train_texts, task.train_labels, task.kind, settings.max_length)
+        curve = _Curve(task, tokenizer, settings, device, log)
         trainer = LayerscopeTrainer(
             model=model, train_dataset=train,
             data_collator=transformers.DataCollatorWithPadding(tokenizer) if task.kind == "classification"
@@ -79,7 +91,8 @@ def train_run(model_path: str, plan: Plan, task: Task, seed: int, settings: Sett
             callbacks=[RouterTelemetry(every=settings.eval_every, save=False), curve],
             args=transformers.TrainingArguments(
                 output_dir=scratch, max_steps=settings.steps, per_device_train_batch_size=settings.batch_size,
-                learning_rate=settings.learning_rate, lr_scheduler_type="constant", weight_decay=0.0,
+                learning_rate=settings.learning_rate, lr_scheduler_type=settings.scheduler,
+                warmup_steps=round(settings.warmup_ratio * settings.steps), weight_decay=0.0,
                 seed=seed, data_seed=seed, logging_steps=settings.eval_every, save_strategy="no", report_to=[],
                 use_cpu=device.type == "cpu", disable_tqdm=True, log_level="error"))
         for noisy in (transformers.trainer_callback.PrinterCallback, transformers.trainer_callback.ProgressCallback):
@@ -87,13 +100,105 @@ def train_run(model_path: str, plan: Plan, task: Task, seed: int, settings: Sett
         started = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - started
+        final = evaluate(model, tokenizer, task, settings, device, split="test")
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    return {"seed": seed, "metric": metric_name(task), "final": curve.points[-1][1], "curve": curve.points,
-            "train_loss": losses, "trainable_adapters": adapters, "trainable_head": sum(head.values()),
-            "plan_trainable": plan.accounting["trainable"]["total"],
+    return {"seed": seed, "metric": metric_name(task), "final": final, "final_validation": curve.points[-1][1],
+            "curve": curve.points, "train_loss": losses, "trainable_adapters": adapters,
+            "trainable_head": sum(head.values()), "plan_trainable": plan.accounting["trainable"]["total"],
             "plan_active_per_token": plan.accounting["active_per_token"]["total"],
-            "seconds_per_step": seconds / settings.steps, "peak_memory_mib": peak_memory_mib(device),
-            "device": str(device)}
+            "learning_rate": settings.learning_rate, "seconds_per_step": seconds / settings.steps,
+            "peak_memory_mib": memory.peak_mib, "device": str(device)}
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model")
+
+
+def load_tokenizer(model_path: str):
+    """The model folder's tokenizer, or one line naming the folder (checked before any training).  A folder with
+    no tokenizer file is refused: transformers would build a tokenizer with an empty vocabulary (every word unknown)."""
+    from pathlib import Path
+
+    import transformers
+
+    folder = Path(model_path)
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise LayerscopeError(f"{model_path}: no usable tokenizer (none of {', '.join(TOKENIZER_FILES[:4])}, …); "
+                              "copy the tokenizer files of the model into the folder")
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - transformers raises many types for a missing/broken tokenizer
+        raise LayerscopeError(f"{model_path}: no usable tokenizer (tokenizer.json / tokenizer_config.json / vocab "
+                              f"files): {type(exc).__name__}: {str(exc).splitlines()[0][:140] if str(exc) else ''}"
+                              ) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def check_model_for_task(model_path: str, task: Task) -> None:
+    """Before any work: a tokenizer exists, and a causal-LM task gets a model with its own causal-LM head."""
+    import json
+    from pathlib import Path
+
+    load_tokenizer(model_path)
+    if task.kind != "causal-lm":
+        return
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    config_path = Path(model_path) / "config.json"
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError):
+        raise LayerscopeError(f"{config_path}: missing or not JSON; a causal-LM comparison needs the model's config") from None
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    architectures = config.get("architectures") or []
+    if not any(a in causal for a in architectures):
+        named = ", ".join(architectures) or "no architectures field"
+        raise LayerscopeError(f"{config_path}: architectures {named}: not a causal language model with its LM head "
+                              "(--task-kind causal-lm would train a randomly initialised head); use a *ForCausalLM "
+                              "checkpoint, or --task-kind classification")
+
+
+class _PeakMemory:
+    """The run's own peak memory (see the module docstring)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak_mib, self._stop = device, math.nan, threading.Event()
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            return self
+        self._base = self._peak = _rss_bytes()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            self._peak = max(self._peak, _rss_bytes())
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            self.peak_mib = (torch.cuda.max_memory_allocated(self.device) - self._base) / 2**20
+            return
+        self._stop.set()
+        self._thread.join()
+        self.peak_mib = (max(self._peak, _rss_bytes()) - self._base) / 2**20
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as statm:
+            import os
+
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _device(name: str) -> torch.device:
@@ -114,7 +219,13 @@ def _model(path: str, task: Task):
             if task.kind == "classification":
                 return transformers.AutoModelForSequenceClassification.from_pretrained(
                     path, num_labels=task.num_labels, local_files_only=True)
-            return transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+            model, info = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True,
+                                                                            output_loading_info=True)
+            if info.get("missing_keys"):
+                missing = sorted(info["missing_keys"])
+                raise LayerscopeError(f"{path}: {len(missing)} weights of the causal-LM model are not in the checkpoint "
+                                      f"(first: {missing[0]}); their head would train from random values")
+            return model
         except (OSError, ValueError) as exc:
             raise LayerscopeError(f"{path}: transformers cannot build a {task.kind} model from it "
                                   f"({str(exc).splitlines()[0][:160]})") from None
@@ -143,9 +254,10 @@ def _examples(tokenizer, texts: list[str], labels: list[int], kind: str, max_len
 
 
 class _Curve:
-    """Evaluates every ``eval_every`` steps (and before the first): the curve of the task's metric."""
+    """Evaluates the validation rows every ``eval_every`` steps (and before the first): the curve of the metric."""
 
-    def __new__(cls, task: Task, tokenizer, settings: Settings, device: torch.device):
+    def __new__(cls, task: Task, tokenizer, settings: Settings, device: torch.device,
+                log: Callable[[str], None] | None = None):
         import transformers
 
         class Curve(transformers.TrainerCallback):
@@ -153,28 +265,35 @@ class _Curve:
 
             def on_train_begin(self, args, state, control, model=None, **kwargs):
                 self.points = [[0, evaluate(model, tokenizer, task, settings, device)]]
+                self.started = time.perf_counter()
 
             def on_step_end(self, args, state, control, model=None, **kwargs):
                 if state.global_step % settings.eval_every == 0 or state.global_step == settings.steps:
                     if self.points[-1][0] != state.global_step:
-                        self.points.append([state.global_step, evaluate(model, tokenizer, task, settings, device)])
+                        value = evaluate(model, tokenizer, task, settings, device)
+                        self.points.append([state.global_step, value])
+                        if log is not None:
+                            log(f"step {state.global_step}/{settings.steps}: validation {metric_name(task)} "
+                                f"{value:.4f} ({time.perf_counter() - self.started:.0f} s)")
 
         return Curve()
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, task: Task, settings: Settings, device: torch.device) -> float:
-    """Accuracy (classification) or mean token loss (causal LM) on the evaluation rows."""
+def evaluate(model, tokenizer, task: Task, settings: Settings, device: torch.device, split: str = "validation") -> float:
+    """Accuracy (classification) or mean token loss (causal LM) on the validation or test rows."""
+    texts_all, labels_all = ((task.validation_texts, task.validation_labels) if split == "validation"
+                             else (task.eval_texts, task.eval_labels))
     was_training = model.training
     model.eval()
     correct, total, loss_sum, tokens = 0, 0, 0.0, 0
-    for start in range(0, len(task.eval_texts), 64):
-        texts = task.eval_texts[start:start + 64]
+    for start in range(0, len(texts_all), 64):
+        texts = texts_all[start:start + 64]
         batch = tokenizer(texts, truncation=True, max_length=settings.max_length, padding=True,
                           return_tensors="pt").to(device)
         if task.kind == "classification":
             predictions = model(**batch).logits.argmax(-1).cpu()
-            correct += int((predictions == torch.tensor(task.eval_labels[start:start + 64])).sum())
+            correct += int((predictions == torch.tensor(labels_all[start:start + 64])).sum())
             total += len(texts)
         else:
             labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)

@@ -1,10 +1,17 @@
 """A fine-tuning task read from the files people keep: JSONL, CSV, Parquet, or a ``datasets`` folder.
 
 Sequence classification needs a text column and a label column (strings or integers; strings are
-numbered in sorted order); causal-LM needs a text column.  The evaluation rows come from a second file
-(``eval_path``) or a seeded split of the first.  Every problem (a file that does not parse, a missing
-column, an empty split, a label the training rows never show) is one LayerscopeError naming the file
-and column, raised before any model is built.
+numbered in sorted order); causal-LM needs a text column.  Three disjoint splits:
+
+* train — what the adapters learn from;
+* validation — what the comparison chooses with (the learning-rate sweep, the training curves);
+* test (``eval_*``) — what the final numbers are measured on, and nothing else.
+
+A DatasetDict folder gives its ``validation`` and ``test`` splits; otherwise the test rows come from
+``eval_path`` or a seeded ``eval_fraction`` of the training file, and the validation rows from
+``validation_path`` or a seeded ``validation_fraction`` of what is left.  Every problem (a file that does
+not parse, a missing column, an empty split, a label the training rows never show) is one
+LayerscopeError naming the file and column, raised before any model is built.
 """
 
 from __future__ import annotations
@@ -30,6 +37,9 @@ class Task:
     eval_labels: list[int] = field(default_factory=list)
     label_names: list[str] = field(default_factory=list)
     source: str = ""
+    validation_texts: list[str] = field(default_factory=list)
+    validation_labels: list[int] = field(default_factory=list)
+    splits: dict = field(default_factory=dict)  # where each split came from
 
     @property
     def num_labels(self) -> int:
@@ -37,44 +47,87 @@ class Task:
 
     def describe(self) -> dict:
         return {"kind": self.kind, "source": self.source, "train_rows": len(self.train_texts),
-                "eval_rows": len(self.eval_texts), "labels": self.label_names}
+                "validation_rows": len(self.validation_texts), "eval_rows": len(self.eval_texts),
+                "labels": self.label_names, "splits": self.splits}
+
+    def majority_rate(self) -> float:
+        """The test accuracy of always answering the most frequent training label (chance for a classifier)."""
+        if not self.eval_labels or not self.train_labels:
+            return float("nan")
+        most = max(set(self.train_labels), key=self.train_labels.count)
+        return self.eval_labels.count(most) / len(self.eval_labels)
 
 
 def load_task(path: str | Path, kind: str = "classification", *, text_column: str = "text",
               label_column: str = "label", eval_path: str | Path | None = None, eval_fraction: float = 0.2,
+              validation_path: str | Path | None = None, validation_fraction: float = 0.15,
               seed: int = 0, max_rows: int | None = None) -> Task:
     if kind not in KINDS:
         raise LayerscopeError(f"--task-kind {kind!r}: expected one of {', '.join(KINDS)}")
-    if not 0 < eval_fraction < 1:
-        raise LayerscopeError(f"--eval-fraction {eval_fraction}: must be between 0 and 1")
-    train = _rows(Path(path), text_column, label_column if kind == "classification" else None)
+    for flag, fraction in (("--eval-fraction", eval_fraction), ("--validation-fraction", validation_fraction)):
+        if not 0 < fraction < 1:
+            raise LayerscopeError(f"{flag} {fraction}: must be between 0 and 1")
+    labels = label_column if kind == "classification" else None
+    path = Path(path)
+    given = _splits(path, text_column, labels)
+    train = given["train"]
+    rng_order = list(range(len(train)))
+    random.Random(seed).shuffle(rng_order)
+    splits = {"train": str(path)}
     if eval_path is not None:
-        evaluation = _rows(Path(eval_path), text_column, label_column if kind == "classification" else None)
+        test, splits["test"] = _rows(Path(eval_path), text_column, labels), str(eval_path)
+    elif "test" in given:
+        test, splits["test"] = given["test"], f"{path} (test split)"
     else:
-        order = list(range(len(train)))
-        random.Random(seed).shuffle(order)
         cut = max(1, round(len(train) * eval_fraction))
-        evaluation, train = train.iloc[order[:cut]], train.iloc[order[cut:]]
+        test, rng_order = train.iloc[rng_order[:cut]], rng_order[cut:]
+        splits["test"] = f"seeded {eval_fraction:g} of {path}"
+    if validation_path is not None:
+        validation, splits["validation"] = _rows(Path(validation_path), text_column, labels), str(validation_path)
+    elif "validation" in given:
+        validation, splits["validation"] = given["validation"], f"{path} (validation split)"
+    else:
+        cut = max(1, round(len(rng_order) * validation_fraction))
+        validation, rng_order = train.iloc[rng_order[:cut]], rng_order[cut:]
+        splits["validation"] = f"seeded {validation_fraction:g} of {path}"
+    train = train.iloc[sorted(rng_order)] if len(rng_order) != len(train) else train
     if max_rows is not None:
         train = train.iloc[:max_rows]
-    if len(train) < 2 or len(evaluation) < 1:
-        raise LayerscopeError(f"{path}: {len(train)} training and {len(evaluation)} evaluation rows; need at "
-                              "least 2 and 1")
-    task = Task(kind, list(train["text"]), list(evaluation["text"]), source=str(path))
+    if len(train) < 2 or len(test) < 1 or len(validation) < 1:
+        raise LayerscopeError(f"{path}: {len(train)} training, {len(validation)} validation and {len(test)} test rows; "
+                              "need at least 2, 1 and 1")
+    task = Task(kind, list(train["text"]), list(test["text"]), source=str(path),
+                validation_texts=list(validation["text"]), splits=splits)
     if kind == "classification":
         names = sorted({str(v) for v in train["label"]}, key=_label_order)
-        unseen = sorted({str(v) for v in evaluation["label"]} - set(names))
-        if unseen:
-            raise LayerscopeError(f"{eval_path or path}: column {label_column!r}: label {unseen[0]!r} never occurs "
-                                  "in the training rows")
+        for where, rows in ((eval_path or path, test), (validation_path or path, validation)):
+            unseen = sorted({str(v) for v in rows["label"]} - set(names))
+            if unseen:
+                raise LayerscopeError(f"{where}: column {label_column!r}: label {unseen[0]!r} never occurs in the "
+                                      "training rows")
         if len(names) < 2:
             raise LayerscopeError(f"{path}: column {label_column!r} has one label ({names[0]!r}); a classifier "
                                   "needs two or more")
         index = {name: i for i, name in enumerate(names)}
         task.label_names = names
         task.train_labels = [index[str(v)] for v in train["label"]]
-        task.eval_labels = [index[str(v)] for v in evaluation["label"]]
+        task.eval_labels = [index[str(v)] for v in test["label"]]
+        task.validation_labels = [index[str(v)] for v in validation["label"]]
     return task
+
+
+def _splits(path: Path, text_column: str, label_column: str | None) -> dict[str, pd.DataFrame]:
+    """``train`` (and ``validation`` / ``test`` where a DatasetDict folder has them)."""
+    if path.is_dir() and (path / "dataset_dict.json").is_file():
+        try:
+            names = json.loads((path / "dataset_dict.json").read_text())["splits"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise LayerscopeError(f"{path / 'dataset_dict.json'}: not a DatasetDict index (no 'splits' list)") from None
+        if "train" not in names:
+            raise LayerscopeError(f"{path}: a DatasetDict without a 'train' split (splits: {', '.join(names)})")
+        return {name: _rows(path / name, text_column, label_column) for name in ("train", "validation", "test")
+                if name in names}
+    return {"train": _rows(path, text_column, label_column)}
 
 
 def _label_order(name: str):
@@ -120,15 +173,10 @@ def _read(path: Path) -> pd.DataFrame:
 
 
 def _read_saved_dataset(folder: Path) -> pd.DataFrame:
-    """A ``Dataset.save_to_disk`` folder (Arrow stream files listed in state.json), without needing ``datasets``;
-    a DatasetDict folder reads its ``train`` split."""
+    """A ``Dataset.save_to_disk`` folder (Arrow stream files listed in state.json), without needing ``datasets``
+    (a DatasetDict's splits are read by :func:`_splits`)."""
     import pyarrow as pa
 
-    if (folder / "dataset_dict.json").is_file():
-        splits = json.loads((folder / "dataset_dict.json").read_text())["splits"]
-        if "train" not in splits:
-            raise LayerscopeError(f"{folder}: a DatasetDict without a 'train' split (splits: {', '.join(splits)})")
-        folder = folder / "train"
     state = folder / "state.json"
     if not state.is_file():
         raise LayerscopeError(f"{folder}: not a datasets save_to_disk folder (no state.json)")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from layerscope.errors import LayerscopeError
 from layerscope.planning.accounting import baselines
-from layerscope.planning.budget import fit_budget
+from layerscope.planning.budget import fit_budget, fitted_params
 from layerscope.planning.inputs import load_inputs
 from layerscope.planning.optimizer import DEFAULT_METRIC as DEFAULT_OPTIMIZER_METRIC
 from layerscope.planning.optimizer import optimizer_section
@@ -50,14 +50,14 @@ def plan(source, strategy: str = "alphalora", *, budget_params: int | None = Non
                          include_towers=include_towers, allow_unmapped=allow_unmapped).restrict_roles(target_roles)
     result = _for_expert_type(function(inputs, **strategy_params), expert_type)
 
-    allocations, budget_record = result.allocations, None
+    allocations, budget_record, params = result.allocations, None, dict(result.params)
     budget, budget_source = _budget(inputs, result, budget_params, budget_ratio, reference_rank, reference_experts)
     if budget is not None:
         fitted = fit_budget(inputs, result, budget)
         allocations = fitted.allocations
         budget_record = {"params": budget, "used": fitted.used, "slack": fitted.slack, "unit": result.scale.unit,
                          "scale_value": fitted.scale_value, "top_ups": fitted.top_ups, "source": budget_source}
-    params = dict(result.params)
+        params = fitted_params(result, fitted)
     if strategy_params.get("activations") is not None:
         activations = strategy_params["activations"]
         params["activations"] = str(activations) if isinstance(activations, (str, Path)) else "in-memory table"

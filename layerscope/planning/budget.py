@@ -38,6 +38,8 @@ def fit_budget(inputs: PlanInputs, result: StrategyResult, budget: int) -> Budge
     scale = result.scale
 
     def cost_at(value: int) -> int | None:
+        if scale.keeps_shape is not None and not scale.keeps_shape(value):
+            return None
         try:
             allocations = scale.allocate(value)
         except LayerscopeError:  # e.g. more experts than the per-layer maximums allow
@@ -55,7 +57,7 @@ def fit_budget(inputs: PlanInputs, result: StrategyResult, budget: int) -> Budge
         )
     best = _largest_fitting(scale.minimum, budget, cost_at)
     allocations = scale.allocate(best)
-    allocations, top_ups = _top_up(inputs, allocations, result, budget)
+    allocations, top_ups = _top_up(inputs, allocations, result, budget) if scale.top_up else (allocations, 0)
     return BudgetFit(allocations, budget, account(inputs, allocations).trainable_total, best, top_ups)
 
 
@@ -63,6 +65,17 @@ def ranks_fit(inputs: PlanInputs, allocations: list[LayerAllocation]) -> bool:
     """No module gets a rank above its matrix's smaller dimension."""
     shapes = inputs.shapes_by_layer
     return all(a.rank_of(role) <= min(in_f, out_f) for a in allocations for role, in_f, out_f in shapes[a.layer])
+
+
+def fitted_params(result: StrategyResult, fit: BudgetFit) -> dict:
+    """The strategy's options as the fitted plan uses them (``total_experts: 160`` would be wrong when 22 are used)."""
+    params = dict(result.params)
+    if result.scale.param:
+        params[result.scale.param] = (sum(a.experts for a in fit.allocations) if result.scale.unit == "experts"
+                                      else fit.scale_value)
+    if result.scale.unit == "rank" and params.get("max_rank", "unset") is None:
+        params["max_rank"] = 2 * fit.scale_value  # adaptive-lora's default cap at the fitted base rank
+    return params
 
 
 def _largest_fitting(low: int, budget: int, cost_at) -> int:

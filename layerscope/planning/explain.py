@@ -7,6 +7,8 @@ import pandas as pd
 from layerscope.planning.accounting import module_params
 from layerscope.planning.plan import Plan
 
+_UNIT_NAMES = {"experts": "expert", "experts_per_layer": "expert in every layer", "rank": "rank unit"}
+
 
 def explain_table(plan: Plan) -> pd.DataFrame:
     rows = []
@@ -45,5 +47,5 @@ def explain_text(plan: Plan) -> str:
     budget = strategy.get("budget")
     if budget:
         lines.append(f"budget: {budget['params']:,} params ({budget['source']}); used {budget['used']:,}, "
-                     f"slack {budget['slack']:,} (no further {budget['unit'][:-1] if budget['unit'] == 'experts' else 'rank'} unit fits)")
+                     f"slack {budget['slack']:,} (no further {_UNIT_NAMES.get(budget['unit'], budget['unit'])} fits)")
     return "\n".join(lines)

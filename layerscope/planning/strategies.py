@@ -53,11 +53,14 @@ class LayerAllocation:
 class Scale:
     """The integer knob a budget turns: total experts, or a base rank."""
 
-    unit: str  # "experts" | "rank"
+    unit: str  # "experts" (total) | "experts_per_layer" | "rank"
     default: int
     minimum: int
     allocate: Callable[[int], list[LayerAllocation]]
     weights: list[float]  # the proportional profile over layers, for topping up
+    param: str = ""  # the strategy option the knob sets (recorded with the fitted value in the plan)
+    top_up: bool = True  # False where one more unit in one layer would break the strategy's defining shape
+    keeps_shape: Callable[[int], bool] | None = None  # False at knob values where an option flattens the shape
 
 
 @dataclass(frozen=True)
@@ -109,7 +112,7 @@ def alphalora(inputs: PlanInputs, total_experts: int = 160, beta: float = 2.5, m
 
     params = dict(total_experts=total_experts, beta=beta, metric=metric, rounding=rounding,
                   min_experts=min_experts, max_experts=max_experts, rank=rank, top_k=top_k)
-    scale = Scale("experts", total_experts, max(1, min_experts) * len(layers), allocate, powered)
+    scale = Scale("experts", total_experts, max(1, min_experts) * len(layers), allocate, powered, "total_experts")
     return StrategyResult("alphalora", params, allocate(total_experts), scale, metric=metric)
 
 
@@ -137,7 +140,8 @@ def mola(inputs: PlanInputs, shape: str = "▽", pattern: tuple[int, ...] | None
 
     total = total_experts if total_experts is not None else preset_total
     params = dict(shape=name, pattern=list(pattern), total_experts=total, rank=rank, top_k=top_k)
-    return StrategyResult("mola", params, allocate(total), Scale("experts", total, len(layers), allocate, weights))
+    return StrategyResult("mola", params, allocate(total),
+                          Scale("experts", total, len(layers), allocate, weights, "total_experts"))
 
 
 # ---------------------------------------------------------------- hilo
@@ -163,6 +167,10 @@ def hilo(inputs: PlanInputs, ranks: tuple[int, ...] = (2, 4, 6, 8), experts: int
         counts = largest_remainder(weights, total, 1)
         return [LayerAllocation(layer, c, rank_of[layer], _top_k(c, top_k)) for layer, c in zip(layers, counts)]
 
+    def allocate_fixed(per_layer: int) -> list[LayerAllocation]:
+        # HILO's fixed mode is defined by the same expert count in every layer: a budget scales that count.
+        return [LayerAllocation(layer, per_layer, rank_of[layer], _top_k(per_layer, top_k)) for layer in layers]
+
     default_total = experts * len(layers)
     params = dict(ranks=list(ranks), experts=experts, top_k=top_k, rank_source=rank_source,
                   experts_mode=experts_mode, reference_experts=reference_experts, reference_rank=reference_rank)
@@ -175,9 +183,11 @@ def hilo(inputs: PlanInputs, ranks: tuple[int, ...] = (2, 4, 6, 8), experts: int
                        for layer in layers]
             return account(inputs, uniform).trainable_total
 
-    return StrategyResult("hilo", params, allocate(default_total),
-                          Scale("experts", default_total, len(layers), allocate, weights),
-                          default_budget=default_budget)
+        params["total_experts"] = default_total
+        scale = Scale("experts", default_total, len(layers), allocate, weights, "total_experts")
+        return StrategyResult("hilo", params, allocate(default_total), scale, default_budget=default_budget)
+    scale = Scale("experts_per_layer", experts, 1, allocate_fixed, [1.0] * len(layers), "experts", top_up=False)
+    return StrategyResult("hilo", params, allocate_fixed(experts), scale)
 
 
 def _rank_tiers(layers: list[int], ranks: list[int], source: str, activations,
@@ -230,14 +240,16 @@ def _near_zero_by_layer(activations, layers: list[int], fingerprint: str) -> dic
 # ---------------------------------------------------------------- adaptive-lora
 
 def adaptive_lora(inputs: PlanInputs, mode: str = "linear-decay", base_rank: int = 16, min_rank: int = 4,
-                  max_rank: int = 32) -> StrategyResult:
+                  max_rank: int | None = None) -> StrategyResult:
     """The Adaptive-LoRA seed's three rank formulas, one expert per module.
 
     linear-decay:    rank_i = max(r_min, r_base - (r_base - r_min) * i / (L - 1))
     attention-heavy: attention modules r_base, feed-forward max(r_min, r_base / 2)
     empirical:       0.6 r_base if i < 0.3 L; 1.2 r_base if i < 0.7 L; r_base otherwise
     Real-valued ranks are truncated to integers (int()), which reproduces the seed's reported
-    average rank of 9.5 for linear decay 16 → 4 on 24 layers; all ranks are capped at r_max.
+    average rank of 9.5 for linear decay 16 → 4 on 24 layers; all ranks are capped at r_max
+    (default 2 · r_base, so the cap scales with a budget and never flattens the profile; a budget
+    that would need ranks above an explicit ``max_rank`` is refused rather than flattened).
     """
     if mode not in ADAPTIVE_MODES:
         raise LayerscopeError(f"--mode {mode!r}: expected one of {', '.join(ADAPTIVE_MODES)}")
@@ -245,7 +257,7 @@ def adaptive_lora(inputs: PlanInputs, mode: str = "linear-decay", base_rank: int
     roles = sorted(set(inputs.modules["role"]))
     n = len(layers)
 
-    def allocate(base: int) -> list[LayerAllocation]:
+    def formula(base: int) -> list[LayerAllocation]:
         out = []
         for i, layer in enumerate(layers):
             if mode == "linear-decay":
@@ -258,15 +270,28 @@ def adaptive_lora(inputs: PlanInputs, mode: str = "linear-decay", base_rank: int
                 ffn = max(min_rank, int(base / 2))
                 module_ranks = {role: (base if role in ROLE_GROUPS["attention"] or mixer_of_role(role) else ffn)
                                 for role in roles}
-                module_ranks = {r: min(max_rank, v) for r, v in module_ranks.items()}
-                rank = min(max_rank, base)
-            out.append(LayerAllocation(layer, 1, max(1, min(max_rank, rank)), 1, module_ranks=module_ranks))
+                rank = base
+            out.append(LayerAllocation(layer, 1, max(1, rank), 1, module_ranks=module_ranks))
         return out
+
+    def allocate(base: int) -> list[LayerAllocation]:
+        cap = max_rank if max_rank is not None else 2 * base
+        return [_capped(a, cap) for a in formula(base)]
+
+    def keeps_shape(base: int) -> bool:
+        """An explicit --max-rank that would flatten the profile at this base rank: a budget stops below it."""
+        return max_rank is None or max(r for a in formula(base) for r in (a.rank, *a.module_ranks.values())) <= max_rank
 
     params = dict(mode=mode, base_rank=base_rank, min_rank=min_rank, max_rank=max_rank)
     weights = [float(a.rank) for a in allocate(base_rank)]
     return StrategyResult("adaptive-lora", params, allocate(base_rank),
-                          Scale("rank", base_rank, 1, allocate, weights))
+                          Scale("rank", base_rank, max(1, min_rank), allocate, weights, "base_rank",
+                                keeps_shape=keeps_shape))
+
+
+def _capped(allocation: LayerAllocation, cap: int) -> LayerAllocation:
+    return replace(allocation, rank=min(cap, allocation.rank),
+                   module_ranks={r: min(cap, v) for r, v in allocation.module_ranks.items()})
 
 
 # ---------------------------------------------------------------- uniform
@@ -279,7 +304,9 @@ def uniform(inputs: PlanInputs, experts: int = 1, rank: int = 8, top_k: int = 2)
         return [LayerAllocation(layer, experts, r, _top_k(experts, top_k)) for layer in layers]
 
     params = dict(experts=experts, rank=rank, top_k=top_k)
-    return StrategyResult("uniform", params, allocate(rank), Scale("rank", rank, 1, allocate, [1.0] * len(layers)))
+    # No top-ups: one more rank in some layers would make "uniform" non-uniform (61/60).
+    scale = Scale("rank", rank, 1, allocate, [1.0] * len(layers), "rank", top_up=False)
+    return StrategyResult("uniform", params, allocate(rank), scale)
 
 
 # ---------------------------------------------------------------- option checks (before any solving)

@@ -260,22 +260,25 @@ def plot_allocations(plans: dict) -> Figure:
 
 
 def plot_eval_curves(comparison: dict) -> Figure:
-    """A plan comparison's evaluation metric against training steps: per plan the mean over seeds (line)
-    and the range over seeds (band); the final values per seed as dots at the right."""
+    """A plan comparison's validation metric against training steps: per arm the mean over seeds (line) and the
+    range over seeds (band); baselines dashed, the dense arm dotted."""
     from matplotlib.ticker import MaxNLocator
 
+    kinds = {row["arm"]: row["kind"] for row in comparison.get("arms", [])}
+    styles = {"baseline": ("--", 2.0), "dense": (":", 1.8)}
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     for name, by_seed in comparison["curves"].items():
         curves = [np.asarray(points, dtype=float) for points in by_seed.values()]
         steps = curves[0][:, 0]
         values = np.vstack([c[:, 1] for c in curves if len(c) == len(steps)])
-        line, = ax.plot(steps, values.mean(axis=0), linewidth=2 if name == "uniform" else 1.5,
-                        linestyle="--" if name == "uniform" else "-", label=f"{name} (n={len(values)})")
+        style, width = styles.get(kinds.get(name, ""), ("-", 1.5))
+        line, = ax.plot(steps, values.mean(axis=0), linewidth=width, linestyle=style,
+                        label=f"{name} (n={len(values)})")
         ax.fill_between(steps, values.min(axis=0), values.max(axis=0), color=line.get_color(), alpha=0.15)
     ax.set_xlabel("training step")
     ax.set_ylabel(comparison["metric"])
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_title(f"{comparison['metric']} on the evaluation rows (mean over seeds, band = range)", fontsize=10)
+    ax.set_title(f"{comparison['metric']} on the validation rows (mean over seeds, band = range)", fontsize=10)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     return fig

@@ -241,26 +241,31 @@ class _ReportFiles:
         write_files(self.writers)
 
 
-PLAN_COMPARISON_COLUMNS = ("plan", "strategy", "n", "mean", "sd", "ci95_low", "ci95_high", "diff_vs_uniform",
-                           "diff_ci95_low", "diff_ci95_high", "p_value", "trainable", "active_per_token",
-                           "seconds_per_step", "peak_memory_mib")
+PLAN_COMPARISON_COLUMNS = ("arm", "kind", "baseline", "n", "mean", "ci95_low", "ci95_high", "diff_vs_baseline",
+                           "diff_ci95_low", "diff_ci95_high", "p_holm", "mde80", "collapsed", "trainable",
+                           "active_per_token", "seconds_per_step", "peak_memory_mib")
+PLAN_COMPARISON_SCHEMA = "layerscope.plan-comparison/2"
 
 
 def _plan_comparison_section(document: dict, files: _ReportFiles) -> str:
-    if document.get("schema") != "layerscope.plan-comparison/1":
-        raise LayerscopeError("--plan-comparison: not a compare-plans document (schema layerscope.plan-comparison/1)")
+    if document.get("schema") != PLAN_COMPARISON_SCHEMA:
+        raise LayerscopeError(f"--plan-comparison: not a compare-plans document (schema {PLAN_COMPARISON_SCHEMA}; "
+                              f"this one says {document.get('schema')!r})")
     files.figure(plots.plot_eval_curves(document), "plan_comparison_curves")
     files.text("plan_comparison.json", json.dumps(document, indent=1) + "\n")
-    rows = pd.DataFrame(document["plans"])
+    rows = pd.DataFrame(document["arms"])
     shown = rows[[c for c in PLAN_COMPARISON_COLUMNS if c in rows.columns]]
     task = document["task"]
-    return ("<h2>Do the plans pay? Equal-budget fine-tuning</h2>"
-            f"<p class='{'ok' if 'beat' in document['verdict'] and 'no plan' not in document['verdict'] else 'muted'}'>"
-            f"{html.escape(document['verdict'])}</p>"
-            f"<p>{html.escape(document['metric'])} on {task['eval_rows']} held-out rows of {html.escape(task['source'])} "
-            f"({task['kind']}), seeds {', '.join(map(str, document['seeds']))}, {document['settings']['steps']} steps; "
-            "mean over seeds with its 95 % interval, and each plan minus uniform seed by seed (paired t-test).</p>"
-            "<img src='img/plan_comparison_curves.png' alt='evaluation curves per plan'>"
+    dense = f"<p class='muted'>Mixture vs dense: {html.escape(document['dense_verdict'])}</p>" \
+        if document.get("dense_verdict") else ""
+    return ("<h2>Do the plans pay? Each strategy against the uniform plan of its own structure</h2>"
+            f"<p>{html.escape(document['verdict'])}</p>{dense}"
+            f"<p>{html.escape(document['metric'])} on {task['eval_rows']} test rows of {html.escape(task['source'])} "
+            f"({task['kind']}), seeds {', '.join(map(str, document['seeds']))}, {document['settings']['steps']} steps "
+            f"at learning rate {document['settings']['learning_rate']:g} ({html.escape(document['learning_rate']['why'])}); "
+            "mean over seeds with its 95 % interval, each strategy minus its baseline seed by seed (paired t-test, "
+            "Holm-corrected), and the minimum detectable effect at 80 % power.  Curves: validation rows.</p>"
+            "<img src='img/plan_comparison_curves.png' alt='validation curves per arm'>"
             + _table_html(shown) + "<p><a href='plan_comparison.json'>plan_comparison.json</a></p>")
 
 
