@@ -61,6 +61,8 @@ def _value(text: str):
               show_default=True)
 @click.option("--text-column", default="text", show_default=True)
 @click.option("--label-column", default="label", show_default=True)
+@click.option("--prompt-column", help="Causal LM: a context column before --text-column; only the text (the "
+              "completion) is scored, as in instruction tuning.")
 @click.option("--eval-fraction", type=float, default=0.2, show_default=True)
 @click.option("--validation-fraction", type=float, default=0.15, show_default=True)
 @click.option("--plans", "plans", required=True,
@@ -94,7 +96,8 @@ def _value(text: str):
               help="Folder: comparison.json, results.csv, curves.png, runs/ (the resume store).")
 @click.option("--quiet", "-q", is_flag=True)
 def compare_plans_command(model: Path, task_file: Path, eval_file: Path | None, validation_file: Path | None,
-                          task_kind: str, text_column: str, label_column: str, eval_fraction: float,
+                          task_kind: str, text_column: str, label_column: str, prompt_column: str | None,
+                          eval_fraction: float,
                           validation_fraction: float, plans: str, options: tuple[str, ...], expert_type: str,
                           target_roles: str | None, budget_params: int | None, budget_tolerance: float,
                           seeds: tuple[int, ...], steps: int, learning_rate: float,
@@ -109,7 +112,7 @@ def compare_plans_command(model: Path, task_file: Path, eval_file: Path | None, 
     check_writable([out / "comparison.json"])
     task = load_task(task_file, task_kind, text_column=text_column, label_column=label_column, eval_path=eval_file,
                      eval_fraction=eval_fraction, validation_path=validation_file,
-                     validation_fraction=validation_fraction, seed=0)
+                     validation_fraction=validation_fraction, prompt_column=prompt_column, seed=0)
     settings = Settings(steps=steps, learning_rate=learning_rate, batch_size=batch_size, eval_every=eval_every,
                         max_length=max_length, device=device, scheduler=scheduler, warmup_ratio=warmup_ratio)
     settings.check()

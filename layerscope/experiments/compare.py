@@ -14,8 +14,8 @@ paired with, and optionally a dense single LoRA of equal trainable parameters.  
    to its baseline with interval, p-value, Holm-corrected p and the minimum detectable effect at 80 %
    power (:mod:`layerscope.experiments.stats`); and whether the baseline's validation curve had flattened.
 
-The document is ``layerscope.plan-comparison/2``; progress goes to a bar on a terminal, else to one
-line per evaluation and per run on stderr.
+The document is ``layerscope.plan-comparison/2``; progress goes to stderr as one timestamped line per run
+and per evaluation (on a terminal or not: a comparison can take hours, and a log file should show it).
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def _choose_learning_rate(arms: list[Arm], rates: list[float], seeds: list[int],
 
 
 class _Log:
-    """A progress bar on a terminal; otherwise one timestamped line per event on stderr."""
+    """One timestamped line per event on stderr (off with ``progress=False`` / ``--quiet``)."""
 
     def __init__(self, enabled: bool):
         self.enabled = enabled
@@ -140,8 +140,7 @@ def run_key(the_plan, task: Task, seed: int, settings: Settings) -> str:
     parts = {"model": the_plan.model["fingerprint"],
              "plan": _digest({k: document.get(k) for k in ("layers", "expert_type", "lora", "target_roles",
                                                            "optimizer")}),
-             "task": _digest([task.kind, task.train_texts, task.train_labels, task.validation_texts,
-                              task.validation_labels, task.eval_texts, task.eval_labels]),
+             "task": _digest([task.kind, *(task.split(name) for name in ("train", "validation", "test"))]),
              "seed": seed, "settings": asdict(settings)}
     return _digest(parts)
 

@@ -82,12 +82,12 @@ def train_run(model_path: str, plan: Plan, task: Task, seed: int, settings: Sett
         apply_plan(model, plan, verbose=False)
         head = _train_head(model)
         adapters = sum(p.numel() for name, p in model.named_parameters() if p.requires_grad and name not in head)
-        train = _examples(tokenizer, task.train_texts, task.train_labels, task.kind, settings.max_length)
+        train = examples(tokenizer, task, "train", settings.max_length)
         curve = _Curve(task, tokenizer, settings, device, log)
         trainer = LayerscopeTrainer(
             model=model, train_dataset=train,
             data_collator=transformers.DataCollatorWithPadding(tokenizer) if task.kind == "classification"
-            else transformers.DataCollatorForLanguageModeling(tokenizer, mlm=False),
+            else _LanguageModelCollator(tokenizer.pad_token_id),
             callbacks=[RouterTelemetry(every=settings.eval_every, save=False), curve],
             args=transformers.TrainingArguments(
                 output_dir=scratch, max_steps=settings.steps, per_device_train_batch_size=settings.batch_size,
@@ -244,13 +244,44 @@ def _train_head(model) -> dict[str, int]:
     return head
 
 
-def _examples(tokenizer, texts: list[str], labels: list[int], kind: str, max_length: int) -> list[dict]:
-    encoded = tokenizer(texts, truncation=True, max_length=max_length)
-    rows = [{key: encoded[key][i] for key in encoded} for i in range(len(texts))]
-    if kind == "classification":
-        for row, label in zip(rows, labels):
-            row["labels"] = label
+def examples(tokenizer, task: Task, split: str, max_length: int) -> list[dict]:
+    """Tokenized rows of a split.  Causal LM: labels are the tokens to predict — the whole text, or with
+    prompts only the completion and the end-of-sequence token (the prompt is context, as in instruction
+    tuning); a row longer than ``max_length`` loses the start of its prompt, never its completion."""
+    texts, labels, prompts = task.split(split)
+    if task.kind == "classification":
+        encoded = tokenizer(texts, truncation=True, max_length=max_length)
+        return [{**{key: encoded[key][i] for key in encoded}, "labels": label} for i, label in enumerate(labels)]
+    rows = []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    for i, text in enumerate(texts):
+        if prompts:
+            context = tokenizer(prompts[i])["input_ids"]
+            target = tokenizer(text, add_special_tokens=False)["input_ids"] + eos
+            context = context[max(0, len(context) + len(target) - max_length):]
+            ids, label_ids = context + target, [-100] * len(context) + target
+        else:
+            ids = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
+            label_ids = list(ids)
+        rows.append({"input_ids": ids[:max_length], "attention_mask": [1] * len(ids[:max_length]),
+                     "labels": label_ids[:max_length]})
     return rows
+
+
+class _LanguageModelCollator:
+    """Right-pads input ids, attention masks and labels (-100 on padding) to the longest row of the batch."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, rows: list[dict]) -> dict:
+        width = max(len(row["input_ids"]) for row in rows)
+
+        def padded(key: str, fill: int) -> torch.Tensor:
+            return torch.tensor([row[key] + [fill] * (width - len(row[key])) for row in rows])
+
+        return {"input_ids": padded("input_ids", self.pad_id), "attention_mask": padded("attention_mask", 0),
+                "labels": padded("labels", -100)}
 
 
 class _Curve:
@@ -281,24 +312,22 @@ class _Curve:
 
 @torch.no_grad()
 def evaluate(model, tokenizer, task: Task, settings: Settings, device: torch.device, split: str = "validation") -> float:
-    """Accuracy (classification) or mean token loss (causal LM) on the validation or test rows."""
-    texts_all, labels_all = ((task.validation_texts, task.validation_labels) if split == "validation"
-                             else (task.eval_texts, task.eval_labels))
+    """Accuracy (classification) or mean loss per predicted token (causal LM) on the validation or test rows."""
+    rows = examples(tokenizer, task, split, settings.max_length)
+    collate = (_LanguageModelCollator(tokenizer.pad_token_id) if task.kind == "causal-lm" else
+               __import__("transformers").DataCollatorWithPadding(tokenizer))
     was_training = model.training
     model.eval()
     correct, total, loss_sum, tokens = 0, 0, 0.0, 0
-    for start in range(0, len(texts_all), 64):
-        texts = texts_all[start:start + 64]
-        batch = tokenizer(texts, truncation=True, max_length=settings.max_length, padding=True,
-                          return_tensors="pt").to(device)
+    for start in range(0, len(rows), 64):
+        batch = {k: v.to(device) for k, v in collate(rows[start:start + 64]).items()}
         if task.kind == "classification":
-            predictions = model(**batch).logits.argmax(-1).cpu()
-            correct += int((predictions == torch.tensor(labels_all[start:start + 64])).sum())
-            total += len(texts)
+            labels = batch.pop("labels")
+            correct += int((model(**batch).logits.argmax(-1) == labels).sum())
+            total += len(labels)
         else:
-            labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-            count = int((labels[:, 1:] != -100).sum())
-            loss_sum += float(model(**batch, labels=labels).loss) * count
+            count = int((batch["labels"][:, 1:] != -100).sum())
+            loss_sum += float(model(**batch).loss) * count
             tokens += count
     model.train(was_training)
     return correct / total if task.kind == "classification" else (loss_sum / tokens if tokens else math.nan)

@@ -40,6 +40,17 @@ class Task:
     validation_texts: list[str] = field(default_factory=list)
     validation_labels: list[int] = field(default_factory=list)
     splits: dict = field(default_factory=dict)  # where each split came from
+    train_prompts: list[str] = field(default_factory=list)  # causal LM: context before each text (not scored)
+    validation_prompts: list[str] = field(default_factory=list)
+    eval_prompts: list[str] = field(default_factory=list)
+
+    def split(self, name: str) -> tuple[list[str], list[int], list[str]]:
+        """(texts, labels, prompts) of ``train``, ``validation`` or ``test``."""
+        if name == "train":
+            return self.train_texts, self.train_labels, self.train_prompts
+        if name == "validation":
+            return self.validation_texts, self.validation_labels, self.validation_prompts
+        return self.eval_texts, self.eval_labels, self.eval_prompts
 
     @property
     def num_labels(self) -> int:
@@ -61,21 +72,24 @@ class Task:
 def load_task(path: str | Path, kind: str = "classification", *, text_column: str = "text",
               label_column: str = "label", eval_path: str | Path | None = None, eval_fraction: float = 0.2,
               validation_path: str | Path | None = None, validation_fraction: float = 0.15,
-              seed: int = 0, max_rows: int | None = None) -> Task:
+              prompt_column: str | None = None, seed: int = 0, max_rows: int | None = None) -> Task:
+    """``prompt_column`` (causal LM): a context column; only ``text_column`` (the completion) is scored."""
     if kind not in KINDS:
         raise LayerscopeError(f"--task-kind {kind!r}: expected one of {', '.join(KINDS)}")
     for flag, fraction in (("--eval-fraction", eval_fraction), ("--validation-fraction", validation_fraction)):
         if not 0 < fraction < 1:
             raise LayerscopeError(f"{flag} {fraction}: must be between 0 and 1")
     labels = label_column if kind == "classification" else None
+    if prompt_column is not None and kind != "causal-lm":
+        raise LayerscopeError(f"--prompt-column {prompt_column}: only for --task-kind causal-lm")
     path = Path(path)
-    given = _splits(path, text_column, labels)
+    given = _splits(path, text_column, labels, prompt_column)
     train = given["train"]
     rng_order = list(range(len(train)))
     random.Random(seed).shuffle(rng_order)
     splits = {"train": str(path)}
     if eval_path is not None:
-        test, splits["test"] = _rows(Path(eval_path), text_column, labels), str(eval_path)
+        test, splits["test"] = _rows(Path(eval_path), text_column, labels, prompt_column), str(eval_path)
     elif "test" in given:
         test, splits["test"] = given["test"], f"{path} (test split)"
     else:
@@ -83,7 +97,8 @@ def load_task(path: str | Path, kind: str = "classification", *, text_column: st
         test, rng_order = train.iloc[rng_order[:cut]], rng_order[cut:]
         splits["test"] = f"seeded {eval_fraction:g} of {path}"
     if validation_path is not None:
-        validation, splits["validation"] = _rows(Path(validation_path), text_column, labels), str(validation_path)
+        validation, splits["validation"] = (_rows(Path(validation_path), text_column, labels, prompt_column),
+                                            str(validation_path))
     elif "validation" in given:
         validation, splits["validation"] = given["validation"], f"{path} (validation split)"
     else:
@@ -98,6 +113,9 @@ def load_task(path: str | Path, kind: str = "classification", *, text_column: st
                               "need at least 2, 1 and 1")
     task = Task(kind, list(train["text"]), list(test["text"]), source=str(path),
                 validation_texts=list(validation["text"]), splits=splits)
+    if prompt_column is not None:
+        task.train_prompts, task.validation_prompts, task.eval_prompts = (
+            list(rows["prompt"]) for rows in (train, validation, test))
     if kind == "classification":
         names = sorted({str(v) for v in train["label"]}, key=_label_order)
         for where, rows in ((eval_path or path, test), (validation_path or path, validation)):
@@ -116,7 +134,8 @@ def load_task(path: str | Path, kind: str = "classification", *, text_column: st
     return task
 
 
-def _splits(path: Path, text_column: str, label_column: str | None) -> dict[str, pd.DataFrame]:
+def _splits(path: Path, text_column: str, label_column: str | None,
+            prompt_column: str | None = None) -> dict[str, pd.DataFrame]:
     """``train`` (and ``validation`` / ``test`` where a DatasetDict folder has them)."""
     if path.is_dir() and (path / "dataset_dict.json").is_file():
         try:
@@ -125,24 +144,29 @@ def _splits(path: Path, text_column: str, label_column: str | None) -> dict[str,
             raise LayerscopeError(f"{path / 'dataset_dict.json'}: not a DatasetDict index (no 'splits' list)") from None
         if "train" not in names:
             raise LayerscopeError(f"{path}: a DatasetDict without a 'train' split (splits: {', '.join(names)})")
-        return {name: _rows(path / name, text_column, label_column) for name in ("train", "validation", "test")
-                if name in names}
-    return {"train": _rows(path, text_column, label_column)}
+        return {name: _rows(path / name, text_column, label_column, prompt_column)
+                for name in ("train", "validation", "test") if name in names}
+    return {"train": _rows(path, text_column, label_column, prompt_column)}
 
 
 def _label_order(name: str):
     return (0, int(name), "") if name.lstrip("-").isdigit() else (1, 0, name)
 
 
-def _rows(path: Path, text_column: str, label_column: str | None) -> pd.DataFrame:
+def _rows(path: Path, text_column: str, label_column: str | None, prompt_column: str | None = None) -> pd.DataFrame:
     table = _read(path)
-    for column in (text_column, label_column):
+    for column in (text_column, label_column, prompt_column):
         if column is not None and column not in table.columns:
             raise LayerscopeError(f"{path}: no column {column!r} (columns: {', '.join(map(str, table.columns))})")
     out = pd.DataFrame({"text": table[text_column]})
+    if prompt_column is not None:
+        out["prompt"] = table[prompt_column]
+        bad = out["prompt"].map(lambda t: not isinstance(t, str))
+        if bad.any():
+            raise LayerscopeError(f"{path}: column {prompt_column!r}: row {int(bad.to_numpy().nonzero()[0][0])} is not text")
     if label_column is not None:
         out["label"] = table[label_column]
-    bad = out["text"].map(lambda t: not isinstance(t, str) or not t.strip())
+    bad = out["text"].map(lambda t: not isinstance(t, str) or not t.strip())  # a completion must say something
     if bad.any():
         raise LayerscopeError(f"{path}: column {text_column!r}: row {int(bad.to_numpy().nonzero()[0][0])} is not "
                               "text (empty or another type)")

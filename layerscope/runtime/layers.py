@@ -9,8 +9,17 @@ MoR experts:   ΔW_e = diag(λ_B,e) B diag(λ_A,e) A — one shared A, B per mod
                two vectors from collapsing into one product; both start at 1.
 Router (E > 1): linear, no bias, on x → softmax → top-k → weights renormalised to sum to 1.
 A starts kaiming-uniform (or Gaussian, std 1/r, as HILO), B at zero: an untrained adapter
-leaves the model's output unchanged.  Experts are evaluated per expert on the tokens routed to
-it (LoRA) or per routing slot (MoR), so the cost grows with top-k, not with E or a token loop.
+leaves the model's output unchanged.
+
+LoRA experts are dispatched one of two ways, with the same result and gradients:
+* dense: every expert's A on every token as one (E·r × in) matmul, the hidden units scaled by the
+  routing weights (zero for unchosen experts), then one (out × E·r) matmul — two kernels, E/k times
+  the adapter FLOPs of top-k; used while E·r ≤ ``DENSE_DISPATCH_MAX_WIDTH`` (the common case: 2–8
+  experts of rank 4–16), where the adapter FLOPs are small beside the base layer's and per-expert
+  gathers would dominate (benchmarks/RESULTS.md §4);
+* sparse: per expert, only the tokens routed to it (gather, two matmuls, index_add) — the cost grows
+  with top-k, not with E, which pays for many or wide experts.
+MoR experts are evaluated per routing slot on the shared A, B.
 """
 
 from __future__ import annotations
@@ -20,6 +29,9 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+DENSE_DISPATCH_MAX_WIDTH = 256  # E·r up to which computing every expert beats gathering tokens per expert
 
 
 class RoutingContext:
@@ -141,6 +153,19 @@ class MoELoraLinear(nn.Module):
         self.last_aux_loss = self.experts * torch.sum(tokens_per_expert * router_prob_per_expert[None, :])
 
     def _lora_experts(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        if self.experts == 1:
+            return (x @ self.lora_A[0].T) @ self.lora_B[0].T
+        if self.experts * self.rank <= DENSE_DISPATCH_MAX_WIDTH:
+            return self._dense_dispatch(x, weights, chosen)
+        return self._sparse_dispatch(x, weights, chosen)
+
+    def _dense_dispatch(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        gates = x.new_zeros(x.shape[0], self.experts).scatter(1, chosen, weights)  # (tokens, E), zero if unchosen
+        hidden = (x @ self.lora_A.reshape(-1, self.in_features).T).view(-1, self.experts, self.rank)
+        hidden = (hidden * gates[:, :, None]).reshape(-1, self.experts * self.rank)
+        return hidden @ self.lora_B.permute(1, 0, 2).reshape(self.out_features, -1).T
+
+    def _sparse_dispatch(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         delta = x.new_zeros(x.shape[0], self.out_features)
         for expert in range(self.experts):  # a loop over experts, each on its own tokens
             rows, slot = torch.nonzero(chosen == expert, as_tuple=True)
