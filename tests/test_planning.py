@@ -262,3 +262,21 @@ def test_lora_alpha_settings():
     scaled = layerscope.plan(scan_table([3.0] * 4), "hilo", ranks=(2, 4), lora=LoraSettings(alpha_scale=2.0),
                              progress=False)
     assert {(m["rank"], m["lora_alpha"]) for m in scaled.modules()} == {(2, 4.0), (4, 8.0)}
+
+
+def test_a_budget_keeps_each_strategys_defining_shape():
+    metric = list(np.linspace(2, 5, 12))
+    budget = 500_000
+    adaptive = plan_from(metric, "adaptive-lora", budget_params=budget)  # default cap 2 x base: the profile scales
+    ranks = [layer["rank"] for layer in adaptive.layers]
+    assert ranks[0] > ranks[-1] and len(set(ranks)) > 3  # still a decay, not the uniform plan
+    assert adaptive.strategy["params"]["base_rank"] == adaptive.strategy["budget"]["scale_value"] > 16
+    capped = plan_from(metric, "adaptive-lora", budget_params=budget, max_rank=32)  # an explicit cap binds
+    capped_ranks = [layer["rank"] for layer in capped.layers]
+    assert max(capped_ranks) <= 32 and capped_ranks[0] > capped_ranks[-1] and len(set(capped_ranks)) > 3
+    assert capped.strategy["budget"]["slack"] > 0  # stops below the cap rather than flattening the decay
+    hilo = plan_from(metric, "hilo", budget_params=budget)
+    assert len({layer["experts"] for layer in hilo.layers}) == 1  # 8,7,7,7,6,6 would not be HILO's fixed experts
+    assert sorted({layer["rank"] for layer in hilo.layers}) == [2, 4, 6, 8]
+    alphalora = plan_from(metric, "alphalora", budget_params=budget)
+    assert alphalora.strategy["params"]["total_experts"] == sum(layer["experts"] for layer in alphalora.layers)

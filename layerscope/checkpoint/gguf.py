@@ -5,8 +5,9 @@ dequantizing every tensor and undoing llama.cpp's Q/K row permutation, but refus
 on the result.  This writes the loaded model's state dict with safetensors (a tied LM head stored once,
 as transformers does), its config with ``architectures`` filled in (GGUF loading leaves it empty) and
 the tokenizer, so every layerscope command, the runtime and any trainer can use the model as a folder.
-The folder records the source file's size and modification time (``gguf_source.json``): converting the
-same file again is a no-op.
+The config drops GGUF's ``quantization_config`` (the weights written are dequantized; transformers would
+otherwise treat the folder as a quantized model that cannot be fine-tuned).  The folder records the
+source file's size and modification time (``gguf_source.json``): converting the same file again is a no-op.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 from layerscope.errors import LayerscopeError
 
 SOURCE_RECORD = "gguf_source.json"
+FORMAT_VERSION = 2  # bumped when what is written changes: older folders are converted again
 
 
 def materialize_gguf(path: str | Path, folder: str | Path, *, dtype: str = "float32") -> Path:
@@ -29,7 +31,7 @@ def materialize_gguf(path: str | Path, folder: str | Path, *, dtype: str = "floa
     if not path.is_file() or path.suffix != ".gguf":
         raise LayerscopeError(f"{path}: not a .gguf file")
     source = {"file": str(path.resolve()), "bytes": path.stat().st_size, "mtime_ns": path.stat().st_mtime_ns,
-              "dtype": dtype}
+              "dtype": dtype, "format": FORMAT_VERSION}
     if _up_to_date(folder, source):
         return folder
     if folder.exists() and any(folder.iterdir()) and not (folder / SOURCE_RECORD).is_file():
@@ -93,8 +95,9 @@ def _write(model, tokenizer, folder: Path, source: dict) -> None:
         state[name] = tensor
     save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"),
               metadata={"format": "pt"})
-    config = model.config
-    config.architectures = [type(model).__name__]
-    config.to_json_file(str(folder / "config.json"))
+    config = model.config.to_dict()
+    config["architectures"] = [type(model).__name__]
+    config.pop("quantization_config", None)  # the weights written are dequantized: the folder is a plain model
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     tokenizer.save_pretrained(str(folder))
     (folder / SOURCE_RECORD).write_text(json.dumps(source, indent=1) + "\n")

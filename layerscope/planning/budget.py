@@ -57,7 +57,11 @@ def fit_budget(inputs: PlanInputs, result: StrategyResult, budget: int) -> Budge
         )
     best = _largest_fitting(scale.minimum, budget, cost_at)
     allocations = scale.allocate(best)
-    allocations, top_ups = _top_up(inputs, allocations, result, budget) if scale.top_up else (allocations, 0)
+    # Top-ups fill the slack below one more knob step; where that step would break the shape (an explicit cap),
+    # they would pile units onto layers until the profile flattens, so the slack stays.
+    shape_ends = scale.keeps_shape is not None and not scale.keeps_shape(best + 1)
+    allocations, top_ups = (_top_up(inputs, allocations, result, budget) if scale.top_up and not shape_ends
+                            else (allocations, 0))
     return BudgetFit(allocations, budget, account(inputs, allocations).trainable_total, best, top_ups)
 
 
