@@ -122,7 +122,7 @@ def test_corrupt_bin_and_gguf_give_one_line_errors(tmp_path):
         result = subprocess.run([sys.executable, "-m", "layerscope", "scan", str(target), "--quiet"],
                                 capture_output=True, text=True)
         assert result.returncode == 2
-        assert len(result.stderr.strip().splitlines()) == 1 and "GGUF files are not supported" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and "layerscope convert-gguf" in result.stderr
 
 
 # ---- hub cache layout -----------------------------------------------------------------------

@@ -123,3 +123,18 @@ def test_compare_plans_trains_it_as_a_causal_lm_with_prompts(folder, tmp_path):
         assert row["head"] == 0  # a causal LM trains no new head
     curve = document["curves"]["alphalora"]["0"]
     assert len(curve) == 3 and curve[-1][1] < curve[0][1]  # the completion loss falls within two steps
+
+
+def test_convert_gguf_from_the_command_line(folder, tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "layerscope", "convert-gguf", str(GGUF), str(folder)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and f"wrote {folder}" in result.stdout  # already converted: a no-op
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    result = subprocess.run([sys.executable, "-m", "layerscope", "convert-gguf", str(GGUF), str(tmp_path / "busy")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "is not a folder converted from GGUF" in result.stderr
+    assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"

@@ -147,9 +147,8 @@ def _locate_files(root: Path) -> tuple[list[Path], dict[str, str] | None]:
     """The shard files to read and, when an index names them, the tensor→shard map."""
     if root.is_file():
         if root.suffix == ".gguf":
-            raise LayerscopeError(f"{root}: GGUF files are not supported; scan the original Hugging Face checkpoint, "
-                                  "or convert back with transformers (from_pretrained(..., gguf_file=...) then "
-                                  "save_pretrained)")
+            raise LayerscopeError(f"{root}: GGUF files are not read directly yet; convert it once with "
+                                  f"`layerscope convert-gguf {root.name} FOLDER` and scan the folder")
         if root.suffix not in (".safetensors", *TORCH_SUFFIXES):
             raise LayerscopeError(f"{root}: not a .safetensors or pytorch .bin file")
         return [root], None

@@ -276,3 +276,14 @@ def architectures_command() -> None:
     from layerscope.checkpoint.support import architecture_table
 
     click.echo(architecture_table(), nl=False)
+
+
+@cli.command("convert-gguf")
+@click.argument("gguf_file", type=click.Path(path_type=Path))
+@click.argument("folder", type=click.Path(path_type=Path))
+def convert_gguf_command(gguf_file: Path, folder: Path) -> None:
+    """Write a GGUF file (llama.cpp) as a Hugging Face folder: dequantized model.safetensors, config.json and the
+    tokenizer (needs the gguf and transformers packages).  Every command, the runtime and trainers can then use it."""
+    from layerscope.checkpoint.gguf import materialize_gguf
+
+    click.echo(f"wrote {materialize_gguf(gguf_file, folder)}")

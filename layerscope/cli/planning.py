@@ -44,7 +44,8 @@ from layerscope.outputs import check_writable
 @click.option("--mode", type=click.Choice(["linear-decay", "attention-heavy", "empirical"]), help="adaptive-lora.")
 @click.option("--base-rank", type=int, help="adaptive-lora: r_base (default 16).")
 @click.option("--min-rank", type=int, help="adaptive-lora: r_min (default 4).")
-@click.option("--max-rank", type=int, help="adaptive-lora: r_max (default 32).")
+@click.option("--max-rank", type=int, help="adaptive-lora: r_max (default 2 x r_base, so a budget scales it; an "
+              "explicit cap stops a budget fit below it rather than flattening the profile).")
 @click.option("--budget-params", type=int, help="Trainable-parameter budget (adapters + routers).")
 @click.option("--budget-ratio", type=float, help="Budget as a multiple of one rank-r LoRA on every target module.")
 @click.option("--reference-rank", type=int, default=8, show_default=True, help="r of the uniform baselines.")
