@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -11,7 +12,11 @@ import click
 # torch; the user's own setting wins; see layerscope.spectral.threads).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from layerscope.cli import analysis, experiments, planning  # noqa: F401  (registers the commands)
+# bitsandbytes, imported by transformers' Trainer where it is installed, logs a warning about an optional CPU
+# kernel package at import; it concerns no command's input or output, so the CLI keeps it off the terminal.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+from layerscope.cli import analysis, experiments, planning  # noqa: F401,E402  (registers the commands)
 from layerscope.cli.group import cli, one_line
 from layerscope.errors import LayerscopeError
 

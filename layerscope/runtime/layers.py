@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
 DENSE_DISPATCH_MAX_WIDTH = 256  # E·r up to which computing every expert beats gathering tokens per expert
 
 
