@@ -12,13 +12,13 @@ import click
 # torch; the user's own setting wins; see layerscope.spectral.threads).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from layerscope.cli import analysis, experiments, planning  # noqa: F401  (registers the commands)
+from layerscope.cli.group import cli, one_line
+from layerscope.errors import LayerscopeError
+
 # bitsandbytes, imported by transformers' Trainer where it is installed, logs a warning about an optional CPU
 # kernel package at import; it concerns no command's input or output, so the CLI keeps it off the terminal.
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-
-from layerscope.cli import analysis, experiments, planning  # noqa: F401,E402  (registers the commands)
-from layerscope.cli.group import cli, one_line
-from layerscope.errors import LayerscopeError
 
 
 def _gathered_elsewhere(message: str) -> bool:
