@@ -12,6 +12,9 @@
   ``"Debian package description: …\\nSection:"`` with the section; only the completion is scored
   (``debian-sections-lm``).  Arms: alphalora (5 experts per layer, 150) against MoLA □.
 
+``--protocol before`` repeats the earlier protocol of RESULTS §11 on the same task for the collapse count
+(constant 2e-3, no warm-up, 40 steps, alphalora against □ only) — the "before" of the mixtures' collapse.
+
 Protocol (both): the learning rate is chosen on the validation rows from a three-point sweep on the □
 baseline with seed 0 (its run at the chosen rate is reused as that seed's baseline run); warm-up 10 % then
 linear decay; every arm sees the same batches per seed and the same steps; test rows are scored once per
@@ -70,10 +73,14 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, help="Number of seeds (default: 8 for minilm, 5 for smollm2).")
     parser.add_argument("--steps", type=int)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--protocol", choices=["current", "before"], default="current")
     args = parser.parse_args()
     setup = dict(SETUPS[args.model])
+    if args.protocol == "before":
+        setup.update(plans=["alphalora"], steps=40, eval_every=20, lr_sweep=None, lr=2e-3, scheduler="constant",
+                     warmup_ratio=0.0)
     setup.update({k: v for k, v in (("seeds", args.seeds), ("steps", args.steps)) if v is not None})
-    out = args.out or DATA / f"compare-{args.model}"
+    out = args.out or DATA / f"compare-{args.model}{'-before' if args.protocol == 'before' else ''}"
 
     from layerscope.experiments import PlanSettings, Settings, compare_plans, load_task, prepare_model, results_table
 
@@ -81,12 +88,13 @@ def main() -> None:
     task = load_task(files["train"], setup["kind"], validation_path=files["validation"], eval_path=files["test"],
                      prompt_column="prompt" if setup["kind"] == "causal-lm" else None)
     settings = Settings(steps=setup["steps"], batch_size=setup["batch_size"], eval_every=setup["eval_every"],
-                        max_length=setup["max_length"], device="cpu")
+                        max_length=setup["max_length"], device="cpu", learning_rate=setup.get("lr", 1e-3),
+                        scheduler=setup.get("scheduler", "linear"), warmup_ratio=setup.get("warmup_ratio", 0.1))
     started = time.perf_counter()
     model = prepare_model(model_path(args.model), out)
     document = compare_plans(model, task, setup["plans"], seeds=list(range(setup["seeds"])), settings=settings,
                              out=out, plan_settings=PlanSettings(options=setup["options"]),
-                             lr_sweep=setup["lr_sweep"], sweep_seeds=[0])
+                             lr_sweep=setup["lr_sweep"], sweep_seeds=[0] if setup["lr_sweep"] else None)
     table = results_table(document)
     print(table[["arm", "kind", "baseline", "n", "mean", "ci95_low", "ci95_high", "diff_vs_baseline", "diff_ci95_low",
                  "diff_ci95_high", "p_holm", "mde80", "collapsed", "trainable", "active_per_token",

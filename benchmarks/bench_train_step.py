@@ -1,11 +1,14 @@
-"""Training step time: a MoE-LoRA plan vs plain LoRA with equal active parameters, same model.
+"""Training step time: a MoE-LoRA plan vs plain LoRA with equal active parameters, same model; and the two
+ways of dispatching experts.
 
     python benchmarks/bench_train_step.py [--steps 12] [--batch-size 16] [--seq-len 128]
 
 On MiniLM (all 36 projections): MoE-LoRA with 4 experts of rank 4, top-2 (8 active ranks per
 module) against one rank-8 LoRA per module (layerscope's runtime), and PEFT's LoRA rank 8 as
-the reference implementation.  Step = forward + backward + AdamW update; median of the steps
-after two warm-up steps.
+the reference implementation.  Then, for mixtures from 4 × r4 to 32 × r16 (top-2), the step with every
+module dispatched densely (all experts on every token, gated) and sparsely (each expert on its routed
+tokens), which sets ``DENSE_DISPATCH_MAX_WIDTH``.  Step = forward + backward + AdamW update; median of
+the steps after two warm-up steps.
 """
 
 from __future__ import annotations
@@ -82,7 +85,30 @@ def main() -> None:
         "layerscope_lora_vs_peft_lora": results["layerscope_lora"] / results["peft_lora"],
         "steps": args.steps, "machine": machine(), "date": today(),
     }
+    report["dispatch"] = dispatch_times(path, load, batch, args.steps)
     print(json.dumps(report, indent=1))
+
+
+def dispatch_times(path, load, batch, steps: int) -> list[dict]:
+    import layerscope
+    from layerscope.runtime import apply_plan, layers
+
+    rows = []
+    for experts, rank in ((4, 4), (5, 8), (8, 8), (8, 32), (32, 16)):
+        plan = layerscope.plan(path, "uniform", experts=experts, rank=rank, top_k=2, progress=False)
+        times = {}
+        for mode, width in (("dense", 1 << 30), ("sparse", 0)):
+            original = layers.DENSE_DISPATCH_MAX_WIDTH
+            layers.DENSE_DISPATCH_MAX_WIDTH = width
+            try:
+                torch.manual_seed(0)
+                times[mode] = statistics.median(step_times(apply_plan(load(), plan, verbose=False), batch, steps))
+            finally:
+                layers.DENSE_DISPATCH_MAX_WIDTH = original
+        rows.append({"experts": experts, "rank": rank, "width": experts * rank, "dense_s": times["dense"],
+                     "sparse_s": times["sparse"], "sparse_over_dense": times["sparse"] / times["dense"],
+                     "default": "dense" if experts * rank <= layers.DENSE_DISPATCH_MAX_WIDTH else "sparse"})
+    return rows
 
 
 if __name__ == "__main__":
