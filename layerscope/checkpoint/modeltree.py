@@ -26,6 +26,7 @@ from layerscope.checkpoint.architectures import (
     NOT_PROJECTION_CLASSES,
     TOWER_KEYWORDS,
 )
+from layerscope.checkpoint.configguard import clamp_for_build
 
 LANGUAGE = None  # the ``tower`` of a language-model stack
 
@@ -295,6 +296,7 @@ def _build_on_meta(transformers, torch, config_dict: dict, config_file: Path | N
         else:
             fields = {k: v for k, v in config_dict.items() if k not in ("model_type", "transformers_version")}
             config = transformers.AutoConfig.for_model(config_dict["model_type"], **fields)
+        clamp_for_build(config)
         architectures = config_dict.get("architectures") or []
         cls = getattr(transformers, architectures[0], None) if architectures else None
         with torch.device("meta"):

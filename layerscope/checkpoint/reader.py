@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from layerscope.checkpoint.architectures import ARCHITECTURES
+from layerscope.checkpoint.configguard import check_config_counts
 from layerscope.checkpoint.dtypes import TORCH_DTYPE, UNDECODED, decode_f4, nbytes
 from layerscope.checkpoint.header import HEADER_CAP_BYTES, parse_header
 from layerscope.errors import LayerscopeError
@@ -116,7 +117,11 @@ def open_checkpoint(path: str | os.PathLike, revision: str | None = None) -> Che
         _check_index_coverage(root, expected, tensors)
     ordered = {name: tensors[name] for name in sorted(tensors, key=natural_key)}
     folder = root if root.is_dir() else root.parent
-    return Checkpoint(path=root, files=files, tensors=ordered, config=_read_config(folder))
+    config = _read_config(folder)
+    if config:
+        check_config_counts(config, list(ordered), [info.shape for info in ordered.values()],
+                            str(folder / "config.json"))
+    return Checkpoint(path=root, files=files, tensors=ordered, config=config)
 
 
 def resolve_hub_cache(root: Path, revision: str | None) -> Path:

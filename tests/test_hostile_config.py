@@ -1,0 +1,78 @@
+"""config.json is untrusted input: counts beyond what the checkpoint holds are refused before anything is built,
+in bounded time, for the families whose scan builds transformers' module tree (hybrid, composite, MoE)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+
+transformers = pytest.importorskip("transformers")
+
+from tests.zoo_models import ZooEntry, build  # noqa: E402
+
+from layerscope.checkpoint.configguard import bound, clamp_for_build, stored_counts  # noqa: E402
+
+LIMIT_S = 120  # a generous wall-clock cap for the subprocess; an unguarded build of 1e6 layers runs far past it
+
+
+def _saved(entry: ZooEntry, folder: Path) -> Path:
+    _, model = build(entry)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(folder)
+    return folder
+
+
+def _scan(folder: Path) -> tuple[subprocess.CompletedProcess, float]:
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "layerscope", "scan", str(folder), "-q", "--out",
+                             str(folder / "scan.parquet")], capture_output=True, text=True, timeout=LIMIT_S)
+    return result, time.perf_counter() - started
+
+
+@pytest.mark.parametrize("model_type,auto_class,field", [
+    ("qwen3_next", "AutoModelForCausalLM", ["num_hidden_layers"]),
+    ("gemma3", "AutoModelForImageTextToText", ["text_config", "num_hidden_layers"]),
+    ("gemma3", "AutoModelForImageTextToText", ["vision_config", "num_hidden_layers"]),
+    ("mixtral", "AutoModelForCausalLM", ["num_local_experts"]),
+])
+def test_a_config_claiming_a_million_is_refused_in_bounded_time(tmp_path, model_type, auto_class, field):
+    folder = _saved(ZooEntry(model_type, "x", auto_class), tmp_path / model_type)
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    target = config
+    for key in field[:-1]:
+        target = target[key]
+    target[field[-1]] = 1_000_000
+    config_path.write_text(json.dumps(config))
+    result, seconds = _scan(folder)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert f"{'.'.join(field)} = 1,000,000" in lines[0] and "config.json" in lines[0]
+    assert not (folder / "scan.parquet").exists()
+
+
+def test_the_same_checkpoint_with_its_own_config_scans(tmp_path):
+    folder = _saved(ZooEntry("qwen3_next", "x", "AutoModelForCausalLM"), tmp_path / "ok")
+    result, _ = _scan(folder)
+    assert result.returncode == 0, result.stderr
+
+
+def test_stored_counts_and_the_bound():
+    names = [f"model.layers.{i}.mlp.experts.{e}.up_proj.weight" for i in range(4) for e in range(8)]
+    assert stored_counts(names, [(64, 32)]) == (8, 8)  # the max over prefixes (experts nest inside layers)
+    assert stored_counts(["model.layers.3.q.weight"], [(16, 60, 32)]) == (4, 16)  # stacked experts [E, out, in]
+    assert bound(4) == 80
+
+
+def test_position_counts_are_clamped_for_the_build_only():
+    config = transformers.Gemma3Config()
+    config.text_config.max_position_embeddings = 10**9
+    clamp_for_build(config)
+    assert config.text_config.max_position_embeddings == 1 << 14
