@@ -14,9 +14,8 @@ import pytest
 
 transformers = pytest.importorskip("transformers")
 
-from tests.zoo_models import ZooEntry, build  # noqa: E402
-
 from layerscope.checkpoint.configguard import bound, clamp_for_build, stored_counts  # noqa: E402
+from tests.zoo_models import ZooEntry, build  # noqa: E402
 
 LIMIT_S = 120  # a generous wall-clock cap for the subprocess; an unguarded build of 1e6 layers runs far past it
 
