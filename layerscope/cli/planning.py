@@ -23,7 +23,7 @@ from layerscope.outputs import check_writable
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option("--strategy", type=click.Choice(STRATEGIES), default="alphalora", show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), help="Write the plan JSON here.")
-@click.option("--total-experts", type=int, help="alphalora/mola: experts over all layers (alphalora default 160).")
+@click.option("--total-experts", type=int, help="alphalora/mola: experts over all layers (alphalora default 5 per layer: 160 on 32).")
 @click.option("--beta", type=float, help="alphalora: exponent of alpha (default 2.5).")
 @click.option("--metric", help="alphalora: scan column averaged per layer (default alpha_peak).")
 @click.option("--rounding", type=click.Choice(["largest-remainder", "reference"]),

@@ -83,7 +83,8 @@ def build_arms(model: str, items: list[str | Path], settings: PlanSettings, prog
                                   "structure, built here; name strategies or plan files (and 'dense' for a dense "
                                   "single-LoRA arm)")
         elif text in STRATEGIES:
-            options = {**_depth_defaults(text, depth), **settings.options.get(text, {})}
+            defaults = {} if settings.budget_params is not None else _depth_defaults(text, depth)
+            options = {**defaults, **settings.options.get(text, {})}
             arms.append(Arm(text, _plan(model, text, settings, options, f"{text} arm"), "strategy",
                             built=_describe_options(text, options, settings.budget_params)))
         else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -38,6 +39,7 @@ def plan(source, strategy: str = "alphalora", *, budget_params: int | None = Non
         raise LayerscopeError(f"--strategy {strategy!r}: unknown (known: {', '.join(STRATEGIES)})")
     if budget_params is not None and budget_ratio is not None:
         raise LayerscopeError("give --budget-params or --budget-ratio, not both")
+    _refuse_size_conflict(strategy, strategy_params, budget_params, budget_ratio)
     function = STRATEGIES[strategy]
     accepted = inspect.signature(function).parameters
     unknown = [k for k in strategy_params if k not in accepted]
@@ -48,6 +50,7 @@ def plan(source, strategy: str = "alphalora", *, budget_params: int | None = Non
     metric = strategy_params.get("metric", accepted["metric"].default) if "metric" in accepted else None
     inputs = load_inputs(source, metric=metric, progress=progress, also=(optimizer_metric,) if optimizer else (),
                          include_towers=include_towers, allow_unmapped=allow_unmapped).restrict_roles(target_roles)
+    _refuse_beyond_full_rank(inputs, strategy_params)
     result = _for_expert_type(function(inputs, **strategy_params), expert_type)
 
     allocations, budget_record, params = result.allocations, None, dict(result.params)
@@ -70,6 +73,34 @@ def plan(source, strategy: str = "alphalora", *, budget_params: int | None = Non
         built.document["optimizer"] = optimizer_section(metric_by_layer, list(optimizer), optimizer_metric)
         built.validate()
     return built
+
+
+SIZE_KNOBS = {"alphalora": "total_experts", "mola": "total_experts", "adaptive-lora": "base_rank", "uniform": "rank"}
+
+
+def _refuse_size_conflict(strategy: str, params: dict, budget_params, budget_ratio) -> None:
+    """A budget sets the strategy's size knob: giving the knob too would be silently overridden."""
+    knob = SIZE_KNOBS.get(strategy)
+    if strategy == "hilo":
+        knob = "experts" if params.get("experts_mode", "fixed") == "fixed" else None
+    if knob and params.get(knob) is not None and (budget_params is not None or budget_ratio is not None):
+        budget_flag = "--budget-params" if budget_params is not None else "--budget-ratio"
+        raise LayerscopeError(f"{budget_flag} and --{knob.replace('_', '-')} both set the size of the {strategy} plan; "
+                              "give one")
+
+
+def _refuse_beyond_full_rank(inputs, params: dict) -> None:
+    """A rank above every target module's smaller side would silently become full rank everywhere."""
+    full = max(min(int(m.in_features), int(m.out_features)) for m in inputs.modules.itertuples())
+    for name in ("rank", "base_rank", "min_rank"):
+        value = params.get(name)
+        if isinstance(value, int) and value > full:
+            raise LayerscopeError(f"--{name.replace('_', '-')} {value}: above the full rank of every target module "
+                                  f"(the largest min(in, out) is {full})")
+    ranks = params.get("ranks")
+    if ranks and max(ranks) > full:
+        raise LayerscopeError(f"--ranks {','.join(map(str, ranks))}: {max(ranks)} is above the full rank of every "
+                              f"target module (the largest min(in, out) is {full})")
 
 
 def _for_expert_type(result: StrategyResult, expert_type: str) -> StrategyResult:
@@ -103,8 +134,8 @@ def _budget(inputs, result, budget_params, budget_ratio, reference_rank,
                                   f"{largest:,}")
         return int(budget_params), "budget_params"
     if budget_ratio is not None:
-        if budget_ratio <= 0:
-            raise LayerscopeError(f"--budget-ratio {budget_ratio}: must be > 0")
+        if not (budget_ratio > 0 and math.isfinite(budget_ratio)):
+            raise LayerscopeError(f"--budget-ratio {budget_ratio}: must be a finite number > 0")
         single = baselines(inputs, reference_rank, 1)["single_lora"]["trainable"]
         if budget_ratio * single > largest:
             raise LayerscopeError(f"--budget-ratio {budget_ratio}: {int(budget_ratio * single):,} parameters, more "

@@ -86,10 +86,14 @@ def depth_groups(layers: list[int], groups: int) -> list[list[int]]:
 
 # ---------------------------------------------------------------- alphalora
 
-def alphalora(inputs: PlanInputs, total_experts: int = 160, beta: float = 2.5, metric: str = "alpha_peak",
+EXPERTS_PER_LAYER = 5  # MoLA's □ and AlphaLoRA's T = 160 on 32 layers; the depth-scaled default total
+
+
+def alphalora(inputs: PlanInputs, total_experts: int | None = None, beta: float = 2.5, metric: str = "alpha_peak",
               rounding: str = "largest-remainder", min_experts: int = 1, max_experts: int | None = None,
               rank: int = 8, top_k: int = 2) -> StrategyResult:
-    """s_i ∝ v_i^β, v_i = mean of ``metric`` over layer i's projections: higher alpha, more experts."""
+    """s_i ∝ v_i^β, v_i = mean of ``metric`` over layer i's projections: higher alpha, more experts.
+    ``total_experts`` defaults to 5 per layer (AlphaLoRA's 160 on 32 layers), so a 6-layer model gets 30."""
     if rounding not in ("largest-remainder", "reference"):
         raise LayerscopeError(f"--rounding {rounding!r}: expected largest-remainder or reference")
     values = inputs.layer_metric(metric)
@@ -98,6 +102,8 @@ def alphalora(inputs: PlanInputs, total_experts: int = 160, beta: float = 2.5, m
     if any(x <= 0 for x in v):
         raise LayerscopeError(f"metric {metric!r} must be > 0 in every layer for alpha^beta shares")
     powered = [x**beta for x in v]
+    if total_experts is None:
+        total_experts = EXPERTS_PER_LAYER * len(layers)
 
     def allocate(total: int) -> list[LayerAllocation]:
         if rounding == "reference":
@@ -118,10 +124,15 @@ def alphalora(inputs: PlanInputs, total_experts: int = 160, beta: float = 2.5, m
 
 # ---------------------------------------------------------------- mola
 
-def mola(inputs: PlanInputs, shape: str = "▽", pattern: tuple[int, ...] | None = None,
+def mola(inputs: PlanInputs, shape: str | None = None, pattern: tuple[int, ...] | None = None,
          total_experts: int | None = None, rank: int = 8, top_k: int = 2) -> StrategyResult:
-    """MoLA's group presets generalised to any depth: group boundaries from the layer count."""
-    name = MOLA_SYMBOLS.get(shape, shape)
+    """MoLA's group presets generalised to any depth: group boundaries from the layer count.  ``shape``
+    (default ▽) names a preset; ``pattern`` gives the experts per group instead — not both."""
+    if shape is not None and pattern is not None:
+        raise LayerscopeError(f"--shape {shape} and --pattern {','.join(map(str, pattern))}: give one (a shape is a "
+                              "named pattern)")
+    shape = "▽" if shape is None and pattern is None else shape
+    name = MOLA_SYMBOLS.get(shape, shape) if shape is not None else "custom"
     if pattern is None:
         if name not in MOLA_SHAPES:
             known = ", ".join([*MOLA_SYMBOLS, *MOLA_SHAPES])
@@ -345,6 +356,9 @@ def check_options(strategy: str, params: dict) -> None:
         raise LayerscopeError(f"--min-rank {low} > --max-rank {high}")
     if base is not None and high is not None and base > high:
         raise LayerscopeError(f"--base-rank {base} > --max-rank {high}")
+    if strategy == "adaptive-lora" and (base or 16) < (low or 4):
+        raise LayerscopeError(f"--base-rank {base or 16} < --min-rank {low or 4}: the base rank is the largest of the "
+                              "profile")
 
 
 STRATEGIES: dict[str, Callable[..., StrategyResult]] = {

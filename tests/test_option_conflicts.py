@@ -1,0 +1,47 @@
+"""Plan options that conflict or are out of range are refused in one line naming the flags (issue 24, part 4)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.builders import LLAMA_CONFIG, llama_tensors, write_checkpoint
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    config = {**LLAMA_CONFIG, "num_hidden_layers": 6, "hidden_size": 32}
+    return write_checkpoint(tmp_path_factory.mktemp("llama"), llama_tensors(layers=6, hidden=32, inter=48),
+                            config=config)
+
+
+def _plan(model, *args):
+    return subprocess.run([sys.executable, "-m", "layerscope", "plan", str(model), "-q", *args],
+                          capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--budget-ratio", "nan"], "--budget-ratio nan: must be a finite number > 0"),
+    (["--budget-ratio", "inf"], "--budget-ratio inf: must be a finite number > 0"),
+    (["--strategy", "alphalora", "--budget-params", "100000", "--total-experts", "12"],
+     "--budget-params and --total-experts both set the size"),
+    (["--strategy", "uniform", "--budget-ratio", "2", "--rank", "4"], "--budget-ratio and --rank both set the size"),
+    (["--strategy", "mola", "--shape", "□", "--pattern", "2,4"], "--shape □ and --pattern 2,4: give one"),
+    (["--strategy", "adaptive-lora", "--base-rank", "2", "--min-rank", "8"], "--base-rank 2 < --min-rank 8"),
+    (["--strategy", "uniform", "--rank", "100000"], "--rank 100000: above the full rank of every target module"),
+    (["--strategy", "hilo", "--ranks", "2,4,600"], "600 is above the full rank"),
+])
+def test_conflicting_or_out_of_range_options_are_refused(model, args, needle):
+    result = _plan(model, *args)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and needle in lines[0], result.stderr
+
+
+def test_alphalora_total_scales_with_depth(model):
+    import layerscope
+
+    plan = layerscope.plan(model, "alphalora", progress=False)
+    assert sum(layer["experts"] for layer in plan.layers) == 30  # 5 per layer on 6 layers, not 160
+    assert plan.strategy["params"]["total_experts"] == 30
