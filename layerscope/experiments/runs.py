@@ -10,7 +10,8 @@ head: a checkpoint whose head transformers would initialise at random is refused
 The curve is measured on the validation rows; the run's ``final`` number on the test rows, once, at
 the end.  ``peak_memory_mib`` is the run's own peak (the accelerator allocator's peak since the run
 began, or on the CPU the resident set sampled every 20 ms during the run, minus the resident set
-before the model was built), so it does not depend on the order of the runs in one process.
+before the model was built, after returning freed memory to the OS), so it does not depend on the order
+of the runs in one process.
 """
 
 from __future__ import annotations
@@ -171,6 +172,7 @@ class _PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
             return self
+        _release_freed_memory()
         self._base = self._peak = _rss_bytes()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -187,6 +189,19 @@ class _PeakMemory:
         self._stop.set()
         self._thread.join()
         self.peak_mib = (max(self._peak, _rss_bytes()) - self._base) / 2**20
+
+
+def _release_freed_memory() -> None:
+    """Return memory freed by earlier runs to the OS (glibc keeps it for reuse, so a later run would otherwise grow
+    into it without raising the resident set, and read as nearly free)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the baseline is simply less exact
+        pass
 
 
 def _rss_bytes() -> int:
