@@ -45,3 +45,15 @@ def test_alphalora_total_scales_with_depth(model):
     plan = layerscope.plan(model, "alphalora", progress=False)
     assert sum(layer["experts"] for layer in plan.layers) == 30  # 5 per layer on 6 layers, not 160
     assert plan.strategy["params"]["total_experts"] == 30
+
+
+def test_a_mor_plan_is_refused_by_every_lora_trainer_format(model, tmp_path):
+    import layerscope
+    from layerscope.errors import LayerscopeError
+    from layerscope.export import export_plan
+
+    plan = layerscope.plan(model, "mola", shape="□", total_experts=12, expert_type="mor", progress=False)
+    for fmt, needle in (("mola", "MoLA trains LoRA experts"), ("peft", "has no PEFT equivalent")):
+        with pytest.raises(LayerscopeError, match=needle) as info:
+            export_plan(plan, fmt)
+        assert "--format mola" not in str(info.value)  # no advice toward another wrong format

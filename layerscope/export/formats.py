@@ -27,6 +27,9 @@ def to_peft_config(plan: Plan, base_model_name_or_path: str | None = None, modul
     Pattern keys are escaped full module paths (``model\\.layers\\.3\\.self_attn\\.q_proj``):
     PEFT matches them as ``(.*\\.)?(key)$``, so ``layers.1`` can never match ``layers.11``.
     """
+    if plan.document["expert_type"] != "lora":
+        raise LayerscopeError(f"{plan.source}: expert_type {plan.document['expert_type']!r} has no PEFT equivalent; "
+                              "train it with layerscope.runtime")
     crowded = [layer for layer in plan.layers if layer["experts"] > 1]
     if crowded:
         first = crowded[0]
@@ -37,8 +40,6 @@ def to_peft_config(plan: Plan, base_model_name_or_path: str | None = None, modul
     modules = plan.modules() if modules is None else modules
     if not modules:
         raise LayerscopeError(f"{plan.source}: no module has an adapter")
-    if plan.document["expert_type"] != "lora":
-        raise LayerscopeError(f"{plan.source}: expert_type {plan.document['expert_type']!r} has no PEFT equivalent")
     _check_peft_moe_renames(plan, modules)
     _check_peft_mamba(plan, modules)
     lora = plan.document["lora"]
@@ -138,6 +139,9 @@ def _check_peft_moe_renames(plan: Plan, modules: list[dict]) -> None:
 
 def to_mola_args(plan: Plan) -> dict[str, str]:
     """MoLA / AlphaLoRA trainer arguments: one comma-separated entry per layer, layers 0..L-1."""
+    if plan.document["expert_type"] != "lora":
+        raise LayerscopeError(f"{plan.source}: expert_type {plan.document['expert_type']!r}: MoLA trains LoRA experts "
+                              "(its own A and B per expert), not this plan's experts; train it with layerscope.runtime")
     layers = sorted(plan.layers, key=lambda layer: layer["layer"])
     expected = list(range(plan.model["num_layers"]))
     if [layer["layer"] for layer in layers] != expected:
