@@ -57,3 +57,17 @@ def test_a_mor_plan_is_refused_by_every_lora_trainer_format(model, tmp_path):
         with pytest.raises(LayerscopeError, match=needle) as info:
             export_plan(plan, fmt)
         assert "--format mola" not in str(info.value)  # no advice toward another wrong format
+
+
+def test_a_scan_of_another_model_is_refused_by_report_and_plot(model, tmp_path):
+    other = write_checkpoint(tmp_path / "other", llama_tensors(layers=3, hidden=32, inter=48),
+                             config={**LLAMA_CONFIG, "num_hidden_layers": 3, "hidden_size": 32})
+    table = tmp_path / "other.scan.parquet"
+    scanned = subprocess.run([sys.executable, "-m", "layerscope", "scan", str(other), "-q", "--out", str(table)],
+                             capture_output=True, text=True)
+    assert scanned.returncode == 0, scanned.stderr
+    for args in (["report", str(model), "--scan", str(table), "--out", str(tmp_path / "r"), "-q"],
+                 ["plot", str(table), "--model", str(model), "--layer", "0", "--out", str(tmp_path / "p")]):
+        result = subprocess.run([sys.executable, "-m", "layerscope", *args], capture_output=True, text=True)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and "made for another model" in lines[0], result.stderr

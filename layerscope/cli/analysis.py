@@ -178,6 +178,9 @@ def plot_command(scan_file: Path, layer: tuple[int, ...], matrix: str | None, mo
         source = model or table.attrs.get("path")
         if not source or not Path(str(source)).exists():
             raise LayerscopeError(f"{scan_file}: the scanned model {source!r} is not here; pass --model PATH")
+        from layerscope.planning.matching import require_same_model, scan_difference
+
+        require_same_model(scan_difference(table, source), str(scan_file), False)
         for name, eigs in esd_eigenvalues(source, list(chosen["name"])).items():
             figures[out / f"esd_{plots.safe_stem(name)}.png"] = plots.plot_esd(eigs, name)
     out.mkdir(parents=True, exist_ok=True)  # nothing is written before every figure is drawn
@@ -212,6 +215,10 @@ def report_command(model: Path, out: Path, scan_file: Path | None, activations_f
     from layerscope.viz import build_report
 
     table = read_scan(scan_file) if scan_file else scan(model, progress=not quiet)
+    if scan_file:
+        from layerscope.planning.matching import scan_difference
+
+        require_same_model(scan_difference(table, model), str(scan_file), allow_other_model)
     activations = read_activations(activations_file) if activations_file else None
     plans = {path.stem: Plan.load(path) for path in plan_files}
     shapes, fingerprint = table_shapes(table), table.attrs.get("fingerprint")

@@ -63,6 +63,22 @@ def checkpoint_shapes(path: str | Path) -> tuple[dict[str, tuple[int, int]], int
     return shapes, scheme.num_layers or ckpt.num_layers, ckpt.fingerprint()
 
 
+def scan_difference(table: pd.DataFrame, path: str | Path) -> str | None:
+    """The first difference between a scan table and the checkpoint at ``path``: a scanned tensor it lacks or
+    holds in another shape, else other tensors (fingerprint)."""
+    from layerscope.checkpoint.reader import open_checkpoint
+
+    ckpt = open_checkpoint(path)
+    column = "tensor" if "tensor" in table.columns else "name"
+    for name in dict.fromkeys(str(n) for n in table[column].dropna()):
+        if name not in ckpt.tensors and name.split("[")[0] not in ckpt.tensors:  # stacked experts: name[expert]
+            return f"scanned tensor {name} is not in {path}"
+    fingerprint = table.attrs.get("fingerprint")
+    if fingerprint and fingerprint != ckpt.fingerprint():
+        return f"{path} has other tensors than the scanned model (header fingerprint differs)"
+    return None
+
+
 def require_same_model(difference: str | None, what: str, allow: bool) -> None:
     if difference is not None and not allow:
         raise LayerscopeError(f"{what} was made for another model: {difference} ({ALLOW_FLAG} to use it anyway)")
