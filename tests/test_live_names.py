@@ -73,6 +73,10 @@ def test_plans_cover_the_language_model_unless_towers_are_asked_for(saved):
     both = {m["name"] for m in layerscope.plan(table, "uniform", include_towers=True, progress=False).modules()}
     towers = both - default
     assert towers and all(name.startswith("model.vision_tower.") for name in towers)
+    language_only = layerscope.plan(table, "uniform", progress=False)
+    # the plan names both facts: blocks in the checkpoint (language + vision) and the depth it plans
+    assert language_only.model["num_layers"] == table.attrs["num_layers"]
+    assert language_only.model["planned_depth"] == len(language_only.layers) < language_only.model["num_layers"]
 
 
 def test_peft_export_targets_exactly_the_planned_live_modules(saved, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -71,3 +72,24 @@ def test_a_scan_of_another_model_is_refused_by_report_and_plot(model, tmp_path):
         result = subprocess.run([sys.executable, "-m", "layerscope", *args], capture_output=True, text=True)
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and "made for another model" in lines[0], result.stderr
+
+
+def test_plans_store_a_resolved_model_path_and_say_when_an_export_goes_unchecked(model, tmp_path):
+    import json
+    import os
+
+    plan_file = tmp_path / "p.json"
+    result = subprocess.run([sys.executable, "-m", "layerscope", "plan", os.path.relpath(model, tmp_path), "-q",
+                             "--strategy", "uniform", "--out", str(plan_file)], capture_output=True, text=True,
+                            cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    document = json.loads(plan_file.read_text())
+    assert Path(document["model"]["path"]).is_absolute() and Path(document["model"]["path"]) == Path(model).resolve()
+    document["model"]["path"] = str(tmp_path / "moved-away")
+    plan_file.write_text(json.dumps(document))
+    result = subprocess.run([sys.executable, "-m", "layerscope", "export", str(plan_file), "--format", "peft"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and "exported unchecked" in result.stderr
+    result = subprocess.run([sys.executable, "-m", "layerscope", "export", str(plan_file), "--format", "peft",
+                             "--check-model", str(tmp_path / "moved-away")], capture_output=True, text=True)
+    assert result.returncode == 2 and "moved-away" in result.stderr

@@ -129,8 +129,12 @@ def export_command(plan_file: Path, fmt: str, out: Path | None, round_ranks: str
     from layerscope.planning import Plan
 
     plan = Plan.load(plan_file)
-    if check_model is None and fmt in ("peft", "axolotl") and Path(plan.model["path"]).exists():
-        check_model = Path(plan.model["path"])
+    if check_model is None and fmt in ("peft", "axolotl"):
+        if Path(plan.model["path"]).exists():
+            check_model = Path(plan.model["path"])
+        else:
+            click.echo(f"note: the plan's model {plan.model['path']} is not here; module names exported unchecked "
+                       "(--check-model PATH checks them)", err=True)
     if out is not None:
         check_writable([out])
     text = export_plan(plan, fmt, out, round_ranks=round_ranks, check_model=check_model,

@@ -143,7 +143,7 @@ def inventory(path: str | Path, include_towers: bool = False, allow_unmapped: bo
         rows.append({"kind": role.kind, "stack": role.stack, "layer": role.layer, "role": role.role,
                      "module": role.module, "in_features": in_f, "out_features": out_f})
     table = pd.DataFrame(rows, columns=["kind", "stack", *MODULE_COLUMNS])
-    table.attrs.update(path=str(path), architecture=ckpt.architecture, model_type=ckpt.config.get("model_type"),
+    table.attrs.update(path=str(Path(path).resolve()), architecture=ckpt.architecture, model_type=ckpt.config.get("model_type"),
                        num_layers=scheme.num_layers or ckpt.num_layers, fingerprint=ckpt.fingerprint(),
                        **model_facts(scheme, tree, ckpt.config))
     return inputs_from_table(table, str(path), include_towers, allow_unmapped)

@@ -214,7 +214,7 @@ def build_plan(inputs: PlanInputs, strategy: str, params: dict, allocations, *, 
                        "rank": alloc.rank, "top_k": alloc.top_k, "modules": modules})
     document = {
         "schema": SCHEMA_ID,
-        "model": inputs.model.as_dict(),
+        "model": {**inputs.model.as_dict(), "planned_depth": len(layers)},
         "strategy": {"name": strategy, "params": jsonable(params), "metric": metric, "budget": budget},
         "expert_type": expert_type,
         "lora": lora.as_dict(),

@@ -121,7 +121,7 @@ def scan_checkpoint(ckpt: Checkpoint, opts: ScanOptions) -> pd.DataFrame:
     table = integer_columns(pd.DataFrame(rows, columns=scan_columns(opts.estimators)))
     _require_layer_matrices(ckpt, table, opts)
     table.attrs.update(
-        path=str(ckpt.path),
+        path=str(Path(ckpt.path).resolve()),  # plans and exports carry it: valid from any working directory
         architecture=ckpt.architecture,
         model_type=ckpt.config.get("model_type"),
         **model_facts(scheme, tree, ckpt.config),
