@@ -41,7 +41,7 @@ SETUPS = {
                    max_length=32, lr_sweep=[3e-4, 1e-3, 3e-3], validation_rows=None, test_rows=None),
     "smollm2": dict(task="debian-sections-lm", kind="causal-lm", plans=["alphalora"], options={}, seeds=5,
                     steps=120, batch_size=8, eval_every=30, max_length=48, lr_sweep=[3e-4, 1e-3, 3e-3],
-                    validation_rows=96, test_rows=320),
+                    validation_rows=64, test_rows=256),
 }
 
 
