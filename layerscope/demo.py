@@ -9,6 +9,7 @@ from layerscope.activations import measure
 from layerscope.errors import LayerscopeError
 from layerscope.planning import plan
 from layerscope.planning.explain import explain_text
+from layerscope.spectral.columns import not_analysed
 from layerscope.spectral.scan import layer_summary, scan
 from layerscope.tables import write_activations, write_scan
 
@@ -69,8 +70,7 @@ def scan_summary(matrices, seconds: float) -> str:
     """What the scan found, in the words the README shows: one line, then the per-layer alphas."""
     attrs = matrices.attrs
     layers = layer_summary(matrices)
-    failed = int((matrices["status"] != "ok").sum())
     columns = ["layer", "num_matrices", *(c for c in ("alpha", "alpha_hill", "alpha_peak") if c in layers.columns)]
     return (f"{attrs['path']}: {attrs.get('architecture')}, naming={attrs['naming']}, {attrs.get('num_layers')} layers, "
-            f"{len(matrices)} matrices ({failed} not analysable) in {seconds:.1f} s on {attrs['device']}\n"
+            f"{len(matrices)} matrices ({not_analysed(matrices)}) in {seconds:.1f} s on {attrs['device']}\n"
             + layers[columns].to_string(index=False, float_format="%.3f"))

@@ -167,3 +167,19 @@ def test_same_shape_different_dtypes_are_batched_apart(tmp_path):
     assert list(table.dtype) == ["F32", "BF16", "F16"]
     assert (table.status == "ok").all()
     assert table.loc["b", "lambda_max"] == pytest.approx(table.loc["a", "lambda_max"], rel=1e-2)
+
+
+def test_what_is_not_analysed_is_named_with_a_reason(tmp_path):
+    from layerscope.spectral.columns import not_analysed
+    from tests.builders import LLAMA_CONFIG, llama_tensors, random_matrix, write_checkpoint
+
+    tensors = llama_tensors(layers=1, hidden=32, inter=48)
+    k, v = "model.layers.0.self_attn.k_proj.weight", "model.layers.0.self_attn.v_proj.weight"
+    tensors[k], tensors[v] = random_matrix(4, 32, 1), torch.zeros(16, 32)
+    folder = write_checkpoint(tmp_path / "m", tensors, config={**LLAMA_CONFIG, "num_hidden_layers": 1,
+                                                                "hidden_size": 32})
+    table = scan(folder, progress=False)
+    rows = table.set_index("name")
+    assert rows.loc[k, "status"] == "too_few_evals" and "4 eigenvalues" in rows.loc[k, "note"]
+    assert rows.loc[v, "status"] == "zero_matrix" and "zero" in rows.loc[v, "note"]
+    assert not_analysed(table) == f"2 not analysable — too_few_evals: {k}; zero_matrix: {v}"

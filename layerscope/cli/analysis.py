@@ -70,12 +70,13 @@ def scan_command(path: Path, out: Path | None, estimators: tuple[str, ...], devi
 
 
 def _print_summary(matrices, layers, seconds: float, written: list[Path]) -> None:
+    from layerscope.spectral.columns import not_analysed
+
     attrs = matrices.attrs
-    failed = int((matrices["status"] != "ok").sum())
     click.echo(
         f"{attrs['path']}: {attrs.get('architecture') or attrs.get('model_type') or 'unknown architecture'}, "
         f"naming={attrs['naming']}, {attrs.get('num_layers')} layers, {len(matrices)} matrices "
-        f"({failed} not analysable) in {seconds:.1f} s on {attrs['device']}"
+        f"({not_analysed(matrices)}) in {seconds:.1f} s on {attrs['device']}"
     )
     if attrs["naming"] == "generic":
         click.echo(f"WARNING: {attrs.get('model_type') or 'this architecture'} is not in layerscope's naming table: "

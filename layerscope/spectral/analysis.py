@@ -58,11 +58,15 @@ def analyse_matrix(matrix: Matrix, eigs: torch.Tensor | None, estimators: tuple[
            "N": n_rows, "M": m_cols, "num_evals": m_cols,
            "status": status, "precision": None, "note": None}
     if eigs is None:
+        if status == "too_few_evals":
+            row["note"] = f"{m_cols} eigenvalues (the smaller side); a power-law fit needs at least {MIN_EVALS}"
+        elif status == "nonfinite_weights":
+            row["note"] = "the weights hold NaN or infinity"
         return row
     used = eigs.dtype
     eigs64, extreme = unscaled(eigs, exponent)
     if float(eigs64[-1]) <= 0:
-        row["status"] = "zero_matrix"
+        row["status"], row["note"] = "zero_matrix", "every weight is zero: no spectrum to fit"
         return row
     fits = fit_all(eigs64, estimators)
     if used == torch.float32 and not esd.f32_fit_is_trustworthy(

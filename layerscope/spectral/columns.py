@@ -74,3 +74,18 @@ MATRIX_ESTIMATORS = names.MATRIX_ESTIMATORS
 
 
 ALL_ESTIMATORS = names.ALL_ESTIMATORS
+
+
+def not_analysed(matrices: pd.DataFrame, shown: int = 3) -> str:
+    """How many matrices were not analysed and why, for a summary line: ``1 not analysable — too_few_evals:
+    embeddings.token_type_embeddings.weight`` (names while few, else counts per status)."""
+    failed = matrices[matrices["status"] != "ok"]
+    if failed.empty:
+        return "all analysed"
+    if len(failed) <= shown:
+        reasons = "; ".join(f"{status}: {', '.join(map(str, group['name']))}"
+                            for status, group in failed.groupby("status", sort=True))
+    else:
+        reasons = ", ".join(f"{status}: {count}" for status, count in failed["status"].value_counts().sort_index().items())
+        reasons += "; see the status and note columns"
+    return f"{len(failed)} not analysable — {reasons}"
