@@ -62,6 +62,19 @@ def expected_linears(model) -> dict[str, tuple[str, int]]:
     return expected
 
 
+def unaccounted_weights(folder: Path, table) -> list[str]:
+    """Every floating tensor of two or more dimensions must be a row of the scan or named in its not_analysed
+    facts; the ones that are neither."""
+    from layerscope.checkpoint.dtypes import FLOATING
+    from layerscope.checkpoint.quantization import logical_tensors
+    from layerscope.checkpoint.reader import open_checkpoint
+
+    rows = set(table["tensor"].dropna().astype(str))
+    named = {entry["tensor"] for entry in table.attrs.get("not_analysed") or []}
+    return [t.name for t in logical_tensors(open_checkpoint(folder))
+            if len(t.shape) >= 2 and t.analysable_dtype in FLOATING and t.name not in rows | named]
+
+
 def check(entry: ZooEntry, folder: Path) -> dict:
     from peft import LoraConfig, get_peft_model
 
@@ -80,6 +93,9 @@ def check(entry: ZooEntry, folder: Path) -> dict:
              "live_names": table.attrs["live_names"]}
     assert table.attrs["live_names"], table.attrs.get("live_names_note")
     assert not table.attrs["unmapped"], f"unmapped block Linears: {table.attrs['unmapped']}"
+    missing_weights = unaccounted_weights(folder, table)
+    assert not missing_weights, f"weights neither analysed nor named with a reason: {missing_weights[:3]}"
+    facts["not_analysed"] = len(table.attrs["not_analysed"])
 
     # 1. every block Linear of the built model is in the scan, at its stack and layer, under its live name
     expected = expected_linears(model)

@@ -82,6 +82,11 @@ def _print_summary(matrices, layers, seconds: float, written: list[Path]) -> Non
         click.echo(f"WARNING: {attrs.get('model_type') or 'this architecture'} is not in layerscope's naming table: "
                    "layers were found with the generic '.N.' rule and every block matrix is treated as a "
                    "projection; check the table (or pass --architecture) before planning", err=True)
+    from layerscope.spectral.scan import not_analysed_line
+
+    skipped = not_analysed_line(attrs)
+    if skipped:
+        click.echo(f"{skipped} (listed in the table's model facts, not_analysed)")
     unmapped = attrs.get("unmapped") or []
     if unmapped:
         shown = ", ".join(one_line(m) for m in unmapped[:5]) + (" ..." if len(unmapped) > 5 else "")

@@ -29,7 +29,10 @@ from layerscope.spectral.columns import ALL_ESTIMATORS, layer_summary, scan_colu
 __all__ = ["ScanOptions", "layer_summary", "scan", "scan_checkpoint"]
 from layerscope.tables import integer_columns
 
-ANALYSED_KINDS = frozenset({"projection", "expert", "expert_stack", "router", "embedding", "lm_head", "other"})
+# Every matrix is analysed, planned or not: weights of no Linear layer (param), adaptive-norm Linears (norm).
+ANALYSED_KINDS = frozenset({"projection", "expert", "expert_stack", "router", "embedding", "lm_head", "other", "param",
+                            "norm"})
+NOT_ANALYSED_REASONS = {"conv": "convolution kernel", "filtered": "left out by --include/--exclude"}
 
 
 # Matrices of one shape are stacked into batches up to this many bytes (stored weights plus
@@ -128,6 +131,7 @@ def scan_checkpoint(ckpt: Checkpoint, opts: ScanOptions) -> pd.DataFrame:
         live_names=tree is not None or no_tree == TABLE_VERIFIED,
         live_names_note=no_tree,
         unmapped=sorted({str(r.module) for _, r in classified if r.kind == "other" and r.layer is not None}),
+        not_analysed=_not_analysed(classified, opts),
         quantization=sorted({t.quantization for t in logical if t.quantization}),
         num_layers=max(filter(None, (scheme.num_layers or ckpt.num_layers, _layers_seen(table))), default=None),
         fingerprint=ckpt.fingerprint(),
@@ -348,6 +352,32 @@ def _working_bytes(weight: torch.Tensor, dtype: torch.dtype) -> int:
 def _layers_seen(table: pd.DataFrame) -> int | None:
     layers = table["layer"].dropna()
     return int(layers.max()) + 1 if len(layers) else None
+
+
+def _not_analysed(classified: list[tuple[LogicalTensor, TensorRole]], opts: ScanOptions) -> list[dict]:
+    """Every weight (a floating tensor of two or more dimensions) that has no row, with the reason: the scan
+    never drops one without saying so."""
+    out = []
+    for info, role in classified:
+        if len(info.shape) < 2 or role.kind == "buffer" or _wanted(info, role, opts):
+            continue
+        reason = NOT_ANALYSED_REASONS["filtered"] if role.kind in ANALYSED_KINDS else \
+            NOT_ANALYSED_REASONS.get(role.kind, f"kind {role.kind}")
+        out.append({"tensor": info.name, "shape": "x".join(map(str, info.shape)), "reason": reason})
+    return out
+
+
+def not_analysed_line(attrs: dict) -> str | None:
+    """``7 weights not analysed: 4 convolution kernels, 3 …`` (None when every weight has a row)."""
+    skipped = attrs.get("not_analysed") or []
+    if not skipped:
+        return None
+    counts: dict[str, int] = {}
+    for entry in skipped:
+        counts[entry["reason"]] = counts.get(entry["reason"], 0) + 1
+    parts = ", ".join(f"{count} {reason}{'s' if count > 1 and not reason.startswith('left') else ''}"
+                      for reason, count in sorted(counts.items(), key=lambda item: -item[1]))
+    return f"{len(skipped)} weight{'s' if len(skipped) > 1 else ''} not analysed: {parts}"
 
 
 def _wanted(info: LogicalTensor, role: TensorRole, opts: ScanOptions) -> bool:
