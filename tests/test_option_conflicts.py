@@ -18,9 +18,10 @@ def model(tmp_path_factory):
                             config=config)
 
 
-def _plan(model, *args):
-    return subprocess.run([sys.executable, "-m", "layerscope", "plan", str(model), "-q", *args],
-                          capture_output=True, text=True)
+def _plan(capsys, monkeypatch, model, *args):
+    from tests.test_bad_inputs import cli  # the CLI in this process: the same main(), without a start-up per case
+
+    return cli(capsys, monkeypatch, "plan", str(model), "-q", *args)
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -34,10 +35,10 @@ def _plan(model, *args):
     (["--strategy", "uniform", "--rank", "100000"], "--rank 100000: above the full rank of every target module"),
     (["--strategy", "hilo", "--ranks", "2,4,600"], "600 is above the full rank"),
 ])
-def test_conflicting_or_out_of_range_options_are_refused(model, args, needle):
-    result = _plan(model, *args)
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2 and len(lines) == 1 and needle in lines[0], result.stderr
+def test_conflicting_or_out_of_range_options_are_refused(capsys, monkeypatch, model, args, needle):
+    code, _, err = _plan(capsys, monkeypatch, model, *args)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and needle in lines[0], err
 
 
 def test_alphalora_total_scales_with_depth(model):
