@@ -29,5 +29,5 @@ def test_demo_writes_scan_activations_plans_exports_and_report(tmp_path):
     for image in ("alphas_by_layer.png", "norms_by_layer.png", "near_zero_by_layer.png", "allocations.png"):
         assert f"img/{image}" in page and (tmp_path / "img" / image).is_file()
     assert page.count("img/esd_") >= 6
-    assert "plan: hilo on BertModel (6 layers)" in summary
+    assert "plan: hilo on BertModel (6 of 6 layers planned)" in summary
     assert tmp_path / "index.html" in written

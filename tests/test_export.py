@@ -121,7 +121,7 @@ def test_cli_plan_export_explain_on_minilm(tmp_path):
         source = str(scan_file) if name == "alphalora" else model
         result = run("plan", source, *args, "--out", str(out))
         assert result.returncode == 0, result.stderr
-        assert f"plan: {name} on BertModel (6 layers)" in result.stdout
+        assert f"plan: {name} on BertModel (6 of 6 layers planned)" in result.stdout
         document = json.loads(out.read_text())
         assert document["provenance"]["command"].startswith("layerscope plan")
         mola = run("export", str(out), "--format", "mola")

@@ -175,3 +175,19 @@ def test_without_live_names_the_tables_are_used(saved):
     folder, _ = saved("llama")
     table = layerscope.scan(folder, estimators=("alpha_hill",), live_names=False, progress=False)
     assert not table.attrs["live_names"] and table.attrs["naming"] == "llama"
+
+
+def test_depth_strategies_count_depth_within_each_stack(saved):
+    _, table = saved("gemma3")
+    stacks = table[table["layer"].notna()].drop_duplicates("layer").set_index("layer")["stack"]
+    language = sorted(int(layer) for layer, stack in stacks.items() if stack == "decoder")
+    vision = sorted(int(layer) for layer, stack in stacks.items() if stack == "vision")
+    hilo = layerscope.plan(table, "hilo", ranks=(2, 8), include_towers=True, progress=False)
+    rank = {layer["layer"]: layer["rank"] for layer in hilo.layers}
+    # the first blocks of each stack get the low tier, the last ones the high tier
+    assert rank[language[0]] == rank[vision[0]] == 2 and rank[language[-1]] == rank[vision[-1]] == 8
+    adaptive = layerscope.plan(table, "adaptive-lora", include_towers=True, progress=False)
+    ranks = {layer["layer"]: layer["rank"] for layer in adaptive.layers}
+    assert ranks[vision[0]] == ranks[language[0]] == 16  # linear decay restarts at each stack's first block
+    text = __import__("layerscope.planning.explain", fromlist=["explain_text"]).explain_text(hilo)
+    assert "vision" in text and "decoder" in text and "planned" in text

@@ -10,8 +10,21 @@ from layerscope.planning.plan import Plan
 _UNIT_NAMES = {"experts": "expert", "experts_per_layer": "expert in every layer", "rank": "rank unit"}
 
 
+def _stack_of(plan: Plan) -> dict[int, str]:
+    """layer → block stack name, from the plan's model facts (empty when the model has one unnamed stack)."""
+    stacks, out, start = plan.model.get("stacks") or [], {}, 0
+    if len(stacks) < 2:
+        return out
+    for stack in stacks:
+        for offset in range(int(stack["depth"])):
+            out[start + offset] = stack["name"]
+        start += int(stack["depth"])
+    return out
+
+
 def explain_table(plan: Plan) -> pd.DataFrame:
     rows = []
+    stack_of = _stack_of(plan)
     for layer in plan.layers:
         trainable = active = 0
         for m in layer["modules"]:
@@ -20,7 +33,8 @@ def explain_table(plan: Plan) -> pd.DataFrame:
                                        plan.document["expert_type"])
                 trainable, active = trainable + counts.trainable_total, active + counts.active_total
         ranks = sorted({m["rank"] for m in layer["modules"]})
-        rows.append({"layer": layer["layer"], "metric": layer["metric"], "experts": layer["experts"],
+        rows.append({"layer": layer["layer"], **({"stack": stack_of.get(layer["layer"], "")} if stack_of else {}),
+                     "metric": layer["metric"], "experts": layer["experts"],
                      "rank": "/".join(map(str, ranks)), "top_k": layer["top_k"],
                      "modules": len(layer["modules"]), "trainable": trainable, "active": active})
     return pd.DataFrame(rows)
@@ -31,7 +45,8 @@ def explain_text(plan: Plan) -> str:
     ratios, base = acct["ratios"], acct["baselines"]
     moe, single = base["uniform_moe"], base["single_lora"]
     header = (f"plan: {strategy['name']} on {model.get('architecture') or model['naming']} "
-              f"({model['num_layers']} layers)" + (f", metric {strategy['metric']}" if strategy.get("metric") else "")
+              f"({model.get('planned_depth', len(plan.layers))} of {model['num_layers']} layers planned)"
+              + (f", metric {strategy['metric']}" if strategy.get("metric") else "")
               + f", {plan.document['expert_type']} experts")
     table = explain_table(plan)
     if table["metric"].isna().all():

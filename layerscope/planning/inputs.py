@@ -56,6 +56,18 @@ class PlanInputs:
     def layers(self) -> list[int]:
         return sorted(int(x) for x in self.modules["layer"].unique())
 
+    @property
+    def stack_layers(self) -> list[list[int]]:
+        """The planned layers grouped by block stack, in layer order: depth-based strategies count depth within
+        a stack (a vision tower's first blocks are not deeper than the language model's last)."""
+        if "stack" not in self.modules.columns or self.modules["stack"].isna().all():
+            return [self.layers]
+        first = self.modules.groupby("layer")["stack"].first()
+        groups: dict[str, list[int]] = {}
+        for layer in self.layers:
+            groups.setdefault(str(first.get(layer)), []).append(layer)
+        return list(groups.values())
+
     @cached_property
     def shapes_by_layer(self) -> dict[int, list[tuple[str, int, int]]]:
         """layer → [(role, in_features, out_features)] of its target modules."""

@@ -77,6 +77,24 @@ def _top_k(experts: int, top_k: int) -> int:
     return min(top_k, experts) if experts > 1 else 1
 
 
+def stack_depth_groups(inputs: PlanInputs, groups: int) -> list[list[int]]:
+    """``groups`` depth groups counted within each block stack, merged group by group (group g holds the g-th
+    group of every stack), so a vision tower's first blocks are shallow, not deeper than the language model.
+    A stack shorter than ``groups`` (a small tower) spreads its layers over the groups by relative depth."""
+    stacks = inputs.stack_layers
+    if len(stacks) == 1:
+        return depth_groups(stacks[0], groups)
+    merged: list[list[int]] = [[] for _ in range(groups)]
+    for layers in stacks:
+        if len(layers) >= groups:
+            for g, group in enumerate(depth_groups(layers, groups)):
+                merged[g].extend(group)
+        else:
+            for i, layer in enumerate(layers):
+                merged[round(i * (groups - 1) / max(1, len(layers) - 1))].append(layer)
+    return [sorted(group) for group in merged]
+
+
 def depth_groups(layers: list[int], groups: int) -> list[list[int]]:
     """Contiguous, near-equal groups of layers (32 layers, 4 groups → 8 each)."""
     if groups > len(layers):
@@ -141,7 +159,8 @@ def mola(inputs: PlanInputs, shape: str | None = None, pattern: tuple[int, ...] 
     if any(p < 1 for p in pattern):
         raise LayerscopeError(f"--pattern {pattern}: every group needs at least 1 expert")
     layers = inputs.layers
-    per_layer = {layer: count for group, count in zip(depth_groups(layers, len(pattern)), pattern) for layer in group}
+    per_layer = {layer: count for group, count in zip(stack_depth_groups(inputs, len(pattern)), pattern)
+                 for layer in group}
     weights = [float(per_layer[layer]) for layer in layers]
     preset_total = int(sum(weights))
 
@@ -170,7 +189,7 @@ def hilo(inputs: PlanInputs, ranks: tuple[int, ...] = (2, 4, 6, 8), experts: int
     if experts_mode not in ("fixed", "inverse-rank"):
         raise LayerscopeError(f"--experts-mode {experts_mode!r}: expected fixed or inverse-rank")
     layers = inputs.layers
-    tiers = _rank_tiers(layers, list(ranks), rank_source, activations, inputs.model.fingerprint)
+    tiers = _rank_tiers(inputs, list(ranks), rank_source, activations)
     rank_of = {layer: r for group, r in zip(tiers, ranks) for layer in group}
     weights = [1.0 / rank_of[layer] if experts_mode == "inverse-rank" else 1.0 for layer in layers]
 
@@ -201,9 +220,9 @@ def hilo(inputs: PlanInputs, ranks: tuple[int, ...] = (2, 4, 6, 8), experts: int
     return StrategyResult("hilo", params, allocate_fixed(experts), scale)
 
 
-def _rank_tiers(layers: list[int], ranks: list[int], source: str, activations,
-                fingerprint: str) -> list[list[int]]:
-    groups = depth_groups(layers, len(ranks))
+def _rank_tiers(inputs: PlanInputs, ranks: list[int], source: str, activations) -> list[list[int]]:
+    layers, fingerprint = inputs.layers, inputs.model.fingerprint
+    groups = stack_depth_groups(inputs, len(ranks))
     if source == "depth":
         return groups
     if source != "activations":
@@ -264,13 +283,13 @@ def adaptive_lora(inputs: PlanInputs, mode: str = "linear-decay", base_rank: int
     """
     if mode not in ADAPTIVE_MODES:
         raise LayerscopeError(f"--mode {mode!r}: expected one of {', '.join(ADAPTIVE_MODES)}")
-    layers = inputs.layers
     roles = sorted(set(inputs.modules["role"]))
-    n = len(layers)
+    # depth i of n counts within each block stack (a vision tower restarts at its own first block)
+    positions = [(layer, i, len(stack)) for stack in inputs.stack_layers for i, layer in enumerate(stack)]
 
     def formula(base: int) -> list[LayerAllocation]:
         out = []
-        for i, layer in enumerate(layers):
+        for layer, i, n in positions:
             if mode == "linear-decay":
                 rank = base - (base - min_rank) * i / (n - 1) if n > 1 else base
                 rank, module_ranks = max(min_rank, int(rank)), {}
