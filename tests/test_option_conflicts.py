@@ -94,3 +94,16 @@ def test_plans_store_a_resolved_model_path_and_say_when_an_export_goes_unchecked
     result = subprocess.run([sys.executable, "-m", "layerscope", "export", str(plan_file), "--format", "peft",
                              "--check-model", str(tmp_path / "moved-away")], capture_output=True, text=True)
     assert result.returncode == 2 and "moved-away" in result.stderr
+
+
+def test_messages_read_as_sentences(capsys, monkeypatch, model, tmp_path):
+    from tests.test_bad_inputs import cli
+
+    code, _, err = cli(capsys, monkeypatch, "scan", str(model), "--estimators", "", "-q")
+    assert code == 2 and "give one or more of alpha" in err and "none given" not in err
+    code, _, err = cli(capsys, monkeypatch, "scan", str(model), "--estimators", "alpha,beta", "-q")
+    assert code == 2 and "unknown: beta" in err
+    table = tmp_path / "s.parquet"
+    assert cli(capsys, monkeypatch, "scan", str(model), "-q", "--out", str(table))[0] == 0
+    code, _, err = cli(capsys, monkeypatch, "plot", str(table), "--layer", "99", "--out", str(tmp_path / "p"))
+    assert code == 2 and "matches --layer 99" in err and "None" not in err

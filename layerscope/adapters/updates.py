@@ -194,6 +194,7 @@ def base_tensor(base: Checkpoint, module: str) -> str:
         return wanted
     candidates = [n for n in base.tensors if n.endswith("." + wanted) or wanted.endswith("." + n)]
     if len(candidates) != 1:
-        raise LayerscopeError(f"{base.path}: no base weight for adapted module {module!r} "
-                              f"({'none' if not candidates else len(candidates)} candidates)")
+        raise LayerscopeError(f"{base.path}: no single base weight for adapted module {module!r} "
+                              + ("(no candidate)" if not candidates else f"({len(candidates)} candidates: "
+                                 f"{', '.join(candidates[:3])})"))
     return candidates[0]

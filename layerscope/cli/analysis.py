@@ -180,7 +180,9 @@ def plot_command(scan_file: Path, layer: tuple[int, ...], matrix: str | None, mo
                 raise LayerscopeError(f"--matrix {matrix!r}: invalid regular expression ({exc})") from None
         chosen = chosen[mask.fillna(False) if hasattr(mask, "fillna") else mask]
         if chosen.empty:
-            raise LayerscopeError(f"{scan_file}: no analysable matrix matches --layer {list(layer)} / --matrix {matrix}")
+            asked = " / ".join(part for part in (f"--layer {', '.join(map(str, layer))}" if layer else "",
+                                                 f"--matrix {matrix}" if matrix else "") if part)
+            raise LayerscopeError(f"{scan_file}: no analysable matrix matches {asked}")
         source = model or table.attrs.get("path")
         if not source or not Path(str(source)).exists():
             raise LayerscopeError(f"{scan_file}: the scanned model {source!r} is not here; pass --model PATH")

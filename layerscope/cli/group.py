@@ -29,7 +29,8 @@ def _split_estimators(_ctx, _param, value: str) -> tuple[str, ...]:
     names = tuple(v.strip() for v in value.split(",") if v.strip())
     unknown = [n for n in names if n not in ALL_ESTIMATORS]
     if unknown or not names:
-        raise click.BadParameter(f"unknown {unknown or 'none given'}; choose from {', '.join(ALL_ESTIMATORS)}")
+        raise click.BadParameter(f"unknown: {', '.join(unknown)}; choose from {', '.join(ALL_ESTIMATORS)}" if unknown
+                                 else f"give one or more of {', '.join(ALL_ESTIMATORS)}")
     return names
 
 

@@ -62,8 +62,8 @@ class ScanOptions:
         esd.check_precision(self.precision)
         unknown = [e for e in self.estimators if e not in ALL_ESTIMATORS]
         if unknown or not self.estimators:
-            raise LayerscopeError(f"--estimators: unknown {unknown or 'none given'} (known: "
-                                  f"{', '.join(ALL_ESTIMATORS)})")
+            raise LayerscopeError(f"--estimators: unknown {', '.join(unknown)} (known: {', '.join(ALL_ESTIMATORS)})"
+                                  if unknown else f"--estimators: give one or more of {', '.join(ALL_ESTIMATORS)}")
         for flag, rx in (("--include", self.include), ("--exclude", self.exclude)):
             if rx is not None:
                 try:
