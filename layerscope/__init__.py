@@ -19,7 +19,12 @@ _LAZY = {
     "read_scan": "layerscope.tables", "write_scan": "layerscope.tables",
 }
 
-__all__ = ["LayerscopeError", "__version__", *_LAZY]
+# Subpackages a user reaches as attributes (``layerscope.experiments.compare_plans(...)`` after a bare
+# ``import layerscope``), imported on first use like the names above.
+_SUBPACKAGES = ("activations", "adapters", "checkpoint", "experiments", "export", "planning", "runtime", "spectral",
+                "viz")
+
+__all__ = ["LayerscopeError", "__version__", *_LAZY, *_SUBPACKAGES]
 
 
 def __getattr__(name: str):
@@ -27,6 +32,8 @@ def __getattr__(name: str):
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"layerscope.{name}")
     raise AttributeError(f"module 'layerscope' has no attribute {name!r}")
 
 

@@ -1,4 +1,5 @@
-"""Plan options that conflict or are out of range are refused in one line naming the flags (issue 24, part 4)."""
+"""What a new user hit (issue 24, part 4): conflicting or out-of-range options, another model's scan, MoR exports,
+relative model paths, messages that read as sentences, subpackages reachable after a bare import."""
 
 from __future__ import annotations
 
@@ -107,3 +108,10 @@ def test_messages_read_as_sentences(capsys, monkeypatch, model, tmp_path):
     assert cli(capsys, monkeypatch, "scan", str(model), "-q", "--out", str(table))[0] == 0
     code, _, err = cli(capsys, monkeypatch, "plot", str(table), "--layer", "99", "--out", str(tmp_path / "p"))
     assert code == 2 and "matches --layer 99" in err and "None" not in err
+
+
+def test_subpackages_are_reachable_after_a_bare_import():
+    code = ("import sys, layerscope; assert 'torch' not in sys.modules; "
+            "print(layerscope.experiments.compare_plans.__name__, layerscope.runtime.apply_plan.__name__)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.split() == ["compare_plans", "apply_plan"], result.stderr
