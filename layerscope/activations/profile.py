@@ -17,7 +17,7 @@ Two thresholds are reported for every module:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -178,9 +178,10 @@ def _as_kwargs(batch, device: torch.device) -> dict[str, torch.Tensor]:
         return batch.as_kwargs(device)
     if isinstance(batch, torch.Tensor):
         return {"input_ids": batch.to(device)}
-    if isinstance(batch, dict) and "input_ids" in batch:
-        return {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
-    raise LayerscopeError("each batch must be a tensor of input ids or a dict with 'input_ids'")
+    if isinstance(batch, Mapping) and "input_ids" in batch:  # a dict, or a tokenizer's BatchEncoding
+        return {k: torch.as_tensor(batch[k]).to(device) for k in ("input_ids", "attention_mask") if k in batch}
+    raise LayerscopeError("each batch must be a tensor of input ids or a mapping with 'input_ids' (a dict, or what "
+                          f"a tokenizer returns); got {type(batch).__name__}")
 
 
 def layer_fractions(table: pd.DataFrame) -> pd.DataFrame:
