@@ -1,7 +1,7 @@
 """A compare-plans document as Markdown for RESULTS.md: arms with parameters, per-seed finals, intervals, paired
 differences, corrected p-values, minimum detectable effects, collapse counts, convergence and the verdict.
 
-    python benchmarks/comparison_table.py benchmarks/results/compare_plans_minilm_2026-12-01.json
+    python benchmarks/comparison_table.py benchmarks/results/compare_plans_minilm_2026-12-01.json [--no-memory]
 """
 
 from __future__ import annotations
@@ -24,12 +24,13 @@ def _shape(document: dict, arm: str) -> str:
     experts = [layer["experts"] for layer in layers]
     ranks = [layer["rank"] for layer in layers]
     top_k = max(layer["top_k"] for layer in layers)
-    experts_text = f"{experts[0]} experts" if len(set(experts)) == 1 else f"experts {','.join(map(str, experts))}"
+    experts_text = (f"{experts[0]} expert{'s' if experts[0] > 1 else ''}" if len(set(experts)) == 1
+                    else f"experts {','.join(map(str, experts))}")
     ranks_text = f"rank {ranks[0]}" if len(set(ranks)) == 1 else f"ranks {','.join(map(str, ranks))}"
     return f"{experts_text}, {ranks_text}, top-{top_k}"
 
 
-def markdown(document: dict) -> str:
+def markdown(document: dict, memory: bool = True) -> str:
     metric = document["metric"]
     lines = [f"| arm | kind | structure per layer | trainable | active/token | {metric}: mean (95 % CI) | "
              "minus baseline (95 % CI) | p (Holm) | MDE 80 % | collapsed |", "|" + "---|" * 10]
@@ -52,10 +53,14 @@ def markdown(document: dict) -> str:
               "| arm | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
     for row in document["arms"]:
         lines.append(f"| {row['arm']} | " + " | ".join(_num(v) for v in row["finals"]) + " |")
-    lines += ["", "Seconds per step (mean over seeds) and the run's own peak memory:", "",
-              "| arm | s/step | peak MiB |", "|---|---|---|"]
-    for row in document["arms"]:
-        lines.append(f"| {row['arm']} | {row['seconds_per_step']:.3f} | {row['peak_memory_mib']:.0f} |")
+    if memory:
+        lines += ["", "Seconds per step (mean over seeds) and the run's own peak memory:", "",
+                  "| arm | s/step | peak MiB |", "|---|---|---|"]
+        for row in document["arms"]:
+            lines.append(f"| {row['arm']} | {row['seconds_per_step']:.3f} | {row['peak_memory_mib']:.0f} |")
+    else:
+        lines += ["", "Seconds per step (mean over seeds): " + ", ".join(
+            f"{row['arm']} {row['seconds_per_step']:.3f}" for row in document["arms"]) + "."]
     lines += ["", "Baseline validation curves (mean over seeds):", ""]
     for name, facts in document["baseline_convergence"].items():
         lines.append(f"* {name}: {_num(facts['validation_start'])} → {_num(facts['validation_at_75pct'])} at 75 % "
@@ -71,4 +76,4 @@ def markdown(document: dict) -> str:
 
 
 if __name__ == "__main__":
-    print(markdown(json.loads(Path(sys.argv[1]).read_text())))
+    print(markdown(json.loads(Path(sys.argv[1]).read_text()), memory="--no-memory" not in sys.argv))
