@@ -191,7 +191,7 @@ def test_peft_task_type_comes_from_the_model_class(scan_file):
 
 def test_a_failed_plot_leaves_nothing(scan_file, tmp_path):
     out = tmp_path / "plots"
-    one_line_error(run("plot", str(scan_file), "--layer", "99", "--out", str(out)), "--layer [99]")
+    one_line_error(run("plot", str(scan_file), "--layer", "99", "--out", str(out)), "--layer 99")
     assert not out.exists()
     assert run("plot", str(scan_file), "--layer", "1", "--out", str(out)).returncode == 0
     assert len(list(out.glob("esd_*.png"))) == 7

@@ -252,7 +252,7 @@ def test_gpt2_conv1d_modules_are_wrapped(tmp_path):
     config = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32)
     torch.manual_seed(0)
     transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path, safe_serialization=True)
-    plan = layerscope.plan(tmp_path, "mola", shape="▽", pattern=(2, 4), progress=False)
+    plan = layerscope.plan(tmp_path, "mola", pattern=(2, 4), progress=False)
     assert plan.model["conv1d"] is True
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True).eval()
     batch = {"input_ids": torch.randint(0, 64, (1, 8))}

@@ -37,6 +37,23 @@ def _plain(value):
     return value
 
 
+def _retry_locked(statement, seconds: float = 120.0):
+    """Run ``statement``, waiting while another process (another torchrun rank) holds the database: switching to
+    WAL takes an exclusive lock that SQLite reports as 'database is locked' at once, without its busy timeout."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    delay = 0.01
+    while True:
+        try:
+            return statement()
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+
 class ScanCache:
     """Rows of finished tensors, keyed as described in the module docstring."""
 
@@ -45,8 +62,9 @@ class ScanCache:
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.folder / CACHE_FILE, isolation_level=None, timeout=120)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("CREATE TABLE IF NOT EXISTS rows (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            _retry_locked(lambda: self._db.execute("PRAGMA journal_mode=WAL"))
+            _retry_locked(lambda: self._db.execute(
+                "CREATE TABLE IF NOT EXISTS rows (key TEXT PRIMARY KEY, value TEXT NOT NULL)"))
         except (OSError, sqlite3.Error) as exc:
             raise LayerscopeError(f"--cache {self.folder}: cannot use it as a cache folder ({exc})") from None
         from layerscope import __version__
