@@ -145,7 +145,7 @@ def test_cli_plan_errors_are_one_line(tmp_path):
     table.to_parquet(scan_file)
     for args, fragment in [(["--strategy", "mola", "--beta", "2"], "--beta does not apply"),
                            (["--strategy", "mola", "--budget-params", "10"], "cannot be met"),
-                           (["--strategy", "hilo", "--ranks", "2,x"], "comma-separated integers"),
+                           (["--strategy", "hilo", "--ranks", "2,x"], "comma-separated numbers like 2,4,6,8"),
                            (["--strategy", "alphalora", "--metric", "nope"], "'nope'")]:
         result = run("plan", str(scan_file), *args)
         assert result.returncode == 2, (args, result.stderr)

@@ -7,21 +7,9 @@ from pathlib import Path
 
 import click
 
-from layerscope.cli.group import _int_list, cli
+from layerscope.cli.group import _float_list, _int_list, cli
 from layerscope.errors import LayerscopeError
 from layerscope.outputs import check_writable
-
-
-def _float_list(_ctx, _param, value: str | None) -> tuple[float, ...] | None:
-    if value is None:
-        return None
-    try:
-        numbers = tuple(float(v) for v in value.split(",") if v.strip())
-    except ValueError:
-        raise click.BadParameter(f"{value!r}: expected comma-separated numbers like 3e-4,1e-3,3e-3") from None
-    if not numbers:
-        raise click.BadParameter("empty list")
-    return numbers
 
 
 def parse_options(values: tuple[str, ...]) -> dict[str, dict]:

@@ -34,16 +34,24 @@ def _split_estimators(_ctx, _param, value: str) -> tuple[str, ...]:
     return names
 
 
-def _int_list(_ctx, param, value: str | None) -> tuple[int, ...] | None:
+def _number_list(value: str | None, cast, example: str) -> tuple | None:
     if value is None:
         return None
     try:
-        numbers = tuple(int(v) for v in value.split(",") if v.strip())
+        numbers = tuple(cast(v) for v in value.split(",") if v.strip())
     except ValueError:
-        raise click.BadParameter(f"{value!r}: expected comma-separated integers like 2,4,6,8") from None
+        raise click.BadParameter(f"{value!r}: expected comma-separated numbers like {example}") from None
     if not numbers:
         raise click.BadParameter("empty list")
     return numbers
+
+
+def _int_list(_ctx, _param, value: str | None) -> tuple[int, ...] | None:
+    return _number_list(value, int, "2,4,6,8")
+
+
+def _float_list(_ctx, _param, value: str | None) -> tuple[float, ...] | None:
+    return _number_list(value, float, "3e-4,1e-3,3e-3")
 
 
 def _command_line(ctx: click.Context) -> str:

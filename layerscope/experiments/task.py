@@ -88,23 +88,18 @@ def load_task(path: str | Path, kind: str = "classification", *, text_column: st
     rng_order = list(range(len(train)))
     random.Random(seed).shuffle(rng_order)
     splits = {"train": str(path)}
-    if eval_path is not None:
-        test, splits["test"] = _rows(Path(eval_path), text_column, labels, prompt_column), str(eval_path)
-    elif "test" in given:
-        test, splits["test"] = given["test"], f"{path} (test split)"
-    else:
-        cut = max(1, round(len(train) * eval_fraction))
-        test, rng_order = train.iloc[rng_order[:cut]], rng_order[cut:]
-        splits["test"] = f"seeded {eval_fraction:g} of {path}"
-    if validation_path is not None:
-        validation, splits["validation"] = (_rows(Path(validation_path), text_column, labels, prompt_column),
-                                            str(validation_path))
-    elif "validation" in given:
-        validation, splits["validation"] = given["validation"], f"{path} (validation split)"
-    else:
-        cut = max(1, round(len(rng_order) * validation_fraction))
-        validation, rng_order = train.iloc[rng_order[:cut]], rng_order[cut:]
-        splits["validation"] = f"seeded {validation_fraction:g} of {path}"
+    held_out = {}
+    for split, given_path, fraction in (("test", eval_path, eval_fraction),
+                                        ("validation", validation_path, validation_fraction)):
+        if given_path is not None:
+            held_out[split], splits[split] = _rows(Path(given_path), text_column, labels, prompt_column), str(given_path)
+        elif split in given:
+            held_out[split], splits[split] = given[split], f"{path} ({split} split)"
+        else:  # a seeded share of the training rows that are still unused
+            cut = max(1, round(len(rng_order) * fraction))
+            held_out[split], rng_order = train.iloc[rng_order[:cut]], rng_order[cut:]
+            splits[split] = f"seeded {fraction:g} of {path}"
+    test, validation = held_out["test"], held_out["validation"]
     train = train.iloc[sorted(rng_order)] if len(rng_order) != len(train) else train
     if max_rows is not None:
         train = train.iloc[:max_rows]
