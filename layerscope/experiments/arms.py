@@ -25,9 +25,9 @@ from layerscope.errors import LayerscopeError
 from layerscope.names import STRATEGIES
 from layerscope.planning import Plan, plan
 from layerscope.planning.matching import checkpoint_shapes, plan_difference, require_same_model
+from layerscope.planning.strategies import EXPERTS_PER_LAYER
 
 DENSE = "dense"
-EXPERTS_PER_LAYER = 5  # MoLA's □ on 32 layers (160 experts); the depth-scaled default total of the expert strategies
 
 
 @dataclass
