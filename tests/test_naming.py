@@ -176,3 +176,26 @@ def test_peft_adapter_names_map_to_base_modules(tmp_path):
     assert list(table.layer) == [3, 3] and list(table.role) == ["q", "q"]
     assert list(table.part) == ["lora_A", "lora_B"]
     assert set(table.module) == {"model.layers.3.self_attn.q_proj"}
+
+
+@pytest.mark.parametrize("relative, role", [
+    # DeepSeek V4 as stored (attn.indexer.*) and as transformers builds it (self_attn.compressor.indexer.*)
+    ("attn.indexer.weights_proj", "idx_weights"),
+    ("self_attn.compressor.indexer.scorer.weights_proj", "idx_weights"),
+    ("attn.indexer.wq_b", "idx_q_b"),
+    ("self_attn.compressor.indexer.q_b_proj", "idx_q_b"),
+    ("attn.indexer.compressor.wgate", "idx_gate"),
+    ("self_attn.compressor.indexer.gate_proj", "idx_gate"),
+    ("attn.indexer.compressor.wkv", "idx_kv"),
+    ("self_attn.compressor.indexer.kv_proj", "idx_kv"),
+    # the attention's own KV compressor: never the MLP's "gate"
+    ("attn.compressor.wgate", "attn_compress_gate"),
+    ("self_attn.compressor.gate_proj", "attn_compress_gate"),
+    ("self_attn.compressor.kv_proj", "attn_compress_kv"),
+])
+def test_one_module_one_role_whatever_its_path(relative, role):
+    from layerscope.checkpoint.architectures import mixer_of_role
+    from layerscope.checkpoint.naming import shared_vocabulary_role
+
+    assert shared_vocabulary_role(relative)[0] == role
+    assert mixer_of_role(role) == "attention"

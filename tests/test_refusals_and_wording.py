@@ -131,3 +131,20 @@ def test_activation_profiles_take_what_a_tokenizer_returns():
     assert type(encoded).__name__ == "BatchEncoding"
     table = profile(model, [encoded], progress=False)
     assert len(table) > 0 and table["near_zero_fraction"].between(0, 1).all()
+
+
+def test_explain_names_the_planners_v_i_and_shows_the_optimizer_multipliers(model):
+    import layerscope
+    from layerscope.planning.explain import explain_table, explain_text
+
+    plan = layerscope.plan(model, "alphalora", metric="alpha_hill", optimizer=["tempbalance", "alphadecay"],
+                           progress=False)
+    table = explain_table(plan)
+    assert list(table["v_i"]) == [layer["metric"] for layer in plan.layers]
+    section = {row["layer"]: row for row in plan.document["optimizer"]["layers"]}
+    assert list(table["lr_scale"]) == [section[layer]["lr_scale"] for layer in table["layer"]]
+    assert table["lr_scale"].min() == pytest.approx(0.5) and table["lr_scale"].max() == pytest.approx(1.5)
+    assert table["weight_decay_scale"].max() == pytest.approx(3.0)
+    text = explain_text(plan)
+    assert "lr_scale" in text and "optimizer multipliers from alpha_hill" in text and "tempbalance 0.5–1.5×" in text
+    assert "lr_scale" not in explain_text(layerscope.plan(model, "alphalora", progress=False))

@@ -121,3 +121,31 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     assert image.size == (1000, 1400)
     pixels = np.asarray(image.convert("L"))
     assert pixels.std() > 10  # not a blank page: text and plots were drawn
+
+
+def test_lines_stop_at_a_stack_boundary_and_each_stack_is_named():
+    table = _table()  # layers 0-3
+    table["stack"] = np.where(table["layer"] < 2, "language_model", "vision_tower")
+    for fig in (plot_alphas_by_layer(table), plot_norms_by_layer(table)):
+        ax = fig.axes[0]
+        lines = [line for line in ax.get_lines() if len(line.get_xdata()) > 1 and line.get_linestyle() == "-"
+                 and min(line.get_xdata()) != max(line.get_xdata())]
+        spans = {(min(line.get_xdata()), max(line.get_xdata())) for line in lines}
+        assert spans <= {(0, 1), (2, 3)}, spans  # no line from layer 1 into layer 2
+        assert {t.get_text() for t in ax.texts} == {"language model", "vision tower"}
+    single = plot_alphas_by_layer(_table())
+    assert not single.axes[0].texts
+
+
+def test_compare_plot_names_the_models_and_scales_each_panel():
+    from layerscope.viz.plots import plot_compare
+
+    layers = pd.DataFrame({"layer": [0, 1, 2], "alpha_base": [3.0, 3.2, 3.1], "alpha_other": [3.3, 3.5, 3.0],
+                           "alpha_hill_base": [10.0, 12.0, 11.0], "alpha_hill_other": [9.0, 13.0, 11.5]})
+    fig = plot_compare(layers, ("SmolLM2-135M", "SmolLM2-135M-Q4_0"))
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend == ["SmolLM2-135M", "SmolLM2-135M-Q4_0"]
+    first, second = fig.axes[:2]
+    assert first.get_ylim() != second.get_ylim() and second.get_ylim()[1] > 13
+    same = plot_compare(layers, ("model", "model"))
+    assert [t.get_text() for t in same.legends[0].get_texts()] == ["model (base)", "model (other)"]

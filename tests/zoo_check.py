@@ -75,6 +75,18 @@ def unaccounted_weights(folder: Path, table) -> list[str]:
             if len(t.shape) >= 2 and t.analysable_dtype in FLOATING and t.name not in rows | named]
 
 
+def inconsistent_roles(table) -> dict[str, list[str]]:
+    """Block-relative module paths (layer index replaced by N) that carry more than one role across layers."""
+    import re
+
+    rows = table[table["module"].notna() & table["role"].notna() & table["layer"].notna()]
+    roles: dict[str, set[str]] = {}
+    for module, role in zip(rows["module"], rows["role"]):
+        relative = re.sub(r"\.\d+\.", ".N.", str(module), count=1)
+        roles.setdefault(relative, set()).add(re.sub(r"^expert\.\d+\.", "expert.J.", str(role)))
+    return {path: sorted(found) for path, found in roles.items() if len(found) > 1}
+
+
 def check(entry: ZooEntry, folder: Path) -> dict:
     from peft import LoraConfig, get_peft_model
 
@@ -96,6 +108,8 @@ def check(entry: ZooEntry, folder: Path) -> dict:
     missing_weights = unaccounted_weights(folder, table)
     assert not missing_weights, f"weights neither analysed nor named with a reason: {missing_weights[:3]}"
     facts["not_analysed"] = len(table.attrs["not_analysed"])
+    mixed = inconsistent_roles(table)
+    assert not mixed, f"one module, several roles across layers: {dict(list(mixed.items())[:2])}"
 
     # 1. every block Linear of the built model is in the scan, at its stack and layer, under its live name
     expected = expected_linears(model)

@@ -223,7 +223,9 @@ TOWER_KEYWORDS: dict[str, str] = {
 # block it is, the leaf which projection.  First match wins in each list.
 CONTAINERS: list[tuple[str, str]] = [  # (part, regex searched in the lowercased container)
     ("router", r"(^|\.)(router|gate)(\.|$)|(^|\.)router_\w+$"),
-    ("indexer", r"(^|\.)indexer$"),
+    # Everything under a sparse-attention indexer (its scorer, its own compressor) is the indexer's.
+    ("indexer", r"(^|\.)indexer(\.|$)"),
+    ("compressor", r"(^|\.)compressor$"),  # DeepSeek V4's KV compressor inside the attention
     ("cross_attention", r"(encoder_attn|cross_attn|crossattention|encdecattention|cross_attention)"),
     ("linear_attention", r"(linear_attn|linear_attention|deltanet|lightning_attn|retention|(^|\.)kda)"),
     ("mamba", r"(^|\.)(mamba\w*|ssm|mixer|ssm_mixer)$"),
@@ -270,7 +272,8 @@ LEAF_ROLES: dict[str, dict[str, str]] = {  # part → {leaf: role}; "*" holds le
     "experts": {"w1": "gate", "w3": "up", "w2": "down"},
     "shared": {"w1": "gate", "w3": "up", "w2": "down", "wo": "down", "c_proj": "down"},
     "router": {"*": "router"},
-    "indexer": {"wq_b": "idx_q_b", "wk": "idx_k", "weights_proj": "idx_weights"},
+    "indexer": {"weights_proj": "weights", "wkv": "kv", "kv_proj": "kv", "wgate": "gate"},
+    "compressor": {"wkv": "kv", "kv_proj": "kv", "wgate": "gate", "gate_proj": "gate"},
     "linear_attention": {"in_proj_qkvz": "lin_qkvz", "in_proj_ba": "lin_ba", "in_proj_qkv": "lin_qkv",
                          "in_proj_z": "lin_z", "in_proj_b": "lin_b", "in_proj_a": "lin_a", "out_proj": "lin_o",
                          "o_proj": "lin_o", "q_proj": "lin_q", "k_proj": "lin_k", "v_proj": "lin_v"},
@@ -280,9 +283,12 @@ LEAF_ROLES: dict[str, dict[str, str]] = {  # part → {leaf: role}; "*" holds le
 }
 # A leaf no list names, inside a part that is a token mixer, gets this prefix + its leaf name.
 PART_ROLE_PREFIX = {"linear_attention": "lin_", "mamba": "ssm_", "conv": "conv_", "attention": "attn_",
-                    "indexer": "idx_", "cross_attention": "cross_attn_", "recurrent": "rec_", "adapter": "adapter_"}
-# Parts whose roles get "cross_" (q → cross_q) or "shared_" (gate → shared_gate).
-ROLE_PREFIX_OF_PART = {"cross_attention": "cross_", "shared": "shared_"}
+                    "indexer": "idx_", "compressor": "attn_compress_", "cross_attention": "cross_attn_", "recurrent": "rec_", "adapter": "adapter_"}
+# Parts whose roles get a prefix: "cross_" (q → cross_q), "shared_" (gate → shared_gate), …
+# Indexer and compressor roles are prefixed whatever the leaf, so a module keeps one role whichever way a
+# checkpoint or transformers version names it (``wq_b`` or ``q_b_proj`` → idx_q_b; never the MLP's "gate").
+ROLE_PREFIX_OF_PART = {"cross_attention": "cross_", "shared": "shared_", "indexer": "idx_",
+                       "compressor": "attn_compress_"}
 
 # What kind of token mixer a role belongs to (the ``mixer`` column): attention, linear_attention (Gated
 # DeltaNet, KDA, lightning), mamba (selective state space), conv (short convolutions), recurrent (RG-LRU);

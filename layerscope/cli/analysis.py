@@ -142,7 +142,9 @@ def compare_command(base: Path, other: Path, out: Path | None, plot: Path | None
     if plot is not None:
         from layerscope.viz import plots
 
-        figure = plots.plot_compare(layers)
+        from layerscope.viz.report import model_display_name
+
+        figure = plots.plot_compare(layers, (model_display_name(base), model_display_name(other)))
         written += write_files({plot: lambda tmp: plots.save_to(figure, tmp)}, "--plot")
     if not quiet:
         changed = int((table["diff_status"] != "zero_matrix").sum())

@@ -22,9 +22,18 @@ def _stack_of(plan: Plan) -> dict[int, str]:
     return out
 
 
+def _optimizer_columns(plan: Plan) -> dict[int, dict[str, float]]:
+    """layer → the plan's optimizer multipliers (``lr_scale``, ``weight_decay_scale``); empty without --optimizer."""
+    section = plan.document.get("optimizer") or {}
+    return {int(row["layer"]): {k: v for k, v in row.items() if k.endswith("_scale")} for row in section.get("layers", [])}
+
+
 def explain_table(plan: Plan) -> pd.DataFrame:
+    """One row per planned layer.  ``v_i`` is the planner's layer value (the mean of the strategy's metric over
+    the layer's planned modules), which is not the scan's per-layer table mean when that averages experts too."""
     rows = []
     stack_of = _stack_of(plan)
+    multipliers = _optimizer_columns(plan)
     for layer in plan.layers:
         trainable = active = 0
         for m in layer["modules"]:
@@ -34,9 +43,10 @@ def explain_table(plan: Plan) -> pd.DataFrame:
                 trainable, active = trainable + counts.trainable_total, active + counts.active_total
         ranks = sorted({m["rank"] for m in layer["modules"]})
         rows.append({"layer": layer["layer"], **({"stack": stack_of.get(layer["layer"], "")} if stack_of else {}),
-                     "metric": layer["metric"], "experts": layer["experts"],
+                     "v_i": layer["metric"], "experts": layer["experts"],
                      "rank": "/".join(map(str, ranks)), "top_k": layer["top_k"],
-                     "modules": len(layer["modules"]), "trainable": trainable, "active": active})
+                     "modules": len(layer["modules"]), "trainable": trainable, "active": active,
+                     **multipliers.get(layer["layer"], {})})
     return pd.DataFrame(rows)
 
 
@@ -49,8 +59,8 @@ def explain_text(plan: Plan) -> str:
               + (f", metric {strategy['metric']}" if strategy.get("metric") else "")
               + f", {plan.document['expert_type']} experts")
     table = explain_table(plan)
-    if table["metric"].isna().all():
-        table = table.drop(columns="metric")
+    if table["v_i"].isna().all():
+        table = table.drop(columns="v_i")
     lines = [header, table.to_string(index=False, float_format="%.3f")]
     t, a = acct["trainable"], acct["active_per_token"]
     lines.append(f"trainable: {t['adapters']:,} adapter + {t['routers']:,} router = {t['total']:,} params; "
@@ -59,6 +69,11 @@ def explain_text(plan: Plan) -> str:
     lines.append(f"active per token: {a['adapters']:,} adapter + {a['routers']:,} router = {a['total']:,} params; "
                  f"adapters {ratios['active_adapters_vs_single_lora']:.3f}x one rank-{single['rank']} LoRA, "
                  f"{ratios['active_adapters_vs_uniform_moe']:.3f}x uniform top-{moe['top_k']}")
+    optimizer = plan.document.get("optimizer")
+    if optimizer:
+        ranges = ", ".join(f"{method} {lo:g}–{hi:g}×" for method, (lo, hi) in optimizer["ranges"].items())
+        lines.append(f"optimizer multipliers from {optimizer['metric']} per layer: {ranges} "
+                     "(lr_scale × your learning rate, weight_decay_scale × your weight decay)")
     budget = strategy.get("budget")
     if budget:
         lines.append(f"budget: {budget['params']:,} params ({budget['source']}); used {budget['used']:,}, "

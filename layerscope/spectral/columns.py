@@ -50,10 +50,11 @@ def _mixers(values: pd.Series) -> str | None:
 
 
 def layer_summary(table: pd.DataFrame) -> pd.DataFrame:
-    """Per-layer means over the layer's adapter-target matrices (projections and experts).
+    """Per-layer means over every adapter-target matrix of the layer: projections and each expert's matrices.
 
-    This is AlphaLoRA's layer quality v_i: the mean of a metric over the layer's projections.
-    Failed matrices (NaN metrics) are left out of the means and counted in ``num_failed``.
+    A diagnostic, not the planner's v_i: a plan's v_i (the ``v_i`` column of ``layerscope explain``, the plan's
+    per-layer ``metric``) averages only the modules the plan adapts (its target roles), so on a mixture-of-experts
+    model, whose expert matrices are not planned, the two differ.  Failed matrices (NaN metrics) are left out of the means and counted in ``num_failed``.
     """
     targets = table[table["kind"].isin(TARGET_KINDS | {"delta"}) & table["layer"].notna()]
     present = [c for c in SUMMARY_COLUMNS if c in targets.columns]

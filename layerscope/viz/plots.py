@@ -118,6 +118,33 @@ def _part_of(row) -> str:
     return mixer if isinstance(mixer, str) and mixer else "mlp"
 
 
+def stack_spans(rows: pd.DataFrame) -> list[tuple[str, int, int]]:
+    """(stack, first layer, last layer) of each block stack, in layer order; [] for a model with one stack."""
+    if "stack" not in rows.columns or rows["stack"].dropna().nunique() < 2:
+        return []
+    bounds = rows.dropna(subset=["stack"]).groupby("stack")["layer"].agg(["min", "max"]).sort_values("min")
+    return [(str(stack), int(b["min"]), int(b["max"])) for stack, b in bounds.iterrows()]
+
+
+def per_stack(rows: pd.DataFrame, spans: list[tuple[str, int, int]]) -> list[tuple[str, pd.DataFrame]]:
+    """The rows split by stack (the whole table when there is one), so lines never run from one stack into
+    the next (a language model's last layer into a vision tower's first)."""
+    if not spans:
+        return [("", rows)]
+    return [(stack, rows[rows["stack"] == stack]) for stack, _, _ in spans]
+
+
+def mark_stacks(ax, spans: list[tuple[str, int, int]]) -> None:
+    """Alternate shading and a name over each stack's layers."""
+    for i, (stack, first, last) in enumerate(spans):
+        if i % 2:
+            ax.axvspan(first - 0.5, last + 0.5, color="#000000", alpha=0.05, linewidth=0)
+        if i:
+            ax.axvline(first - 0.5, color="#666666", linewidth=0.8)
+        ax.text((first + last) / 2, 0.98, stack.replace("_", " "), transform=ax.get_xaxis_transform(),
+                ha="center", va="top", fontsize=7, color="#444444")
+
+
 def plot_alphas_by_layer(table: pd.DataFrame) -> Figure:
     """The alphas by layer, one panel and scale per metric: every matrix a dot coloured by the part of the
     block it belongs to (attention, linear attention, mamba, conv, MLP, experts), the layer mean a line,
@@ -131,8 +158,10 @@ def plot_alphas_by_layer(table: pd.DataFrame) -> Figure:
     layer_mixer = targets.dropna(subset=["mixer"]).groupby("layer")["mixer"].agg(
         lambda v: "+".join(sorted(set(v)))) if "mixer" in targets.columns else pd.Series(dtype=str)
     hybrid = layer_mixer.nunique() > 1
+    spans = stack_spans(targets)
     fig, axes = plt.subplots(1, max(1, len(columns)), figsize=(4.4 * max(1, len(columns)), 3.9), squeeze=False)
     for ax, column in zip(axes[0], columns):
+        mark_stacks(ax, spans)
         if hybrid:
             for layer, mixer in layer_mixer.items():
                 colour = PART_COLOURS.get(mixer.split("+")[0], "#999999")
@@ -141,8 +170,9 @@ def plot_alphas_by_layer(table: pd.DataFrame) -> Figure:
             group = targets[targets["part"] == part]
             if len(group):
                 ax.scatter(group["layer"], group[column], s=12, alpha=0.6, color=colour, label=part.replace("_", " "))
-        means = targets.groupby("layer")[column].mean()
-        ax.plot(means.index, means.values, color="black", linewidth=2, label="layer mean")
+        for i, (_, part) in enumerate(per_stack(targets, spans)):  # one line per stack: never joined across
+            means = part.groupby("layer")[column].mean()
+            ax.plot(means.index, means.values, color="black", linewidth=2, label="layer mean" if i == 0 else None)
         for ref in REFERENCE_ALPHAS:
             ax.axhline(ref, color="grey", linestyle="--", linewidth=1)
         values = targets[column].dropna()
@@ -163,20 +193,27 @@ def plot_alphas_by_layer(table: pd.DataFrame) -> Figure:
     return fig
 
 
-def plot_compare(layers: pd.DataFrame) -> Figure:
-    """α before (base) and after (other) by layer, one panel per alpha column of a compare table."""
+def plot_compare(layers: pd.DataFrame, names: tuple[str, str] = ("base", "other")) -> Figure:
+    """α of BASE and OTHER by layer, one panel (and y scale: the alphas live on different ranges) per alpha
+    column of a compare table; ``names`` label the two models in the legend."""
+    from matplotlib.ticker import MaxNLocator
+
+    if names[0] == names[1]:
+        names = (f"{names[0]} (base)", f"{names[1]} (other)")
     columns = [c for c in ALPHA_COLUMNS if f"{c}_base" in layers.columns]
-    fig, axes = plt.subplots(1, len(columns), figsize=(4.2 * len(columns), 3.6), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, max(1, len(columns)), figsize=(4.4 * max(1, len(columns)), 3.9), squeeze=False)
     for ax, column in zip(axes[0], columns):
-        ax.plot(layers["layer"], layers[f"{column}_base"], marker="o", markersize=3, label="base")
-        ax.plot(layers["layer"], layers[f"{column}_other"], marker="s", markersize=3, label="other")
+        ax.plot(layers["layer"], layers[f"{column}_base"], marker="o", markersize=3, label=names[0])
+        ax.plot(layers["layer"], layers[f"{column}_other"], marker="s", markersize=3, label=names[1])
         for ref in REFERENCE_ALPHAS:
             ax.axhline(ref, color="grey", linestyle="--", linewidth=1)
-        ax.set_title(f"{ALPHA_COLUMNS[column]}: before / after")
+        ax.set_title(ALPHA_COLUMNS[column])
         ax.set_xlabel("layer")
         ax.set_ylabel(column)
-    axes[0][-1].legend(fontsize=8)
-    fig.tight_layout()
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     return fig
 
 
@@ -193,12 +230,17 @@ def plot_norms_by_layer(table: pd.DataFrame) -> Figure:
         targets["line"] = [_part_of(row).replace("_", " ") for _, row in targets.iterrows()]
     else:
         targets["line"] = targets["role"].astype(str)
+    spans = stack_spans(targets)
+    colours = {line: PART_COLOURS.get(line.replace(" ", "_")) if by_part else f"C{i % 10}"
+               for i, line in enumerate(sorted(targets["line"].unique()))}
     fig, axes = plt.subplots(1, max(1, len(columns)), figsize=(4.4 * max(1, len(columns)), 3.9), squeeze=False)
     for ax, column in zip(axes[0], columns):
-        for line, group in targets.groupby("line", sort=True):
-            means = group.groupby("layer")[column].mean()
-            colour = PART_COLOURS.get(line.replace(" ", "_")) if by_part else None
-            ax.plot(means.index, means.values, marker="o", markersize=3, linewidth=1, label=line, color=colour)
+        mark_stacks(ax, spans)
+        for i, (_, part) in enumerate(per_stack(targets, spans)):
+            for line, group in part.groupby("line", sort=True):
+                means = group.groupby("layer")[column].mean()
+                ax.plot(means.index, means.values, marker="o", markersize=3, linewidth=1,
+                        label=line if i == 0 else None, color=colours[line])
         ax.set_title(f"{column} by layer" + (" (mean per part)" if by_part else ""))
         ax.set_xlabel("layer")
         ax.set_ylabel(column)

@@ -144,7 +144,9 @@ def build_report(table: pd.DataFrame, out: str | Path, *, model_path: str | Path
         from layerscope.spectral.compare import compare_layers
 
         changes = compare_layers(comparison)
-        files.figure(plots.plot_compare(changes), "compare_alphas")
+        names = (model_display_name(comparison.attrs.get("base", "base")),
+                 model_display_name(comparison.attrs.get("other", "other")))
+        files.figure(plots.plot_compare(changes, names), "compare_alphas")
         shown = [c for c in ("layer", "changed_matrices", "alpha_base", "alpha_other", "delta_alpha",
                              "alpha_hill_base", "alpha_hill_other", "delta_alpha_hill", "delta_log_norm")
                  if c in changes.columns]
