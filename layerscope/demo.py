@@ -33,6 +33,7 @@ def run_demo(out: Path, progress: bool = True, screenshot: bool = True) -> tuple
     from layerscope.viz.browser import screenshot as take_screenshot
 
     model = bundled_model_path()
+    wall_start = time.time()
     started = time.perf_counter()
     matrices = scan(model, progress=progress)
     seconds = time.perf_counter() - started
@@ -59,11 +60,27 @@ def run_demo(out: Path, progress: bool = True, screenshot: bool = True) -> tuple
     }
     index = build_report(matrices, out, model_path=model, activations=activations, plans=plans,
                          title="layerscope report: all-MiniLM-L6-v2")
-    written.append(index)
     if screenshot and find_chromium():
-        written.append(take_screenshot(index, out / "screenshot.png"))
-    summaries = [scan_summary(matrices, seconds), *(explain_text(p) for p in plans.values())]
-    return written, "\n\n".join(summaries)
+        take_screenshot(index, out / "screenshot.png")
+    labels = {"hilo": "hilo, ranks from depth", "hilo-activations": "hilo, ranks from activation near-zero fractions"}
+    summaries = [scan_summary(matrices, seconds), *(explain_text(p, labels.get(key, key)) for key, p in plans.items())]
+    return files_written_since(out, wall_start), "\n\n".join(summaries)
+
+
+def files_written_since(folder: Path, since: float) -> list[Path]:
+    """Every file under ``folder`` written at or after ``since`` (the report writes many: plots, exports, CSVs)."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.stat().st_mtime >= since - 1)
+
+
+def written_lines(folder: Path, written: list[Path]) -> list[str]:
+    """The files, one line per sub-folder: ``img/: alphas_by_layer.png, …`` (the report writes about 40)."""
+    groups: dict[str, list[str]] = {}
+    for path in written:
+        relative = path.relative_to(folder) if path.is_relative_to(folder) else path
+        parent = "" if str(relative.parent) == "." else f"{relative.parent}/"
+        groups.setdefault(parent, []).append(relative.name)
+    return [f"  {folder / parent if parent else folder}{'/' if not parent else ''}: {', '.join(names)}"
+            for parent, names in groups.items()]
 
 
 def scan_summary(matrices, seconds: float) -> str:

@@ -29,5 +29,14 @@ def test_demo_writes_scan_activations_plans_exports_and_report(tmp_path):
     for image in ("alphas_by_layer.png", "norms_by_layer.png", "near_zero_by_layer.png", "allocations.png"):
         assert f"img/{image}" in page and (tmp_path / "img" / image).is_file()
     assert page.count("img/esd_") >= 6
-    assert "plan: hilo on BertModel (6 of 6 layers planned)" in summary
-    assert tmp_path / "index.html" in written
+    assert "plan: hilo, ranks from depth on BertModel (6 of 6 layers planned)" in summary
+    assert "plan: hilo, ranks from activation near-zero fractions on BertModel" in summary
+    headers = [line for line in summary.splitlines() if line.startswith("plan: ")]
+    assert len(headers) == len(set(headers)) == 5  # no plan announced twice under one name
+    every_file = sorted(p for p in tmp_path.rglob("*") if p.is_file())
+    assert written == every_file and len(written) > 20  # every file the demo wrote is listed
+
+    from layerscope.demo import written_lines
+
+    listed = "\n".join(written_lines(tmp_path, written))
+    assert all(p.name in listed for p in every_file) and f"{tmp_path / 'img'}: " in listed

@@ -148,3 +148,39 @@ def test_explain_names_the_planners_v_i_and_shows_the_optimizer_multipliers(mode
     text = explain_text(plan)
     assert "lr_scale" in text and "optimizer multipliers from alpha_hill" in text and "tempbalance 0.5–1.5×" in text
     assert "lr_scale" not in explain_text(layerscope.plan(model, "alphalora", progress=False))
+
+
+def test_a_hand_edited_plan_is_recounted_by_a_command(capsys, monkeypatch, model, tmp_path):
+    import json
+
+    import layerscope
+    from layerscope.planning import Plan
+    from tests.test_bad_inputs import cli
+
+    original = layerscope.plan(model, "alphalora", total_experts=18, progress=False)
+    edited = json.loads(original.to_json())
+    edited["layers"][0]["experts"] += 2  # a hand edit: two more experts in layer 0
+    path = tmp_path / "edited.json"
+    path.write_text(json.dumps(edited))
+    code, _, err = cli(capsys, monkeypatch, "explain", str(path))
+    assert code == 2 and "run `layerscope recount PLAN`" in err
+
+    code, out, _ = cli(capsys, monkeypatch, "recount", str(path))
+    assert code == 0 and "accounting.trainable.total" in out
+    fixed = Plan.load(path)
+    layer0 = original.layers[0]
+    per_expert = sum(m["rank"] * (m["in_features"] + m["out_features"]) for m in layer0["modules"])
+    routers = sum(m["in_features"] for m in layer0["modules"])  # one more router row per module per expert
+    assert fixed.accounting["trainable"]["adapters"] == original.accounting["trainable"]["adapters"] + 2 * per_expert
+    assert fixed.accounting["trainable"]["routers"] == original.accounting["trainable"]["routers"] + 2 * routers
+    assert fixed.accounting["baselines"] == original.accounting["baselines"]
+    assert fixed.document["provenance"]["recounted_by"].startswith("layerscope ")
+    code, out, _ = cli(capsys, monkeypatch, "recount", str(path))
+    assert code == 0 and "nothing to do" in out
+
+    budgeted = json.loads(layerscope.plan(model, "uniform", budget_params=40_000, progress=False).to_json())
+    budgeted["layers"][0]["experts"] += 20
+    over = tmp_path / "over.json"
+    over.write_text(json.dumps(budgeted))
+    code, _, err = cli(capsys, monkeypatch, "recount", str(over))
+    assert code == 2 and "over the plan's budget" in err and len(err.strip().splitlines()) == 1

@@ -141,7 +141,6 @@ def compare_command(base: Path, other: Path, out: Path | None, plot: Path | None
     written = write_scan(table, layers, out, schema=COMPARE_SCHEMA) if out is not None else []
     if plot is not None:
         from layerscope.viz import plots
-
         from layerscope.viz.report import model_display_name
 
         figure = plots.plot_compare(layers, (model_display_name(base), model_display_name(other)))
@@ -260,15 +259,16 @@ def report_command(model: Path, out: Path, scan_file: Path | None, activations_f
 @click.option("--quiet", "-q", is_flag=True)
 def demo_command(out: Path, quiet: bool) -> None:
     """The bundled MiniLM model end to end: scan, plans (alphalora, hilo, mola, adaptive-lora), exports."""
-    from layerscope.demo import run_demo
+    from layerscope.demo import run_demo, written_lines
 
     started = time.perf_counter()
     written, summary = run_demo(out, progress=not quiet)
     if not quiet:
         click.echo(summary)
-        click.echo(f"\ndemo finished in {time.perf_counter() - started:.1f} s; wrote:")
-        for path in written:
-            click.echo(f"  {path}")
+        click.echo(f"\ndemo finished in {time.perf_counter() - started:.1f} s; wrote {len(written)} files "
+                   f"(open {out / 'index.html'}):")
+        for line in written_lines(out, written):
+            click.echo(line)
 
 
 @cli.command("merge")

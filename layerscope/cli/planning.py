@@ -154,6 +154,29 @@ def explain_command(plan_file: Path) -> None:
     click.echo(explain_text(Plan.load(plan_file)))
 
 
+@cli.command("recount")
+@click.argument("plan_file", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), help="Write the recounted plan here (default: in place).")
+def recount_command(plan_file: Path, out: Path | None) -> None:
+    """Recompute a hand-edited plan's accounting (parameters, ratios, budget use) from its layers."""
+    from layerscope.planning.plan import recount
+    from layerscope.strictjson import strict_json
+
+    if not plan_file.is_file():
+        raise LayerscopeError(f"{plan_file}: no such plan file")
+    target = out or plan_file
+    check_writable([target])
+    plan, changes = recount(strict_json(plan_file.read_bytes(), str(plan_file)), str(plan_file))
+    if not changes:
+        click.echo(f"{plan_file}: accounting already matches the layers; nothing to do")
+        if out is None:
+            return
+    plan.save(target)
+    for change in changes:
+        click.echo(change)
+    click.echo(f"wrote {target}")
+
+
 @cli.command("activations")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--calib", type=click.Path(path_type=Path), help="Text (.txt) or JSONL (.jsonl, field 'text'); "

@@ -1,7 +1,7 @@
 """Allocation planning: strategies, budgets, parameter accounting and the plan document."""
 
 from layerscope.planning.api import plan
-from layerscope.planning.plan import LoraSettings, Plan
+from layerscope.planning.plan import LoraSettings, Plan, recount
 from layerscope.planning.strategies import STRATEGIES
 
-__all__ = ["STRATEGIES", "LoraSettings", "Plan", "plan"]
+__all__ = ["STRATEGIES", "LoraSettings", "Plan", "plan", "recount"]

@@ -62,9 +62,15 @@ def account(inputs: PlanInputs, allocations) -> Accounting:
 
 def baselines(inputs: PlanInputs, reference_rank: int, reference_experts: int, reference_top_k: int = 2) -> dict:
     """The two uniform references every ratio is stated against."""
-    single = sum(reference_rank * (int(m.in_features) + int(m.out_features)) for m in inputs.modules.itertuples())
-    moe_routers = (sum(int(m.in_features) for m in inputs.modules.itertuples()) * reference_experts
-                   if reference_experts > 1 else 0)
+    shapes = [(int(m.in_features), int(m.out_features)) for m in inputs.modules.itertuples()]
+    return baselines_of(shapes, reference_rank, reference_experts, reference_top_k)
+
+
+def baselines_of(shapes: list[tuple[int, int]], reference_rank: int, reference_experts: int,
+                 reference_top_k: int = 2) -> dict:
+    """The uniform references over target modules of these (in_features, out_features)."""
+    single = sum(reference_rank * (in_f + out_f) for in_f, out_f in shapes)
+    moe_routers = sum(in_f for in_f, _ in shapes) * reference_experts if reference_experts > 1 else 0
     return {
         "single_lora": {"description": f"one rank-{reference_rank} LoRA per target module",
                         "rank": reference_rank, "trainable": single, "active": single},
@@ -78,8 +84,12 @@ def baselines(inputs: PlanInputs, reference_rank: int, reference_experts: int, r
 
 def accounting_report(inputs: PlanInputs, allocations, reference_rank: int, reference_experts: int,
                       reference_top_k: int = 2) -> dict:
-    ours = account(inputs, allocations)
-    base = baselines(inputs, reference_rank, reference_experts, reference_top_k)
+    return report_of(account(inputs, allocations), baselines(inputs, reference_rank, reference_experts,
+                                                             reference_top_k))
+
+
+def report_of(ours: Accounting, base: dict) -> dict:
+    """The plan's ``accounting`` section: its counts, the baselines and the ratios between them."""
     single, moe = base["single_lora"], base["uniform_moe"]
     return {
         "trainable": {"adapters": ours.trainable_adapters, "routers": ours.trainable_routers,

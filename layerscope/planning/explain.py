@@ -50,11 +50,12 @@ def explain_table(plan: Plan) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def explain_text(plan: Plan) -> str:
+def explain_text(plan: Plan, label: str | None = None) -> str:
+    """``label`` names the plan in the header (default: the strategy's name)."""
     model, strategy, acct = plan.model, plan.strategy, plan.accounting
     ratios, base = acct["ratios"], acct["baselines"]
     moe, single = base["uniform_moe"], base["single_lora"]
-    header = (f"plan: {strategy['name']} on {model.get('architecture') or model['naming']} "
+    header = (f"plan: {label or strategy['name']} on {model.get('architecture') or model['naming']} "
               f"({model.get('planned_depth', len(plan.layers))} of {model['num_layers']} layers planned)"
               + (f", metric {strategy['metric']}" if strategy.get("metric") else "")
               + f", {plan.document['expert_type']} experts")

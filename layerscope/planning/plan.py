@@ -10,7 +10,7 @@ from importlib import resources
 from pathlib import Path
 
 from layerscope.errors import LayerscopeError
-from layerscope.planning.accounting import accounting_report
+from layerscope.planning.accounting import Accounting, accounting_report, baselines_of, report_of
 from layerscope.planning.inputs import PlanInputs
 from layerscope.strictjson import strict_json
 from layerscope.tables import atomic_write, jsonable
@@ -55,10 +55,10 @@ class LoraSettings:
 class Plan:
     """A validated ``layerscope.plan/1`` document (a plain dict underneath)."""
 
-    def __init__(self, document: dict, source: str = "plan"):
+    def __init__(self, document: dict, source: str = "plan", *, check_accounting: bool = True):
         self.document = document
         self.source = source
-        self.validate()
+        self.validate(check_accounting)
 
     # ---- access
     @property
@@ -108,7 +108,7 @@ class Plan:
         return cls.loads(text, str(path))
 
     # ---- checks
-    def validate(self) -> None:
+    def validate(self, check_accounting: bool = True) -> None:
         """JSON Schema first (errors name the JSON path), then the facts a schema cannot say."""
         import jsonschema
 
@@ -121,7 +121,7 @@ class Plan:
         if errors:
             error = jsonschema.exceptions.best_match(errors)
             raise LayerscopeError(f"{self.source}: {error.json_path}: {error.message}")
-        self._check_consistency()
+        self._check_consistency(check_accounting)
 
     def _check_module_redundancy(self, where: str, j: int, layer: dict, module: dict) -> None:
         """A module repeats its layer's rank (capped at its matrix size) and the alpha the lora settings give it;
@@ -138,7 +138,7 @@ class Plan:
             raise LayerscopeError(f"{where}.modules[{j}].lora_alpha: {module['lora_alpha']} disagrees with the lora "
                                   f"settings ({expected} for rank {module['rank']})")
 
-    def _check_consistency(self) -> None:
+    def _check_consistency(self, check_accounting: bool = True) -> None:
         seen = set()
         num_layers = self.model["num_layers"]
         for i, layer in enumerate(self.layers):
@@ -155,12 +155,15 @@ class Plan:
                     raise LayerscopeError(f"{where}.modules[{j}].rank: {module['rank']} exceeds the matrix size "
                                           f"{module['out_features']}x{module['in_features']}")
                 self._check_module_redundancy(where, j, layer, module)
+        if not check_accounting:
+            return
         stored = self.accounting
         recomputed = _recount(self)
         for field in ("trainable", "active_per_token"):
             if stored[field] != recomputed[field]:
                 raise LayerscopeError(f"{self.source}: $.accounting.{field}: {stored[field]} does not match the "
-                                      f"layers ({recomputed[field]})")
+                                      f"layers ({recomputed[field]}); after editing layers by hand, run "
+                                      "`layerscope recount PLAN` to recompute it")
 
     def check_model(self, num_layers: int, fingerprint: str | None = None, where: str = "model") -> None:
         """Refuse a model this plan was not made for."""
@@ -170,6 +173,39 @@ class Plan:
         if fingerprint is not None and fingerprint != self.model["fingerprint"]:
             raise LayerscopeError(f"{self.source}: plan was made for a model with other tensors/shapes than {where} "
                                   "(header fingerprint differs)")
+
+
+def recount(document: dict, source: str = "plan") -> tuple[Plan, list[str]]:
+    """A hand-edited plan with its accounting recomputed from its layers: counts, ratios against the same
+    baselines (reference rank, experts and top-k as stored) and the budget's use.  Everything else is checked
+    as on load.  Returns the plan and what changed, one line each.  A plan now over its budget is refused."""
+    from layerscope import __version__
+
+    plan = Plan(document, source, check_accounting=False)
+    old = plan.accounting
+    counts = _recount(plan)
+    base = old["baselines"]
+    shapes = [(m["in_features"], m["out_features"]) for layer in plan.layers for m in layer["modules"]]
+    new = report_of(Accounting(counts["trainable"]["adapters"], counts["trainable"]["routers"],
+                               counts["active_per_token"]["adapters"], counts["active_per_token"]["routers"]),
+                    baselines_of(shapes, base["single_lora"]["rank"], base["uniform_moe"]["experts"],
+                                 base["uniform_moe"]["top_k"]))
+    changes = [f"accounting.{field}.total: {old[field]['total']:,} → {new[field]['total']:,}"
+               for field in ("trainable", "active_per_token") if old[field] != new[field]]
+    budget = plan.strategy.get("budget")
+    if budget:
+        used = new["trainable"]["total"]
+        if used > budget["params"]:
+            raise LayerscopeError(f"{source}: the edited layers need {used:,} trainable parameters, over the plan's "
+                                  f"budget of {budget['params']:,} by {used - budget['params']:,}; edit further, or "
+                                  "set $.strategy.budget to null to recount without a budget")
+        if used != budget["used"]:
+            changes.append(f"strategy.budget.used: {budget['used']:,} → {used:,}")
+        budget.update(used=used, slack=budget["params"] - used)
+    document["accounting"] = new
+    if changes:
+        document["provenance"]["recounted_by"] = f"layerscope {__version__}"
+    return Plan(document, source), changes
 
 
 @lru_cache(maxsize=1)
