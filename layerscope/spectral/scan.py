@@ -367,6 +367,16 @@ def _not_analysed(classified: list[tuple[LogicalTensor, TensorRole]], opts: Scan
     return out
 
 
+def depth_description(attrs: dict) -> str:
+    """``6 layers``; with towers ``8 blocks (language_model 4, vision_tower 4: tower)``, so a reader never takes
+    the checkpoint's block count for the language model's depth."""
+    stacks = attrs.get("stack_depths") or []
+    if len(stacks) < 2:
+        return f"{attrs.get('num_layers')} layers"
+    parts = ", ".join(f"{s['name']} {s['depth']}" + (": tower" if s.get("tower") else "") for s in stacks)
+    return f"{attrs.get('num_layers')} blocks ({parts})"
+
+
 def not_analysed_line(attrs: dict) -> str | None:
     """``7 weights not analysed: 4 convolution kernels, 3 …`` (None when every weight has a row)."""
     skipped = attrs.get("not_analysed") or []

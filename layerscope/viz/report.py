@@ -16,7 +16,7 @@ from layerscope.export import export_plan
 from layerscope.outputs import write_files
 from layerscope.planning.explain import explain_table
 from layerscope.spectral.esd import gram_eigenvalues
-from layerscope.spectral.scan import layer_summary
+from layerscope.spectral.scan import depth_description, layer_summary
 from layerscope.viz import plots
 
 LOW_ALPHA, HIGH_ALPHA = plots.REFERENCE_ALPHAS
@@ -27,6 +27,8 @@ body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; mar
        color: #222; line-height: 1.45; padding: 0 1rem; }
 h1 { font-size: 1.7rem; margin-bottom: .2rem; } h2 { border-bottom: 1px solid #ddd; padding-bottom: .2rem; margin-top: 2rem; }
 table { border-collapse: collapse; font-size: .85rem; margin: .6rem 0; }
+div.table { max-width: 100%; overflow-x: auto; }
+p.verdict { font-size: 1.05rem; font-weight: 600; color: #111; border-left: 4px solid #4C72B0; padding-left: .7rem; }
 th, td { border: 1px solid #ddd; padding: .2rem .5rem; text-align: right; }
 th { background: #f4f4f4; } td.l, th.l { text-align: left; }
 img { max-width: 100%; border: 1px solid #eee; margin: .4rem 0; }
@@ -38,6 +40,8 @@ code { background: #f4f4f4; padding: 0 .25rem; }
 
 def _table_html(frame: pd.DataFrame, float_format: str = "{:.3f}") -> str:
     def cell(value) -> str:
+        if value is None or value is pd.NA or value is pd.NaT:
+            return ""  # a missing value is an empty cell, never the word "None"
         if isinstance(value, float):
             return "" if math.isnan(value) else float_format.format(value)
         return html.escape(str(value))
@@ -45,7 +49,8 @@ def _table_html(frame: pd.DataFrame, float_format: str = "{:.3f}") -> str:
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
     rows = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>"
                    for row in frame.itertuples(index=False))
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+    # Wide tables scroll inside their box instead of running off the page's right edge.
+    return f"<div class='table'><table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></div>"
 
 
 def warnings_table(table: pd.DataFrame) -> pd.DataFrame:
@@ -168,19 +173,15 @@ def build_report(table: pd.DataFrame, out: str | Path, *, model_path: str | Path
             stem = f"plan_{plots.safe_stem(name)}"
             files.text(f"{stem}.json", plan.to_json())
             links = [f"<a href='{stem}.json'>{stem}.json</a>"]
-            for fmt, suffix in (("mola", ".mola.txt"), ("peft", ".peft.json")):
+            for fmt, suffix in _export_formats(plan):
                 try:
                     files.text(f"{stem}{suffix}", export_plan(plan, fmt))
                     links.append(f"<a href='{stem}{suffix}'>{fmt} export</a>")
-                except Exception as exc:  # an export a plan cannot have (e.g. PEFT for mixtures)
+                except LayerscopeError as exc:  # a refusal specific to this plan (e.g. PEFT on a Mamba mixer)
                     links.append(f"<span class='muted'>{fmt}: {html.escape(str(exc).split(': ', 1)[-1])}</span>")
-            ratios = plan.accounting["ratios"]
-            parts.append(f"<h3>{html.escape(name)} <span class='muted'>({html.escape(plan.strategy['name'])})</span></h3>"
-                         f"<p>trainable {plan.accounting['trainable']['total']:,} params "
-                         f"({ratios['trainable_adapters_vs_uniform_moe']:.3f}× uniform 8×r8 adapters); active per token "
-                         f"{plan.accounting['active_per_token']['total']:,} "
-                         f"({ratios['active_adapters_vs_single_lora']:.3f}× one rank-8 LoRA). "
-                         + " · ".join(links) + "</p>" + _table_html(explain_table(plan)))
+            parts.append(f"<h3>{html.escape(name)} <span class='muted'>({html.escape(_plan_kind(plan))})</span></h3>"
+                         f"<p>{html.escape(_plan_sizes(plan))} " + " · ".join(links) + "</p>"
+                         + _table_html(explain_table(plan)))
         sections.append("".join(parts))
 
     sections.append("<h2>Tables</h2><p><a href='scan.csv'>scan.csv</a> (per matrix) · "
@@ -249,6 +250,36 @@ PLAN_COMPARISON_COLUMNS = ("arm", "kind", "baseline", "n", "mean", "ci95_low", "
 PLAN_COMPARISON_SCHEMA = "layerscope.plan-comparison/2"
 
 
+def _export_formats(plan) -> list[tuple[str, str]]:
+    """The trainer exports a plan can have: MoLA's per-layer counts for LoRA experts, PEFT for one adapter per
+    module.  MoR experts have neither (they train with layerscope.runtime)."""
+    if plan.document["expert_type"] != "lora":
+        return []
+    mixture = any(layer["experts"] > 1 for layer in plan.layers)
+    return [("mola", ".mola.txt")] + ([] if mixture else [("peft", ".peft.json")])
+
+
+def _plan_kind(plan) -> str:
+    """``hilo`` for LoRA experts, ``hilo, MoR experts`` otherwise; says which trainer consumes it."""
+    kind = plan.strategy["name"]
+    if plan.document["expert_type"] != "lora":
+        expert_type = {"mor": "MoR"}.get(plan.document["expert_type"], plan.document["expert_type"])
+        kind += f", {expert_type} experts: train with layerscope.runtime"
+    elif any(layer["experts"] > 1 for layer in plan.layers):
+        kind += ", mixture: MoLA export or layerscope.runtime (PEFT has one adapter per module)"
+    return kind
+
+
+def _plan_sizes(plan) -> str:
+    """Trainable and active parameters against the plan's own baselines (their experts, rank and top-k)."""
+    acct = plan.accounting
+    ratios, moe, single = acct["ratios"], acct["baselines"]["uniform_moe"], acct["baselines"]["single_lora"]
+    return (f"trainable {acct['trainable']['total']:,} params ({ratios['trainable_adapters_vs_uniform_moe']:.3f}× "
+            f"uniform {moe['experts']}×r{moe['rank']} adapters); active per token "
+            f"{acct['active_per_token']['total']:,} ({ratios['active_adapters_vs_single_lora']:.3f}× one "
+            f"rank-{single['rank']} LoRA).")
+
+
 def _plan_comparison_section(document: dict, files: _ReportFiles) -> str:
     if document.get("schema") != PLAN_COMPARISON_SCHEMA:
         raise LayerscopeError(f"--plan-comparison: not a compare-plans document (schema {PLAN_COMPARISON_SCHEMA}; "
@@ -261,7 +292,7 @@ def _plan_comparison_section(document: dict, files: _ReportFiles) -> str:
     dense = f"<p class='muted'>Mixture vs dense: {html.escape(document['dense_verdict'])}</p>" \
         if document.get("dense_verdict") else ""
     return ("<h2>Do the plans pay? Each strategy against the uniform plan of its own structure</h2>"
-            f"<p>{html.escape(document['verdict'])}</p>{dense}"
+            f"<p class='verdict'>{html.escape(document['verdict'])}</p>{dense}"
             f"<p>{html.escape(document['metric'])} on {task['eval_rows']} test rows of {html.escape(task['source'])} "
             f"({task['kind']}), seeds {', '.join(map(str, document['seeds']))}, {document['settings']['steps']} steps "
             f"at learning rate {document['settings']['learning_rate']:g} ({html.escape(document['learning_rate']['why'])}); "
@@ -277,7 +308,7 @@ def _summary(table: pd.DataFrame, layers: pd.DataFrame) -> str:
     facts = {
         "architecture": attrs.get("architecture") or attrs.get("model_type") or "unknown",
         "naming scheme": attrs.get("naming"),
-        "layers": attrs.get("num_layers"),
+        "depth": depth_description(attrs),
         "matrices analysed": f"{len(ok)} of {len(table)}",
         "mean alpha (projections)": f"{layers['alpha'].mean():.3f}" if "alpha" in layers else "",
         "mean alpha_hill": f"{layers['alpha_hill'].mean():.3f}" if "alpha_hill" in layers else "",
