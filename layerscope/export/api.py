@@ -6,7 +6,13 @@ import json
 from pathlib import Path
 
 from layerscope.errors import LayerscopeError
-from layerscope.export.formats import mola_command_line, to_mola_args, to_peft_config, to_table
+from layerscope.export.formats import (
+    mola_command_line,
+    to_mola_args,
+    to_peft_config,
+    to_table,
+    unplanned_suffix_matches,
+)
 from layerscope.export.trainers import (
     check_peft_keys,
     checkpoint_module_names,
@@ -43,7 +49,14 @@ def export_plan(plan: Plan, fmt: str, out: Path | None = None, *, round_ranks: s
             check_peft_keys(config, checkpoint_module_names(str(check_model)), str(check_model))
         text = json.dumps(config, indent=2) + "\n"
     elif fmt == "mola":
-        text = mola_command_line(to_mola_args(plan)) + "\n"
+        args = to_mola_args(plan)
+        if check_model is not None:
+            extra = unplanned_suffix_matches(plan, args["lora_target_modules"].split(","),
+                                             checkpoint_module_names(str(check_model)))
+            if extra:
+                raise LayerscopeError(f"{check_model}: MoLA's target list {args['lora_target_modules']} would also "
+                                      f"adapt {extra[0]} (and {len(extra) - 1} more), which the plan does not name")
+        text = mola_command_line(args) + "\n"
     elif fmt == "csv":
         text = to_table(plan, modules).to_csv(index=False)
     elif fmt == "axolotl":

@@ -155,7 +155,7 @@ def to_mola_args(plan: Plan) -> dict[str, str]:
     if len(alphas) > 1:
         raise LayerscopeError(f"{plan.source}: lora_alpha differs across layers {sorted(alphas)}; MoLA takes one "
                               "value (plan with --lora-alpha N)")
-    suffixes = sorted({m["name"].rsplit(".", 1)[-1] for layer in layers for m in layer["modules"]})
+    suffixes = mola_target_suffixes(plan)
     alpha = alphas.pop()
     return {
         "number_experts": ",".join(str(layer["experts"]) for layer in layers),
@@ -165,6 +165,28 @@ def to_mola_args(plan: Plan) -> dict[str, str]:
         "lora_dropout": str(plan.document["lora"]["dropout"]),
         "lora_target_modules": ",".join(suffixes),
     }
+
+
+def block_relative(name: str, layer: int) -> str:
+    """A module's path inside its block: ``bert.encoder.layer.3.attention.output.dense`` → ``attention.output.dense``."""
+    match = re.search(rf"(?:^|\.){layer}\.(.+)$", name)
+    if match is None:
+        raise LayerscopeError(f"{name}: no block index {layer} in the module name")
+    return match.group(1)
+
+
+def mola_target_suffixes(plan: Plan) -> list[str]:
+    """MoLA's ``lora_target_modules``: each planned module's path inside its block.  The trainer adapts every
+    module whose name ends in one, so a bare leaf (``dense``) would also adapt BERT's ``pooler.dense`` and
+    every other unplanned ``dense``; the block path names only the planned ones."""
+    return sorted({block_relative(m["name"], layer["layer"]) for layer in plan.layers for m in layer["modules"]})
+
+
+def unplanned_suffix_matches(plan: Plan, suffixes: list[str], module_names: list[str]) -> list[str]:
+    """Modules of the model that a suffix target would adapt although the plan does not name them."""
+    planned = {m["name"] for m in plan.modules()}
+    return sorted(name for name in module_names if name not in planned
+                  and any(name == s or name.endswith("." + s) for s in suffixes))
 
 
 def mola_command_line(args: dict[str, str]) -> str:

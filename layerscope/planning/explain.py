@@ -50,6 +50,25 @@ def explain_table(plan: Plan) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def oversized_adapters(plan: Plan) -> list[dict]:
+    """Planned modules whose LoRA (one expert) has at least as many parameters as the matrix it adapts:
+    r·(in + out) ≥ in·out, e.g. rank 8 on a 4 × 64 matrix (capped at full rank 4).  Low rank no longer holds."""
+    return [m for m in plan.modules() if m["rank"] * (m["in_features"] + m["out_features"])
+            >= m["in_features"] * m["out_features"]]
+
+
+def oversized_line(plan: Plan, shown: int = 3) -> str | None:
+    """One line naming the modules :func:`oversized_adapters` finds (None when there are none)."""
+    found = oversized_adapters(plan)
+    if not found:
+        return None
+    names = ", ".join(f"{m['name']} ({m['out_features']}x{m['in_features']}, rank {m['rank']})" for m in found[:shown])
+    roles = sorted({m["role"] for m in found})
+    return (f"note: {len(found)} module{'s' if len(found) > 1 else ''} get an adapter at least as large as the matrix "
+            f"itself (rank x (in + out) >= in x out): {names}{' ...' if len(found) > shown else ''}; leave role(s) "
+            f"{', '.join(roles)} out with --target-roles, or train those weights directly")
+
+
 def explain_text(plan: Plan, label: str | None = None) -> str:
     """``label`` names the plan in the header (default: the strategy's name)."""
     model, strategy, acct = plan.model, plan.strategy, plan.accounting
@@ -75,6 +94,9 @@ def explain_text(plan: Plan, label: str | None = None) -> str:
         ranges = ", ".join(f"{method} {lo:g}–{hi:g}×" for method, (lo, hi) in optimizer["ranges"].items())
         lines.append(f"optimizer multipliers from {optimizer['metric']} per layer: {ranges} "
                      "(lr_scale × your learning rate, weight_decay_scale × your weight decay)")
+    oversized = oversized_line(plan)
+    if oversized:
+        lines.append(oversized)
     budget = strategy.get("budget")
     if budget:
         lines.append(f"budget: {budget['params']:,} params ({budget['source']}); used {budget['used']:,}, "
