@@ -13,3 +13,8 @@ EXPORT_FORMATS = ("peft", "mola", "csv", "axolotl", "mixlora")
 RANK_ROUNDINGS = ("vllm",)
 DEFAULT_EPS = 1e-2  # activations: absolute near-zero threshold
 DEFAULT_REL_EPS = 0.1  # activations: near-zero threshold relative to each token's RMS
+
+
+def counted(count: int, noun: str) -> str:
+    """``1 expert``, ``5 experts``: a count with its noun in the right number (nouns here take a plain -s)."""
+    return f"{count:,} {noun}" if count == 1 else f"{count:,} {noun}s"

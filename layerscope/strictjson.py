@@ -33,9 +33,18 @@ def strict_json(raw: bytes, where: str, what: str = "content") -> object:
     except _Reject as exc:
         raise LayerscopeError(f"{where}: {what} {exc}") from None
     except json.JSONDecodeError as exc:
-        raise LayerscopeError(f"{where}: {what} is invalid JSON ({exc.msg} at character {exc.pos})") from None
+        raise LayerscopeError(f"{where}: {what} is invalid JSON ({decode_error_text(exc)})") from None
     except RecursionError:
         raise LayerscopeError(f"{where}: {what} JSON is nested too deeply") from None
+
+
+def decode_error_text(exc: json.JSONDecodeError) -> str:
+    """``Expecting value at line 3, column 7`` (or ``at character 14`` in one-line text).  Some of json's own
+    messages already end in "at" (``Invalid control character at``): never "at at"."""
+    message = exc.msg.removesuffix(" at")
+    if "\n" in exc.doc:
+        return f"{message} at line {exc.lineno}, column {exc.colno}"
+    return f"{message} at character {exc.pos}"
 
 
 def _unique_object(pairs: list[tuple[str, object]]) -> dict:

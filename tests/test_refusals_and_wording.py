@@ -3,6 +3,7 @@ relative model paths, messages that read as sentences, subpackages reachable aft
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -206,3 +207,39 @@ def test_an_adapter_as_large_as_its_matrix_is_named(capsys, monkeypatch, tmp_pat
     code, out, _ = cli(capsys, monkeypatch, "plan", str(folder), "--strategy", "uniform", "--rank", "8",
                        "--target-roles", "q,v,o,gate,up,down")
     assert code == 0 and "note:" not in out
+
+
+def test_json_faults_name_their_own_line_and_read_as_sentences(tmp_path):
+    from layerscope.errors import LayerscopeError
+    from layerscope.experiments.task import load_task
+    from layerscope.strictjson import strict_json
+
+    with pytest.raises(LayerscopeError) as info:
+        strict_json(b'{"text": "a\x01b"}', "x.json")
+    assert "Invalid control character at character" in str(info.value) and "at at" not in str(info.value)
+    with pytest.raises(LayerscopeError, match=r"at line 3, column 8"):
+        strict_json(b'{\n  "a": 1,\n  "b": ,\n}', "x.json")
+    broken = tmp_path / "task.jsonl"
+    broken.write_text('{"text": "a", "label": 0}\n\n{"text": "b", "label": 1}\n{"text": "c", label: 1}\n')
+    with pytest.raises(LayerscopeError, match=r"task.jsonl: line 4 is invalid JSON"):
+        load_task(broken)
+    broken.write_text('{"text": "a", "label": 0}\n[1, 2]\n')
+    with pytest.raises(LayerscopeError, match=r"line 2 is a JSON array, not an object"):
+        load_task(broken)
+
+
+def test_counts_agree_with_their_nouns_and_refusals_list_the_choices(model):
+    import layerscope
+    from layerscope.errors import LayerscopeError
+    from layerscope.experiments.arms import PlanSettings, build_arms
+    from layerscope.names import counted
+    from layerscope.planning.explain import explain_text
+
+    assert counted(1, "expert") == "1 expert" and counted(2, "expert") == "2 experts"
+    plan = layerscope.plan(model, "uniform", rank=4, reference_experts=1, progress=False)
+    assert "1 experts" not in explain_text(plan) and "uniform 1 expert " in explain_text(plan)
+    settings = PlanSettings(target_roles=None, expert_type="lora", options={}, budget_params=None, tolerance=0.1)
+    for plans, needle in ((["uniform"], "name strategies (alphalora, mola, hilo, adaptive-lora)"),
+                          (["foo"], "--plans foo: neither a strategy (alphalora, mola, hilo, adaptive-lora")):
+        with pytest.raises(LayerscopeError, match=re.escape(needle)):
+            build_arms(str(model), plans, settings)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from layerscope.errors import LayerscopeError
-from layerscope.names import STRATEGIES
+from layerscope.names import STRATEGIES, counted
 from layerscope.planning import Plan, plan
 from layerscope.planning.matching import checkpoint_shapes, plan_difference, require_same_model
 from layerscope.planning.strategies import EXPERTS_PER_LAYER
@@ -59,11 +59,14 @@ class PlanSettings:
     tolerance: float = 0.05
 
 
+_COMPARED = ", ".join(name for name in STRATEGIES if name != "uniform")
+
+
 def build_arms(model: str, items: list[str | Path], settings: PlanSettings, progress: bool = False) -> list[Arm]:
     """Strategy arms (names planned here, or plan files), their like-for-like baselines, and ``dense`` if asked."""
     if not items:
-        raise LayerscopeError("--plans: give one or more strategies (alphalora, mola, hilo, adaptive-lora) or plan "
-                              "files; each is compared with the uniform plan of its own structure")
+        raise LayerscopeError(f"--plans: give one or more strategies ({_COMPARED}) or plan files; each is compared "
+                              "with the uniform plan of its own structure")
     if not 0 <= settings.tolerance < 1:
         raise LayerscopeError(f"--budget-tolerance {settings.tolerance}: must be in [0, 1)")
     _refuse_repeats(items)
@@ -80,8 +83,8 @@ def build_arms(model: str, items: list[str | Path], settings: PlanSettings, prog
             wants_dense = True
         elif text == "uniform":
             raise LayerscopeError("--plans uniform: every strategy is compared with the uniform plan of its own "
-                                  "structure, built here; name strategies or plan files (and 'dense' for a dense "
-                                  "single-LoRA arm)")
+                                  f"structure, built here; name strategies ({_COMPARED}) or plan files (and "
+                                  "'dense' for a dense single-LoRA arm)")
         elif text in STRATEGIES:
             defaults = {} if settings.budget_params is not None else _depth_defaults(text, depth)
             options = {**defaults, **settings.options.get(text, {})}
@@ -130,6 +133,8 @@ def _plan(model: str, strategy: str, settings: PlanSettings, options: dict, why:
 
 
 def _file_arm(path: Path, model: str, shapes, num_layers, fingerprint) -> Arm:
+    if not path.exists():
+        raise LayerscopeError(f"--plans {path}: neither a strategy ({_COMPARED}, or 'dense') nor a plan file")
     loaded = Plan.load(path)
     require_same_model(plan_difference(loaded, shapes, num_layers, fingerprint, model), str(path), False)
     strategy = loaded.strategy["name"]
@@ -178,12 +183,13 @@ def like_for_like(model: str, the_plan: Plan, settings: PlanSettings) -> Arm:
         baseline = plan(model, "mola", shape="□", total_experts=total, rank=rank, top_k=top_k,
                         command="compare-plans: like-for-like baseline", **shared)
         name = _uniform_name(baseline)
-        how = f"same {total} experts spread evenly over {len(layers)} layers (MoLA □), rank {rank}, top-{top_k}"
+        how = (f"same {counted(total, 'expert')} spread evenly over {counted(len(layers), 'layer')} (MoLA □), rank "
+               f"{rank}, top-{top_k}")
     else:
         experts = layers[0]["experts"] if kind == "rank" else max(1, round(total / len(layers)))
         baseline = _closest_rank(model, the_plan.accounting["trainable"]["total"], experts, top_k, shared)
         name = _uniform_name(baseline)
-        how = (f"same {experts} experts per layer and top-{top_k}, one rank ({baseline.layers[0]['rank']}) at the "
+        how = (f"same {counted(experts, 'expert')} per layer and top-{top_k}, one rank ({baseline.layers[0]['rank']}) at the "
                "closest trainable parameters")
     _check_tolerance(name, baseline, the_plan, settings.tolerance)
     return Arm(name, baseline, "baseline", built=how)

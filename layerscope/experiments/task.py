@@ -24,6 +24,7 @@ from pathlib import Path
 import pandas as pd
 
 from layerscope.errors import LayerscopeError
+from layerscope.strictjson import json_type, strict_json
 
 KINDS = ("classification", "causal-lm")
 
@@ -178,8 +179,7 @@ def _read(path: Path) -> pd.DataFrame:
         if path.is_dir():
             return _read_saved_dataset(path)
         if path.suffix == ".jsonl":
-            return pd.DataFrame([json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
-                                 if line.strip()])
+            return pd.DataFrame(_jsonl_records(path))
         if path.suffix == ".csv":
             return pd.read_csv(path)
         if path.suffix == ".parquet":
@@ -189,6 +189,19 @@ def _read(path: Path) -> pd.DataFrame:
     except Exception as exc:  # noqa: BLE001 - every parser raises its own types
         raise LayerscopeError(f"{path}: cannot read ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from None
     raise LayerscopeError(f"{path}: expected .jsonl, .csv, .parquet or a datasets folder (save_to_disk)")
+
+
+def _jsonl_records(path: Path) -> list[dict]:
+    """One JSON object per non-blank line; a broken line is named by its own line number in the file."""
+    records = []
+    for number, line in enumerate(path.read_bytes().split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        record = strict_json(line, str(path), f"line {number}")
+        if not isinstance(record, dict):
+            raise LayerscopeError(f"{path}: line {number} is a JSON {json_type(record)}, not an object")
+        records.append(record)
+    return records
 
 
 def _read_saved_dataset(folder: Path) -> pd.DataFrame:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from layerscope.names import counted
 from layerscope.planning.inputs import PlanInputs
 
 
@@ -74,7 +75,7 @@ def baselines_of(shapes: list[tuple[int, int]], reference_rank: int, reference_e
     return {
         "single_lora": {"description": f"one rank-{reference_rank} LoRA per target module",
                         "rank": reference_rank, "trainable": single, "active": single},
-        "uniform_moe": {"description": f"{reference_experts} experts of rank {reference_rank}, "
+        "uniform_moe": {"description": f"{counted(reference_experts, 'expert')} of rank {reference_rank}, "
                                        f"top-{reference_top_k}, in every target module",
                         "experts": reference_experts, "rank": reference_rank, "top_k": reference_top_k,
                         "trainable_adapters": reference_experts * single, "routers": moe_routers,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from layerscope.names import counted
 from layerscope.planning.accounting import module_params
 from layerscope.planning.plan import Plan
 
@@ -84,7 +85,7 @@ def explain_text(plan: Plan, label: str | None = None) -> str:
     lines = [header, table.to_string(index=False, float_format="%.3f")]
     t, a = acct["trainable"], acct["active_per_token"]
     lines.append(f"trainable: {t['adapters']:,} adapter + {t['routers']:,} router = {t['total']:,} params; "
-                 f"adapters {ratios['trainable_adapters_vs_uniform_moe']:.3f}x uniform {moe['experts']} experts "
+                 f"adapters {ratios['trainable_adapters_vs_uniform_moe']:.3f}x uniform {counted(moe['experts'], 'expert')} "
                  f"at rank {moe['rank']}, {ratios['trainable_adapters_vs_single_lora']:.3f}x one rank-{single['rank']} LoRA")
     lines.append(f"active per token: {a['adapters']:,} adapter + {a['routers']:,} router = {a['total']:,} params; "
                  f"adapters {ratios['active_adapters_vs_single_lora']:.3f}x one rank-{single['rank']} LoRA, "

@@ -17,6 +17,7 @@ import pandas as pd
 
 from layerscope.checkpoint.architectures import ROLE_GROUPS, mixer_of_role
 from layerscope.errors import LayerscopeError
+from layerscope.names import counted
 from layerscope.planning.inputs import PlanInputs
 from layerscope.planning.rounding import largest_remainder, reference_rounding
 
@@ -128,7 +129,7 @@ def alphalora(inputs: PlanInputs, total_experts: int | None = None, beta: float 
             counts = reference_rounding(v, total, beta)
             negative = [(layers[i], c) for i, c in enumerate(counts) if c < 0]
             if negative:
-                raise LayerscopeError(f"reference rounding gave layer {negative[0][0]} {negative[0][1]} experts")
+                raise LayerscopeError(f"reference rounding gave layer {negative[0][0]} {counted(negative[0][1], 'expert')}")
         else:
             counts = largest_remainder(powered, total, min_experts, max_experts)
         return [LayerAllocation(layer, c, rank, _top_k(c, top_k), metric=val)
