@@ -2,6 +2,7 @@
 
     .venv/bin/python tests/run_zoo.py            # all types; writes reports/zoo.json and the README table
     .venv/bin/python tests/run_zoo.py llama t5   # just these (prints, writes nothing)
+    .venv/bin/python tests/run_zoo.py --update llama   # rerun these, merge them into zoo.json and the table
 
 The checks are the zoo test's (``zoo_check.check``); one status per model type: ``pass``, ``not tiny``
 (transformers cannot build it small here, with the reason), or ``FAIL`` with the first failed assertion.
@@ -87,9 +88,15 @@ def table(run_result: dict) -> str:
 
 
 def main(argv: list[str]) -> None:
+    update = "--update" in argv  # rerun these types and merge them into reports/zoo.json and the README table
+    argv = [a for a in argv if a != "--update"]
     result = run(argv)
-    if argv:
+    if argv and not update:
         return
+    if update:
+        merged = json.loads((ROOT / "reports" / "zoo.json").read_text())
+        merged["results"].update(result["results"])
+        result = merged
     (ROOT / "reports").mkdir(exist_ok=True)
     (ROOT / "reports" / "zoo.json").write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
     readme = ROOT / "README.md"

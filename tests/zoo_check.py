@@ -10,12 +10,14 @@ adapters saved and loaded back identical).  It returns facts for the README's ta
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
+from layerscope.checkpoint.architectures import NORM_CONTAINER
 from tests.zoo_models import ZooEntry, build
 
 TOWER_NOTE = "towers"
@@ -77,8 +79,6 @@ def unaccounted_weights(folder: Path, table) -> list[str]:
 
 def inconsistent_roles(table) -> dict[str, list[str]]:
     """Block-relative module paths (layer index replaced by N) that carry more than one role across layers."""
-    import re
-
     rows = table[table["module"].notna() & table["role"].notna() & table["layer"].notna()]
     roles: dict[str, set[str]] = {}
     for module, role in zip(rows["module"], rows["role"]):
@@ -123,7 +123,8 @@ def check(entry: ZooEntry, folder: Path) -> dict:
             assert module in stored_params or True  # not stored under its own name (tied): nothing to scan
             continue
         row = rows.loc[module]
-        assert row["kind"] in ("projection", "router", "expert"), f"{module}: kind {row['kind']}"
+        in_norm = row["kind"] == "norm" and re.search(NORM_CONTAINER, module.rpartition(".")[0])
+        assert row["kind"] in ("projection", "router", "expert") or in_norm, f"{module}: kind {row['kind']}"
         assert int(row["layer"]) == layer, f"{module}: layer {row['layer']}, the module tree says {layer}"
         # Stack names are conventions (the naming tables call BERT's blocks an encoder even in BertLMHeadModel):
         # what must hold is that the scan's stacks split the blocks exactly as the module tree's do.
