@@ -198,7 +198,7 @@ def test_bad_input_is_one_line_before_training(model, task_file, tmp_path):
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"text": "fine", "label": "a"}\n{"text": oops}\n')
     cases = [
-        (["--task", str(broken)], "broken.jsonl: cannot read"),
+        (["--task", str(broken)], "broken.jsonl: line 2 is invalid JSON"),
         (["--task", str(task_file), "--label-column", "sentiment"], "no column 'sentiment'"),
         (["--task", str(task_file), "--steps", "0"], "--steps 0"),
         (["--task", str(task_file), "--option", "hilo"], "expected STRATEGY.OPTION=VALUE"),

@@ -44,11 +44,14 @@ class TensorInfo:
     shape: tuple[int, ...]
     begin: int  # absolute byte offset in the file (0 for pickled torch files)
     end: int
-    container: str = "safetensors"  # or "torch" (pytorch_model.bin, read through torch.load)
+    container: str = "safetensors"  # or "torch" (pytorch_model.bin, read through torch.load) or "gguf"
+    gguf_heads: int | None = None  # GGUF Q/K: the head count of llama.cpp's row permutation, undone on read
 
     @property
     def nbytes(self) -> int:
-        return self.end - self.begin if self.container == "safetensors" else nbytes(self.dtype, self.numel) or 0
+        if self.container in ("safetensors", "gguf"):
+            return self.end - self.begin
+        return nbytes(self.dtype, self.numel) or 0
 
     @property
     def numel(self) -> int:
@@ -104,6 +107,8 @@ def open_checkpoint(path: str | os.PathLike, revision: str | None = None) -> Che
     if not root.exists():
         raise LayerscopeError(f"{root}: no such file or folder")
     root = resolve_hub_cache(root, revision)
+    if root.is_file() and root.suffix == ".gguf":
+        return open_gguf(root)
     files, expected = _locate_files(root)
     tensors: dict[str, TensorInfo] = {}
     for file in files:
@@ -122,6 +127,36 @@ def open_checkpoint(path: str | os.PathLike, revision: str | None = None) -> Che
         check_config_counts(config, list(ordered), [info.shape for info in ordered.values()],
                             str(folder / "config.json"))
     return Checkpoint(path=root, files=files, tensors=ordered, config=config)
+
+
+def open_gguf(file: Path) -> Checkpoint:
+    """A GGUF file as a checkpoint: transformers' names and config, ggml types as dtypes (see ggufread)."""
+    from layerscope.checkpoint.ggufread import (
+        decodable_types,
+        gguf_config,
+        qk_heads,
+        read_gguf_table,
+        transformers_names,
+    )
+
+    entries, architecture = read_gguf_table(file)
+    undecodable = sorted({e.ggml_type for e in entries} - decodable_types() - {"I8", "I16", "I32", "I64"})
+    if undecodable:
+        first = next(e for e in entries if e.ggml_type in undecodable)
+        raise LayerscopeError(f"{file}: tensor {first.gguf_name!r} is stored as ggml type {first.ggml_type}, which "
+                              "the gguf package cannot dequantize")
+    config = gguf_config(file, architecture)
+    names = transformers_names(file, config, architecture)
+    tensors: dict[str, TensorInfo] = {}
+    for entry in entries:
+        name = names.get(entry.gguf_name, entry.gguf_name)  # unmapped (rope_freqs, …) keep their GGUF names
+        if name in tensors:
+            raise LayerscopeError(f"{file}: tensors {tensors[name].name!r} and {entry.gguf_name!r} both map to {name!r}")
+        tensors[name] = TensorInfo(name=name, file=file, dtype=entry.ggml_type, shape=entry.shape, begin=entry.begin,
+                                   end=entry.end, container="gguf",
+                                   gguf_heads=qk_heads(entry.gguf_name, config, architecture))
+    ordered = {name: tensors[name] for name in sorted(tensors, key=natural_key)}
+    return Checkpoint(path=file, files=[file], tensors=ordered, config=config)
 
 
 def resolve_hub_cache(root: Path, revision: str | None) -> Path:
@@ -151,9 +186,6 @@ def resolve_hub_cache(root: Path, revision: str | None) -> Path:
 def _locate_files(root: Path) -> tuple[list[Path], dict[str, str] | None]:
     """The shard files to read and, when an index names them, the tensor→shard map."""
     if root.is_file():
-        if root.suffix == ".gguf":
-            raise LayerscopeError(f"{root}: GGUF files are not read directly yet; convert it once with "
-                                  f"`layerscope convert-gguf {root.name} FOLDER` and scan the folder")
         if root.suffix not in (".safetensors", *TORCH_SUFFIXES):
             raise LayerscopeError(f"{root}: not a .safetensors or pytorch .bin file")
         return [root], None
@@ -174,7 +206,8 @@ def _locate_files(root: Path) -> tuple[list[Path], dict[str, str] | None]:
         return found, None
     gguf = sorted(root.glob("*.gguf"))
     if gguf:
-        _locate_files(gguf[0])  # raises the GGUF message
+        raise LayerscopeError(f"{root}: holds no safetensors checkpoint but {len(gguf)} GGUF file(s); scan the file "
+                              f"itself ({root / gguf[0].name})")
     raise LayerscopeError(f"{root}: no checkpoint found (expected model.safetensors, sharded *.safetensors with "
                           "model.safetensors.index.json, or pytorch_model.bin)")
 
@@ -307,6 +340,11 @@ def read_tensor(info: TensorInfo, dtype: torch.dtype | None = None) -> torch.Ten
         tensor = _torch_load(info.file)[info.name].clone()  # the mapping is dropped; only this tensor stays
         return tensor if dtype is None else tensor.to(dtype)
     buffer = read_raw(info)
+    if info.container == "gguf":
+        from layerscope.checkpoint.ggufread import dequantize
+
+        tensor = dequantize(buffer, info.dtype, info.shape, info.gguf_heads)
+        return tensor if dtype is None else tensor.to(dtype)
     if info.dtype in UNDECODED:
         raise LayerscopeError(f"{info.file}: tensor {info.name!r} has dtype {info.dtype} (packed 6-bit floats), "
                               "which layerscope does not decode")

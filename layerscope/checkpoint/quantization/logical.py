@@ -32,6 +32,8 @@ Formats (layouts as the producers write them):
 ``awq``          ``qweight`` I32 (in, out·bits/32) packed along the output dimension in AWQ's
                  interleaved order (0, 2, 4, 6, 1, 3, 5, 7); ``qzeros``, ``scales`` per group of
                  input rows; real = scale × (q − z).
+``gguf-<type>``  a GGUF tensor of a ggml block type (Q4_0, Q4_1, Q8_0, K-quants, …): dequantized by the gguf
+                 package (see layerscope.checkpoint.ggufread).
 ``bnb-int8``     bitsandbytes LLM.int8: ``weight`` I8 (out, in) + ``SCB`` F32 (out,); real = q × SCB / 127.
 
 Anything else that is clearly quantized (a ``quantization_config`` with another method, integer
@@ -142,6 +144,8 @@ def _refuse_unrecognised(info: TensorInfo, method: str | None) -> None:
 
 def _recognise(name: str, info: TensorInfo, tensors: dict[str, TensorInfo], qconfig: dict,
                method: str | None) -> LogicalTensor | None:
+    if info.container == "gguf" and info.dtype not in FLOATING:  # a ggml block type: one tensor, self-contained
+        return LogicalTensor(name, info.shape, info.dtype, {"weight": info}, quantization=f"gguf-{info.dtype}")
     if name.endswith(".qweight"):
         return _packed_int(name.removesuffix(".qweight"), tensors, qconfig, method)
     if name.endswith(".weight_packed"):
@@ -168,6 +172,8 @@ def load_logical(ckpt: Checkpoint, tensor: LogicalTensor) -> torch.Tensor:
         return read_tensor(tensor.main)
     parts = {role: read_tensor(info) for role, info in tensor.parts.items()}
     scheme = tensor.quantization
+    if scheme.startswith("gguf-"):
+        return read_tensor(tensor.main).to(torch.float64)  # gguf.quants decodes in float32, as llama.cpp does
     if "-block" in scheme:
         rows, cols = (int(b) for b in scheme.split("-block")[1].split("x"))
         return dequantize_fp8_block(parts["weight"], parts["scale_inv"], rows, cols)

@@ -1,0 +1,200 @@
+"""GGUF files (llama.cpp, ollama, LM Studio) read directly, one tensor at a time.
+
+The ``gguf`` package (ggml-org's own reader) parses the file's metadata and tensor table; layerscope then
+checks every entry against the file (offsets inside it, sizes that match the ggml type, sane shapes and
+counts) and reads each tensor's bytes with a positional read, dequantizing with ``gguf.quants`` (every ggml
+type that module can decode; the others are refused by name when the file is opened).
+
+Names: GGUF calls tensors ``blk.N.attn_q.weight``; layerscope gives them the names transformers gives the
+model it builds from the file, as transformers' loader derives them (gguf's table of GGUF names for the
+architecture, applied to the model built on the meta device from the file's config), so layers, roles, plans and PEFT exports work
+as for safetensors.  Values: llama.cpp permutes the rows of Q and K in Llama-family files (for its RoPE
+layout); layerscope undoes it as transformers does, so weights equal what transformers loads (spectra do
+not change under a row permutation either way).  Architectures whose tensors transformers reshapes or
+re-splits on load (fused MoE experts, Bloom's fused QKV, GPT-2's transposes, Mamba, T5) are refused by
+name with the alternative: ``layerscope convert-gguf`` writes the folder transformers loads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from layerscope.errors import LayerscopeError
+
+# GGUF architectures whose tensors transformers converts beyond renaming (its TensorProcessors that reshape,
+# split or transpose 2-D weights); Gemma's and Nemotron's processors only shift 1-D norm weights.
+CONVERTED_ON_LOAD = frozenset({"qwen2moe", "qwen3moe", "gpt-oss", "gpt_oss", "bloom", "t5", "t5encoder", "gpt2",
+                               "mamba", "lfm2", "minimax-m2"})
+# Architectures whose Q/K rows llama.cpp's converter permutes (transformers' LlamaTensorProcessor undoes it).
+PERMUTED_QK = frozenset({"llama"})
+MAX_TENSORS = 1_000_000
+MAX_DIM = 1 << 40
+
+
+@dataclass(frozen=True)
+class GGUFTensor:
+    """One tensor's entry: GGUF name, ggml type name, shape in PyTorch order (out, in), byte range."""
+
+    gguf_name: str
+    ggml_type: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def gguf_package():
+    try:
+        import gguf
+    except ImportError:
+        raise LayerscopeError("reading GGUF files needs the gguf package: pip install 'layerscope[gguf]'") from None
+    return gguf
+
+
+def read_gguf_table(file: Path) -> tuple[list[GGUFTensor], str]:
+    """Every tensor entry of ``file`` (checked against the file) and the GGUF architecture name."""
+    gguf = gguf_package()
+    size = file.stat().st_size
+    try:
+        reader = gguf.GGUFReader(str(file), "r")
+    except Exception as exc:  # noqa: BLE001 - the parser raises ValueError, IndexError, KeyError, ...
+        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise LayerscopeError(f"{file}: not a readable GGUF file ({type(exc).__name__}: {reason})") from None
+    if len(reader.tensors) > MAX_TENSORS:
+        raise LayerscopeError(f"{file}: declares {len(reader.tensors):,} tensors (at most {MAX_TENSORS:,})")
+    architecture = _string_field(reader, "general.architecture") or "unknown"
+    tensors = []
+    for entry in reader.tensors:
+        tensors.append(_checked_entry(gguf, file, size, entry))
+    return tensors, architecture
+
+
+def _checked_entry(gguf, file: Path, size: int, entry) -> GGUFTensor:
+    name = entry.name
+    dims = [int(d) for d in entry.shape]
+    if not dims or any(d <= 0 or d > MAX_DIM for d in dims):
+        raise LayerscopeError(f"{file}: tensor {name!r} has shape {dims}")
+    block, type_size = gguf.GGML_QUANT_SIZES[entry.tensor_type]
+    if dims[0] % block:
+        raise LayerscopeError(f"{file}: tensor {name!r}: {dims[0]} values per row is not a multiple of "
+                              f"{entry.tensor_type.name}'s block of {block}")
+    elements = 1
+    for d in dims:
+        elements *= d
+    expected = elements // block * type_size
+    begin = int(entry.data_offset)
+    if int(entry.n_bytes) != expected or begin < 0 or begin + expected > size:
+        raise LayerscopeError(f"{file}: tensor {name!r} ({entry.tensor_type.name}, {expected:,} bytes at offset "
+                              f"{begin:,}) does not lie inside the file ({size:,} bytes; truncated?)")
+    return GGUFTensor(name, entry.tensor_type.name, tuple(reversed(dims)), begin, begin + expected)
+
+
+def _string_field(reader, key: str) -> str | None:
+    field = reader.fields.get(key)
+    if field is None or not field.data:
+        return None
+    try:
+        return bytes(field.parts[field.data[0]]).decode("utf-8")
+    except (UnicodeDecodeError, IndexError):
+        return None
+
+
+def gguf_config(file: Path, architecture: str) -> dict:
+    """The model's config as transformers derives it from the file's metadata (the same config it builds from)."""
+    if architecture in CONVERTED_ON_LOAD:
+        raise LayerscopeError(f"{file}: GGUF architecture {architecture!r}: transformers reshapes or re-splits its "
+                              "tensors on load, which layerscope does not reproduce; convert it once with "
+                              f"`layerscope convert-gguf {file.name} FOLDER` and scan the folder")
+    try:
+        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    except ImportError:
+        raise LayerscopeError(f"{file}: naming GGUF tensors as transformers does needs transformers: "
+                              "pip install 'layerscope[gguf]'") from None
+    try:
+        config = load_gguf_checkpoint(str(file), return_tensors=False)["config"]
+    except Exception as exc:  # noqa: BLE001 - unsupported architectures, missing metadata keys
+        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise LayerscopeError(f"{file}: transformers cannot derive a config from this GGUF file ({reason})") from None
+    config = {k: v for k, v in config.items() if k != "_model_name_or_path"}
+    return config
+
+
+def transformers_names(file: Path, config: dict, architecture: str) -> dict[str, str]:
+    """GGUF tensor name → the parameter name in the model transformers builds from this file: each parameter of
+    that model (built on the meta device) through gguf's own table of GGUF names for the architecture, as
+    transformers' loader maps them (its per-architecture name rewrites only concern refused architectures)."""
+    from layerscope.checkpoint.modeltree import _meta_model
+
+    gguf = gguf_package()
+    arch = next((key for key, value in gguf.MODEL_ARCH_NAMES.items() if value == architecture), None)
+    if arch is None:
+        raise LayerscopeError(f"{file}: GGUF architecture {architecture!r} is unknown to the gguf package")
+    try:
+        model = _meta_model(config, None)
+    except Exception as exc:  # noqa: BLE001 - transformers cannot build this model type
+        raise LayerscopeError(f"{file}: transformers cannot build {config.get('model_type')!r} to name its tensors "
+                              f"({type(exc).__name__})") from None
+    table = gguf.get_tensor_name_map(arch, int(config.get("num_hidden_layers") or 0))
+    names = {}
+    for hf_name, _ in model.named_parameters():
+        stem, dot, suffix = hf_name.rpartition(".")
+        gguf_name = table.get_name(stem) if dot else None
+        if gguf_name is not None:
+            names.setdefault(f"{gguf_name}.{suffix}", hf_name)
+    return names
+
+
+def qk_heads(gguf_name: str, config: dict, architecture: str) -> int | None:
+    """The head count whose llama.cpp row permutation a Q or K tensor carries (None: not permuted)."""
+    if architecture not in PERMUTED_QK or not gguf_name.endswith(".weight"):
+        return None
+    heads, kv_heads = config.get("num_attention_heads"), config.get("num_key_value_heads") or config.get(
+        "num_attention_heads")
+    if ".attn_q." in gguf_name:
+        return heads
+    if ".attn_k." in gguf_name:
+        return kv_heads
+    return None
+
+
+def dequantize(raw: bytes | bytearray | memoryview, ggml_type: str, shape: tuple[int, ...], heads: int | None):
+    """float32 (or the stored float dtype) tensor of ``shape`` from one tensor's bytes; Q/K rows un-permuted."""
+    import numpy as np
+    import torch
+
+    gguf = gguf_package()
+    qtype = gguf.GGMLQuantizationType[ggml_type]
+    data = np.frombuffer(raw, dtype=np.uint8)
+    plain = {"F32": torch.float32, "F16": torch.float16, "F64": torch.float64}
+    if ggml_type in plain:
+        tensor = torch.frombuffer(bytearray(data), dtype=plain[ggml_type]).reshape(shape)
+    else:
+        rows = data.reshape(-1, data.size // max(1, _rows(shape)))
+        try:
+            values = gguf.quants.dequantize(rows, qtype)
+        except NotImplementedError:
+            raise LayerscopeError(f"ggml type {ggml_type} cannot be dequantized by the gguf package") from None
+        tensor = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(shape)
+    if heads:
+        tensor = unpermute_rows(tensor, heads)
+    return tensor
+
+
+def _rows(shape: tuple[int, ...]) -> int:
+    rows = 1
+    for d in shape[:-1]:
+        rows *= d
+    return rows
+
+
+def unpermute_rows(weight, heads: int):
+    """Undo llama.cpp's Q/K permutation: within each head, rows were interleaved as (half, 2) → (2, half)."""
+    half = weight.shape[0] // heads // 2
+    return weight.reshape(heads, half, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+def decodable_types() -> frozenset[str]:
+    """ggml type names the gguf package dequantizes (plus the plain float types)."""
+    gguf = gguf_package()
+    traits = getattr(gguf.quants, "_type_traits", {})
+    return frozenset({"F32", "F16", "F64", *(t.name for t in traits)})
