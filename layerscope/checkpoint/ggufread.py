@@ -198,3 +198,55 @@ def decodable_types() -> frozenset[str]:
     gguf = gguf_package()
     traits = getattr(gguf.quants, "_type_traits", {})
     return frozenset({"F32", "F16", "F64", *(t.name for t in traits)})
+
+
+def requantize_gguf(source: Path, target: Path, ggml_type: str, progress: bool = True) -> dict:
+    """Write ``source`` again with every 2-D weight re-quantized to ``ggml_type`` (e.g. Q8_0, Q4_0) by
+    ``gguf.quants``: a second file to compare with when no original weights exist.  Metadata (config,
+    tokenizer) is copied; tensors whose rows do not split into the type's blocks, and 1-D tensors, keep their
+    stored type.  Returns counts of what was written; the file appears whole or not at all."""
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from layerscope.tables import atomic_write
+
+    gguf = gguf_package()
+    try:
+        qtype = gguf.GGMLQuantizationType[ggml_type.upper()]
+    except KeyError:
+        raise LayerscopeError(f"--type {ggml_type}: not a ggml type (e.g. Q8_0, Q4_0, Q4_1, Q5_0)") from None
+    entries, architecture = read_gguf_table(source)
+    reader = gguf.GGUFReader(str(source), "r")
+    counts = {"requantized": 0, "kept": 0}
+
+    def write(tmp: Path) -> None:
+        writer = gguf.GGUFWriter(str(tmp), architecture)
+        for field in reader.fields.values():
+            if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
+                continue
+            vtype = field.types[0]
+            sub_type = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub_type)
+        block = gguf.GGML_QUANT_SIZES[qtype][0]
+        for entry, stored in tqdm(list(zip(entries, reader.tensors)), desc=f"requantize {qtype.name}", unit="tensor",
+                                  disable=(not progress) or None):
+            values = gguf.quants.dequantize(stored.data, stored.tensor_type)
+            if len(entry.shape) >= 2 and entry.shape[-1] % block == 0:
+                try:
+                    writer.add_tensor(entry.gguf_name, gguf.quants.quantize(values.astype(np.float32), qtype),
+                                      raw_dtype=qtype)
+                    counts["requantized"] += 1
+                    continue
+                except NotImplementedError:
+                    raise LayerscopeError(f"--type {qtype.name}: the gguf package cannot quantize to it") from None
+            writer.add_tensor(entry.gguf_name, np.array(stored.data), raw_dtype=stored.tensor_type)
+            counts["kept"] += 1
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+
+    if target.suffix != ".gguf":
+        raise LayerscopeError(f"--out {target}: a GGUF file name ends in .gguf")
+    atomic_write(target, write)
+    return counts

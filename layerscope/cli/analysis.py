@@ -149,8 +149,8 @@ def compare_command(base: Path, other: Path, out: Path | None, plot: Path | None
     if not quiet:
         changed = int((table["diff_status"] != "zero_matrix").sum())
         click.echo(f"{base} -> {other}: {changed} of {len(table)} matrices changed")
-        shown = [c for c in ("changed_matrices", "alpha_base", "alpha_other", "delta_alpha", "delta_alpha_hill")
-                 if c in layers.columns]
+        shown = [c for c in ("changed_matrices", "alpha_base", "alpha_other", "delta_alpha", "delta_alpha_hill",
+                             "relative_error") if c in layers.columns]
         click.echo(layers[["layer", *shown]].to_string(index=False, float_format="%.3f"))
         for path in written:
             click.echo(f"wrote {path}")
@@ -305,3 +305,23 @@ def convert_gguf_command(gguf_file: Path, folder: Path) -> None:
     from layerscope.checkpoint.gguf import materialize_gguf
 
     click.echo(f"wrote {materialize_gguf(gguf_file, folder)}")
+
+
+@cli.command("requantize")
+@click.argument("gguf_file", type=click.Path(path_type=Path))
+@click.option("--type", "ggml_type", required=True, help="ggml type to re-quantize every 2-D weight to: Q8_0, Q4_0, "
+              "Q4_1, Q5_0, Q5_1, …")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="The new .gguf file.")
+@click.option("--quiet", "-q", is_flag=True)
+def requantize_command(gguf_file: Path, ggml_type: str, out: Path, quiet: bool) -> None:
+    """Write GGUF_FILE again at another quantization (gguf.quants), e.g. to see with `layerscope compare` which
+    layers a quantization hurts when no original weights exist."""
+    from layerscope.checkpoint.ggufread import requantize_gguf
+
+    if not gguf_file.is_file() or gguf_file.suffix != ".gguf":
+        raise LayerscopeError(f"{gguf_file}: not a .gguf file")
+    check_writable([out])
+    counts = requantize_gguf(gguf_file, out, ggml_type, progress=not quiet)
+    if not quiet:
+        click.echo(f"wrote {out}: {counts['requantized']} tensors re-quantized to {ggml_type.upper()}, "
+                   f"{counts['kept']} kept as stored")

