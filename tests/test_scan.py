@@ -103,9 +103,21 @@ def test_auto_precision_is_exact_float64_on_cpu():
     from layerscope.spectral import esd
     cpu = torch.device("cpu")
     assert esd.working_dtype("auto", cpu) == torch.float64
-    assert esd.working_dtype("auto", torch.device("cuda")) == torch.float32
     assert esd.working_dtype("f64", torch.device("cuda")) == torch.float64
     assert esd.working_dtype("f32", cpu) == torch.float32
+
+
+@pytest.mark.parametrize("capability,expected", [
+    ((9, 0), torch.float64), ((8, 0), torch.float64), ((7, 0), torch.float64), ((10, 0), torch.float64),  # H100/H200, A100, V100, B200
+    ((8, 9), torch.float32), ((8, 6), torch.float32), ((12, 0), torch.float32), ((7, 5), torch.float32),  # L4/4090, A10, 5090, T4
+])
+def test_auto_precision_follows_the_gpus_fp64_rate(monkeypatch, capability, expected):
+    from layerscope.spectral import esd
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    cuda = torch.device("cuda")
+    assert esd.working_dtype("auto", cuda) == expected
+    assert esd.working_dtype("f64", cuda) == torch.float64 and esd.working_dtype("f32", cuda) == torch.float32
 
 
 def test_bad_precision_is_rejected_before_any_reading(tmp_path):

@@ -15,7 +15,11 @@ Precision policy
          recomputed in float64, and its ``precision`` column says so.  What the guard cannot
          catch: a KS scan whose two best candidates have D within float32 noise of each other
          may pick the other one (below).
-``auto`` float64 on CPU: exact by default.  Guarded float32 on CUDA.
+``auto`` float64 on CPU: exact by default.  On CUDA, float64 on data-centre GPUs with full-rate
+         FP64 (compute capability 6.0 P100, 7.0 V100, 8.0 A100, 9.0 H100/H200/GH200, 10.0 B200: FP64 at
+         1/2 of FP32 or better), guarded float32 on every other GPU (consumer and workstation parts,
+         L4/L40, A10, B300: FP64 at 1/32–1/64).  On an H200 float64 cost 13 % more than float32 and
+         was exact, while guarded float32 moved one ``alpha_peak`` by 2.45 (benchmarks/RESULTS.md §10).
 
 Why float32 is not the CPU default although it is 1.65x faster on a 7B checkpoint: the KS
 scans (``alpha``, ``alpha_peak``) pick the argmin of a D curve that is often flat near its
@@ -64,10 +68,21 @@ def check_precision(precision: str) -> None:
         raise LayerscopeError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
 
 
+# CUDA compute capabilities of data-centre GPUs whose FP64 runs at half the FP32 rate or better.
+FULL_RATE_FP64 = frozenset({(6, 0), (7, 0), (8, 0), (9, 0), (10, 0)})
+
+
+def full_rate_fp64(device: torch.device) -> bool:
+    """Whether ``device`` computes float64 at data-centre speed (CPUs always do, relative to their float32)."""
+    if device.type != "cuda":
+        return device.type == "cpu"
+    return tuple(torch.cuda.get_device_capability(device)) in FULL_RATE_FP64
+
+
 def working_dtype(precision: str, device: torch.device) -> torch.dtype:
     """The dtype Gram matrices are computed in under ``precision`` (see the policy above)."""
     check_precision(precision)
-    if precision == "f64" or (precision == "auto" and device.type == "cpu"):
+    if precision == "f64" or (precision == "auto" and full_rate_fp64(device)):
         return torch.float64
     return torch.float32
 

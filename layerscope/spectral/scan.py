@@ -138,6 +138,7 @@ def scan_checkpoint(ckpt: Checkpoint, opts: ScanOptions) -> pd.DataFrame:
         estimators=list(opts.estimators),
         device=str(device),
         precision=opts.precision,
+        working_dtype=str(dtype).removeprefix("torch."),  # what --precision auto chose on this device
     )
     if opts.cache:  # how this run went, not what the model is: never written to the output files
         table.attrs["cache"] = {"folder": str(opts.cache), "reused": reused, "computed": len(selected) - reused}
