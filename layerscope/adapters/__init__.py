@@ -21,14 +21,25 @@ from layerscope.spectral.scan import scan as scan_checkpoint_path
 __all__ = ["merge", "scan", "scan_adapter"]
 
 
-def scan(path: str | Path, **options) -> pd.DataFrame:
-    """Per-matrix spectral metrics of a checkpoint, or of an adapter folder's updates.
+def scan(path, **options) -> pd.DataFrame:
+    """Per-matrix spectral metrics of a checkpoint (folder, file, GGUF), an adapter folder's updates, or a model
+    in memory (``torch.nn.Module``: transformers, PEFT-wrapped, plain torch; see layerscope.adapters.memory).
 
     Keyword options are the fields of :class:`layerscope.spectral.ScanOptions`; ``base`` (adapters
     only) also analyses W + ΔW of that base model.  Model facts are in ``df.attrs``.
     """
     opts = ScanOptions(**options)
     opts.validate()  # option errors before any file is opened
+    if not isinstance(path, (str, Path)):
+        import torch
+
+        if isinstance(path, torch.nn.Module):
+            from layerscope.adapters.memory import scan_module
+
+            if opts.base is not None:
+                raise LayerscopeError("base= applies to adapter folders; a PEFT model in memory carries its base")
+            return scan_module(path, opts)
+        raise LayerscopeError(f"scan: expected a path or a torch.nn.Module, got {type(path).__name__}")
     if adapter_kind(Path(path)) is not None:
         return scan_adapter(path, base=opts.base, estimators=opts.estimators, progress=opts.progress)
     if opts.base is not None:

@@ -51,18 +51,27 @@ def scan_adapter(folder: str | Path, *, base: str | Path | None = None,
                  estimators: tuple[str, ...] = ("alpha", "alpha_hill", "alpha_peak"), progress: bool = True
                  ) -> pd.DataFrame:
     """One row per adapted module (and expert): the spectrum of ΔW, and of W + ΔW with ``base``."""
-    from tqdm.auto import tqdm
-
-    from layerscope.spectral.analysis import fit_all, fit_columns
-    from layerscope.spectral.columns import FIT_COLUMNS, IDENTITY_COLUMNS, METRIC_COLUMNS
-
     folder = Path(folder)
     kind = adapter_kind(folder)
     if kind is None:
         raise LayerscopeError(f"{folder}: not an adapter folder (adapter_config.json or {OURS})")
     updates = peft_updates(folder) if kind == "peft" else layerscope_updates(folder)
-    scheme = detect_scheme({}, [f"{u.module}.weight" for u in updates])
     base_ckpt = open_checkpoint(base) if base is not None else None
+    table = updates_table(updates, base_ckpt, estimators, progress)
+    table.attrs.update(path=str(folder), adapter=kind, architecture=f"{kind} adapter",
+                       base=str(base) if base is not None else None)
+    return table
+
+
+def updates_table(updates: list[Update], base_ckpt: Checkpoint | None, estimators: tuple[str, ...],
+                  progress: bool) -> pd.DataFrame:
+    """Rows of kind ``delta`` (ΔW from its factors) and, with a base, ``merged`` (W + ΔW) for each update."""
+    from tqdm.auto import tqdm
+
+    from layerscope.spectral.analysis import fit_all, fit_columns
+    from layerscope.spectral.columns import FIT_COLUMNS, IDENTITY_COLUMNS, METRIC_COLUMNS
+
+    scheme = detect_scheme({}, [f"{u.module}.weight" for u in updates])
     rows = []
     for update in tqdm(updates, desc="adapter", unit="update", disable=(not progress) or None):
         role = scheme.classify(f"{update.module}.weight", (update.B.shape[0], update.A.shape[1]), "F32")
@@ -79,8 +88,7 @@ def scan_adapter(folder: str | Path, *, base: str | Path | None = None,
         if name in estimators:
             columns += FIT_COLUMNS[name]
     table = pd.DataFrame(rows, columns=[*columns, *METRIC_COLUMNS, "status", "precision", "note"])
-    table.attrs.update(path=str(folder), adapter=kind, architecture=f"{kind} adapter", base=str(base) if base is not None else None,
-                       naming=scheme.name, estimators=list(estimators), precision="f64", device="cpu",
+    table.attrs.update(naming=scheme.name, estimators=list(estimators), precision="f64", device="cpu",
                        num_layers=int(table["layer"].max()) + 1 if table["layer"].notna().any() else None)
     return table
 

@@ -46,6 +46,7 @@ class TensorInfo:
     end: int
     container: str = "safetensors"  # or "torch" (pytorch_model.bin, read through torch.load) or "gguf"
     gguf_heads: int | None = None  # GGUF Q/K: the head count of llama.cpp's row permutation, undone on read
+    value: torch.Tensor | None = field(default=None, compare=False, repr=False)  # container "memory": the tensor
 
     @property
     def nbytes(self) -> int:
@@ -66,6 +67,7 @@ class Checkpoint:
     files: list[Path]
     tensors: dict[str, TensorInfo]
     config: dict = field(default_factory=dict)
+    tree: object | None = None  # a model in memory: its own module tree (checkpoint.modeltree.ModelTree)
 
     @property
     def names(self) -> list[str]:
@@ -336,6 +338,9 @@ def read_raw(info: TensorInfo) -> bytearray:
 
 def read_tensor(info: TensorInfo, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Read exactly one tensor's bytes from disk; optionally upcast (e.g. BF16 → float32)."""
+    if info.container == "memory":
+        tensor = info.value
+        return tensor if dtype is None else tensor.to(dtype)
     if info.container == "torch":
         tensor = _torch_load(info.file)[info.name].clone()  # the mapping is dropped; only this tensor stays
         return tensor if dtype is None else tensor.to(dtype)

@@ -100,7 +100,11 @@ def scan_checkpoint(ckpt: Checkpoint, opts: ScanOptions) -> pd.DataFrame:
     opts.validate()
     logical = logical_tensors(ckpt)
     names = [t.name for t in logical]
-    tree, no_tree = tree_for_checkpoint(ckpt.config, ckpt.path) if opts.live_names else (None, "--no-live-names")
+    if ckpt.tree is not None:  # a model in memory is its own module tree
+        tree, no_tree = ckpt.tree, None
+    else:
+        tree, no_tree = (tree_for_checkpoint(ckpt.config, ckpt.path) if opts.live_names
+                         else (None, "--no-live-names"))
     scheme = (scheme_by_name(opts.architecture, ckpt.config, names, tree) if opts.architecture
               else detect_scheme(ckpt.config, names, tree))
     device = esd.resolve_device(distributed.rank_device(opts.device, distributed.current(opts.device)))
@@ -124,7 +128,7 @@ def scan_checkpoint(ckpt: Checkpoint, opts: ScanOptions) -> pd.DataFrame:
     table = integer_columns(pd.DataFrame(rows, columns=scan_columns(opts.estimators)))
     _require_layer_matrices(ckpt, table, opts)
     table.attrs.update(
-        path=str(Path(ckpt.path).resolve()),  # plans and exports carry it: valid from any working directory
+        path=str(ckpt.path) if ckpt.tree is not None else str(Path(ckpt.path).resolve()),  # valid from any folder
         architecture=ckpt.architecture,
         model_type=ckpt.config.get("model_type"),
         **model_facts(scheme, tree, ckpt.config),
@@ -284,8 +288,8 @@ def _is_rank0() -> bool:
 
 def _require_layer_matrices(ckpt: Checkpoint, table: pd.DataFrame, opts: ScanOptions) -> None:
     """A scan whose layer table would be empty is an error, not an empty success."""
-    if opts.include or opts.exclude:
-        return  # the user narrowed the scan on purpose
+    if opts.include or opts.exclude or not ckpt.files:
+        return  # the user narrowed the scan on purpose, or passed a module in memory (any layout is welcome)
     targets = table[table["kind"].isin(TARGET_KINDS) & table["layer"].notna()]
     if targets.empty:
         raise LayerscopeError(f"{ckpt.path}: no projection or expert matrix inside the model's blocks was found "

@@ -84,6 +84,8 @@ def quantization_config(ckpt: Checkpoint) -> dict:
     config = ckpt.config.get("quantization_config")
     if isinstance(config, dict):
         return config
+    if not ckpt.files:  # a model in memory has no folder to hold side files
+        return {}
     folder = ckpt.path if ckpt.path.is_dir() else ckpt.path.parent
     for side, method in (("quantize_config.json", "gptq"), ("quant_config.json", "awq")):
         path = folder / side

@@ -1,0 +1,82 @@
+"""A model already in memory (``torch.nn.Module``) as a checkpoint: its parameters are the tensors.
+
+Tensor names are the module's own parameter names (for a transformers model, the names its checkpoint
+loads under), the config is the model's ``config`` (none for a plain torch module), and the module tree is
+the model itself — nothing is built on the meta device.  A parameter shared by two modules (a tied LM
+head) is one tensor under its first name, as ``save_pretrained`` stores it once.  Quantized modules go
+through the same recognition as stored checkpoints: bitsandbytes int8 layers (their state dict holds the
+int8 ``weight`` and ``SCB``) are dequantized exactly; any other integer or packed weight is refused by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from layerscope.checkpoint.modeltree import ModelTree, tree_of_model
+from layerscope.checkpoint.reader import SAFETENSORS_DTYPE, Checkpoint, TensorInfo
+from layerscope.errors import LayerscopeError
+
+MEMORY_FILE = Path("<memory>")
+
+
+def checkpoint_of_module(model: torch.nn.Module, label: str | None = None,
+                         rename: Callable[[str], str | None] | None = None) -> Checkpoint:
+    """The checkpoint view of ``model`` (see the module docstring).  ``rename`` maps a state-dict name to the
+    name to scan it under, or None to leave it out (a PEFT model's base weights: see layerscope.adapters)."""
+    if not isinstance(model, torch.nn.Module):
+        raise LayerscopeError(f"expected a path or a torch.nn.Module, got {type(model).__name__}")
+    tensors: dict[str, TensorInfo] = {}
+    seen: dict[int, str] = {}
+    for stored, tensor in _named_weights(model):
+        name = rename(stored) if rename is not None else stored
+        if name is None:
+            continue
+        if tensor.device.type == "meta":
+            raise LayerscopeError(f"{name}: on the meta device (no values); load the weights first")
+        key = id(tensor)
+        if key in seen:  # tied: stored once
+            continue
+        seen[key] = name
+        dtype = SAFETENSORS_DTYPE.get(tensor.dtype)
+        if dtype is None:
+            raise LayerscopeError(f"{name}: dtype {tensor.dtype} is not one layerscope reads")
+        tensors[name] = TensorInfo(name=name, file=MEMORY_FILE, dtype=dtype, shape=tuple(tensor.shape), begin=0,
+                                   end=0, container="memory", value=tensor)
+    config = _config_of(model)
+    checkpoint = Checkpoint(path=Path(label or f"<{type(model).__name__} in memory>"), files=[], tensors=tensors,
+                            config=config)
+    checkpoint.tree = tree_of_model(model)
+    if rename is not None:  # the tree speaks the scanned names too: wrapped Linears under their own names
+        checkpoint.tree = renamed_tree(checkpoint.tree, rename)
+    return checkpoint
+
+
+def renamed_tree(tree: ModelTree, rename: Callable[[str], str | None]) -> ModelTree:
+    """``tree`` with every module path renamed as its weight is (modules whose weight is left out dropped)."""
+    def module_name(path: str) -> str | None:
+        renamed = rename(f"{path}.weight")
+        return renamed.removesuffix(".weight") if renamed is not None else None
+
+    linears = {module_name(p): shape for p, shape in tree.linears.items() if module_name(p) is not None}
+    modules = frozenset(filter(None, (module_name(p) for p in tree.modules)))
+    conv1d = frozenset(filter(None, (module_name(p) for p in tree.conv1d)))
+    return replace(tree, linears=linears, modules=modules | frozenset(s.path for s in tree.stacks), conv1d=conv1d)
+
+
+def _named_weights(model: torch.nn.Module):
+    """Parameters and buffers under their state-dict names (bitsandbytes int8 layers put SCB there too)."""
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        yield name, tensor.detach()
+
+
+def _config_of(model: torch.nn.Module) -> dict:
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        return {}
+    document = config.to_dict()
+    document.setdefault("architectures", [type(model).__name__])
+    return document
