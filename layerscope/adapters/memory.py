@@ -31,7 +31,7 @@ def scan_module(model: torch.nn.Module, opts: ScanOptions) -> pd.DataFrame:
     if not is_peft_model(model):
         return scan_checkpoint(checkpoint_of_module(model), opts)
     base = model.get_base_model()
-    checkpoint = checkpoint_of_module(base, f"<{type(base).__name__} + PEFT adapters in memory>", _base_name)
+    checkpoint = checkpoint_of_module(base, f"<{type(base).__name__} + PEFT adapters in memory>", base_name)
     table = scan_checkpoint(checkpoint, opts)
     updates = peft_updates_in_memory(base)
     if not updates:
@@ -43,7 +43,7 @@ def scan_module(model: torch.nn.Module, opts: ScanOptions) -> pd.DataFrame:
     return combined
 
 
-def _base_name(name: str) -> str | None:
+def base_name(name: str) -> str | None:
     """A PEFT-wrapped model's state-dict name → the base model's own name (None for the adapters' factors)."""
     if LORA_PARAMETER.search(name):
         return None

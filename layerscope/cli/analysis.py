@@ -164,12 +164,21 @@ def compare_command(base: Path, other: Path, out: Path | None, plot: Path | None
               "(default: the path recorded in the scan).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("reports"), show_default=True)
 def plot_command(scan_file: Path, layer: tuple[int, ...], matrix: str | None, model: Path | None, out: Path) -> None:
-    """ESD plots for chosen matrices, plus the by-layer metric plots of a scan table."""
+    """ESD plots for chosen matrices, plus the by-layer metric plots of a scan table; for a training-spectra
+    table (layerscope.adapters.watch), α over steps per layer."""
     from layerscope.tables import read_scan
     from layerscope.viz import plots
     from layerscope.viz.report import esd_eigenvalues
 
     table = read_scan(scan_file)
+    if "step" in table.columns:  # written during training: one row per (step, matrix)
+        if layer or matrix or model:
+            raise LayerscopeError(f"{scan_file}: a training-spectra table; --layer/--matrix/--model apply to scans")
+        figure = plots.plot_alpha_over_steps(table)
+        out.mkdir(parents=True, exist_ok=True)
+        for path in write_files({out / "alpha_over_steps.png": lambda tmp: plots.save_to(figure, tmp)}):
+            click.echo(f"wrote {path}")
+        return
     figures = {out / "alphas_by_layer.png": plots.plot_alphas_by_layer(table),
                out / "norms_by_layer.png": plots.plot_norms_by_layer(table)}
     chosen = table[table["status"] == "ok"]

@@ -17,6 +17,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from layerscope.errors import LayerscopeError  # noqa: E402
 from layerscope.spectral.estimators import alpha_hill, alpha_ww, as_eigenvalues, ks_scan  # noqa: E402
 
 ALPHA_COLUMNS = {"alpha": "alpha (WeightWatcher)", "alpha_hill": "alpha_hill (TempBalance)",
@@ -333,4 +334,38 @@ def plot_eval_curves(comparison: dict) -> Figure:
     ax.set_title(f"{comparison['metric']} on the validation rows (mean over seeds, band = range)", fontsize=10)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
+    return fig
+
+
+def plot_alpha_over_steps(table: pd.DataFrame) -> Figure:
+    """α over training steps, one line per layer (mean over its matrices), one panel per kind of matrix
+    (``delta``: ΔW of the adapters, ``merged``: W + ΔW, ``projection``: the weights of a full fine-tune);
+    the metric is the first alpha column the table holds."""
+    from matplotlib import colormaps
+
+    column = next((c for c in ("alpha_hill", "alpha", "alpha_peak") if c in table.columns and table[c].notna().any()),
+                  None)
+    if column is None:
+        raise LayerscopeError("the training-spectra table has no alpha values (every scan failed?)")
+    watched = table[table["layer"].notna()]
+    steps_seen = watched.groupby("kind")["step"].nunique()
+    kinds = [k for k in ("delta", "merged", "projection", "expert") if k in steps_seen.index and steps_seen[k] > 1]
+    kinds = kinds or list(steps_seen.index[:1])
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5.2 * len(kinds), 3.9), squeeze=False)
+    layers = sorted(int(v) for v in watched["layer"].unique())
+    colours = colormaps["viridis"]
+    for ax, kind in zip(axes[0], kinds):
+        rows = watched[watched["kind"] == kind]
+        for i, layer in enumerate(layers):
+            means = rows[rows["layer"] == layer].groupby("step")[column].mean().dropna()
+            if len(means):
+                ax.plot(means.index, means.values, marker="o", markersize=3, linewidth=1.2,
+                        color=colours(i / max(1, len(layers) - 1)), label=f"layer {layer}")
+        ax.set_title({"delta": f"{column} of ΔW (adapters)", "merged": f"{column} of W + ΔW"}.get(
+            kind, f"{column} of the weights"))
+        ax.set_xlabel("step")
+        ax.set_ylabel(column)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 8), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.1 if len(labels) <= 8 else 0.16, 1, 1))
     return fig
