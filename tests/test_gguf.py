@@ -171,3 +171,18 @@ def test_requantize_and_compare_measure_the_damage_per_matrix(tmp_path):
     assert result.returncode == 0 and plot.stat().st_size > 10_000
     bad = _cli("requantize", str(GGUF), "--type", "Q9_9", "--out", str(tmp_path / "x.gguf"))
     assert bad.returncode == 2 and "--type Q9_9: not a ggml type" in bad.stderr and not (tmp_path / "x.gguf").exists()
+
+
+def test_hostile_block_count_in_the_metadata_is_refused_before_any_build(tmp_path):
+    """block_count is GGUF's num_hidden_layers: a file claiming a million blocks is refused in one line."""
+    reader = gguf.GGUFReader(str(GGUF))
+    field = reader.fields["llama.block_count"]
+    data = bytearray(GGUF.read_bytes())
+    value_offset = int(field.offset) + sum(part.nbytes for part in field.parts[:-1])
+    assert int.from_bytes(data[value_offset:value_offset + 4], "little") == 30
+    data[value_offset:value_offset + 4] = (1_000_000).to_bytes(4, "little")
+    hostile = tmp_path / "hostile.gguf"
+    hostile.write_bytes(bytes(data))
+    result = _cli("scan", str(hostile), "-q")
+    assert result.returncode == 2 and "num_hidden_layers = 1,000,000" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

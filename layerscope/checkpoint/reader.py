@@ -148,6 +148,8 @@ def open_gguf(file: Path) -> Checkpoint:
         raise LayerscopeError(f"{file}: tensor {first.gguf_name!r} is stored as ggml type {first.ggml_type}, which "
                               "the gguf package cannot dequantize")
     config = gguf_config(file, architecture)
+    # the metadata is as untrusted as a config.json: its counts are checked before a model is built from it
+    check_config_counts(config, [e.gguf_name for e in entries], [e.shape for e in entries], f"{file} (GGUF metadata)")
     names = transformers_names(file, config, architecture)
     tensors: dict[str, TensorInfo] = {}
     for entry in entries:
