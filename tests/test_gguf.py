@@ -87,6 +87,10 @@ def test_plans_name_modules_of_the_model_transformers_builds(table):
     planned = {m["name"] for m in plan.modules()}
     assert len(planned) == 210 and planned <= live
     assert sum(layer["experts"] for layer in plan.layers) == 150
+    from layerscope.export.formats import to_peft_config
+
+    single = to_peft_config(layerscope.plan(table, "adaptive-lora", progress=False))
+    assert single["task_type"] == "CAUSAL_LM" and set(single["target_modules"]) <= live
 
 
 def _tiny_gguf(path: Path, rows: int = 64, cols: int = 64, qtype=None) -> Path:

@@ -116,6 +116,12 @@ def gguf_config(file: Path, architecture: str) -> dict:
         reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
         raise LayerscopeError(f"{file}: transformers cannot derive a config from this GGUF file ({reason})") from None
     config = {k: v for k, v in config.items() if k != "_model_name_or_path"}
+    if not config.get("architectures"):  # GGUF files hold language models: the class llama.cpp users load
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        causal = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.get("model_type"))
+        if causal:
+            config["architectures"] = [causal]
     return config
 
 
