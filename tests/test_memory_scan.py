@@ -81,3 +81,29 @@ def test_a_plain_torch_module_and_refusals():
         layerscope.scan(empty, progress=False)
     with pytest.raises(LayerscopeError, match="expected a path or a torch.nn.Module, got int"):
         layerscope.scan(3, progress=False)
+
+
+class _Int8Linear(torch.nn.Module):
+    """What a bitsandbytes Linear8bitLt holds in its state dict: int8 codes and the per-row absmax SCB."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        scb = weight.abs().amax(dim=1)
+        codes = torch.round(weight / scb[:, None] * 127).to(torch.int8)
+        self.weight = torch.nn.Parameter(codes, requires_grad=False)
+        self.register_buffer("SCB", scb)
+
+
+def test_quantized_modules_in_memory_are_dequantized_or_refused_by_name():
+    torch.manual_seed(0)
+    dense = torch.randn(96, 64)
+    net = torch.nn.Sequential(_Int8Linear(dense))
+    table = layerscope.scan(net, progress=False).set_index("name")
+    row = table.loc["0.weight"]
+    real = net[0].weight.double() * net[0].SCB.double()[:, None] / 127
+    assert row["quantization"] == "bnb-int8"
+    assert row["lambda_max"] == pytest.approx(float(torch.linalg.svdvals(real)[0] ** 2), rel=1e-12)
+    packed = torch.nn.Sequential(torch.nn.Module())
+    packed[0].register_buffer("weight", torch.zeros(96, 8, dtype=torch.int32))  # 4-bit codes packed, no scheme
+    with pytest.raises(LayerscopeError, match=r"'0.weight' \(I32\) is quantized"):
+        layerscope.scan(packed, progress=False)
