@@ -131,6 +131,9 @@ def open_checkpoint(path: str | os.PathLike, revision: str | None = None) -> Che
     return Checkpoint(path=root, files=files, tensors=ordered, config=config)
 
 
+_GGUF_LAYOUTS: dict[tuple, tuple] = {}  # (path, size, mtime) → (entries, architecture, config, names)
+
+
 def open_gguf(file: Path) -> Checkpoint:
     """A GGUF file as a checkpoint: transformers' names and config, ggml types as dtypes (see ggufread)."""
     from layerscope.checkpoint.ggufread import (
@@ -141,16 +144,24 @@ def open_gguf(file: Path) -> Checkpoint:
         transformers_names,
     )
 
-    entries, architecture = read_gguf_table(file)
-    undecodable = sorted({e.ggml_type for e in entries} - decodable_types() - {"I8", "I16", "I32", "I64"})
-    if undecodable:
-        first = next(e for e in entries if e.ggml_type in undecodable)
-        raise LayerscopeError(f"{file}: tensor {first.gguf_name!r} is stored as ggml type {first.ggml_type}, which "
-                              "the gguf package cannot dequantize")
-    config = gguf_config(file, architecture)
-    # the metadata is as untrusted as a config.json: its counts are checked before a model is built from it
-    check_config_counts(config, [e.gguf_name for e in entries], [e.shape for e in entries], f"{file} (GGUF metadata)")
-    names = transformers_names(file, config, architecture)
+    stat = file.stat()
+    key = (str(file.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _GGUF_LAYOUTS:  # compare and report open a file more than once: parse it once
+        entries, architecture = read_gguf_table(file)
+        undecodable = sorted({e.ggml_type for e in entries} - decodable_types() - {"I8", "I16", "I32", "I64"})
+        if undecodable:
+            first = next(e for e in entries if e.ggml_type in undecodable)
+            raise LayerscopeError(f"{file}: tensor {first.gguf_name!r} is stored as ggml type {first.ggml_type}, "
+                                  "which the gguf package cannot dequantize")
+        config = gguf_config(file, architecture)
+        # the metadata is as untrusted as a config.json: its counts are checked before a model is built from it
+        check_config_counts(config, [e.gguf_name for e in entries], [e.shape for e in entries],
+                            f"{file} (GGUF metadata)")
+        if len(_GGUF_LAYOUTS) >= 4:
+            _GGUF_LAYOUTS.pop(next(iter(_GGUF_LAYOUTS)))
+        _GGUF_LAYOUTS[key] = (entries, architecture, config, transformers_names(file, config, architecture))
+    entries, architecture, config, names = _GGUF_LAYOUTS[key]
+    config = dict(config)
     tensors: dict[str, TensorInfo] = {}
     for entry in entries:
         name = names.get(entry.gguf_name, entry.gguf_name)  # unmapped (rope_freqs, …) keep their GGUF names
