@@ -231,7 +231,7 @@ CONTAINERS: list[tuple[str, str]] = [  # (part, regex searched in the lowercased
     ("mamba", r"(^|\.)(mamba\w*|ssm|mixer|ssm_mixer)$"),
     ("conv", r"(^|\.)(conv|short_conv|conv_mixer)$"),
     ("recurrent", r"(^|\.)(temporal_block|rg_lru|recurrent\w*)$"),
-    ("adapter", r"(^|\.)(adapter_modules|adapters?)(\.|$)"),
+    ("adapter", r"(^|\.)(adapter_modules|adapters?|\w+_adapter_list)(\.|$)"),  # Zamba2's per-layer adapter lists
     ("shared", r"(shared_experts?|shared_mlp|shared_ffn)"),
     ("experts", r"(^|\.)experts(\.\d+)?$"),
     ("attention", r"(attn|attention)"),
@@ -272,6 +272,9 @@ LEAF_ROLES: dict[str, dict[str, str]] = {  # part → {leaf: role}; "*" holds le
     "experts": {"w1": "gate", "w3": "up", "w2": "down"},
     "shared": {"w1": "gate", "w3": "up", "w2": "down", "wo": "down", "c_proj": "down"},
     "router": {"*": "router"},
+    # A Linear directly in the block, outside any known part (Zamba's hybrid layer: the shared transformer's
+    # output projected back into the Mamba stream).
+    "": {"linear": "block_linear"},
     "indexer": {"weights_proj": "weights", "wkv": "kv", "kv_proj": "kv", "wgate": "gate"},
     "compressor": {"wkv": "kv", "kv_proj": "kv", "wgate": "gate", "gate_proj": "gate"},
     "linear_attention": {"in_proj_qkvz": "lin_qkvz", "in_proj_ba": "lin_ba", "in_proj_qkv": "lin_qkv",
