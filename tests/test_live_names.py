@@ -159,9 +159,26 @@ def test_hunyuan_shared_mlp_is_a_shared_expert(saved):
     assert len(shared) and set(shared["role"]) <= {"shared_gate", "shared_up", "shared_down"}
 
 
-def test_unmapped_block_linears_are_reported_and_refused(saved, tmp_path):
-    folder, table = saved("zamba")
-    assert table.attrs["unmapped"]
+def test_a_linear_directly_in_the_block_has_a_role(saved):
+    """Zamba's hybrid layer projects the shared transformer's output with a bare ``linear``; Zamba2 adds
+    per-layer adapter lists: both are named now (they used to be unmapped)."""
+    _, table = saved("zamba")
+    assert not table.attrs["unmapped"]
+    linear = table[table["module"].astype(str).str.fullmatch(r"model\.layers\.\d+\.linear")]
+    assert len(linear) and set(linear["role"]) == {"block_linear"} and set(linear["kind"]) == {"projection"}
+
+
+def test_unmapped_block_linears_are_reported_and_refused(tmp_path):
+    import torch
+
+    from tests.builders import LLAMA_CONFIG, llama_tensors, write_checkpoint
+
+    tensors = llama_tensors(layers=2, hidden=32, inter=48)
+    tensors["model.layers.1.mystery_mixer.weight"] = torch.randn(32, 32)
+    folder = write_checkpoint(tmp_path / "m", tensors, config={**LLAMA_CONFIG, "num_hidden_layers": 2,
+                                                               "hidden_size": 32})
+    table = layerscope.scan(folder, progress=False)
+    assert table.attrs["unmapped"] == ["model.layers.1.mystery_mixer"]
     with pytest.raises(LayerscopeError, match="no known role.*--allow-unmapped"):
         layerscope.plan(table, "uniform", progress=False)
     planned = layerscope.plan(table, "uniform", allow_unmapped=True, progress=False)

@@ -273,8 +273,8 @@ LEAF_ROLES: dict[str, dict[str, str]] = {  # part → {leaf: role}; "*" holds le
     "shared": {"w1": "gate", "w3": "up", "w2": "down", "wo": "down", "c_proj": "down"},
     "router": {"*": "router"},
     # A Linear directly in the block, outside any known part (Zamba's hybrid layer: the shared transformer's
-    # output projected back into the Mamba stream).
-    "": {"linear": "block_linear"},
+    # output projected back into the Mamba stream; Inkling's vision layers: one projection and a norm).
+    "": {"linear": "block_linear", "projection": "block_linear"},
     "indexer": {"weights_proj": "weights", "wkv": "kv", "kv_proj": "kv", "wgate": "gate"},
     "compressor": {"wkv": "kv", "kv_proj": "kv", "wgate": "gate", "gate_proj": "gate"},
     "linear_attention": {"in_proj_qkvz": "lin_qkvz", "in_proj_ba": "lin_ba", "in_proj_qkv": "lin_qkv",
