@@ -195,3 +195,15 @@ def test_hostile_block_count_in_the_metadata_is_refused_before_any_build(tmp_pat
     result = _cli("scan", str(hostile), "-q")
     assert result.returncode == 2 and "num_hidden_layers = 1,000,000" in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_activations_and_an_activation_driven_plan_from_the_file(table):
+    from layerscope.activations import measure
+
+    activations = measure(GGUF, max_samples=4, seq_len=16, progress=False)
+    projections = activations[activations["kind"] == "projection"]
+    assert sorted(projections["layer"].unique()) == list(range(30)) and len(projections) == 210
+    assert set(projections["module"]) <= set(table["module"])  # the same live names as the scan's
+    plan = layerscope.plan(table, "hilo", ranks=(2, 4, 6), rank_source="activations", activations=activations,
+                           progress=False)
+    assert len(plan.layers) == 30 and {layer["rank"] for layer in plan.layers} == {2, 4, 6}

@@ -25,10 +25,13 @@ def _transformers():
 
 
 def load_model(folder: str | Path, device: str = "cpu", dtype: str = "float32"):
-    """(model, tokenizer) from a local folder with its own config.json and tokenizer files."""
+    """(model, tokenizer) from a local folder with its own config.json and tokenizer files, or from a GGUF file
+    (transformers dequantizes it and builds the tokenizer the file carries)."""
     folder = Path(folder)
+    if folder.is_file() and folder.suffix == ".gguf":
+        return _load_gguf(folder, device, dtype)
     if not folder.is_dir():
-        raise LayerscopeError(f"{folder}: not a model folder")
+        raise LayerscopeError(f"{folder}: not a model folder or .gguf file")
     if not (folder / "config.json").is_file():
         raise LayerscopeError(f"{folder}: no config.json (activations need a transformers model folder)")
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
@@ -46,6 +49,21 @@ def load_model(folder: str | Path, device: str = "cpu", dtype: str = "float32"):
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise LayerscopeError(f"{folder}: cannot load model/tokenizer ({str(exc).splitlines()[0]})") from None
+    return model.to(device), tokenizer
+
+
+def _load_gguf(file: Path, device: str, dtype: str):
+    if dtype not in DTYPES:
+        raise LayerscopeError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    transformers = _transformers()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(file.parent), gguf_file=file.name,
+                                                                  dtype=DTYPES[dtype])
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
+    except (OSError, ValueError, ImportError) as exc:
+        raise LayerscopeError(f"{file}: transformers cannot load this GGUF file ({str(exc).splitlines()[0]})") from None
     return model.to(device), tokenizer
 
 
