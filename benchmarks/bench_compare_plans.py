@@ -74,12 +74,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--protocol", choices=["current", "before"], default="current")
+    parser.add_argument("--lr-sweep", help="Comma-separated learning rates to sweep instead of the setup's (runs "
+                        "already in --out are reused, so widening a sweep costs only the new rates).")
     args = parser.parse_args()
     setup = dict(SETUPS[args.model])
     if args.protocol == "before":
         setup.update(plans=["alphalora"], steps=40, eval_every=20, lr_sweep=None, lr=2e-3, scheduler="constant",
                      warmup_ratio=0.0)
     setup.update({k: v for k, v in (("seeds", args.seeds), ("steps", args.steps)) if v is not None})
+    if args.lr_sweep:
+        setup["lr_sweep"] = [float(v) for v in args.lr_sweep.split(",")]
     out = args.out or DATA / f"compare-{args.model}{'-before' if args.protocol == 'before' else ''}"
 
     from layerscope.experiments import PlanSettings, Settings, compare_plans, load_task, prepare_model, results_table
