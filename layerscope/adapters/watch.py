@@ -33,6 +33,7 @@ from layerscope.adapters.memory import base_name, is_peft_model, peft_updates_in
 from layerscope.adapters.spectra import updates_table
 from layerscope.adapters.updates import Update
 from layerscope.checkpoint.memory import checkpoint_of_module
+from layerscope.checkpoint.reader import Checkpoint
 from layerscope.errors import LayerscopeError
 from layerscope.spectral.scan import ScanOptions, scan_checkpoint
 
@@ -72,6 +73,7 @@ class SpectraWatcher:
         self.blocking_seconds = 0.0  # time the training thread spent in step(): copies, and waits for a busy worker
         self.scans = 0
         self._base_checkpoint = None
+        self._model_layout: Checkpoint | None = None  # full fine-tuning: the live model's layout, for every scan
         if self.peft:
             base = model.get_base_model()
             self._base_checkpoint = checkpoint_of_module(base, "base model", base_name)
@@ -130,8 +132,14 @@ class SpectraWatcher:
         if not weights:
             raise LayerscopeError(f"no 2-D weight matches modules={self.pattern.pattern if self.pattern else None}")
         def job() -> None:
-            self._timed(step, lambda: _weights_table(self.model, weights, self.options))
+            self._timed(step, lambda: _weights_table(self._layout(), weights, self.options))
         return job
+
+    def _layout(self) -> Checkpoint:
+        """The model's checkpoint view (names, dtypes, module tree), built at the first scan and kept."""
+        if self._model_layout is None:
+            self._model_layout = checkpoint_of_module(self.model)
+        return self._model_layout
 
     def _chosen(self, module: str) -> bool:
         return self.pattern is None or bool(self.pattern.search(module))
@@ -163,11 +171,10 @@ class SpectraWatcher:
             atomic_write(self.out, lambda tmp: table.to_csv(tmp, index=False))
 
 
-def _weights_table(model: torch.nn.Module, weights: dict[str, torch.Tensor], options: ScanOptions) -> pd.DataFrame:
-    """Scan copied weights under their names, with the live model's tree (for layers and roles)."""
-    checkpoint = checkpoint_of_module(model)
-    checkpoint.tensors = {name: replace(info, value=weights[name]) for name, info in checkpoint.tensors.items()
-                          if name in weights}
+def _weights_table(layout: Checkpoint, weights: dict[str, torch.Tensor], options: ScanOptions) -> pd.DataFrame:
+    """Scan copied weights under their names, with the live model's layout (tree: layers and roles)."""
+    checkpoint = replace(layout, tensors={name: replace(info, value=weights[name])
+                                          for name, info in layout.tensors.items() if name in weights})
     return scan_checkpoint(checkpoint, options)
 
 

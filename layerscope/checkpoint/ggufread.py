@@ -53,13 +53,21 @@ def gguf_package():
 
 def read_gguf_table(file: Path) -> tuple[list[GGUFTensor], str]:
     """Every tensor entry of ``file`` (checked against the file) and the GGUF architecture name."""
+    return _checked_table(file, _open_reader(file))
+
+
+def _open_reader(file: Path):
     gguf = gguf_package()
-    size = file.stat().st_size
     try:
-        reader = gguf.GGUFReader(str(file), "r")
+        return gguf.GGUFReader(str(file), "r")
     except Exception as exc:  # noqa: BLE001 - the parser raises ValueError, IndexError, KeyError, ...
         reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
         raise LayerscopeError(f"{file}: not a readable GGUF file ({type(exc).__name__}: {reason})") from None
+
+
+def _checked_table(file: Path, reader) -> tuple[list[GGUFTensor], str]:
+    gguf = gguf_package()
+    size = file.stat().st_size
     if len(reader.tensors) > MAX_TENSORS:
         raise LayerscopeError(f"{file}: declares {len(reader.tensors):,} tensors (at most {MAX_TENSORS:,})")
     architecture = _string_field(reader, "general.architecture") or "unknown"
@@ -170,11 +178,12 @@ def dequantize(raw: bytes | bytearray | memoryview, ggml_type: str, shape: tuple
 
     gguf = gguf_package()
     qtype = gguf.GGMLQuantizationType[ggml_type]
-    data = np.frombuffer(raw, dtype=np.uint8)
     plain = {"F32": torch.float32, "F16": torch.float16, "F64": torch.float64}
-    if ggml_type in plain:
-        tensor = torch.frombuffer(bytearray(data), dtype=plain[ggml_type]).reshape(shape)
+    if ggml_type in plain:  # the bytes are the values: no copy
+        tensor = torch.frombuffer(raw if isinstance(raw, bytearray) else bytearray(raw),
+                                  dtype=plain[ggml_type]).reshape(shape)
     else:
+        data = np.frombuffer(raw, dtype=np.uint8)
         rows = data.reshape(-1, data.size // max(1, _rows(shape)))
         try:
             values = gguf.quants.dequantize(rows, qtype)
@@ -221,8 +230,8 @@ def requantize_gguf(source: Path, target: Path, ggml_type: str, progress: bool =
         qtype = gguf.GGMLQuantizationType[ggml_type.upper()]
     except KeyError:
         raise LayerscopeError(f"--type {ggml_type}: not a ggml type (e.g. Q8_0, Q4_0, Q4_1, Q5_0)") from None
-    entries, architecture = read_gguf_table(source)
-    reader = gguf.GGUFReader(str(source), "r")
+    reader = _open_reader(source)  # parsed once: the checks and the copy read the same tensor table
+    entries, architecture = _checked_table(source, reader)
     counts = {"requantized": 0, "kept": 0}
 
     def write(tmp: Path) -> None:
