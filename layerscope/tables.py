@@ -171,3 +171,49 @@ def read_activations(path: str | Path) -> pd.DataFrame:
         if column not in table.columns:
             raise LayerscopeError(f"{path}: column {column!r} is missing (not a layerscope activations table?)")
     return table
+
+
+SENSITIVITY_SCHEMA = "layerscope.sensitivity/1"
+SENSITIVITY_COLUMNS = ("layer", "module", "role", "sensitivity")
+
+
+def write_sensitivity(table: pd.DataFrame, path: str | Path) -> Path:
+    """Write a sensitivity table (``layerscope sensitivity``); .json and .parquet keep how it was measured."""
+    path = Path(path)
+    fmt = output_format(path)
+    if fmt == ".json":
+        document = {"schema": SENSITIVITY_SCHEMA, "settings": jsonable(table.attrs), "modules": _records(table)}
+        atomic_write(path, lambda tmp: tmp.write_text(json.dumps(document, indent=1, allow_nan=False)))
+    elif fmt == ".csv":
+        atomic_write(path, lambda tmp: table.to_csv(tmp, index=False))
+    else:
+        atomic_write(path, lambda tmp: table.to_parquet(tmp, index=False))
+    return path
+
+
+def read_sensitivity(path: str | Path) -> pd.DataFrame:
+    """Read a table written by :func:`write_sensitivity` (a CSV carries no fingerprint: it is not checked)."""
+    path = Path(path)
+    fmt = output_format(path)
+    if not path.is_file():
+        raise LayerscopeError(f"{path}: no such file")
+    try:
+        if fmt == ".parquet":
+            table = pd.read_parquet(path)
+        elif fmt == ".json":
+            document = json.loads(path.read_text(encoding="utf-8"))
+            if document.get("schema") != SENSITIVITY_SCHEMA:
+                raise LayerscopeError(f"{path}: schema {document.get('schema')!r}, expected {SENSITIVITY_SCHEMA} "
+                                      "(write it with `layerscope sensitivity`)")
+            table = pd.DataFrame(document["modules"])
+            table.attrs.update(document.get("settings", {}))
+        else:
+            table = pd.read_csv(path)
+    except LayerscopeError:
+        raise
+    except Exception as exc:
+        raise LayerscopeError(f"{path}: cannot read sensitivity table ({type(exc).__name__}: {exc})") from None
+    for column in SENSITIVITY_COLUMNS:
+        if column not in table.columns:
+            raise LayerscopeError(f"{path}: column {column!r} is missing (not a layerscope sensitivity table?)")
+    return table

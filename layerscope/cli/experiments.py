@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import click
@@ -54,7 +55,8 @@ def _value(text: str):
 @click.option("--eval-fraction", type=float, default=0.2, show_default=True)
 @click.option("--validation-fraction", type=float, default=0.15, show_default=True)
 @click.option("--plans", "plans", required=True,
-              help="Comma-separated strategies (alphalora, mola, hilo, adaptive-lora) or plan files; each is paired "
+              help="Comma-separated strategies (alphalora, mola, hilo, adaptive-lora, sensitivity), 'adalora' "
+                   "(PEFT's AdaLoRA against a uniform PEFT LoRA of its final budget) or plan files; each is paired "
                    "with the uniform plan of its own structure.  Add 'dense' for a dense single-LoRA arm.")
 @click.option("--option", "options", multiple=True,
               help="A strategy option, STRATEGY.OPTION=VALUE (repeatable), e.g. hilo.ranks=2,4,6 or alphalora.beta=2.")
@@ -63,6 +65,10 @@ def _value(text: str):
 @click.option("--budget-params", type=int, help="Fit every strategy to this many trainable parameters (keeping its "
               "shape); by default strategies use their depth-scaled defaults (5 experts per layer for "
               "alphalora and mola).")
+@click.option("--budgets", callback=_float_list,
+              help="A budget curve: every arm fitted and trained at each budget, given as ratios of the default "
+                   "budget (5 rank-8 experts per layer, or --budget-params), e.g. 0.25,1,4, or as trainable "
+                   "parameters (values of 1000 and more).  Writes budgets.png.")
 @click.option("--budget-tolerance", type=float, default=0.05, show_default=True,
               help="Largest relative difference between a strategy's and its baseline's trainable parameters.")
 @click.option("--seeds", default="0,1,2", show_default=True, callback=_int_list)
@@ -87,14 +93,17 @@ def compare_plans_command(model: Path, task_file: Path, eval_file: Path | None, 
                           task_kind: str, text_column: str, label_column: str, prompt_column: str | None,
                           eval_fraction: float,
                           validation_fraction: float, plans: str, options: tuple[str, ...], expert_type: str,
-                          target_roles: str | None, budget_params: int | None, budget_tolerance: float,
+                          target_roles: str | None, budget_params: int | None, budgets: tuple[float, ...] | None,
+                          budget_tolerance: float,
                           seeds: tuple[int, ...], steps: int, learning_rate: float,
                           lr_sweep: tuple[float, ...] | None, sweep_seeds: tuple[int, ...] | None, scheduler: str,
                           warmup_ratio: float, batch_size: int, eval_every: int, max_length: int, device: str,
                           out: Path, quiet: bool) -> None:
     """Fine-tune each strategy and its like-for-like uniform baseline with each seed on a local task; report each
     arm's test metric, the paired difference to its baseline, and what the data rule out.  A .gguf MODEL is
-    converted once to a folder under --out.  Interrupted runs resume from --out/runs."""
+    converted once to a folder under --out.  Interrupted runs resume from --out/runs.  Under torchrun
+    (``torchrun --nproc_per_node N -m layerscope compare-plans …``) each process trains its share of the runs on
+    its own device and the first writes the comparison."""
     from layerscope.experiments import PlanSettings, Settings, compare_plans, load_task, prepare_model, results_table
 
     check_writable([out / "comparison.json"])
@@ -111,16 +120,69 @@ def compare_plans_command(model: Path, task_file: Path, eval_file: Path | None, 
     folder = prepare_model(model, out)
     document = compare_plans(folder, task, names, seeds=list(seeds), settings=settings, out=out,
                              plan_settings=plan_settings, lr_sweep=list(lr_sweep) if lr_sweep else None,
-                             sweep_seeds=list(sweep_seeds) if sweep_seeds else None, progress=not quiet)
-    if not quiet:
+                             sweep_seeds=list(sweep_seeds) if sweep_seeds else None, progress=not quiet,
+                             budgets=list(budgets) if budgets else None)
+    if not quiet and int(os.environ.get("RANK", "0")) == 0:
         table = results_table(document)
         shown = [c for c in ("arm", "kind", "baseline", "n", "mean", "ci95_low", "ci95_high", "diff_vs_baseline",
                              "p_holm", "mde80", "collapsed", "trainable", "active_per_token", "seconds_per_step")
                  if c in table.columns]
+        rates = document["learning_rate"].get("per_budget")
+        rate = (", ".join(f"{label} {entry['chosen']:g}" for label, entry in rates.items()) if rates
+                else f"{document['settings']['learning_rate']:g}")
         click.echo(f"{document['metric']} on {len(task.eval_texts)} test rows, {len(seeds)} seeds, {steps} steps, "
-                   f"lr {document['settings']['learning_rate']:g}:")
+                   f"lr {rate}:")
         click.echo(table[shown].to_string(index=False, float_format="%.4f"))
+        for note in (document.get("budgets") or {}).get("left_out", []):
+            click.echo(f"left out at {note['budget']}: {note['arm']} ({note['why']})")
         click.echo(document["verdict"])
         if document.get("dense_verdict"):
             click.echo(f"Mixture vs dense: {document['dense_verdict']}")
-        click.echo(f"wrote {out / 'comparison.json'}, {out / 'results.csv'}, {out / 'curves.png'}")
+        written = ["comparison.json", "results.csv", "curves.png", *(["budgets.png"] if document.get("budgets") else [])]
+        click.echo("wrote " + ", ".join(str(out / name) for name in written))
+
+
+@cli.command("sensitivity")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--task", "task_file", type=click.Path(path_type=Path), required=True,
+              help="The task's rows (.jsonl, .csv, .parquet or a datasets folder), as compare-plans reads them.")
+@click.option("--task-kind", type=click.Choice(["classification", "causal-lm"]), default="classification",
+              show_default=True)
+@click.option("--text-column", default="text", show_default=True)
+@click.option("--label-column", default="label", show_default=True)
+@click.option("--prompt-column", help="Causal LM: a context column before --text-column (not scored).")
+@click.option("--batches", type=int, default=8, show_default=True, help="Batches of training rows to average over.")
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--max-length", type=int, default=64, show_default=True, help="Tokens per row (truncated).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Which rows, and a new head's initialisation.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--out", type=click.Path(path_type=Path), help="Write the table (.json, .parquet or .csv).")
+@click.option("--quiet", "-q", is_flag=True)
+def sensitivity_command(model: Path, task_file: Path, task_kind: str, text_column: str, label_column: str,
+                        prompt_column: str | None, batches: int, batch_size: int, max_length: int, seed: int,
+                        device: str, out: Path | None, quiet: bool) -> None:
+    """First-order importance of every target matrix on your own rows, Σ|W ⊙ ∂L/∂W| averaged over a few batches
+    (the quantity AdaLoRA tracks while training), and its mean per layer: the input of `plan --strategy
+    sensitivity --scores FILE`."""
+    from layerscope.activations.sensitivity import layer_sensitivity
+    from layerscope.experiments import load_task
+    from layerscope.experiments.runs import check_model_for_task
+    from layerscope.experiments.signals import measure_sensitivity
+    from layerscope.tables import output_format, write_sensitivity
+
+    if out is not None:
+        output_format(out)
+        check_writable([out])
+    task = load_task(task_file, task_kind, text_column=text_column, label_column=label_column,
+                     prompt_column=prompt_column, seed=seed)
+    check_model_for_task(str(model), task)
+    table = measure_sensitivity(model, task, batches=batches, batch_size=batch_size, max_length=max_length,
+                                seed=seed, device=device, progress=not quiet)
+    if out is not None:
+        write_sensitivity(table, out)
+    if not quiet:
+        click.echo(f"{model}: Σ|W ⊙ ∂L/∂W| over {table.attrs['rows']} training rows of {task_file} "
+                   f"({batches} batches of {batch_size}), mean per layer:")
+        click.echo(layer_sensitivity(table).to_string(index=False, float_format="%.4g"))
+        if out is not None:
+            click.echo(f"wrote {out}")

@@ -24,7 +24,8 @@ from layerscope.outputs import check_writable
 @click.option("--strategy", type=click.Choice(STRATEGIES), default="alphalora", show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), help="Write the plan JSON here.")
 @click.option("--total-experts", type=int, help="alphalora/mola: experts over all layers (alphalora default 5 per layer: 160 on 32).")
-@click.option("--beta", type=float, help="alphalora: exponent of alpha (default 2.5).")
+@click.option("--beta", type=float, help="alphalora: exponent of alpha (default 2.5); sensitivity: exponent of the "
+              "score (default 1).")
 @click.option("--metric", help="alphalora: scan column averaged per layer (default alpha_peak).")
 @click.option("--rounding", type=click.Choice(["largest-remainder", "reference"]),
               help="alphalora: sound rounding (default) or the reference code's np.round + fix-up.")
@@ -39,6 +40,10 @@ from layerscope.outputs import check_writable
 @click.option("--rank-source", type=click.Choice(["depth", "activations"]), help="hilo: tiers by depth (default) "
               "or by near-zero fraction.")
 @click.option("--activations", type=click.Path(path_type=Path), help="hilo: table with layer, near_zero_fraction.")
+@click.option("--scores", type=click.Path(path_type=Path), help="sensitivity: the table `layerscope sensitivity` "
+              "wrote (layer, sensitivity).")
+@click.option("--unit", type=click.Choice(["experts", "ranks"]), help="sensitivity: spread experts at one rank "
+              "(default) or ranks of one expert per module.")
 @click.option("--experts-mode", type=click.Choice(["fixed", "inverse-rank"]),
               help="hilo: fixed experts, or experts ∝ 1/rank at the uniform reference's parameter count.")
 @click.option("--mode", type=click.Choice(["linear-decay", "attention-heavy", "empirical"]), help="adaptive-lora.")

@@ -14,6 +14,13 @@ A strategy makes its claim at fixed structure, so each is paired with its own ba
 A dense single LoRA of equal trainable parameters (``dense``) answers another question (a mixture or
 not) and is a separate arm, compared with the first mixture baseline of the same budget.  Identical
 baselines (alphalora and mola at one total share □) are trained once.
+
+``adalora`` is PEFT's AdaLoRA, whose final rank budget equals a uniform LoRA's at the comparison's budget
+(``--budget-params``, else the first strategy's trainable parameters, else 5 rank-8 experts per layer);
+its baseline is that uniform LoRA trained through PEFT.  With an ``adalora`` arm, every plan of one expert
+per module (adaptive-lora, hilo with one expert, sensitivity by ranks, their baselines) trains through
+PEFT as well (its exported ``rank_pattern``), so the rank arms share one LoRA implementation
+(:mod:`layerscope.experiments.peft_arms`).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from layerscope.planning.matching import checkpoint_shapes, plan_difference, req
 from layerscope.planning.strategies import EXPERTS_PER_LAYER
 
 DENSE = "dense"
+ADALORA = "adalora"
 
 
 @dataclass
@@ -38,6 +46,14 @@ class Arm:
     baseline: str | None = None  # the arm this one is compared with
     built: str = ""  # how the arm was made, for the document
     compared: list[str] = field(default_factory=list)  # for a baseline: the strategies it serves
+    trainer: str = "layerscope"  # layerscope (runtime) | peft (LoraConfig) | adalora (AdaLoraConfig)
+    budget: str | None = None  # the budget's label ("0.25x") in a budget curve
+    strategy_name: str | None = None  # the strategy without the budget suffix (alphalora@0.25x → alphalora)
+
+    @property
+    def family(self) -> str:
+        """The arm's name without its budget suffix: one line of the budget curve."""
+        return self.name.rsplit("@", 1)[0] if self.budget else self.name
 
     @property
     def trainable(self) -> int:
@@ -57,9 +73,10 @@ class PlanSettings:
     options: dict[str, dict] = field(default_factory=dict)  # strategy → {option: value}
     budget_params: int | None = None
     tolerance: float = 0.05
+    peft_rank_arms: bool = False  # one-expert plans train through PEFT (set where an adalora arm is asked for)
 
 
-_COMPARED = ", ".join(name for name in STRATEGIES if name != "uniform")
+_COMPARED = ", ".join([*(name for name in STRATEGIES if name != "uniform"), ADALORA])
 
 
 def build_arms(model: str, items: list[str | Path], settings: PlanSettings, progress: bool = False) -> list[Arm]:
@@ -76,11 +93,13 @@ def build_arms(model: str, items: list[str | Path], settings: PlanSettings, prog
     depth = len(_plan(model, "uniform", settings, {}, "depth", budget=False).layers)
     shapes, num_layers, fingerprint = checkpoint_shapes(model)
     arms: list[Arm] = []
-    wants_dense = False
+    wants_dense = wants_adalora = False
     for item in items:
         text = str(item)
         if text == DENSE:
             wants_dense = True
+        elif text == ADALORA:
+            wants_adalora = True
         elif text == "uniform":
             raise LayerscopeError("--plans uniform: every strategy is compared with the uniform plan of its own "
                                   f"structure, built here; name strategies ({_COMPARED}) or plan files (and "
@@ -92,7 +111,13 @@ def build_arms(model: str, items: list[str | Path], settings: PlanSettings, prog
                             built=_describe_options(text, options, settings.budget_params)))
         else:
             arms.append(_file_arm(Path(text), model, shapes, num_layers, fingerprint))
-    arms.extend(_baselines(model, arms, settings))
+    if wants_adalora or settings.peft_rank_arms:
+        for arm in arms:
+            if one_expert_lora(arm.plan):
+                arm.trainer = "peft"
+    arms.extend(_baselines(model, arms, settings, peft=wants_adalora or settings.peft_rank_arms))
+    if wants_adalora:
+        arms.extend(_adalora_arms(model, arms, settings))
     if wants_dense:
         arms.append(_dense_arm(model, arms, settings))
     if not any(arm.kind == "strategy" for arm in arms):
@@ -104,7 +129,7 @@ def _refuse_repeats(items: list[str | Path]) -> None:
     seen: dict[str, str] = {}
     for item in items:
         text = str(item)
-        name = text if text in STRATEGIES or text in (DENSE, "uniform") else Path(text).stem
+        name = text if text in STRATEGIES or text in (DENSE, ADALORA, "uniform") else Path(text).stem
         if name in seen:
             other = seen[name]
             raise LayerscopeError(f"--plans names {name!r} twice ({other} and {text}); every arm needs its own name"
@@ -138,7 +163,7 @@ def _file_arm(path: Path, model: str, shapes, num_layers, fingerprint) -> Arm:
     loaded = Plan.load(path)
     require_same_model(plan_difference(loaded, shapes, num_layers, fingerprint, model), str(path), False)
     strategy = loaded.strategy["name"]
-    if path.stem in (*STRATEGIES, DENSE) and path.stem != strategy:
+    if path.stem in (*STRATEGIES, DENSE, ADALORA) and path.stem != strategy:
         raise LayerscopeError(f"{path}: holds a {strategy} plan, but its name says {path.stem!r}; rename the file so "
                               "the arm's name does not mislead")
     kind = "reference" if structure(loaded) == "uniform" else "strategy"
@@ -156,13 +181,20 @@ def structure(the_plan: Plan) -> str:
     return "rank" if varies_rank else "uniform"
 
 
-def _baselines(model: str, arms: list[Arm], settings: PlanSettings) -> list[Arm]:
+def one_expert_lora(the_plan: Plan) -> bool:
+    """One LoRA expert on every planned module: a plan PEFT's LoraConfig expresses exactly."""
+    return the_plan.document["expert_type"] == "lora" and all(layer["experts"] <= 1 for layer in the_plan.layers)
+
+
+def _baselines(model: str, arms: list[Arm], settings: PlanSettings, peft: bool = False) -> list[Arm]:
     built: dict[str, Arm] = {}
     for arm in arms:
         if arm.kind != "strategy":
             continue
         baseline = like_for_like(model, arm.plan, settings)
-        key = _layers_digest(baseline.plan)
+        if peft and one_expert_lora(baseline.plan):
+            baseline = _through_peft(baseline)
+        key = _layers_digest(baseline.plan, baseline.trainer)
         if key not in built:
             built[key] = baseline
         built[key].compared.append(arm.name)
@@ -214,6 +246,43 @@ def _closest_rank(model: str, target: int, experts: int, top_k: int, shared: dic
     return min(candidates, key=lambda p: abs(p.accounting["trainable"]["total"] - target))
 
 
+def _through_peft(arm: Arm) -> Arm:
+    rank = arm.plan.layers[0]["rank"]
+    return Arm(f"peft-lora-r{rank}", arm.plan, arm.kind, built=f"{arm.built}; trained through PEFT's LoraConfig",
+               trainer="peft")
+
+
+def _adalora_arms(model: str, arms: list[Arm], settings: PlanSettings) -> list[Arm]:
+    """AdaLoRA at the comparison's budget, and its baseline (reused when a rank strategy already has it)."""
+    first = next((arm for arm in arms if arm.kind == "strategy"), None)
+    if settings.budget_params is not None:
+        target, source = settings.budget_params, "--budget-params"
+    elif first is not None:
+        target, source = first.trainable, f"{first.name}'s trainable parameters"
+    else:
+        reference = plan(model, "mola", shape="□", total_experts=EXPERTS_PER_LAYER * len(
+            _plan(model, "uniform", settings, {}, "depth", budget=False).layers), rank=8, top_k=2,
+            target_roles=settings.target_roles, expert_type="lora", progress=False,
+            command="compare-plans: reference budget")
+        target, source = int(reference.accounting["trainable"]["total"]), "5 rank-8 experts per layer"
+    shared = dict(target_roles=_roles(first.plan) if first else settings.target_roles, expert_type="lora",
+                  lora=_lora(first.plan) if first else None, progress=False)
+    uniform_plan = _closest_rank(model, target, 1, 1, {k: v for k, v in shared.items() if v is not None})
+    rank = uniform_plan.layers[0]["rank"]
+    baseline = Arm(f"peft-lora-r{rank}", uniform_plan, "baseline", trainer="peft",
+                   built=f"one rank-{rank} LoRA per module through PEFT, at {source} ({target:,})")
+    existing = next((arm for arm in arms if arm.kind == "baseline" and
+                     _layers_digest(arm.plan, arm.trainer) == _layers_digest(baseline.plan, "peft")), None)
+    adalora = Arm(ADALORA, uniform_plan, "strategy", baseline=(existing or baseline).name, trainer="adalora",
+                  built=f"PEFT AdaLoRA, target_r {rank} (final budget = {(existing or baseline).name}), init_r "
+                        f"≈ 1.5 × target_r, tinit 10 % / tfinal 20 % of the steps")
+    if existing is not None:
+        existing.compared.append(ADALORA)
+        return [adalora]
+    baseline.compared.append(ADALORA)
+    return [adalora, baseline]
+
+
 def _dense_arm(model: str, arms: list[Arm], settings: PlanSettings) -> Arm:
     strategy = next(arm for arm in arms if arm.kind == "strategy")
     target = strategy.trainable
@@ -221,7 +290,8 @@ def _dense_arm(model: str, arms: list[Arm], settings: PlanSettings) -> Arm:
     dense = _closest_rank(model, target, 1, 1, shared)
     rank = dense.layers[0]["rank"]
     _check_tolerance(DENSE, dense, strategy.plan, settings.tolerance)
-    return Arm(DENSE, dense, "dense", baseline=strategy.baseline,
+    trainer = "peft" if settings.peft_rank_arms or any(arm.trainer == "adalora" for arm in arms) else "layerscope"
+    return Arm(DENSE, dense, "dense", baseline=strategy.baseline, trainer=trainer,
                built=f"one rank-{rank} LoRA per module at {strategy.name}'s trainable parameters (mixture vs dense: "
                      "compared with the mixture baseline, not part of the plan verdict)")
 
@@ -258,9 +328,9 @@ def _lora(the_plan: Plan):
                         init=lora["init"], router_aux_loss_coef=lora["router_aux_loss_coef"])
 
 
-def _layers_digest(the_plan: Plan) -> str:
+def _layers_digest(the_plan: Plan, trainer: str = "layerscope") -> str:
     import hashlib
     import json
 
     return hashlib.sha256(json.dumps([the_plan.document["layers"], the_plan.document["expert_type"],
-                                      the_plan.document["lora"]], sort_keys=True).encode()).hexdigest()
+                                      the_plan.document["lora"], trainer], sort_keys=True).encode()).hexdigest()

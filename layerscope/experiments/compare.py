@@ -14,6 +14,12 @@ paired with, and optionally a dense single LoRA of equal trainable parameters.  
    to its baseline with interval, p-value, Holm-corrected p and the minimum detectable effect at 80 %
    power (:mod:`layerscope.experiments.stats`); and whether the baseline's validation curve had flattened.
 
+With ``budgets`` (:mod:`layerscope.experiments.budgets`) every arm is fitted at each budget; the
+learning rate is chosen per budget for that budget's first baseline, Holm's correction runs within a
+budget (each budget answers its own question: "at this budget, which allocation?"), and ``budgets.png``
+draws the metric against trainable parameters, one line per arm.  Under torchrun the runs are shared
+out between the ranks (:mod:`layerscope.experiments.distributed`) and rank 0 writes the comparison.
+
 The document is ``layerscope.plan-comparison/2``; progress goes to stderr as one timestamped line per run
 and per evaluation (on a terminal or not: a comparison can take hours, and a log file should show it).
 """
@@ -25,14 +31,16 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import pandas as pd
 
 from layerscope.errors import LayerscopeError
-from layerscope.experiments import stats
+from layerscope.experiments import distributed, stats
 from layerscope.experiments.arms import Arm, PlanSettings, build_arms, structure
+from layerscope.experiments.budgets import Budget, arms_at_budgets, reference_budget, resolve
+from layerscope.experiments.peft_arms import adalora_schedule
 from layerscope.experiments.runs import Settings, check_model_for_task, higher_is_better, metric_name, train_run
 from layerscope.experiments.task import Task
 from layerscope.outputs import write_files
@@ -41,10 +49,28 @@ SCHEMA = "layerscope.plan-comparison/2"
 FLAT_SHARE = 0.1  # the baseline's curve has flattened when its last quarter moved < 10 % of its whole change
 
 
+@dataclass
+class _Group:
+    """The arms of one budget (one group without ``--budgets``), the settings they train with, the rate chosen."""
+
+    budget: Budget | None
+    arms: list[Arm]
+    settings: Settings
+    selection: dict | None = None
+
+    @property
+    def label(self) -> str | None:
+        return self.budget.label if self.budget else None
+
+
 def compare_plans(model: str | Path, task: Task, plans: list[str | Path], *, seeds: list[int], settings: Settings,
                   out: str | Path, plan_settings: PlanSettings | None = None, lr_sweep: list[float] | None = None,
-                  sweep_seeds: list[int] | None = None, progress: bool = True) -> dict:
-    """Train every arm with every seed (resuming stored runs); write and return the comparison document."""
+                  sweep_seeds: list[int] | None = None, progress: bool = True,
+                  budgets: list[float] | None = None) -> dict:
+    """Train every arm with every seed (resuming stored runs); write and return the comparison document.
+
+    ``budgets``: ratios of the reference budget, or trainable-parameter counts (see
+    :mod:`layerscope.experiments.budgets`); every arm is fitted and trained at each."""
     settings.check()
     if not seeds or len(set(seeds)) != len(seeds):
         raise LayerscopeError(f"--seeds {seeds}: give one or more distinct seeds")
@@ -52,48 +78,95 @@ def compare_plans(model: str | Path, task: Task, plans: list[str | Path], *, see
         raise LayerscopeError(f"--lr-sweep {lr_sweep}: give one or more finite learning rates > 0")
     model, out = str(model), Path(out)
     check_model_for_task(model, task)
-    arms = build_arms(model, plans, plan_settings or PlanSettings())
-    log = _Log(progress)
-    store = _RunStore(out / "runs", model, task)
-    selection = None
-    if lr_sweep:
-        settings, selection = _choose_learning_rate(arms, lr_sweep, sweep_seeds or seeds[:1], settings, store, log)
-    records: dict[str, list[dict]] = {arm.name: [] for arm in arms}
-    todo = [(arm, seed) for seed in seeds for arm in arms]
-    for number, (arm, seed) in enumerate(todo, 1):
-        records[arm.name].append(store.run(arm, seed, settings, log, f"run {number}/{len(todo)}"))
-    document = _document(model, task, arms, records, seeds, settings, selection)
-    _write_outputs(out, document)
-    return document
+    world = distributed.join()
+    try:
+        log = _Log(progress, world)
+        from layerscope.experiments.signals import with_task_signals
+
+        names = [str(item) for item in plans]
+        plan_settings = with_task_signals(model, task, names, plan_settings or PlanSettings(), out=out,
+                                          batch_size=settings.batch_size, max_length=settings.max_length,
+                                          device=settings.device, world=world, log=log)
+        groups, budget_record = _groups(model, plans, plan_settings, settings, budgets)
+        store = _RunStore(out / "runs", model, task)
+        if lr_sweep:
+            _sweep(groups, lr_sweep, sweep_seeds or seeds[:1], store, log, world)
+        todo = [(group, arm, seed) for group in groups for seed in seeds for arm in group.arms]
+        for number, (group, arm, seed) in enumerate(todo, 1):
+            if world.owns(number - 1):
+                store.run(arm, seed, group.settings, log, f"run {number}/{len(todo)}")
+        world.barrier()
+        records = {arm.name: [store.load(arm, seed, group.settings) for seed in seeds]
+                   for group in groups for arm in group.arms}
+        document = _document(model, task, groups, records, seeds, budget_record)
+        if world.is_main:
+            _write_outputs(out, document)
+        world.barrier()
+        return document
+    finally:
+        distributed.leave(world)
 
 
-def _choose_learning_rate(arms: list[Arm], rates: list[float], seeds: list[int], settings: Settings,
-                          store: _RunStore, log: _Log) -> tuple[Settings, dict]:
-    baseline = next(arm for arm in arms if arm.kind == "baseline")
+def _groups(model: str, plans: list, plan_settings: PlanSettings, settings: Settings,
+            budgets: list[float] | None) -> tuple[list[_Group], dict | None]:
+    if budgets is None:
+        return [_Group(None, build_arms(model, plans, plan_settings), settings)], None
+    reference, source = reference_budget(model, plan_settings)
+    resolved = resolve(list(budgets), reference)
+    arms, left_out = arms_at_budgets(model, [str(p) for p in plans], plan_settings, resolved)
+    groups = [_Group(budget, [arm for arm in arms if arm.budget == budget.label], settings) for budget in resolved]
+    groups = [group for group in groups if group.arms]
+    return groups, {"reference": reference, "reference_source": source,
+                    "budgets": [budget.as_dict() for budget in resolved], "left_out": left_out}
+
+
+def _sweep(groups: list[_Group], rates: list[float], seeds: list[int], store: _RunStore, log: _Log,
+           world: distributed.World) -> None:
+    """Phase 1: the learning-rate sweep of every group's first baseline (shared out under torchrun); then each
+    group's rate is chosen from the stored runs on the validation rows."""
+    jobs = [(group, rate, seed) for group in groups for rate in rates for seed in seeds]
+    for index, (group, rate, seed) in enumerate(jobs):
+        if world.owns(index):
+            store.run(_sweep_arm(group), seed, replace(group.settings, learning_rate=rate), log,
+                      f"lr sweep {rate:g}{f' at {group.label}' if group.label else ''}")
+    world.barrier()
+    for group in groups:
+        group.settings, group.selection = _choose_learning_rate(group, rates, seeds, store, log)
+
+
+def _sweep_arm(group: _Group) -> Arm:
+    return next((arm for arm in group.arms if arm.kind == "baseline"), group.arms[0])
+
+
+def _choose_learning_rate(group: _Group, rates: list[float], seeds: list[int], store: _RunStore,
+                          log: _Log) -> tuple[Settings, dict]:
+    baseline = _sweep_arm(group)
     higher = higher_is_better(store.task)
     scores = {}
     for rate in rates:
-        trial = replace(settings, learning_rate=rate)
-        finals = [store.run(baseline, seed, trial, log, f"lr sweep {rate:g}")["final_validation"] for seed in seeds]
+        trial = replace(group.settings, learning_rate=rate)
+        finals = [store.load(baseline, seed, trial)["final_validation"] for seed in seeds]
         scores[rate] = sum(finals) / len(finals)
     chosen = (max if higher else min)(scores, key=lambda rate: scores[rate])
     log.line(f"learning rate {chosen:g} chosen on the validation rows ({baseline.name}: "
              + ", ".join(f"{rate:g} → {score:.4f}" for rate, score in scores.items()) + ")")
-    return replace(settings, learning_rate=chosen), {
+    return replace(group.settings, learning_rate=chosen), {
         "chosen": chosen, "arm": baseline.name, "seeds": seeds, "split": "validation",
         "validation_mean": {f"{rate:g}": score for rate, score in scores.items()},
-        "why": "chosen for the first baseline arm and used by every arm (a tuning advantage goes to the baseline)"}
+        "why": "chosen for the first baseline arm and used by every arm (a tuning advantage goes to the baseline)"
+               + (" of this budget" if group.budget else "")}
 
 
 class _Log:
     """One timestamped line per event on stderr (off with ``progress=False`` / ``--quiet``)."""
 
-    def __init__(self, enabled: bool):
+    def __init__(self, enabled: bool, world: distributed.World | None = None):
         self.enabled = enabled
+        self.prefix = f" rank {world.rank}/{world.size}" if world is not None and world.size > 1 else ""
 
     def line(self, text: str) -> None:
         if self.enabled:
-            print(f"[compare-plans {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+            print(f"[compare-plans{self.prefix} {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
 
 class _RunStore:
@@ -102,9 +175,20 @@ class _RunStore:
     def __init__(self, folder: Path, model: str, task: Task):
         self.folder, self.model, self.task = folder, model, task
 
+    def path(self, arm: Arm, seed: int, settings: Settings) -> Path:
+        return self.folder / f"{_safe(arm.name)}__seed{seed}__lr{settings.learning_rate:g}.json"
+
+    def load(self, arm: Arm, seed: int, settings: Settings) -> dict:
+        """A run that this process or another rank stored (after a barrier)."""
+        stored = _stored(self.path(arm, seed, settings), arm_key(arm, self.task, seed, settings))
+        if stored is None:
+            raise LayerscopeError(f"{self.path(arm, seed, settings)}: the run of {arm.name} seed {seed} is missing "
+                                  "from the run store (did a rank stop early, or is --out not shared by every rank?)")
+        return stored
+
     def run(self, arm: Arm, seed: int, settings: Settings, log: _Log, label: str) -> dict:
-        key = run_key(arm.plan, self.task, seed, settings)
-        path = self.folder / f"{_safe(arm.name)}__seed{seed}__lr{settings.learning_rate:g}.json"
+        key = arm_key(arm, self.task, seed, settings)
+        path = self.path(arm, seed, settings)
         stored = _stored(path, key)
         if stored is not None:
             log.line(f"{label}: {arm.name} seed {seed} at lr {settings.learning_rate:g}: stored result reused")
@@ -114,7 +198,8 @@ class _RunStore:
         def tell(text: str) -> None:
             log.line(f"  {arm.name} seed {seed}: {text}")
 
-        record = {"key": key, "arm": arm.name, **train_run(self.model, arm.plan, self.task, seed, settings, tell)}
+        record = {"key": key, "arm": arm.name, **train_run(self.model, arm.plan, self.task, seed, settings, tell,
+                                                           trainer=arm.trainer, schedule=_schedule(arm, settings))}
         record["collapsed"] = collapsed(record, self.task)
         self.folder.mkdir(parents=True, exist_ok=True)
         text = json.dumps(record, indent=1)
@@ -145,6 +230,20 @@ def run_key(the_plan, task: Task, seed: int, settings: Settings) -> str:
     return _digest(parts)
 
 
+def arm_key(arm: Arm, task: Task, seed: int, settings: Settings) -> str:
+    """:func:`run_key`, plus the trainer (and AdaLoRA's schedule) for arms not trained by layerscope.runtime."""
+    key = run_key(arm.plan, task, seed, settings)
+    if arm.trainer == "layerscope":
+        return key
+    return _digest({"run": key, "trainer": arm.trainer, "schedule": _schedule(arm, settings)})
+
+
+def _schedule(arm: Arm, settings: Settings) -> dict | None:
+    if arm.trainer != "adalora":
+        return None
+    return adalora_schedule(arm.plan.layers[0]["rank"], settings.steps).as_dict()
+
+
 def _digest(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -163,11 +262,59 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
-def _document(model: str, task: Task, arms: list[Arm], records: dict[str, list[dict]], seeds: list[int],
-              settings: Settings, selection: dict | None) -> dict:
+def _document(model: str, task: Task, groups: list[_Group], records: dict[str, list[dict]], seeds: list[int],
+              budget_record: dict | None) -> dict:
     higher = higher_is_better(task)
+    metric = metric_name(task)
+    arms = [arm for group in groups for arm in group.arms]
+    rows, verdicts, dense_verdicts = [], {}, {}
+    for group in groups:
+        group_rows, verdict, dense_verdict = _group_rows(task, group, records, seeds, higher, metric)
+        rows.extend(group_rows)
+        verdicts[group.label] = verdict
+        if dense_verdict:
+            dense_verdicts[group.label] = dense_verdict
+    first = groups[0]
+    if budget_record is None:
+        verdict, dense = verdicts[None], dense_verdicts.get(None)
+        learning_rate = first.selection or {"chosen": first.settings.learning_rate, "why": "given (--lr), not swept"}
+    else:
+        verdict = " ".join(f"At {label} ({_budget_params(budget_record, label):,} parameters): {text}"
+                           for label, text in verdicts.items())
+        dense = " ".join(f"At {label}: {text}" for label, text in dense_verdicts.items()) or None
+        for entry in budget_record["budgets"]:
+            group = next((g for g in groups if g.label == entry["label"]), None)
+            entry["arms"] = [arm.name for arm in group.arms] if group else []
+            entry["learning_rate"] = group.settings.learning_rate if group else None
+            entry["verdict"] = verdicts.get(entry["label"])
+        rates = {group.label: group.selection or {"chosen": group.settings.learning_rate,
+                                                  "why": "given (--lr), not swept"} for group in groups}
+        chosen = {r["chosen"] for r in rates.values()}
+        learning_rate = {"chosen": chosen.pop() if len(chosen) == 1 else None, "per_budget": rates,
+                         "why": "chosen per budget for its first baseline arm on the validation rows"
+                         if first.selection else "given (--lr), not swept"}
+    return {"schema": SCHEMA, "model": model, "fingerprint": arms[0].plan.model["fingerprint"],
+            "task": task.describe(), "metric": metric, "higher_is_better": higher, "seeds": seeds,
+            "settings": asdict(first.settings), "learning_rate": learning_rate,
+            "budgets": budget_record, "verdict": verdict, "dense_verdict": dense,
+            "verdicts": {label: text for label, text in verdicts.items() if label is not None} or None,
+            "baseline_convergence": _convergence(arms, records, higher),
+            "chance": task.majority_rate() if task.kind == "classification" else None,
+            "arms": _jsonable(rows),
+            "curves": {name: {str(r["seed"]): r["curve"] for r in runs} for name, runs in records.items()},
+            "plan_documents": {arm.name: arm.plan.document for arm in arms}}
+
+
+def _budget_params(record: dict, label: str) -> int:
+    return next(b["params"] for b in record["budgets"] if b["label"] == label)
+
+
+def _group_rows(task: Task, group: _Group, records: dict[str, list[dict]], seeds: list[int], higher: bool,
+                metric: str) -> tuple[list[dict], str, str | None]:
+    """One budget's rows (each strategy paired with its baseline, Holm within the budget) and its verdicts."""
+    arms = group.arms
     bounds = (0.0, 1.0) if task.kind == "classification" else None
-    by_seed = {name: {r["seed"]: r for r in runs} for name, runs in records.items()}
+    by_seed = {arm.name: {r["seed"]: r for r in records[arm.name]} for arm in arms}
     finals = {arm.name: [by_seed[arm.name][s]["final"] for s in seeds] for arm in arms}
     pairs = {arm.name: stats.paired(finals[arm.name], finals[arm.baseline])
              for arm in arms if arm.kind in ("strategy", "dense") and arm.baseline}
@@ -176,8 +323,11 @@ def _document(model: str, task: Task, arms: list[Arm], records: dict[str, list[d
     for arm in arms:
         runs = [by_seed[arm.name][s] for s in seeds]
         summary = stats.summarise(finals[arm.name], bounds)
-        row = {"arm": arm.name, "kind": arm.kind, "strategy": arm.plan.strategy["name"],
-               "structure": structure(arm.plan), "baseline": arm.baseline, "built": arm.built,
+        row = {"arm": arm.name, "kind": arm.kind, "strategy": arm.plan.strategy["name"] if arm.trainer != "adalora"
+               else "adalora", "structure": structure(arm.plan) if arm.trainer != "adalora" else "rank (learned)",
+               "baseline": arm.baseline, "built": arm.built, "trainer": arm.trainer, "budget": group.label,
+               "family": arm.family, "compared": [name.rsplit("@", 1)[0] for name in arm.compared] or None,
+               "learning_rate": group.settings.learning_rate,
                "n": summary.n, "mean": summary.mean, "sd": summary.sd, "ci95_low": summary.ci_low,
                "ci95_high": summary.ci_high, "interval": summary.interval,
                "trainable": arm.trainable, "active_per_token": arm.active,
@@ -186,6 +336,9 @@ def _document(model: str, task: Task, arms: list[Arm], records: dict[str, list[d
                "seconds_per_step": sum(r["seconds_per_step"] for r in runs) / len(runs),
                "peak_memory_mib": max(r["peak_memory_mib"] for r in runs), "finals": finals[arm.name],
                "finals_validation": [r["final_validation"] for r in runs]}
+        if arm.trainer == "adalora":
+            final = [r["adalora_final_params"] for r in runs]
+            row["adalora_final_params"] = round(sum(final) / len(final))
         if arm.name in pairs:
             pair = pairs[arm.name]
             row.update(diff_vs_baseline=pair.mean_difference, diff_sd=pair.sd, diff_ci95_low=pair.ci_low,
@@ -193,20 +346,11 @@ def _document(model: str, task: Task, arms: list[Arm], records: dict[str, list[d
                        p_holm=pair.p_holm if arm.kind == "strategy" else None, mde80=pair.mde,
                        testable=pair.testable, not_testable=pair.reason or None)
         rows.append(row)
-    metric = metric_name(task)
     strategy_pairs = {a.name: (a.baseline, pairs[a.name]) for a in arms if a.kind == "strategy" and a.name in pairs}
     dense_pairs = {a.name: (a.baseline, pairs[a.name]) for a in arms if a.kind == "dense" and a.name in pairs}
-    return {"schema": SCHEMA, "model": model, "fingerprint": arms[0].plan.model["fingerprint"],
-            "task": task.describe(), "metric": metric, "higher_is_better": higher, "seeds": seeds,
-            "settings": asdict(settings), "learning_rate": selection or {"chosen": settings.learning_rate,
-                                                                          "why": "given (--lr), not swept"},
-            "verdict": stats.verdict(strategy_pairs, higher, len(seeds), metric),
-            "dense_verdict": stats.verdict(dense_pairs, higher, len(seeds), metric) if dense_pairs else None,
-            "baseline_convergence": _convergence(arms, records, higher),
-            "chance": task.majority_rate() if task.kind == "classification" else None,
-            "arms": _jsonable(rows),
-            "curves": {name: {str(r["seed"]): r["curve"] for r in runs} for name, runs in records.items()},
-            "plan_documents": {arm.name: arm.plan.document for arm in arms}}
+    verdict = stats.verdict(strategy_pairs, higher, len(seeds), metric)
+    dense = stats.verdict(dense_pairs, higher, len(seeds), metric) if dense_pairs else None
+    return rows, verdict, dense
 
 
 def _arm(arms: list[Arm], name: str) -> Arm:
@@ -240,11 +384,15 @@ def results_table(document: dict) -> pd.DataFrame:
 
 
 def _write_outputs(out: Path, document: dict) -> None:
-    from layerscope.viz.plots import plot_eval_curves, save_to
+    from layerscope.viz.plots import plot_budget_curves, plot_eval_curves, save_to
 
     figure = plot_eval_curves(document)
     table = results_table(document)
     text = json.dumps(document, indent=1, allow_nan=False) + "\n"
-    write_files({out / "comparison.json": lambda tmp: tmp.write_text(text, encoding="utf-8"),
-                 out / "results.csv": lambda tmp: table.to_csv(tmp, index=False),
-                 out / "curves.png": lambda tmp: save_to(figure, tmp)})
+    files = {out / "comparison.json": lambda tmp: tmp.write_text(text, encoding="utf-8"),
+             out / "results.csv": lambda tmp: table.to_csv(tmp, index=False),
+             out / "curves.png": lambda tmp: save_to(figure, tmp)}
+    if document.get("budgets"):
+        budgets = plot_budget_curves(document)
+        files[out / "budgets.png"] = lambda tmp: save_to(budgets, tmp)
+    write_files(files)

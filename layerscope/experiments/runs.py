@@ -66,30 +66,40 @@ def higher_is_better(task: Task) -> bool:
 
 
 def train_run(model_path: str, plan: Plan, task: Task, seed: int, settings: Settings,
-              log: Callable[[str], None] | None = None) -> dict:
-    """Train ``plan`` on ``task`` with ``seed``; returns the run's record (validation curve, test metric, costs)."""
+              log: Callable[[str], None] | None = None, trainer: str = "layerscope",
+              schedule: dict | None = None) -> dict:
+    """Train ``plan`` on ``task`` with ``seed``; returns the run's record (validation curve, test metric, costs).
+
+    ``trainer``: ``layerscope`` (the plan applied by layerscope.runtime), ``peft`` (its PEFT LoraConfig) or
+    ``adalora`` (PEFT's AdaLoRA with ``schedule``; see :mod:`layerscope.experiments.peft_arms`)."""
     import transformers
 
+    from layerscope.experiments import peft_arms
     from layerscope.runtime import apply_plan
     from layerscope.runtime.trainer import LayerscopeTrainer, RouterTelemetry
 
     device = _device(settings.device)
     transformers.set_seed(seed)
     tokenizer = load_tokenizer(model_path)
+    extra: dict = {}
     with _PeakMemory(device) as memory, tempfile.TemporaryDirectory(prefix="layerscope-compare-") as scratch, \
             warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = _model(model_path, task)
-        apply_plan(model, plan, verbose=False)
+        if trainer == "layerscope":
+            apply_plan(model, plan, verbose=False)
+        else:
+            model = peft_arms.wrap(model, plan, trainer, schedule)
         head = _train_head(model)
         adapters = sum(p.numel() for name, p in model.named_parameters() if p.requires_grad and name not in head)
         train = examples(tokenizer, task, "train", settings.max_length)
         curve = _Curve(task, tokenizer, settings, device, log)
-        trainer = LayerscopeTrainer(
+        hf_trainer = LayerscopeTrainer(
             model=model, train_dataset=train,
             data_collator=transformers.DataCollatorWithPadding(tokenizer) if task.kind == "classification"
             else _LanguageModelCollator(tokenizer.pad_token_id),
-            callbacks=[RouterTelemetry(every=settings.eval_every, save=False), curve],
+            callbacks=[curve, *([RouterTelemetry(every=settings.eval_every, save=False)] if trainer == "layerscope"
+                                else []), *([peft_arms.allocator_callback()] if trainer == "adalora" else [])],
             args=transformers.TrainingArguments(
                 output_dir=scratch, max_steps=settings.steps, per_device_train_batch_size=settings.batch_size,
                 learning_rate=settings.learning_rate, lr_scheduler_type=settings.scheduler,
@@ -97,18 +107,21 @@ def train_run(model_path: str, plan: Plan, task: Task, seed: int, settings: Sett
                 seed=seed, data_seed=seed, logging_steps=settings.eval_every, save_strategy="no", report_to=[],
                 use_cpu=device.type == "cpu", disable_tqdm=True, log_level="error"))
         for noisy in (transformers.trainer_callback.PrinterCallback, transformers.trainer_callback.ProgressCallback):
-            trainer.remove_callback(noisy)
+            hf_trainer.remove_callback(noisy)
         started = time.perf_counter()
-        trainer.train()
+        hf_trainer.train()
         seconds = time.perf_counter() - started
         final = evaluate(model, tokenizer, task, settings, device, split="test")
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        if trainer == "adalora":
+            ranks = peft_arms.final_ranks(model)
+            extra = {"adalora_final_ranks": ranks, "adalora_final_params": peft_arms.final_params(model, ranks)}
+    losses = [entry["loss"] for entry in hf_trainer.state.log_history if "loss" in entry]
     return {"seed": seed, "metric": metric_name(task), "final": final, "final_validation": curve.points[-1][1],
             "curve": curve.points, "train_loss": losses, "trainable_adapters": adapters,
             "trainable_head": sum(head.values()), "plan_trainable": plan.accounting["trainable"]["total"],
             "plan_active_per_token": plan.accounting["active_per_token"]["total"],
             "learning_rate": settings.learning_rate, "seconds_per_step": seconds / settings.steps,
-            "peak_memory_mib": memory.peak_mib, "device": str(device)}
+            "peak_memory_mib": memory.peak_mib, "device": str(device), "trainer": trainer, **extra}
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
@@ -283,6 +296,15 @@ def examples(tokenizer, task: Task, split: str, max_length: int) -> list[dict]:
     return rows
 
 
+def collator(task: Task, tokenizer):
+    """Pads a list of :func:`examples` rows into a batch (classification: the tokenizer's; causal LM: labels -100)."""
+    import transformers
+
+    if task.kind == "causal-lm":
+        return _LanguageModelCollator(tokenizer.pad_token_id)
+    return transformers.DataCollatorWithPadding(tokenizer)
+
+
 class _LanguageModelCollator:
     """Right-pads input ids, attention masks and labels (-100 on padding) to the longest row of the batch."""
 
@@ -329,8 +351,7 @@ class _Curve:
 def evaluate(model, tokenizer, task: Task, settings: Settings, device: torch.device, split: str = "validation") -> float:
     """Accuracy (classification) or mean loss per predicted token (causal LM) on the validation or test rows."""
     rows = examples(tokenizer, task, split, settings.max_length)
-    collate = (_LanguageModelCollator(tokenizer.pad_token_id) if task.kind == "causal-lm" else
-               __import__("transformers").DataCollatorWithPadding(tokenizer))
+    collate = collator(task, tokenizer)
     was_training = model.training
     model.eval()
     correct, total, loss_sum, tokens = 0, 0, 0.0, 0

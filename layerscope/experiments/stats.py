@@ -171,7 +171,7 @@ def verdict(comparisons: dict[str, tuple[str, Paired]], higher_is_better: bool, 
         rules = _ruled_out(pair, sign, metric)
         sentences.append(f"{name} {lead} {baseline}: {span}, Holm-corrected p = {pair.p_holm:.3g}; {rules}; "
                          f"MDE at 80 % power {pair.mde:.4f}")
-    return f"Over {seeds} seeds — " + ". ".join(sentences) + "."
+    return f"Over {seeds} seed{'' if seeds == 1 else 's'} — " + ". ".join(sentences) + "."
 
 
 def _ruled_out(pair: Paired, sign: int, metric: str) -> str:

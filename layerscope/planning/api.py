@@ -61,9 +61,10 @@ def plan(source, strategy: str = "alphalora", *, budget_params: int | None = Non
         budget_record = {"params": budget, "used": fitted.used, "slack": fitted.slack, "unit": result.scale.unit,
                          "scale_value": fitted.scale_value, "top_ups": fitted.top_ups, "source": budget_source}
         params = fitted_params(result, fitted)
-    if strategy_params.get("activations") is not None:
-        activations = strategy_params["activations"]
-        params["activations"] = str(activations) if isinstance(activations, (str, Path)) else "in-memory table"
+    for table_option in ("activations", "scores"):  # record where a data-driven table came from, not the table
+        if strategy_params.get(table_option) is not None:
+            value = strategy_params[table_option]
+            params[table_option] = str(value) if isinstance(value, (str, Path)) else "in-memory table"
     built = build_plan(inputs, result.name, params, allocations, metric=result.metric, budget=budget_record,
                        expert_type=expert_type, lora=lora or LoraSettings(), reference_rank=reference_rank,
                        reference_experts=reference_experts, command=command)
@@ -76,11 +77,14 @@ def plan(source, strategy: str = "alphalora", *, budget_params: int | None = Non
 
 
 SIZE_KNOBS = {"alphalora": "total_experts", "mola": "total_experts", "adaptive-lora": "base_rank", "uniform": "rank"}
+SIZE_KNOB_BY_UNIT = {"experts": "total_experts", "ranks": "base_rank"}  # sensitivity: the knob its unit turns
 
 
 def _refuse_size_conflict(strategy: str, params: dict, budget_params, budget_ratio) -> None:
     """A budget sets the strategy's size knob: giving the knob too would be silently overridden."""
     knob = SIZE_KNOBS.get(strategy)
+    if strategy == "sensitivity":
+        knob = SIZE_KNOB_BY_UNIT.get(params.get("unit", "experts"))
     if strategy == "hilo":
         knob = "experts" if params.get("experts_mode", "fixed") == "fixed" else None
     if knob and params.get(knob) is not None and (budget_params is not None or budget_ratio is not None):

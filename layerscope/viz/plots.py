@@ -337,6 +337,41 @@ def plot_eval_curves(comparison: dict) -> Figure:
     return fig
 
 
+def plot_budget_curves(comparison: dict) -> Figure:
+    """A budget curve: each arm's test metric (mean over seeds, 95 % interval as error bars) against its trainable
+    parameters (log scale), one line per strategy and one per baseline across the budgets; baselines dashed."""
+    lines: dict[str, list[dict]] = {}
+    for row in comparison["arms"]:
+        if row["kind"] == "baseline":
+            served = ", ".join(sorted(set(row.get("compared") or []))) or "?"
+            key = f"uniform for {served}"
+        else:
+            key = row.get("family") or row["arm"]
+        lines.setdefault(key, []).append(row)
+    fig, ax = plt.subplots(figsize=(7.5, 4.4))
+    for key, rows in lines.items():
+        rows = sorted(rows, key=lambda r: r["trainable"])
+        x = np.asarray([r["trainable"] for r in rows], dtype=float)
+        y = np.asarray([r["mean"] for r in rows], dtype=float)
+        low = np.asarray([r["ci95_low"] if r["ci95_low"] is not None else r["mean"] for r in rows], dtype=float)
+        high = np.asarray([r["ci95_high"] if r["ci95_high"] is not None else r["mean"] for r in rows], dtype=float)
+        baseline = rows[0]["kind"] == "baseline"
+        ax.errorbar(x, y, yerr=[np.maximum(y - low, 0), np.maximum(high - y, 0)], marker="o", markersize=4,
+                    capsize=3, linewidth=2.0 if baseline else 1.5, linestyle="--" if baseline else "-",
+                    label=f"{key} (n={rows[0]['n']})")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (adapters + routers)")
+    metric = comparison["metric"]
+    ax.set_ylabel(f"test {metric}")
+    better = "higher" if comparison.get("higher_is_better") else "lower"
+    ax.set_title(f"test {metric} against the budget (mean over seeds, bars = 95 % interval; {better} is better)",
+                 fontsize=10)
+    ax.legend(fontsize=8, loc="best")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
 def plot_alpha_over_steps(table: pd.DataFrame) -> Figure:
     """α over training steps, one line per layer (mean over its matrices), one panel per kind of matrix
     (``delta``: ΔW of the adapters, ``merged``: W + ΔW, ``projection``: the weights of a full fine-tune);
