@@ -111,6 +111,13 @@ def test_a_budget_curve_fits_every_arm_at_each_budget(model, task_file, tmp_path
     assert (tmp_path / "budgets.png").stat().st_size > 10_000
     saved = json.loads((tmp_path / "comparison.json").read_text())
     assert saved["budgets"]["budgets"][1]["arms"] == [name for name in rows if name.endswith("@0.5x")]
+    report = _cli("report", str(model), "--plan-comparison", str(tmp_path / "comparison.json"), "--out",
+                  str(tmp_path / "report"), "-q")
+    assert report.returncode == 0, report.stderr
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "img/plan_comparison_budgets.png" in page and (tmp_path / "report" / "img" / "plan_comparison_budgets.png"
+                                                          ).is_file()
+    assert "0.005 at 0.25x, 0.005 at 0.5x" in page  # the learning rate of each budget
 
 
 def test_a_strategy_that_cannot_be_fitted_at_a_budget_is_left_out_with_the_reason(model, task_file, tmp_path):

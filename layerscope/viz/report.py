@@ -244,7 +244,7 @@ class _ReportFiles:
         write_files(self.writers)
 
 
-PLAN_COMPARISON_COLUMNS = ("arm", "kind", "baseline", "n", "mean", "ci95_low", "ci95_high", "diff_vs_baseline",
+PLAN_COMPARISON_COLUMNS = ("arm", "kind", "budget", "trainer", "baseline", "n", "mean", "ci95_low", "ci95_high", "diff_vs_baseline",
                            "diff_ci95_low", "diff_ci95_high", "p_holm", "mde80", "collapsed", "trainable",
                            "active_per_token", "seconds_per_step", "peak_memory_mib")
 PLAN_COMPARISON_SCHEMA = "layerscope.plan-comparison/2"
@@ -285,6 +285,13 @@ def _plan_comparison_section(document: dict, files: _ReportFiles) -> str:
         raise LayerscopeError(f"--plan-comparison: not a compare-plans document (schema {PLAN_COMPARISON_SCHEMA}; "
                               f"this one says {document.get('schema')!r})")
     files.figure(plots.plot_eval_curves(document), "plan_comparison_curves")
+    curve = ""
+    if document.get("budgets"):
+        files.figure(plots.plot_budget_curves(document), "plan_comparison_budgets")
+        left_out = "".join(f"<li>{html.escape(n['arm'])} at {html.escape(n['budget'])}: {html.escape(n['why'])}</li>"
+                           for n in document["budgets"].get("left_out", []))
+        curve = ("<img src='img/plan_comparison_budgets.png' alt='test metric against trainable parameters per arm'>"
+                 + (f"<p>Not fitted:</p><ul>{left_out}</ul>" if left_out else ""))
     files.text("plan_comparison.json", json.dumps(document, indent=1) + "\n")
     rows = pd.DataFrame(document["arms"])
     shown = rows[[c for c in PLAN_COMPARISON_COLUMNS if c in rows.columns]]
@@ -295,11 +302,18 @@ def _plan_comparison_section(document: dict, files: _ReportFiles) -> str:
             f"<p class='verdict'>{html.escape(document['verdict'])}</p>{dense}"
             f"<p>{html.escape(document['metric'])} on {task['eval_rows']} test rows of {html.escape(task['source'])} "
             f"({task['kind']}), seeds {', '.join(map(str, document['seeds']))}, {document['settings']['steps']} steps "
-            f"at learning rate {document['settings']['learning_rate']:g} ({html.escape(document['learning_rate']['why'])}); "
+            f"at learning rate {_rates(document)} ({html.escape(document['learning_rate']['why'])}); "
             "mean over seeds with its 95 % interval, each strategy minus its baseline seed by seed (paired t-test, "
             "Holm-corrected), and the minimum detectable effect at 80 % power.  Curves: validation rows.</p>"
-            "<img src='img/plan_comparison_curves.png' alt='validation curves per arm'>"
+            + curve + "<img src='img/plan_comparison_curves.png' alt='validation curves per arm'>"
             + _table_html(shown) + "<p><a href='plan_comparison.json'>plan_comparison.json</a></p>")
+
+
+def _rates(document: dict) -> str:
+    per_budget = document["learning_rate"].get("per_budget")
+    if per_budget:
+        return ", ".join(f"{entry['chosen']:g} at {html.escape(label)}" for label, entry in per_budget.items())
+    return f"{document['settings']['learning_rate']:g}"
 
 
 def _summary(table: pd.DataFrame, layers: pd.DataFrame) -> str:
