@@ -2,6 +2,7 @@
 differences, corrected p-values, minimum detectable effects, collapse counts, convergence and the verdict.
 
     python benchmarks/comparison_table.py benchmarks/results/compare_plans_minilm_2026-12-01.json [--no-memory]
+    python benchmarks/comparison_table.py COMPARISON_WITH_BUDGETS.json [--full]  # the budget curve's two tables
 """
 
 from __future__ import annotations
@@ -68,12 +69,51 @@ def markdown(document: dict, memory: bool = True) -> str:
                      f"{_signed(facts['whole_change'])} — {'flattened' if facts['flattened'] else 'NOT flattened'}")
     chosen = document["learning_rate"]
     sweep = ", ".join(f"{k} → {v:.4f}" for k, v in chosen.get("validation_mean", {}).items())
-    lines += ["", f"Learning rate {chosen['chosen']:g} ({chosen['why']}{'; validation: ' + sweep if sweep else ''}).",
+    rate = f"{chosen['chosen']:g}" if chosen.get("chosen") is not None else "per budget"
+    lines += ["", f"Learning rate {rate} ({chosen['why']}{'; validation: ' + sweep if sweep else ''}).",
               "", f"Verdict: *{document['verdict']}*"]
     if document.get("dense_verdict"):
         lines += ["", f"Mixture vs dense: *{document['dense_verdict']}*"]
     return "\n".join(lines)
 
 
+def curve_markdown(document: dict) -> str:
+    """A budget curve as two tables: each uniform baseline's metric by budget (does capacity bind?), and each
+    strategy minus its baseline by budget (does allocation pay there?)."""
+    metric = document["metric"]
+    rows = document["arms"]
+    labels = [b["label"] for b in document["budgets"]["budgets"]]
+    lines = [f"| budget | parameters | baseline | structure per layer | trainable | test {metric}: mean (95 % CI) | "
+             "collapsed |", "|" + "---|" * 7]
+    params = {b["label"]: b["params"] for b in document["budgets"]["budgets"]}
+    for label in labels:
+        for row in rows:
+            if row["budget"] == label and row["kind"] == "baseline":
+                lines.append(f"| {label} | {params[label]:,} | {row['arm'].rsplit('@', 1)[0]} ({row['trainer']}) | "
+                             f"{_shape(document, row['arm'])} | {row['trainable']:,} | {_num(row['mean'])} "
+                             f"({_num(row['ci95_low'])}–{_num(row['ci95_high'])}) | {row['collapsed']}/{row['n']} |")
+    lines += ["", f"| budget | strategy | structure per layer | trainable | test {metric} | minus baseline (95 % CI) | "
+              "p (Holm, within the budget) | MDE 80 % | s/step |", "|" + "---|" * 9]
+    for label in labels:
+        for row in rows:
+            if row["budget"] == label and row["kind"] in ("strategy", "dense"):
+                diff = (f"{_signed(row.get('diff_vs_baseline'))} ({_signed(row.get('diff_ci95_low'))} to "
+                        f"{_signed(row.get('diff_ci95_high'))})" if row.get("testable") else
+                        f"not testable: {row.get('not_testable')}")
+                shape = _shape(document, row["arm"]) if row["trainer"] != "adalora" else (
+                    f"ranks learned (final params {row.get('adalora_final_params', 0):,}, "
+                    f"held {row['trainable_in_model']:,})")
+                lines.append(f"| {label} | {row['family']} vs {row['baseline'].rsplit('@', 1)[0]} | {shape} | "
+                             f"{row['trainable']:,} | {_num(row['mean'])} | {diff} | {_num(row.get('p_holm'), 3)} | "
+                             f"{_num(row.get('mde80'))} | {row['seconds_per_step']:.2f} |")
+    for note in document["budgets"].get("left_out", []):
+        lines += ["", f"Left out at {note['budget']}: {note['arm']} — {note['why']}"]
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    print(markdown(json.loads(Path(sys.argv[1]).read_text()), memory="--no-memory" not in sys.argv))
+    document = json.loads(Path(sys.argv[1]).read_text())
+    if document.get("budgets") and "--full" not in sys.argv:
+        print(curve_markdown(document))
+    else:
+        print(markdown(document, memory="--no-memory" not in sys.argv))
