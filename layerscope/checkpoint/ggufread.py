@@ -52,8 +52,20 @@ def gguf_package():
 
 
 def read_gguf_table(file: Path) -> tuple[list[GGUFTensor], str]:
-    """Every tensor entry of ``file`` (checked against the file) and the GGUF architecture name."""
-    return _checked_table(file, _open_reader(file))
+    """Every tensor entry of ``file`` (its layout checked as llama.cpp checks it, :mod:`gguflayout`) and the GGUF
+    architecture name; the metadata arrays (a tokenizer's 49k entries) are skipped by length, not decoded."""
+    from layerscope.checkpoint.gguflayout import read_layout
+
+    layout = read_layout(file)
+    if len(layout.tensors) > MAX_TENSORS:
+        raise LayerscopeError(f"{file}: declares {len(layout.tensors):,} tensors (at most {MAX_TENSORS:,})")
+    tensors = []
+    for info in layout.tensors:
+        if any(d > MAX_DIM for d in info.dims):
+            raise LayerscopeError(f"{file}: tensor {info.name!r} has shape {list(info.dims)}: a dimension is too large")
+        begin = layout.data_start + info.offset
+        tensors.append(GGUFTensor(info.name, info.ggml_type, tuple(reversed(info.dims)), begin, begin + info.nbytes))
+    return tensors, layout.strings.get("general.architecture") or "unknown"
 
 
 def _open_reader(file: Path):
@@ -230,7 +242,8 @@ def requantize_gguf(source: Path, target: Path, ggml_type: str, progress: bool =
         qtype = gguf.GGMLQuantizationType[ggml_type.upper()]
     except KeyError:
         raise LayerscopeError(f"--type {ggml_type}: not a ggml type (e.g. Q8_0, Q4_0, Q4_1, Q5_0)") from None
-    reader = _open_reader(source)  # parsed once: the checks and the copy read the same tensor table
+    entries, _ = read_gguf_table(source)  # the layout checked before gguf's reader walks it
+    reader = _open_reader(source)
     entries, architecture = _checked_table(source, reader)
     counts = {"requantized": 0, "kept": 0}
 

@@ -1,0 +1,143 @@
+"""GGUF layouts checked as llama.cpp checks them, before gguf's reader walks them: each damaged or contradictory
+file is one line naming the file and the field, at once (no multi-second walks of a declared 2^31-item array)."""
+
+from __future__ import annotations
+
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+gguf = pytest.importorskip("gguf")
+
+from layerscope.checkpoint.ggufread import read_gguf_table  # noqa: E402
+from layerscope.checkpoint.gguflayout import read_layout  # noqa: E402
+from layerscope.errors import LayerscopeError  # noqa: E402
+
+NAMES = ("blk.0.attn_k.weight", "blk.0.attn_v.weight", "blk.0.ffn_up.weight")
+
+
+def _file(path: Path, types=("F16", "F16", "F32"), tokens: int = 5, extra_int: bool = False) -> Path:
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    writer.add_token_list([f"tok{i}" for i in range(tokens)])
+    writer.add_token_types([1] * tokens)
+    rng = np.random.default_rng(0)
+    for name, kind in zip(NAMES, types):
+        writer.add_tensor(name, rng.standard_normal((32, 64)).astype(np.float16 if kind == "F16" else np.float32))
+    if extra_int:
+        writer.add_tensor("blk.0.attn_q.weight", np.arange(64, dtype=np.int32).reshape(2, 32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _info_offset(data: bytes, name: str) -> int:
+    """Byte position right after a tensor's name in the table (then: n_dims u32, dims u64..., type u32, offset u64)."""
+    return data.index(name.encode()) + len(name)
+
+
+def _refused(tmp_path: Path, label: str, content: bytes, *expected: str) -> str:
+    bad = tmp_path / f"{label}.gguf"
+    bad.write_bytes(content)
+    with pytest.raises(LayerscopeError) as info:
+        read_gguf_table(bad)
+    message = str(info.value)
+    assert str(bad) in message and "\n" not in message, message
+    for part in expected:
+        assert part in message, message
+    return message
+
+
+def test_the_table_equals_what_the_gguf_reader_reads(tmp_path):
+    path = _file(tmp_path / "good.gguf", tokens=1000)
+    entries, architecture = read_gguf_table(path)
+    reader = gguf.GGUFReader(str(path))
+    assert architecture == "llama"
+    assert [(e.gguf_name, e.ggml_type, e.begin, e.end - e.begin) for e in entries] == [
+        (t.name, t.tensor_type.name, int(t.data_offset), int(t.n_bytes)) for t in reader.tensors]
+    layout = read_layout(path)
+    assert layout.alignment == 32 and layout.version == 3 and layout.data_start % 32 == 0
+
+
+def test_lengths_larger_than_the_file_are_refused(tmp_path):
+    data = _file(tmp_path / "good.gguf").read_bytes()
+    # token_type: item type (u32) then the item count (u64), right after the key
+    key = b"tokenizer.ggml.token_type"
+    at = data.index(key) + len(key) + 4 + 4  # value type ARRAY, item type INT32
+    huge = bytearray(data)
+    huge[at:at + 8] = (1 << 31).to_bytes(8, "little")
+    _refused(tmp_path, "huge-array", bytes(huge), "array 'tokenizer.ggml.token_type'", "2,147,483,648 items")
+    nested = bytearray(data)
+    nested[at - 4:at] = (9).to_bytes(4, "little")  # item type ARRAY
+    _refused(tmp_path, "nested-array", bytes(nested), "array of arrays")
+    strings = bytearray(data)
+    tokens = data.index(b"tokenizer.ggml.tokens") + len(b"tokenizer.ggml.tokens") + 8
+    strings[tokens:tokens + 8] = (1 << 40).to_bytes(8, "little")
+    _refused(tmp_path, "huge-string-array", bytes(strings), "tokenizer.ggml.tokens", "strings declared")
+    first = data.index(b"tok0") - 8
+    long_string = bytearray(data)
+    long_string[first:first + 8] = (1 << 62).to_bytes(8, "little")
+    _refused(tmp_path, "long-string", bytes(long_string), "item 0 of 'tokenizer.ggml.tokens'", "bytes declared")
+
+
+def test_offsets_that_are_unaligned_wrap_or_overlap_are_refused(tmp_path):
+    data = _file(tmp_path / "good.gguf").read_bytes()
+    offset_at = _info_offset(data, NAMES[1]) + 4 + 2 * 8 + 4
+    original = struct.unpack_from("<Q", data, offset_at)[0]
+    for label, value, expected in (("unaligned", original + 8, "not a multiple of general.alignment (32)"),
+                                   ("wrap-1", (1 << 64) - 1, "not a multiple"),
+                                   ("wrap-256", (1 << 64) - 256, "runs past the end"),
+                                   ("overlap", original - 32, "runs into tensor")):
+        damaged = bytearray(data)
+        damaged[offset_at:offset_at + 8] = value.to_bytes(8, "little")
+        _refused(tmp_path, label, bytes(damaged), expected)
+
+
+def test_a_type_that_does_not_match_its_bytes_is_refused(tmp_path):
+    data = _file(tmp_path / "good.gguf").read_bytes()
+    type_at = _info_offset(data, NAMES[0]) + 4 + 2 * 8
+    widened = bytearray(data)  # k's F16 read as F32 would take v's bytes
+    widened[type_at:type_at + 4] = (0).to_bytes(4, "little")
+    _refused(tmp_path, "f16-as-f32", bytes(widened), f"tensor {NAMES[0]!r} (F32", f"runs into tensor {NAMES[1]!r}")
+
+
+def test_a_tensor_count_that_disagrees_with_the_table_is_refused(tmp_path):
+    data = _file(tmp_path / "good.gguf").read_bytes()
+    for label, count, expected in (("fewer", 2, "does not match the table"), ("more", 4, "")):
+        damaged = bytearray(data)
+        damaged[8:16] = count.to_bytes(8, "little")
+        _refused(tmp_path, label, bytes(damaged), expected)
+
+
+def test_integer_tensors_are_refused_when_the_file_is_opened(tmp_path):
+    path = _file(tmp_path / "ints.gguf", extra_int=True)
+    with pytest.raises(LayerscopeError, match=r"tensor 'blk.0.attn_q.weight' holds integers \(ggml type I32\)"):
+        read_gguf_table(path)
+    result = subprocess.run([sys.executable, "-m", "layerscope", "scan", str(path), "-q"], capture_output=True,
+                            text=True)
+    assert result.returncode == 2 and str(path) in result.stderr and "I32" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_damaged_headers_are_one_line(tmp_path):
+    data = _file(tmp_path / "good.gguf").read_bytes()
+    name_at = data.index(NAMES[2].encode())
+    garbled = bytearray(data)
+    garbled[name_at:name_at + 2] = b"\xff\xfe"
+    _refused(tmp_path, "not-utf8", bytes(garbled), "not UTF-8")
+    version = bytearray(data)
+    version[4:8] = (7).to_bytes(4, "little")
+    _refused(tmp_path, "version", bytes(version), "GGUF version 7")
+    dims = bytearray(data)
+    dims_at = _info_offset(data, NAMES[2])
+    dims[dims_at:dims_at + 4] = (9).to_bytes(4, "little")
+    _refused(tmp_path, "dims", bytes(dims), "9 dimensions")
+    counts = bytearray(data)
+    counts[16:24] = (1 << 40).to_bytes(8, "little")
+    _refused(tmp_path, "kv-count", bytes(counts), "metadata count", "too large")
