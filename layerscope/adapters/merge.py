@@ -66,9 +66,33 @@ def merge(base: str | Path, adapter: str | Path, out: str | Path, progress: bool
         for extra in sorted(folder.iterdir()):
             if extra.is_file() and not extra.name.endswith(WEIGHT_SUFFIXES) and not extra.name.startswith("."):
                 writers[out / extra.name] = lambda tmp, source=extra: shutil.copyfile(source, tmp)
+        for extra in module_files(folder):
+            writers[out / extra.relative_to(folder)] = lambda tmp, source=extra: shutil.copyfile(source, tmp)
     written = write_files(writers)
     bar.close()
     return written
+
+
+def module_files(folder: Path) -> list[Path]:
+    """Every file of the sub-folders a sentence-transformers ``modules.json`` names (``1_Pooling/config.json``):
+    without them ``SentenceTransformer(merged)`` cannot rebuild the pipeline."""
+    index = folder / "modules.json"
+    if not index.is_file():
+        return []
+    try:
+        modules = json.loads(index.read_text(encoding="utf-8"))
+        paths = [str(module.get("path") or "") for module in modules]
+    except (ValueError, AttributeError, TypeError):
+        raise LayerscopeError(f"{index}: not a sentence-transformers module list (a JSON list of objects with "
+                              "'path')") from None
+    files = []
+    root = folder.resolve()
+    for relative in paths:
+        sub = (folder / relative).resolve()
+        if not relative or not sub.is_dir() or root not in sub.parents:
+            continue  # the root module, a module without files (Normalize), or a path outside the folder
+        files.extend(sorted(f for f in sub.rglob("*") if f.is_file() and not f.name.startswith(".")))
+    return [folder / f.relative_to(root) for f in files]
 
 
 def _single_expert_updates(adapter: Path) -> list[Update]:
