@@ -67,6 +67,12 @@ def test_the_folder_holds_the_dequantized_weights(folder):
     np.testing.assert_allclose(np.linalg.svd(stored.astype(np.float64), compute_uv=False),
                                np.linalg.svd(raw.astype(np.float64), compute_uv=False), rtol=1e-10, atol=1e-10)
     assert materialize_gguf(GGUF, folder) == folder  # converting again is a no-op
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    assert folder.stat().st_mode & 0o777 == 0o777 & ~mask  # not the 0700 of a private temporary folder
+    assert (folder / "config.json").stat().st_mode & 0o777 == 0o666 & ~mask
 
 
 def test_scan_and_plans_use_the_names_transformers_builds(folder):

@@ -41,6 +41,7 @@ def materialize_gguf(path: str | Path, folder: str | Path, *, dtype: str = "floa
     scratch = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
         _write(model, tokenizer, scratch, source)
+        _usual_permissions(scratch)
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(scratch, folder)  # the folder appears whole or not at all
@@ -48,6 +49,15 @@ def materialize_gguf(path: str | Path, folder: str | Path, *, dtype: str = "floa
         if scratch.exists():
             shutil.rmtree(scratch, ignore_errors=True)
     return folder
+
+
+def _usual_permissions(folder: Path) -> None:
+    """The modes a plain mkdir and open would give (mkdtemp and temporary files are private: 0700 / 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    folder.chmod(0o777 & ~mask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def _up_to_date(folder: Path, source: dict) -> bool:
