@@ -97,7 +97,13 @@ def test_peft_adapter_with_base_also_analyses_the_merged_weight(peft_adapter, ba
         weight = merged_model.get_submodule(name).weight.detach().double()
         eigs = _nonzero_eigs(weight, min(weight.shape))
         assert merged_rows.loc[name, "lambda_max"] == pytest.approx(eigs[-1], rel=1e-6)  # PEFT merges in float32
-    assert len(layerscope.layer_summary(table)) == 2
+    summary = layerscope.layer_summary(table)  # each kind apart: ΔW's missing fits never blank W + ΔW's
+    assert sorted(zip(summary["kind"], summary["layer"])) == [("delta", 0), ("delta", 1), ("merged", 0), ("merged", 1)]
+    merged = summary[summary["kind"] == "merged"].set_index("layer")
+    for layer in (0, 1):
+        rows = merged_rows[merged_rows["layer"] == layer]
+        assert merged.loc[layer, "lambda_max"] == pytest.approx(rows["lambda_max"].mean())
+        assert merged.loc[layer, "alpha"] == pytest.approx(rows["alpha"].mean()) and merged["alpha"].notna().all()
 
 
 def test_our_moe_adapters_are_analysed_per_expert(base_dir, tmp_path):

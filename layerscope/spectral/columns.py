@@ -49,16 +49,25 @@ def _mixers(values: pd.Series) -> str | None:
     return "+".join(kinds) if kinds else None
 
 
+ADAPTER_KINDS = frozenset({"delta", "merged"})  # rows of an adapter scan: ΔW, and W + ΔW with --base
+
+
 def layer_summary(table: pd.DataFrame) -> pd.DataFrame:
     """Per-layer means over every adapter-target matrix of the layer: projections and each expert's matrices.
 
     A diagnostic, not the planner's v_i: a plan's v_i (the ``v_i`` column of ``layerscope explain``, the plan's
     per-layer ``metric``) averages only the modules the plan adapts (its target roles), so on a mixture-of-experts
     model, whose expert matrices are not planned, the two differ.  Failed matrices (NaN metrics) are left out of the means and counted in ``num_failed``.
+    An adapter scan with its base (ΔW and W + ΔW rows) gets one row per kind and layer, with a ``kind`` column.
     """
-    targets = table[table["kind"].isin(TARGET_KINDS | {"delta"}) & table["layer"].notna()]
+    targets = table[table["kind"].isin(TARGET_KINDS | ADAPTER_KINDS) & table["layer"].notna()]
     present = [c for c in SUMMARY_COLUMNS if c in targets.columns]
-    grouped = targets.groupby(targets["layer"].astype(int), sort=True)
+    kinds = set(targets["kind"]) & ADAPTER_KINDS
+    # An adapter scanned with its base holds ΔW rows (rank r: often too few eigenvalues for a fit) and W + ΔW
+    # rows: each kind is summarised apart, so one kind's missing fits never blank the other's.
+    apart = bool(kinds) and len(set(targets["kind"])) > 1
+    keys = [targets["kind"].rename("kind"), targets["layer"].astype(int)] if apart else [targets["layer"].astype(int)]
+    grouped = targets.groupby(keys, sort=True)
     summary = grouped[present].mean()
     summary.insert(0, "stack", grouped["stack"].first())
     summary.insert(1, "stack_layer", grouped["stack_layer"].first().astype("Int64"))
