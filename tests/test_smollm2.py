@@ -8,6 +8,8 @@ plans against the module tree transformers builds, and a plan applied to it stil
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -144,3 +146,23 @@ def test_convert_gguf_from_the_command_line(folder, tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 2 and "is not a folder converted from GGUF" in result.stderr
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
+
+
+def test_a_plan_of_the_file_checks_against_the_folder_converted_from_it(folder, tmp_path):
+    """convert-gguf's folder is the same model: export --check-model accepts it either way round."""
+    plan_of_file = tmp_path / "file-plan.json"
+    assert _cli("plan", str(GGUF), "--strategy", "uniform", "--rank", "4", "--out", str(plan_of_file),
+                "-q").returncode == 0
+    result = _cli("export", str(plan_of_file), "--format", "peft", "--out", str(tmp_path / "peft"), "--check-model",
+                  str(folder))
+    assert result.returncode == 0, result.stderr
+    plan_of_folder = tmp_path / "folder-plan.json"
+    assert _cli("plan", str(folder), "--strategy", "uniform", "--rank", "4", "--out", str(plan_of_folder),
+                "-q").returncode == 0
+    result = _cli("export", str(plan_of_folder), "--format", "peft", "--out", str(tmp_path / "peft2"),
+                  "--check-model", str(GGUF))
+    assert result.returncode == 0, result.stderr
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "layerscope", *args], capture_output=True, text=True)

@@ -22,7 +22,7 @@ from pathlib import Path
 from layerscope.errors import LayerscopeError
 
 SOURCE_RECORD = "gguf_source.json"
-FORMAT_VERSION = 2  # bumped when what is written changes: older folders are converted again
+FORMAT_VERSION = 3  # bumped when what is written changes: older folders are converted again
 
 
 def materialize_gguf(path: str | Path, folder: str | Path, *, dtype: str = "float32") -> Path:
@@ -37,10 +37,14 @@ def materialize_gguf(path: str | Path, folder: str | Path, *, dtype: str = "floa
     if folder.exists() and any(folder.iterdir()) and not (folder / SOURCE_RECORD).is_file():
         raise LayerscopeError(f"{folder}: exists and is not a folder converted from GGUF; choose an empty folder")
     model, tokenizer = _load(path, dtype)
+    from layerscope.checkpoint.reader import open_checkpoint
+
+    # the file's own header fingerprint: a plan of the file is a plan of this folder (export --check-model)
+    record = {**source, "fingerprint": open_checkpoint(path).fingerprint()}
     folder.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
-        _write(model, tokenizer, scratch, source)
+        _write(model, tokenizer, scratch, record)
         _usual_permissions(scratch)
         if folder.exists():
             shutil.rmtree(folder)
@@ -62,9 +66,20 @@ def _usual_permissions(folder: Path) -> None:
 
 def _up_to_date(folder: Path, source: dict) -> bool:
     try:
-        return json.loads((folder / SOURCE_RECORD).read_text()) == source and (folder / "model.safetensors").is_file()
-    except (OSError, ValueError):
+        record = json.loads((folder / SOURCE_RECORD).read_text())
+        return ({k: v for k, v in record.items() if k != "fingerprint"} == source
+                and (folder / "model.safetensors").is_file())
+    except (OSError, ValueError, AttributeError):
         return False
+
+
+def converted_from(folder: str | Path) -> str | None:
+    """The header fingerprint of the GGUF file ``folder`` was converted from (None: not a converted folder)."""
+    try:
+        record = json.loads((Path(folder) / SOURCE_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    return record.get("fingerprint") if isinstance(record, dict) else None
 
 
 def _load(path: Path, dtype: str):

@@ -32,9 +32,29 @@ def plan_difference(plan: Plan, shapes: dict[str, tuple[int, int]], num_layers: 
                     f"{in_f} -> {out_f} in {model}")
     if num_layers is not None and num_layers != plan.model["num_layers"]:
         return f"the plan is for {plan.model['num_layers']} layers, {model} has {num_layers}"
-    if fingerprint is not None and fingerprint != plan.model["fingerprint"]:
+    if fingerprint is not None and fingerprint != plan.model["fingerprint"] and not _same_gguf(model, plan):
         return f"{model} has other tensors than the plan's model (header fingerprint differs)"
     return None
+
+
+def _same_gguf(model: str, plan: Plan) -> bool:
+    """``model`` is the folder ``convert-gguf`` wrote from the GGUF file the plan was made from (or the reverse)."""
+    from layerscope.checkpoint.gguf import converted_from
+
+    source_of_model = converted_from(model)
+    if source_of_model is not None:
+        return source_of_model == plan.model["fingerprint"]
+    source_of_plan = converted_from(str(plan.model.get("path") or ""))
+    return source_of_plan is not None and source_of_plan == _fingerprint(model)
+
+
+def _fingerprint(model: str) -> str | None:
+    from layerscope.checkpoint.reader import open_checkpoint
+
+    try:
+        return open_checkpoint(model).fingerprint()
+    except LayerscopeError:
+        return None
 
 
 def table_shapes(table: pd.DataFrame) -> dict[str, tuple[int, int]]:
