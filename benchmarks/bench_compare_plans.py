@@ -74,6 +74,16 @@ def task_files(setup: dict, folder: Path) -> dict[str, Path]:
     return {name: folder / f"{name}.jsonl" for name in ("train", "validation", "test")}
 
 
+def sync_runs(source: Path, target: Path) -> None:
+    """Copy the finished runs of ``source`` that ``target`` lacks (a run's file is its key and result)."""
+    import shutil
+
+    target.mkdir(parents=True, exist_ok=True)
+    for run in sorted(source.glob("*.json")) if source.is_dir() else []:
+        if not (target / run.name).exists():
+            shutil.copyfile(run, target / run.name)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", choices=sorted(SETUPS))
@@ -85,6 +95,9 @@ def main() -> None:
                         "already in --out are reused, so widening a sweep costs only the new rates).")
     parser.add_argument("--budgets", help="Comma-separated budgets (ratios of the default budget) for a budget curve.")
     parser.add_argument("--plans", help="Comma-separated arms instead of the setup's.")
+    parser.add_argument("--runs-archive", type=Path, help="A committed folder of finished runs (benchmarks/results/runs/"
+                        "NAME): copied into --out/runs before the comparison, and the new runs copied back after, so "
+                        "a comparison longer than one session resumes in the next.")
     args = parser.parse_args()
     setup = dict(SETUPS[args.model])
     if args.protocol == "before":
@@ -108,11 +121,15 @@ def main() -> None:
                         max_length=setup["max_length"], device="cpu", learning_rate=setup.get("lr", 1e-3),
                         scheduler=setup.get("scheduler", "linear"), warmup_ratio=setup.get("warmup_ratio", 0.1))
     started = time.perf_counter()
+    if args.runs_archive:
+        sync_runs(args.runs_archive, out / "runs")
     model = prepare_model(model_path(args.model), out)
     document = compare_plans(model, task, setup["plans"], seeds=list(range(setup["seeds"])), settings=settings,
                              out=out, plan_settings=PlanSettings(options=setup["options"]),
                              lr_sweep=setup["lr_sweep"], sweep_seeds=[0] if setup["lr_sweep"] else None,
                              budgets=setup.get("budgets"))
+    if args.runs_archive:
+        sync_runs(out / "runs", args.runs_archive)
     table = results_table(document)
     print(table[["arm", "kind", "baseline", "n", "mean", "ci95_low", "ci95_high", "diff_vs_baseline", "diff_ci95_low",
                  "diff_ci95_high", "p_holm", "mde80", "collapsed", "trainable", "active_per_token",

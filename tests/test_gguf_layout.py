@@ -13,8 +13,8 @@ import pytest
 
 gguf = pytest.importorskip("gguf")
 
-from layerscope.checkpoint.ggufread import read_gguf_table  # noqa: E402
 from layerscope.checkpoint.gguflayout import read_layout  # noqa: E402
+from layerscope.checkpoint.ggufread import read_gguf_table  # noqa: E402
 from layerscope.errors import LayerscopeError  # noqa: E402
 
 NAMES = ("blk.0.attn_k.weight", "blk.0.attn_v.weight", "blk.0.ffn_up.weight")
