@@ -165,9 +165,15 @@ def _skip_value(cursor: _Cursor, value_type: int, key: str) -> None:
         raise LayerscopeError(f"{cursor.file}: metadata {key!r}: unknown value type {value_type}")
 
 
-def _tensor_info(cursor: _Cursor, index: int) -> TensorInfo:
-    from layerscope.checkpoint.ggufread import gguf_package
+def gguf_package():
+    try:
+        import gguf
+    except ImportError:
+        raise LayerscopeError("reading GGUF files needs the gguf package: pip install 'layerscope[gguf]'") from None
+    return gguf
 
+
+def _tensor_info(cursor: _Cursor, index: int) -> TensorInfo:
     gguf = gguf_package()
     file = cursor.file
     name = cursor.string(f"the name of tensor {index}")

@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from layerscope.checkpoint.gguflayout import gguf_package, read_layout
 from layerscope.errors import LayerscopeError
 
 # GGUF architectures whose tensors transformers converts beyond renaming (its TensorProcessors that reshape,
@@ -43,19 +44,9 @@ class GGUFTensor:
     end: int
 
 
-def gguf_package():
-    try:
-        import gguf
-    except ImportError:
-        raise LayerscopeError("reading GGUF files needs the gguf package: pip install 'layerscope[gguf]'") from None
-    return gguf
-
-
 def read_gguf_table(file: Path) -> tuple[list[GGUFTensor], str]:
     """Every tensor entry of ``file`` (its layout checked as llama.cpp checks it, :mod:`gguflayout`) and the GGUF
     architecture name; the metadata arrays (a tokenizer's 49k entries) are skipped by length, not decoded."""
-    from layerscope.checkpoint.gguflayout import read_layout
-
     layout = read_layout(file)
     if len(layout.tensors) > MAX_TENSORS:
         raise LayerscopeError(f"{file}: declares {len(layout.tensors):,} tensors (at most {MAX_TENSORS:,})")
