@@ -46,6 +46,12 @@ SETUPS = {
     "minilm-budgets": dict(task="debian-sections", kind="classification", plans=["alphalora", "sensitivity", "adalora"],
                            options={}, seeds=3, steps=80, batch_size=16, eval_every=40, max_length=32, lr_sweep=None,
                            lr=1e-3, budgets=[1 / 16, 1 / 8, 1 / 4, 1], validation_rows=None, test_rows=None),
+    # HILO's two signals at a budget that binds (RESULTS §11e): ranks 2,4,6 by depth thirds against ranks 2,4,6 by
+    # the near-zero fractions of the task's own training rows (plan files made by hilo_plans), against 2 experts
+    # per layer at one rank; the budget curve's protocol (80 steps, lr 1e-3).
+    "minilm-hilo": dict(task="debian-sections", kind="classification", plans="hilo_plans", options={}, seeds=3,
+                        steps=80, batch_size=16, eval_every=40, max_length=32, lr_sweep=None, lr=1e-3,
+                        budget_ratio=0.25, validation_rows=None, test_rows=None),
     "smollm2": dict(task="debian-sections-lm", kind="causal-lm", plans=["alphalora"], options={}, seeds=5,
                     steps=120, batch_size=8, eval_every=30, max_length=48, lr_sweep=[3e-4, 1e-3, 3e-3],
                     validation_rows=64, test_rows=256),
@@ -72,6 +78,30 @@ def task_files(setup: dict, folder: Path) -> dict[str, Path]:
             path = folder / f"{split}.jsonl"
             path.write_text("".join(path.read_text().splitlines(keepends=True)[:rows]))
     return {name: folder / f"{name}.jsonl" for name in ("train", "validation", "test")}
+
+
+def hilo_plans(model: Path, task_folder: Path, ratio: float, out: Path) -> list[str]:
+    """hilo-depth.json and hilo-activations.json at ``ratio`` of the default budget; the activations are measured
+    with the task's training rows as calibration text (64 sequences of 32 tokens)."""
+    from layerscope.activations import measure
+    from layerscope.experiments.arms import PlanSettings
+    from layerscope.experiments.budgets import reference_budget, resolve
+    from layerscope.planning import plan
+    from layerscope.tables import write_activations
+
+    out.mkdir(parents=True, exist_ok=True)
+    budget = resolve([ratio], reference_budget(str(model), PlanSettings())[0])[0]
+    activations = out / "activations.parquet"
+    write_activations(measure(model, task_folder / "train.jsonl", max_samples=64, seq_len=32, progress=False),
+                      activations)
+    files = []
+    for name, options in (("hilo-depth", {}), ("hilo-activations", {"rank_source": "activations",
+                                                                    "activations": str(activations)})):
+        path = out / f"{name}.json"
+        plan(model, "hilo", ranks=(2, 4, 6), budget_params=budget.params, progress=False,
+             command=f"bench_compare_plans.py minilm-hilo: {name} at {budget.label}", **options).save(path)
+        files.append(str(path))
+    return files
 
 
 def sync_runs(source: Path, target: Path) -> None:
@@ -121,6 +151,8 @@ def main() -> None:
                         max_length=setup["max_length"], device="cpu", learning_rate=setup.get("lr", 1e-3),
                         scheduler=setup.get("scheduler", "linear"), warmup_ratio=setup.get("warmup_ratio", 0.1))
     started = time.perf_counter()
+    if setup["plans"] == "hilo_plans":
+        setup["plans"] = hilo_plans(model_path(args.model), files["train"].parent, setup["budget_ratio"], out)
     if args.runs_archive:
         sync_runs(args.runs_archive, out / "runs")
     model = prepare_model(model_path(args.model), out)
