@@ -118,7 +118,7 @@ def test_corrupt_bin_and_gguf_give_one_line_errors(tmp_path):
     only_gguf.mkdir()
     gguf = only_gguf / "model-Q4_K_M.gguf"
     gguf.write_bytes(b"GGUF\x03\x00\x00\x00")
-    for target, needle in ((gguf, "not a readable GGUF file"), (only_gguf, "scan the file itself")):
+    for target, needle in ((gguf, "shorter than a GGUF header"), (only_gguf, "scan the file itself")):
         result = subprocess.run([sys.executable, "-m", "layerscope", "scan", str(target), "--quiet"],
                                 capture_output=True, text=True)
         assert result.returncode == 2
