@@ -75,3 +75,14 @@ def test_position_counts_are_clamped_for_the_build_only():
     config.text_config.max_position_embeddings = 10**9
     clamp_for_build(config)
     assert config.text_config.max_position_embeddings == 1 << 14
+
+
+def test_a_size_field_above_the_limit_says_too_large(tmp_path):
+    from layerscope.checkpoint.reader import check_config_fields
+    from layerscope.errors import LayerscopeError
+
+    with pytest.raises(LayerscopeError, match=r"field 'num_hidden_layers' is 4,294,967,296: too large \(at most "
+                                              r"2,147,483,647\)"):
+        check_config_fields({"num_hidden_layers": 2**32}, "config.json")
+    with pytest.raises(LayerscopeError, match="field 'num_hidden_layers' is -1, expected a non-negative integer"):
+        check_config_fields({"num_hidden_layers": -1}, "config.json")

@@ -306,9 +306,13 @@ def check_config_fields(config: dict, where: str) -> None:
             raise LayerscopeError(f"{where}: field {key!r} is a JSON {json_type(config[key])}, expected a string")
     for key in CONFIG_INT_FIELDS:
         value = config.get(key)
-        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**31):
+        if value is None:
+            continue
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
             raise LayerscopeError(f"{where}: field {key!r} is {json.dumps(value)[:40]}, expected a non-negative "
                                   "integer")
+        if value >= 2**31:
+            raise LayerscopeError(f"{where}: field {key!r} is {value:,}: too large (at most {2**31 - 1:,})")
     if config.get("quantization_config") is not None and not isinstance(config["quantization_config"], dict):
         raise LayerscopeError(f"{where}: field 'quantization_config' is a JSON "
                               f"{json_type(config['quantization_config'])}, expected an object")
