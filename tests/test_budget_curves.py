@@ -1,16 +1,14 @@
+# ruff: noqa: F811 - the shared fixtures (model, task_file) are parameters of the tests
 """Budget curves, AdaLoRA and PEFT-trained rank arms, the sensitivity signal, and compare-plans under torchrun."""
 
 from __future__ import annotations
 
 import json
 import os
-import random
-import shutil
 import socket
 import subprocess
 import sys
 import warnings
-from pathlib import Path
 
 import pytest
 
@@ -26,37 +24,9 @@ from layerscope.experiments import PlanSettings, Settings, build_arms, compare_p
 from layerscope.experiments.budgets import resolve  # noqa: E402
 from layerscope.experiments.peft_arms import adalora_schedule  # noqa: E402
 from layerscope.planning import plan  # noqa: E402
+from tests.test_compare_plans import model, task_file  # noqa: E402,F401 - the tiny BERT and its task
 
 SETTINGS = Settings(steps=4, learning_rate=5e-3, batch_size=8, eval_every=4, max_length=16, device="cpu")
-
-
-def _tiny_bert(folder: Path, layers: int = 4) -> Path:
-    config = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
-                                     intermediate_size=64, max_position_embeddings=64)
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        transformers.BertModel(config).save_pretrained(folder)
-    for file in Path(minilm.get_model_path()).iterdir():
-        if "token" in file.name or file.name == "vocab.txt":
-            shutil.copy(file, folder / file.name)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return _tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
-
-
-@pytest.fixture(scope="module")
-def task_file(tmp_path_factory):
-    rng = random.Random(0)
-    words = {"positive": ["great", "lovely", "excellent"], "negative": ["awful", "terrible", "poor"]}
-    rows = [{"text": f"the {rng.choice(['film', 'meal', 'trip'])} was {rng.choice(words[label])}", "label": label}
-            for label in ["positive", "negative"] * 30]
-    path = tmp_path_factory.mktemp("task") / "task.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return path
 
 
 def _cli(*args, env=None):
