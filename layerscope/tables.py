@@ -135,15 +135,20 @@ def jsonable(value):
 
 def write_activations(table: pd.DataFrame, path: str | Path) -> Path:
     """Write an activations table (.parquet keeps the histogram lists; .csv stores them as JSON)."""
+    return _write_module_table(table, path, "layerscope.activations/1",
+                               table.assign(hist_log10=table["hist_log10"].map(json.dumps)))
+
+
+def _write_module_table(table: pd.DataFrame, path: str | Path, schema: str, flat: pd.DataFrame | None = None) -> Path:
+    """A per-module table as JSON (schema, settings from attrs, rows), CSV (``flat``: lists as JSON text) or
+    Parquet, by the path's suffix."""
     path = Path(path)
     fmt = output_format(path)
     if fmt == ".json":
-        document = {"schema": "layerscope.activations/1", "settings": jsonable(table.attrs),
-                    "modules": _records(table)}
+        document = {"schema": schema, "settings": jsonable(table.attrs), "modules": _records(table)}
         atomic_write(path, lambda tmp: tmp.write_text(json.dumps(document, indent=1, allow_nan=False)))
     elif fmt == ".csv":
-        flat = table.assign(hist_log10=table["hist_log10"].map(json.dumps))
-        atomic_write(path, lambda tmp: flat.to_csv(tmp, index=False))
+        atomic_write(path, lambda tmp: (table if flat is None else flat).to_csv(tmp, index=False))
     else:
         atomic_write(path, lambda tmp: table.to_parquet(tmp, index=False))
     return path
@@ -179,16 +184,7 @@ SENSITIVITY_COLUMNS = ("layer", "module", "role", "sensitivity")
 
 def write_sensitivity(table: pd.DataFrame, path: str | Path) -> Path:
     """Write a sensitivity table (``layerscope sensitivity``); .json and .parquet keep how it was measured."""
-    path = Path(path)
-    fmt = output_format(path)
-    if fmt == ".json":
-        document = {"schema": SENSITIVITY_SCHEMA, "settings": jsonable(table.attrs), "modules": _records(table)}
-        atomic_write(path, lambda tmp: tmp.write_text(json.dumps(document, indent=1, allow_nan=False)))
-    elif fmt == ".csv":
-        atomic_write(path, lambda tmp: table.to_csv(tmp, index=False))
-    else:
-        atomic_write(path, lambda tmp: table.to_parquet(tmp, index=False))
-    return path
+    return _write_module_table(table, path, SENSITIVITY_SCHEMA)
 
 
 def read_sensitivity(path: str | Path) -> pd.DataFrame:
