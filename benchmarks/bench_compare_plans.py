@@ -35,6 +35,7 @@ from common import machine, today  # noqa: E402
 from tasks import build  # noqa: E402
 
 DATA = Path(__file__).parent / "_data"
+PINNED = Path(__file__).parent / "task_rows"
 
 SETUPS = {
     "minilm": dict(task="debian-sections", kind="classification", plans=["alphalora", "mola", "hilo", "dense"],
@@ -52,6 +53,13 @@ SETUPS = {
     "minilm-hilo": dict(task="debian-sections", kind="classification", plans="hilo_plans", options={}, seeds=3,
                         steps=80, batch_size=16, eval_every=40, max_length=32, lr_sweep=None, lr=1e-3,
                         budget_ratio=0.25, validation_rows=None, test_rows=None),
+    # Every seed's signal at the budget where sensitivity led the curve (1/8, RESULTS §11e), 8 seeds: alphalora,
+    # sensitivity and MoLA's ▽ △ ⋈ against □ of their total; hilo's rank tiers by depth and by the task's own
+    # near-zero fractions, and adaptive-lora, each through PEFT against a uniform PEFT LoRA (plan files made by
+    # matrix_plans); the budget curve's protocol, so its 1/8 runs are reused.
+    "minilm-matrix": dict(task="debian-sections", kind="classification", plans="matrix_plans", options={}, seeds=8,
+                          steps=80, batch_size=16, eval_every=40, max_length=32, lr_sweep=None, lr=1e-3,
+                          budget_ratio=0.125, budgets=[0.125], peft_rank_arms=True, validation_rows=None, test_rows=None),
     "smollm2": dict(task="debian-sections-lm", kind="causal-lm", plans=["alphalora"], options={}, seeds=5,
                     steps=120, batch_size=8, eval_every=30, max_length=48, lr_sweep=[3e-4, 1e-3, 3e-3],
                     validation_rows=64, test_rows=256),
@@ -72,7 +80,15 @@ def model_path(name: str) -> Path:
 
 
 def task_files(setup: dict, folder: Path) -> dict[str, Path]:
-    build(setup["task"], folder, per_section=250, seed=0)
+    """The task's pinned rows (``benchmarks/task_rows``: the package index changes with every security update, and
+    a comparison resumed in another session must train on the same rows), or rows built from this machine's index."""
+    import shutil
+
+    pinned = PINNED / setup["task"]
+    if pinned.is_dir():
+        shutil.copytree(pinned, folder, dirs_exist_ok=True)
+    else:
+        build(setup["task"], folder, per_section=250, seed=0)
     for split, rows in (("validation", setup["validation_rows"]), ("test", setup["test_rows"])):
         if rows is not None:  # a causal LM's evaluation is the costly part: a fixed, seeded-order prefix
             path = folder / f"{split}.jsonl"
@@ -102,6 +118,24 @@ def hilo_plans(model: Path, task_folder: Path, ratio: float, out: Path) -> list[
              command=f"bench_compare_plans.py minilm-hilo: {name} at {budget.label}", **options).save(path)
         files.append(str(path))
     return files
+
+
+def matrix_plans(model: Path, task_folder: Path, ratio: float, out: Path) -> list[str]:
+    """The strategies at ``ratio`` of the default budget, and plan files for what one strategy name cannot say:
+    MoLA's three shapes at the budget's expert rank, and hilo by depth and by activations."""
+    from layerscope.experiments.arms import PlanSettings
+    from layerscope.experiments.budgets import REFERENCE_RANK, reference_budget, resolve
+    from layerscope.planning import plan
+
+    budget = resolve([ratio], reference_budget(str(model), PlanSettings())[0])[0]
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    for shape, name in (("▽", "mola-increasing"), ("△", "mola-decreasing"), ("⋈", "mola-hourglass")):
+        path = out / f"{name}.json"
+        plan(model, "mola", shape=shape, rank=max(1, round(REFERENCE_RANK * ratio)), budget_params=budget.params,
+             progress=False, command=f"bench_compare_plans.py minilm-matrix: mola {shape} at {budget.label}").save(path)
+        files.append(str(path))
+    return ["alphalora", "sensitivity", "adaptive-lora", *files, *hilo_plans(model, task_folder, ratio, out)]
 
 
 def sync_runs(source: Path, target: Path) -> None:
@@ -151,13 +185,15 @@ def main() -> None:
                         max_length=setup["max_length"], device="cpu", learning_rate=setup.get("lr", 1e-3),
                         scheduler=setup.get("scheduler", "linear"), warmup_ratio=setup.get("warmup_ratio", 0.1))
     started = time.perf_counter()
-    if setup["plans"] == "hilo_plans":
-        setup["plans"] = hilo_plans(model_path(args.model), files["train"].parent, setup["budget_ratio"], out)
+    if setup["plans"] in ("hilo_plans", "matrix_plans"):
+        make = hilo_plans if setup["plans"] == "hilo_plans" else matrix_plans
+        setup["plans"] = make(model_path(args.model), files["train"].parent, setup["budget_ratio"], out)
     if args.runs_archive:
         sync_runs(args.runs_archive, out / "runs")
     model = prepare_model(model_path(args.model), out)
     document = compare_plans(model, task, setup["plans"], seeds=list(range(setup["seeds"])), settings=settings,
-                             out=out, plan_settings=PlanSettings(options=setup["options"]),
+                             out=out, plan_settings=PlanSettings(options=setup["options"],
+                                                                     peft_rank_arms=setup.get("peft_rank_arms", False)),
                              lr_sweep=setup["lr_sweep"], sweep_seeds=[0] if setup["lr_sweep"] else None,
                              budgets=setup.get("budgets"))
     if args.runs_archive:
