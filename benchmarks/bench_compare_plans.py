@@ -138,14 +138,16 @@ def matrix_plans(model: Path, task_folder: Path, ratio: float, out: Path) -> lis
     return ["alphalora", "sensitivity", "adaptive-lora", *files, *hilo_plans(model, task_folder, ratio, out)]
 
 
-def sync_runs(source: Path, target: Path) -> None:
-    """Copy the finished runs of ``source`` that ``target`` lacks (a run's file is its key and result)."""
+def sync_runs(source: Path, target: Path, replace: bool = False) -> None:
+    """Copy the finished runs of ``source`` that ``target`` lacks (a run's file is its key and result); with
+    ``replace``, also those that differ (a run trained again because its stored key no longer matched)."""
     import shutil
 
     target.mkdir(parents=True, exist_ok=True)
     for run in sorted(source.glob("*.json")) if source.is_dir() else []:
-        if not (target / run.name).exists():
-            shutil.copyfile(run, target / run.name)
+        there = target / run.name
+        if not there.exists() or (replace and there.read_bytes() != run.read_bytes()):
+            shutil.copyfile(run, there)
 
 
 def main() -> None:
@@ -197,7 +199,7 @@ def main() -> None:
                              lr_sweep=setup["lr_sweep"], sweep_seeds=[0] if setup["lr_sweep"] else None,
                              budgets=setup.get("budgets"))
     if args.runs_archive:
-        sync_runs(out / "runs", args.runs_archive)
+        sync_runs(out / "runs", args.runs_archive, replace=True)
     table = results_table(document)
     print(table[["arm", "kind", "baseline", "n", "mean", "ci95_low", "ci95_high", "diff_vs_baseline", "diff_ci95_low",
                  "diff_ci95_high", "p_holm", "mde80", "collapsed", "trainable", "active_per_token",
