@@ -141,3 +141,58 @@ def test_damaged_headers_are_one_line(tmp_path):
     counts = bytearray(data)
     counts[16:24] = (1 << 40).to_bytes(8, "little")
     _refused(tmp_path, "kv-count", bytes(counts), "metadata count", "too large")
+
+
+ARCHITECTURE_METADATA = {  # architecture → (general.name, extra tensors that change the config)
+    "llama": ("SmolLM-like", ()),
+    "llama ": ("mistral", ()),  # llama.cpp writes Mistral as llama; transformers renames it by general.name
+    "qwen2": ("qwen", ()),
+    "qwen3": ("qwen3", ()),
+    "phi3": ("phi", ()),
+    "stablelm": ("stablelm", ("blk.0.attn_q.bias",)),
+    "gemma2": ("gemma", ()),
+    "gemma3": ("gemma", ()),
+    "starcoder2": ("starcoder", ()),
+    "falcon": ("falcon", ()),
+    "nemotron": ("nemotron", ()),
+}
+
+
+@pytest.mark.parametrize("label", sorted(ARCHITECTURE_METADATA))
+def test_the_config_is_the_one_transformers_derives(tmp_path, label):
+    """The config built from the fields read once equals transformers' load_gguf_checkpoint's, for every family
+    transformers loads without re-splitting (names, defaults, tie_word_embeddings, vocab from the token list)."""
+    pytest.importorskip("transformers")
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    from layerscope.checkpoint.ggufread import gguf_config, read_gguf
+
+    architecture, (name, extra) = label.strip(), ARCHITECTURE_METADATA[label]
+    path = tmp_path / f"{architecture}.gguf"
+    writer = gguf.GGUFWriter(str(path), architecture)
+    writer.add_name(name)
+    writer.add_block_count(2)
+    writer.add_context_length(4096)
+    writer.add_embedding_length(64)
+    writer.add_feed_forward_length(128)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_layer_norm_eps(1e-5)
+    writer.add_token_list([f"tok{i}" for i in range(300)])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    rng = np.random.default_rng(0)
+    for tensor in ("blk.0.attn_k.weight", *extra):
+        writer.add_tensor(tensor, rng.standard_normal((64,) if tensor.endswith("bias") else (32, 64)).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    reference = load_gguf_checkpoint(str(path), return_tensors=False)["config"]
+    reference.pop("_model_name_or_path", None)
+    ours = gguf_config(path, read_gguf(path))
+    ours.pop("architectures", None)
+    assert ours == reference
+    assert ours["vocab_size"] == 300 and ours["num_hidden_layers"] == 2

@@ -13,8 +13,10 @@ wrap-around) and refuses, naming the file and the field:
 * a tensor count that disagrees with the table: the bytes between the table and the data must be padding,
   and the data section must end with the last tensor (within one alignment).
 
-Arrays are skipped by their length (fixed-size items) or item by item (strings) without decoding them, so
-the 49k-entry tokenizer arrays of a real file cost milliseconds.
+Scalars and strings are decoded, and so are the short arrays outside ``tokenizer.*`` (per-layer head counts
+and the like); the tokenizer's arrays are skipped by their length (fixed-size items) or item by item (strings)
+without decoding them, and only their lengths are kept, so the 49k-entry arrays of a real file cost
+milliseconds.
 """
 
 from __future__ import annotations
@@ -31,9 +33,13 @@ VERSIONS = (2, 3)
 MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_ELEMENTS = (1 << 63) - 1
 DEFAULT_ALIGNMENT = 32
-FIXED_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUFValueType → bytes
+FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<B", 10: "<Q", 11: "<q", 12: "<d"}
+FIXED_SIZES = {value_type: struct.calcsize(fmt) for value_type, fmt in FORMATS.items()}  # GGUFValueType → bytes
+FLOATS, BOOL = frozenset({6, 12}), 7
 STRING, ARRAY, UINT32 = 8, 9, 4
+DECODED_ARRAY_ITEMS = 4096  # longer arrays, and every tokenizer array, are skipped by length
 INTEGER_TYPES = frozenset({"I8", "I16", "I32", "I64"})
+_U64 = struct.Struct("<Q")
 
 
 @dataclass(frozen=True)
@@ -51,7 +57,12 @@ class Layout:
     alignment: int
     data_start: int
     tensors: list[TensorInfo]
-    strings: dict[str, str]  # the metadata's string values (arrays are skipped, not decoded)
+    values: dict[str, object]  # metadata: scalars, strings and the short non-tokenizer arrays (as lists)
+    array_lengths: dict[str, int]  # every array's length, decoded or not
+
+    @property
+    def strings(self) -> dict[str, str]:
+        return {key: value for key, value in self.values.items() if isinstance(value, str)}
 
 
 class _Cursor:
@@ -79,11 +90,6 @@ class _Cursor:
             return raw.decode("utf-8")
         except UnicodeDecodeError:
             raise LayerscopeError(f"{self.file}: {what} is not UTF-8 text (damaged header)") from None
-
-    def skip_string(self, what: str) -> None:
-        length = self.unpack("<Q", f"{what} (length)")
-        self.need(length, f"{what} ({length:,} bytes declared)")
-        self.pos += length
 
 
 def read_layout(file: Path) -> Layout:
@@ -115,7 +121,8 @@ def _walk(cursor: _Cursor) -> Layout:
         if count * 12 > cursor.size - cursor.pos:
             raise LayerscopeError(f"{file}: {what} {count:,} is too large for a file of {cursor.size:,} bytes")
     alignment = DEFAULT_ALIGNMENT
-    strings: dict[str, str] = {}
+    values: dict[str, object] = {}
+    array_lengths: dict[str, int] = {}
     for index in range(kv_count):
         key = cursor.string(f"metadata key {index}")
         value_type = cursor.unpack("<I", f"the type of {key!r}")
@@ -125,11 +132,14 @@ def _walk(cursor: _Cursor) -> Layout:
             alignment = cursor.unpack("<I", "general.alignment")
             if alignment == 0 or alignment & (alignment - 1):
                 raise LayerscopeError(f"{file}: general.alignment {alignment} is not a power of two")
-            continue
-        if value_type == STRING:
-            strings[key] = cursor.string(f"the value of {key!r}")
-            continue
-        _skip_value(cursor, value_type, key)
+            values[key] = alignment
+        elif value_type == ARRAY:
+            length, items = _array(cursor, key)
+            array_lengths[key] = length
+            if items is not None:
+                values[key] = items
+        else:
+            values[key] = _scalar(cursor, value_type, key)
     tensors = [_tensor_info(cursor, index) for index in range(tensor_count)]
     padding = -cursor.pos % alignment
     cursor.need(padding, "the padding before the tensor data")
@@ -138,31 +148,52 @@ def _walk(cursor: _Cursor) -> Layout:
                               f"({tensor_count:,}) does not match the table")
     data_start = cursor.pos + padding
     _check_placement(file, tensors, alignment, cursor.size - data_start, tensor_count)
-    return Layout(version, alignment, data_start, tensors, strings)
+    return Layout(version, alignment, data_start, tensors, values, array_lengths)
 
 
-def _skip_value(cursor: _Cursor, value_type: int, key: str) -> None:
-    if value_type in FIXED_SIZES:
-        cursor.need(FIXED_SIZES[value_type], f"the value of {key!r}")
-        cursor.pos += FIXED_SIZES[value_type]
-    elif value_type == STRING:
-        cursor.skip_string(f"the value of {key!r}")
-    elif value_type == ARRAY:
-        item_type = cursor.unpack("<I", f"the item type of {key!r}")
-        count = cursor.unpack("<Q", f"the length of {key!r}")
-        if item_type == ARRAY:
-            raise LayerscopeError(f"{cursor.file}: metadata {key!r} is an array of arrays (not valid GGUF)")
-        if item_type in FIXED_SIZES:
-            cursor.need(count * FIXED_SIZES[item_type], f"array {key!r} ({count:,} items declared)")
-            cursor.pos += count * FIXED_SIZES[item_type]
-        elif item_type == STRING:
-            cursor.need(count * 8, f"array {key!r} ({count:,} strings declared)")
-            for item in range(count):
-                cursor.skip_string(f"item {item} of {key!r}")
-        else:
-            raise LayerscopeError(f"{cursor.file}: metadata {key!r}: unknown array item type {item_type}")
+def _scalar(cursor: _Cursor, value_type: int, what: str):
+    """One value as transformers' GGUF loader types it: int, float, bool or str."""
+    if value_type == STRING:
+        return cursor.string(f"the value of {what!r}")
+    if value_type not in FORMATS:
+        raise LayerscopeError(f"{cursor.file}: metadata {what!r}: unknown value type {value_type}")
+    value = cursor.unpack(FORMATS[value_type], f"the value of {what!r}")
+    return bool(value) if value_type == BOOL else float(value) if value_type in FLOATS else int(value)
+
+
+def _array(cursor: _Cursor, key: str) -> tuple[int, list | None]:
+    """An array's length, and its items when it is short and not the tokenizer's (else skipped undecoded)."""
+    item_type = cursor.unpack("<I", f"the item type of {key!r}")
+    count = cursor.unpack("<Q", f"the length of {key!r}")
+    if item_type == ARRAY:
+        raise LayerscopeError(f"{cursor.file}: metadata {key!r} is an array of arrays (not valid GGUF)")
+    if item_type not in FIXED_SIZES and item_type != STRING:
+        raise LayerscopeError(f"{cursor.file}: metadata {key!r}: unknown array item type {item_type}")
+    least = FIXED_SIZES.get(item_type, 8)  # a string takes its 8-byte length at least
+    cursor.need(count * least, f"array {key!r} ({count:,} {'strings' if item_type == STRING else 'items'} declared)")
+    if count <= DECODED_ARRAY_ITEMS and not key.startswith("tokenizer."):
+        return count, [_scalar(cursor, item_type, f"{key}[{item}]") for item in range(count)]
+    if item_type == STRING:
+        _skip_strings(cursor, count, key)
     else:
-        raise LayerscopeError(f"{cursor.file}: metadata {key!r}: unknown value type {value_type}")
+        cursor.pos += count * least
+    return count, None
+
+
+def _skip_strings(cursor: _Cursor, count: int, key: str) -> None:
+    """``count`` length-prefixed strings, walked in one tight loop (a tokenizer's 49k tokens and merges)."""
+    data, size, pos = cursor.data, cursor.size, cursor.pos
+    length_at = _U64.unpack_from
+    for item in range(count):
+        if pos + 8 > size:
+            cursor.pos = pos
+            cursor.need(8, f"item {item} of {key!r} (length)")
+        length = length_at(data, pos)[0]
+        if pos + 8 + length > size:
+            raise LayerscopeError(f"{cursor.file}: item {item} of {key!r} ({length:,} bytes declared) runs past "
+                                  f"the end of the file at offset {pos:,} (truncated or damaged)")
+        pos += 8 + length
+    cursor.pos = pos
 
 
 def gguf_package():

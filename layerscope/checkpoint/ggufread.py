@@ -44,9 +44,19 @@ class GGUFTensor:
     end: int
 
 
-def read_gguf_table(file: Path) -> tuple[list[GGUFTensor], str]:
-    """Every tensor entry of ``file`` (its layout checked as llama.cpp checks it, :mod:`gguflayout`) and the GGUF
-    architecture name; the metadata arrays (a tokenizer's 49k entries) are skipped by length, not decoded."""
+@dataclass(frozen=True)
+class GGUFTable:
+    """A GGUF file parsed once: its tensor entries, architecture and metadata (see :class:`gguflayout.Layout`)."""
+
+    tensors: list[GGUFTensor]
+    architecture: str
+    values: dict[str, object]
+    array_lengths: dict[str, int]
+
+
+def read_gguf(file: Path) -> GGUFTable:
+    """Every tensor entry of ``file`` (its layout checked as llama.cpp checks it, :mod:`gguflayout`) and its
+    metadata; the tokenizer's arrays (49k entries in a real file) are skipped by length, not decoded."""
     layout = read_layout(file)
     if len(layout.tensors) > MAX_TENSORS:
         raise LayerscopeError(f"{file}: declares {len(layout.tensors):,} tensors (at most {MAX_TENSORS:,})")
@@ -56,7 +66,15 @@ def read_gguf_table(file: Path) -> tuple[list[GGUFTensor], str]:
             raise LayerscopeError(f"{file}: tensor {info.name!r} has shape {list(info.dims)}: a dimension is too large")
         begin = layout.data_start + info.offset
         tensors.append(GGUFTensor(info.name, info.ggml_type, tuple(reversed(info.dims)), begin, begin + info.nbytes))
-    return tensors, layout.strings.get("general.architecture") or "unknown"
+    architecture = layout.values.get("general.architecture")
+    return GGUFTable(tensors, architecture if isinstance(architecture, str) else "unknown", layout.values,
+                     layout.array_lengths)
+
+
+def read_gguf_table(file: Path) -> tuple[list[GGUFTensor], str]:
+    """The tensor entries and the GGUF architecture name (:func:`read_gguf`)."""
+    table = read_gguf(file)
+    return table.tensors, table.architecture
 
 
 def _open_reader(file: Path):
@@ -110,23 +128,53 @@ def _string_field(reader, key: str) -> str | None:
         return None
 
 
-def gguf_config(file: Path, architecture: str) -> dict:
-    """The model's config as transformers derives it from the file's metadata (the same config it builds from)."""
+def gguf_config(file: Path, table: GGUFTable) -> dict:
+    """The model's config as transformers' ``load_gguf_checkpoint`` derives it from the file's metadata, built
+    from the values :func:`read_gguf` already read (transformers' own key tables; its reader would parse the
+    file again and decode every tokenizer array)."""
+    architecture = table.architecture
     if architecture in CONVERTED_ON_LOAD:
         raise LayerscopeError(f"{file}: GGUF architecture {architecture!r}: transformers reshapes or re-splits its "
                               "tensors on load, which layerscope does not reproduce; convert it once with "
                               f"`layerscope convert-gguf {file.name} FOLDER` and scan the folder")
-    try:
-        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-    except ImportError:
-        raise LayerscopeError(f"{file}: naming GGUF tensors as transformers does needs transformers: "
-                              "pip install 'layerscope[gguf]'") from None
-    try:
-        config = load_gguf_checkpoint(str(file), return_tensors=False)["config"]
-    except Exception as exc:  # noqa: BLE001 - unsupported architectures, missing metadata keys
-        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-        raise LayerscopeError(f"{file}: transformers cannot derive a config from this GGUF file ({reason})") from None
-    config = {k: v for k, v in config.items() if k != "_model_name_or_path"}
+    mapping, defaults = _transformers_key_tables(file)
+    # transformers' own renames: llama.cpp writes Mistral as llama (it tests the name list, hence the equality)
+    model_type = "mistral" if "llama" in architecture and table.values.get("general.name") == "mistral" \
+        else architecture
+    supported = set(mapping) - {"general", "tokenizer"}
+    if architecture not in supported and model_type not in supported:
+        raise LayerscopeError(f"{file}: transformers cannot derive a config from this GGUF file (architecture "
+                              f"{architecture!r}; it loads {', '.join(sorted(supported))})")
+    names = {tensor.gguf_name for tensor in table.tensors}
+    config: dict = {}
+    if "stablelm" in architecture:  # transformers reads these two from the tensor names
+        config["use_qkv_bias"] = any(f"attn_{p}.bias" in name for name in names for p in "qkv")
+        config["use_parallel_residual"] = not any("ffn_norm" in name for name in names)
+    config["tie_word_embeddings"] = "output.weight" not in names or architecture in ("falcon", "bloom")
+    for key, value in (defaults.get(model_type) or defaults.get(architecture) or {}).items():
+        config.setdefault(key, value)
+    for key, value in table.values.items():
+        prefix, _, rest = key.replace(architecture, model_type).partition(".")
+        target = mapping.get(prefix, {}).get(rest)
+        if target is None or target == -1:
+            continue
+        if isinstance(value, list) and len(value) == 1:
+            value = value[0]
+        if isinstance(value, str) and architecture in value:
+            value = value.replace(architecture, model_type)
+        config[target] = value
+    for key in table.array_lengths.keys() - table.values.keys():
+        prefix, _, rest = key.partition(".")
+        if mapping.get(prefix, {}).get(rest) not in (None, -1):
+            raise LayerscopeError(f"{file}: metadata {key!r} is an array of {table.array_lengths[key]:,} items, "
+                                  "too long for a config field")
+    if config.get("model_type") in ("gemma3", "gemma4"):  # the files hold the text backbone only
+        config["model_type"] += "_text"
+        if config["model_type"] == "gemma4_text":
+            config["eos_token_id"] = [1, 106, 50]
+    if "vocab_size" not in config and "tokenizer.ggml.tokens" in table.array_lengths:
+        config["vocab_size"] = table.array_lengths["tokenizer.ggml.tokens"]
+    config.pop("_model_name_or_path", None)
     if not config.get("architectures"):  # GGUF files hold language models: the class llama.cpp users load
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -134,6 +182,15 @@ def gguf_config(file: Path, architecture: str) -> dict:
         if causal:
             config["architectures"] = [causal]
     return config
+
+
+def _transformers_key_tables(file: Path) -> tuple[dict, dict]:
+    try:
+        from transformers.integrations.ggml import GGUF_CONFIG_DEFAULTS_MAPPING, GGUF_CONFIG_MAPPING
+    except ImportError:
+        raise LayerscopeError(f"{file}: naming GGUF tensors as transformers does needs transformers: "
+                              "pip install 'layerscope[gguf]'") from None
+    return GGUF_CONFIG_MAPPING, GGUF_CONFIG_DEFAULTS_MAPPING
 
 
 def transformers_names(file: Path, config: dict, architecture: str) -> dict[str, str]:

@@ -140,20 +140,21 @@ def open_gguf(file: Path) -> Checkpoint:
         decodable_types,
         gguf_config,
         qk_heads,
-        read_gguf_table,
+        read_gguf,
         transformers_names,
     )
 
     stat = file.stat()
     key = (str(file.resolve()), stat.st_size, stat.st_mtime_ns)
     if key not in _GGUF_LAYOUTS:  # compare and report open a file more than once: parse it once
-        entries, architecture = read_gguf_table(file)
+        table = read_gguf(file)
+        entries, architecture = table.tensors, table.architecture
         undecodable = sorted({e.ggml_type for e in entries} - decodable_types() - {"I8", "I16", "I32", "I64"})
         if undecodable:
             first = next(e for e in entries if e.ggml_type in undecodable)
             raise LayerscopeError(f"{file}: tensor {first.gguf_name!r} is stored as ggml type {first.ggml_type}, "
                                   "which the gguf package cannot dequantize")
-        config = gguf_config(file, architecture)
+        config = gguf_config(file, table)
         # the metadata is as untrusted as a config.json: its counts are checked before a model is built from it
         check_config_counts(config, [e.gguf_name for e in entries], [e.shape for e in entries],
                             f"{file} (GGUF metadata)")
