@@ -196,3 +196,39 @@ def test_the_config_is_the_one_transformers_derives(tmp_path, label):
     ours.pop("architectures", None)
     assert ours == reference
     assert ours["vocab_size"] == 300 and ours["num_hidden_layers"] == 2
+
+
+def _open_in_fresh_process(path: Path, cache: str) -> dict:
+    script = ("import json, sys; from layerscope.checkpoint.reader import open_checkpoint; "
+              f"c = open_checkpoint(__import__('pathlib').Path({str(path)!r})); "
+              "print(json.dumps({'transformers': 'transformers' in sys.modules, 'names': list(c.tensors), "
+              "'config': c.config, 'fingerprint': c.fingerprint()}))")
+    import json
+    import os
+
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={**os.environ, "LAYERSCOPE_CACHE_DIR": cache})
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_a_layout_seen_before_is_named_without_transformers(tmp_path):
+    """The second process reads the names and config from the layout cache (no transformers import, no meta
+    build) and gets exactly what the first derived; a damaged entry is rebuilt; ``off`` writes nothing."""
+    pytest.importorskip("transformers")
+    path = _file(tmp_path / "model.gguf", tokens=300)
+    cache = tmp_path / "cache"
+    first = _open_in_fresh_process(path, str(cache))
+    second = _open_in_fresh_process(path, str(cache))
+    assert first["transformers"] and not second["transformers"]
+    assert {k: v for k, v in first.items() if k != "transformers"} == {
+        k: v for k, v in second.items() if k != "transformers"}
+    assert "model.layers.0.mlp.up_proj.weight" in first["names"]
+    entries = list((cache / "gguf-layouts").glob("*.json"))
+    assert len(entries) == 1
+    entries[0].write_text('{"key": "damaged"')
+    third = _open_in_fresh_process(path, str(cache))
+    assert third["transformers"] and third["names"] == first["names"]
+    assert _open_in_fresh_process(path, str(cache))["transformers"] is False  # rebuilt and stored again
+    _open_in_fresh_process(path, "off")
+    assert not (Path("off") / "gguf-layouts").exists()

@@ -138,10 +138,8 @@ def open_gguf(file: Path) -> Checkpoint:
     """A GGUF file as a checkpoint: transformers' names and config, ggml types as dtypes (see ggufread)."""
     from layerscope.checkpoint.ggufread import (
         decodable_types,
-        gguf_config,
         qk_heads,
         read_gguf,
-        transformers_names,
     )
 
     stat = file.stat()
@@ -154,13 +152,10 @@ def open_gguf(file: Path) -> Checkpoint:
             first = next(e for e in entries if e.ggml_type in undecodable)
             raise LayerscopeError(f"{file}: tensor {first.gguf_name!r} is stored as ggml type {first.ggml_type}, "
                                   "which the gguf package cannot dequantize")
-        config = gguf_config(file, table)
-        # the metadata is as untrusted as a config.json: its counts are checked before a model is built from it
-        check_config_counts(config, [e.gguf_name for e in entries], [e.shape for e in entries],
-                            f"{file} (GGUF metadata)")
+        config, names = _gguf_names(file, table)
         if len(_GGUF_LAYOUTS) >= 4:
             _GGUF_LAYOUTS.pop(next(iter(_GGUF_LAYOUTS)))
-        _GGUF_LAYOUTS[key] = (entries, architecture, config, transformers_names(file, config, architecture))
+        _GGUF_LAYOUTS[key] = (entries, architecture, config, names)
     entries, architecture, config, names = _GGUF_LAYOUTS[key]
     config = dict(config)
     tensors: dict[str, TensorInfo] = {}
@@ -173,6 +168,25 @@ def open_gguf(file: Path) -> Checkpoint:
                                    gguf_heads=qk_heads(entry.gguf_name, config, architecture))
     ordered = {name: tensors[name] for name in sorted(tensors, key=natural_key)}
     return Checkpoint(path=file, files=[file], tensors=ordered, config=config)
+
+
+def _gguf_names(file: Path, table) -> tuple[dict, dict[str, str]]:
+    """The config and the GGUF → transformers names: from the layout cache when this layout was seen, else derived
+    (transformers' import and a meta-device build) and stored there."""
+    from layerscope.checkpoint import layoutcache
+    from layerscope.checkpoint.ggufread import gguf_config, transformers_names
+
+    key = layoutcache.layout_key(table.tensors, table.values, table.array_lengths)
+    cached = layoutcache.load(key)
+    if cached is not None:
+        return cached
+    config = gguf_config(file, table)
+    # the metadata is as untrusted as a config.json: its counts are checked before a model is built from it
+    check_config_counts(config, [e.gguf_name for e in table.tensors], [e.shape for e in table.tensors],
+                        f"{file} (GGUF metadata)")
+    names = transformers_names(file, config, table.architecture)
+    layoutcache.store(key, config, names)
+    return config, names
 
 
 def resolve_hub_cache(root: Path, revision: str | None) -> Path:
