@@ -86,3 +86,22 @@ def test_a_size_field_above_the_limit_says_too_large(tmp_path):
         check_config_fields({"num_hidden_layers": 2**32}, "config.json")
     with pytest.raises(LayerscopeError, match="field 'num_hidden_layers' is -1, expected a non-negative integer"):
         check_config_fields({"num_hidden_layers": -1}, "config.json")
+
+
+def test_a_config_counting_fewer_blocks_than_stored_is_refused(tmp_path):
+    """num_hidden_layers: 2 over a 6-block checkpoint: refused at scan time, naming the field, both counts and the
+    deepest block (it used to scan and plan 6 of 6 layers and fail only in apply_plan)."""
+    from tests.builders import LLAMA_CONFIG, llama_tensors, write_checkpoint
+
+    folder = write_checkpoint(tmp_path / "six", llama_tensors(layers=6), config=LLAMA_CONFIG)
+    result, _ = _scan(folder)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    line = result.stderr.strip()
+    assert "\n" not in line and str(folder / "config.json") in line, line
+    assert "num_hidden_layers = 2 but the checkpoint holds 6 blocks (model.layers.5." in line, line
+    write_checkpoint(folder, llama_tensors(layers=6), config={**LLAMA_CONFIG, "num_hidden_layers": 6})
+    assert _scan(folder)[0].returncode == 0
+    # DeepSeek V3's multi-token-prediction block is stored after the others: counted by num_nextn_predict_layers
+    write_checkpoint(folder, llama_tensors(layers=6), config={**LLAMA_CONFIG, "num_hidden_layers": 5,
+                                                              "num_nextn_predict_layers": 1})
+    assert _scan(folder)[0].returncode == 0

@@ -110,6 +110,7 @@ def scan_checkpoint(ckpt: Checkpoint, opts: ScanOptions) -> pd.DataFrame:
     device = esd.resolve_device(distributed.rank_device(opts.device, distributed.current(opts.device)))
     dtype = esd.working_dtype(opts.precision, device)
     classified = [(t, scheme.classify(t.name, t.shape, t.analysable_dtype)) for t in logical]
+    _require_config_depth(ckpt, classified)
     selected = [(info, role) for info, role in classified if _wanted(info, role, opts)]
     if not selected:
         raise LayerscopeError(f"{ckpt.path}: no weight matrix to analyse"
@@ -352,6 +353,33 @@ def _working_bytes(weight: torch.Tensor, dtype: torch.dtype) -> int:
     """What one matrix costs in a batch: its stored bytes plus its Gram and the eigensolver's copy."""
     m = min(weight.shape)
     return weight.numel() * weight.element_size() + 2 * m * m * torch.finfo(dtype).bits // 8
+
+
+LAYER_COUNT_FIELDS = ("num_hidden_layers", "n_layer", "num_layers")
+EXTRA_LAYER_FIELDS = ("num_nextn_predict_layers",)  # DeepSeek V3, GLM-4.5: multi-token-prediction blocks after the rest
+
+
+def _require_config_depth(ckpt: Checkpoint, classified: list[tuple[LogicalTensor, TensorRole]]) -> None:
+    """A config that counts fewer blocks than the checkpoint's one language stack holds is refused: plans would be
+    made for blocks the model transformers builds from that config does not have."""
+    if not ckpt.files or ckpt.config.get("is_encoder_decoder") is True:
+        return
+    field = next((key for key in LAYER_COUNT_FIELDS if type(ckpt.config.get(key)) is int), None)
+    blocks: dict[str, tuple[int, str]] = {}
+    for info, role in classified:
+        if role.stack is not None and role.tower is None and role.stack_layer is not None:
+            deepest = blocks.get(role.stack)
+            if deepest is None or role.stack_layer > deepest[0]:
+                blocks[role.stack] = (role.stack_layer, info.name)
+    if field is None or len(blocks) != 1:
+        return
+    deepest, example = next(iter(blocks.values()))
+    extra = sum(v for key in EXTRA_LAYER_FIELDS if type(v := ckpt.config.get(key)) is int and v > 0)
+    claimed = ckpt.config[field]
+    if deepest + 1 > claimed + extra:
+        where = Path(ckpt.path) / "config.json" if Path(ckpt.path).is_dir() else f"{ckpt.path} (its metadata)"
+        raise LayerscopeError(f"{where}: {field} = {claimed} but the checkpoint holds {deepest + 1} blocks "
+                              f"({example}); the model built from this config would have {claimed}")
 
 
 def _layers_seen(table: pd.DataFrame) -> int | None:
