@@ -216,7 +216,7 @@ def test_a_layout_seen_before_is_named_without_transformers(tmp_path):
     """The second process reads the names and config from the layout cache (no transformers import, no meta
     build) and gets exactly what the first derived; a damaged entry is rebuilt; ``off`` writes nothing."""
     pytest.importorskip("transformers")
-    path = _file(tmp_path / "model.gguf", tokens=300)
+    path = _llama_file(tmp_path / "model.gguf")
     cache = tmp_path / "cache"
     first = _open_in_fresh_process(path, str(cache))
     second = _open_in_fresh_process(path, str(cache))
@@ -232,3 +232,58 @@ def test_a_layout_seen_before_is_named_without_transformers(tmp_path):
     assert _open_in_fresh_process(path, str(cache))["transformers"] is False  # rebuilt and stored again
     _open_in_fresh_process(path, "off")
     assert not (Path("off") / "gguf-layouts").exists()
+
+
+LLAMA_SHAPES = {"token_embd.weight": (300, 64), "output_norm.weight": (64,), "blk.0.attn_norm.weight": (64,),
+                "blk.0.attn_q.weight": (64, 64), "blk.0.attn_k.weight": (32, 64), "blk.0.attn_v.weight": (32, 64),
+                "blk.0.attn_output.weight": (64, 64), "blk.0.ffn_norm.weight": (64,),
+                "blk.0.ffn_gate.weight": (128, 64), "blk.0.ffn_up.weight": (128, 64), "blk.0.ffn_down.weight": (64, 128)}
+
+
+def _llama_file(path: Path, drop: tuple[str, ...] = (), shapes: dict | None = None) -> Path:
+    """A whole one-block Llama (hidden 64, 4 heads, 2 KV heads, FFN 128, 300 tokens), shapes as PyTorch's."""
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    writer.add_context_length(128)
+    writer.add_embedding_length(64)
+    writer.add_feed_forward_length(128)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_token_list([f"tok{i}" for i in range(300)])
+    rng = np.random.default_rng(0)
+    for name, shape in {**LLAMA_SHAPES, **(shapes or {})}.items():
+        if name not in drop:
+            writer.add_tensor(name, rng.standard_normal(shape).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_tensors_are_checked_against_the_model_the_metadata_builds(tmp_path):
+    """A shape that contradicts its parameter is refused (both shapes, the config field); an expected matrix that
+    is absent is named in the scan's model facts and on stderr; a tied output embedding is not missing."""
+    pytest.importorskip("transformers")
+    from layerscope.checkpoint.reader import open_checkpoint
+
+    whole = open_checkpoint(_llama_file(tmp_path / "whole.gguf"))
+    assert whole.missing == [] and "lm_head.weight" not in whole.tensors and whole.config["tie_word_embeddings"]
+    lacking = _llama_file(tmp_path / "lacking.gguf", drop=("blk.0.attn_q.weight",))
+    assert open_checkpoint(lacking).missing == ["model.layers.0.self_attn.q_proj.weight (blk.0.attn_q.weight)"]
+    done = subprocess.run([sys.executable, "-m", "layerscope", "scan", str(lacking), "--out",
+                           str(tmp_path / "scan.parquet")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "WARNING: 1 weight matrix that the architecture expects is absent" in done.stderr
+    assert "model.layers.0.self_attn.q_proj.weight (blk.0.attn_q.weight)" in done.stderr
+    from layerscope.tables import read_scan
+
+    assert read_scan(tmp_path / "scan.parquet").attrs["missing"] == [
+        "model.layers.0.self_attn.q_proj.weight (blk.0.attn_q.weight)"]
+    wrong = _llama_file(tmp_path / "wrong.gguf", shapes={"blk.0.attn_q.weight": (32, 64)})
+    done = subprocess.run([sys.executable, "-m", "layerscope", "scan", str(wrong)], capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip() == (
+        f"error: {wrong}: tensor 'blk.0.attn_q.weight' (model.layers.0.self_attn.q_proj.weight) has shape [32, 64], "
+        "but the model built from the file's metadata expects [64, 64] (hidden_size = 64)"), done.stderr

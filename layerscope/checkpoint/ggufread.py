@@ -193,10 +193,11 @@ def _transformers_key_tables(file: Path) -> tuple[dict, dict]:
     return GGUF_CONFIG_MAPPING, GGUF_CONFIG_DEFAULTS_MAPPING
 
 
-def transformers_names(file: Path, config: dict, architecture: str) -> dict[str, str]:
-    """GGUF tensor name → the parameter name in the model transformers builds from this file: each parameter of
-    that model (built on the meta device) through gguf's own table of GGUF names for the architecture, as
-    transformers' loader maps them (its per-architecture name rewrites only concern refused architectures)."""
+def transformers_names(file: Path, config: dict, architecture: str) -> tuple[dict[str, str], dict[str, list[int]]]:
+    """GGUF tensor name → the parameter name in the model transformers builds from this file, and → that
+    parameter's shape: each parameter of that model (built on the meta device) through gguf's own table of GGUF
+    names for the architecture, as transformers' loader maps them (its per-architecture name rewrites only
+    concern refused architectures)."""
     from layerscope.checkpoint.modeltree import _meta_model
 
     gguf = gguf_package()
@@ -209,13 +210,37 @@ def transformers_names(file: Path, config: dict, architecture: str) -> dict[str,
         raise LayerscopeError(f"{file}: transformers cannot build {config.get('model_type')!r} to name its tensors "
                               f"({type(exc).__name__})") from None
     table = gguf.get_tensor_name_map(arch, int(config.get("num_hidden_layers") or 0))
-    names = {}
-    for hf_name, _ in model.named_parameters():
+    names: dict[str, str] = {}
+    shapes: dict[str, list[int]] = {}
+    for hf_name, parameter in model.named_parameters():
         stem, dot, suffix = hf_name.rpartition(".")
         gguf_name = table.get_name(stem) if dot else None
-        if gguf_name is not None:
-            names.setdefault(f"{gguf_name}.{suffix}", hf_name)
-    return names
+        if gguf_name is not None and f"{gguf_name}.{suffix}" not in names:
+            names[f"{gguf_name}.{suffix}"] = hf_name
+            shapes[f"{gguf_name}.{suffix}"] = list(parameter.shape)
+    return names, shapes
+
+
+def check_against_model(file: Path, entries: list[GGUFTensor], names: dict[str, str], shapes: dict[str, list[int]],
+                        config: dict) -> list[str]:
+    """Refuse a tensor whose shape is not its parameter's in the model built from the file's metadata (naming
+    both shapes and the config fields behind them); return the weight matrices that model expects and the file
+    lacks, as ``live name (GGUF name)`` (transformers would initialise them at random: "missing keys")."""
+    for entry in entries:
+        expected = shapes.get(entry.gguf_name)
+        if expected is not None and list(entry.shape) != expected:
+            raise LayerscopeError(
+                f"{file}: tensor {entry.gguf_name!r} ({names[entry.gguf_name]}) has shape {list(entry.shape)}, but the "
+                f"model built from the file's metadata expects {expected}{_fields_behind(config, expected)}")
+    present = {entry.gguf_name for entry in entries}
+    return [f"{names[name]} ({name})" for name, shape in shapes.items()
+            if len(shape) == 2 and name.endswith(".weight") and name not in present]
+
+
+def _fields_behind(config: dict, dims: list[int]) -> str:
+    fields = [f"{key} = {value}" for key, value in config.items()
+              if type(value) is int and value in dims and key.endswith(("_size", "_length", "_dim", "heads"))]
+    return f" ({', '.join(fields)})" if fields else ""
 
 
 def qk_heads(gguf_name: str, config: dict, architecture: str) -> int | None:

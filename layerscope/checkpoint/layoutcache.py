@@ -1,4 +1,4 @@
-"""What a GGUF file's names cost once: its config and transformers' parameter names, kept on disk.
+"""What a GGUF file's names cost once: its config and transformers' parameter names and shapes, kept on disk.
 
 Naming a GGUF file's tensors as transformers does means importing transformers and building the model on
 the meta device (1.5–3 s of a small file's scan).  The result depends only on the file's table and metadata
@@ -19,7 +19,7 @@ import os
 from importlib import metadata
 from pathlib import Path
 
-FORMAT = 1
+FORMAT = 2
 SUBFOLDER = "gguf-layouts"
 
 
@@ -47,8 +47,8 @@ def layout_key(entries: list, values: dict, array_lengths: dict) -> str:
     return hashlib.sha256(json.dumps(document, sort_keys=True, default=repr).encode()).hexdigest()
 
 
-def load(key: str) -> tuple[dict, dict[str, str]] | None:
-    """(config, names) stored under ``key``, or None (absent, unreadable, or not what an entry holds)."""
+def load(key: str) -> tuple[dict, dict[str, str], dict[str, list[int]]] | None:
+    """(config, names, shapes) stored under ``key``, or None (absent, unreadable, or not what an entry holds)."""
     folder = cache_folder()
     if folder is None:
         return None
@@ -56,21 +56,25 @@ def load(key: str) -> tuple[dict, dict[str, str]] | None:
         entry = json.loads((folder / f"{key}.json").read_text())
     except (OSError, ValueError):
         return None
-    config, names = (entry.get("config"), entry.get("names")) if isinstance(entry, dict) else (None, None)
-    if entry.get("key") != key or not isinstance(config, dict) or not isinstance(names, dict):
+    if not isinstance(entry, dict) or entry.get("key") != key:
+        return None
+    config, names, shapes = entry.get("config"), entry.get("names"), entry.get("shapes")
+    if not (isinstance(config, dict) and isinstance(names, dict) and isinstance(shapes, dict)):
         return None
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in names.items()):
         return None
-    return config, names
+    if not all(isinstance(v, list) and all(type(d) is int for d in v) for v in shapes.values()):
+        return None
+    return config, names, shapes
 
 
-def store(key: str, config: dict, names: dict[str, str]) -> None:
+def store(key: str, config: dict, names: dict[str, str], shapes: dict[str, list[int]]) -> None:
     """Write the entry atomically; a folder that cannot be written is left alone (the cache is optional)."""
     folder = cache_folder()
     if folder is None:
         return
     try:
-        text = json.dumps({"key": key, "config": config, "names": names}, sort_keys=True)
+        text = json.dumps({"key": key, "config": config, "names": names, "shapes": shapes}, sort_keys=True)
     except (TypeError, ValueError):
         return  # a config value JSON cannot hold: not cached, rebuilt each time
     try:

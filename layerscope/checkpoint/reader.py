@@ -68,6 +68,7 @@ class Checkpoint:
     tensors: dict[str, TensorInfo]
     config: dict = field(default_factory=dict)
     tree: object | None = None  # a model in memory: its own module tree (checkpoint.modeltree.ModelTree)
+    missing: list[str] = field(default_factory=list)  # weight matrices the architecture expects and the file lacks
 
     @property
     def names(self) -> list[str]:
@@ -137,6 +138,7 @@ _GGUF_LAYOUTS: dict[tuple, tuple] = {}  # (path, size, mtime) → (entries, arch
 def open_gguf(file: Path) -> Checkpoint:
     """A GGUF file as a checkpoint: transformers' names and config, ggml types as dtypes (see ggufread)."""
     from layerscope.checkpoint.ggufread import (
+        check_against_model,
         decodable_types,
         qk_heads,
         read_gguf,
@@ -152,11 +154,12 @@ def open_gguf(file: Path) -> Checkpoint:
             first = next(e for e in entries if e.ggml_type in undecodable)
             raise LayerscopeError(f"{file}: tensor {first.gguf_name!r} is stored as ggml type {first.ggml_type}, "
                                   "which the gguf package cannot dequantize")
-        config, names = _gguf_names(file, table)
+        config, names, shapes = _gguf_names(file, table)
+        missing = check_against_model(file, entries, names, shapes, config)
         if len(_GGUF_LAYOUTS) >= 4:
             _GGUF_LAYOUTS.pop(next(iter(_GGUF_LAYOUTS)))
-        _GGUF_LAYOUTS[key] = (entries, architecture, config, names)
-    entries, architecture, config, names = _GGUF_LAYOUTS[key]
+        _GGUF_LAYOUTS[key] = (entries, architecture, config, names, missing)
+    entries, architecture, config, names, missing = _GGUF_LAYOUTS[key]
     config = dict(config)
     tensors: dict[str, TensorInfo] = {}
     for entry in entries:
@@ -167,12 +170,12 @@ def open_gguf(file: Path) -> Checkpoint:
                                    end=entry.end, container="gguf",
                                    gguf_heads=qk_heads(entry.gguf_name, config, architecture))
     ordered = {name: tensors[name] for name in sorted(tensors, key=natural_key)}
-    return Checkpoint(path=file, files=[file], tensors=ordered, config=config)
+    return Checkpoint(path=file, files=[file], tensors=ordered, config=config, missing=list(missing))
 
 
-def _gguf_names(file: Path, table) -> tuple[dict, dict[str, str]]:
-    """The config and the GGUF → transformers names: from the layout cache when this layout was seen, else derived
-    (transformers' import and a meta-device build) and stored there."""
+def _gguf_names(file: Path, table) -> tuple[dict, dict[str, str], dict[str, list[int]]]:
+    """The config, and the GGUF → transformers names and shapes: from the layout cache when this layout was seen,
+    else derived (transformers' import and a meta-device build) and stored there."""
     from layerscope.checkpoint import layoutcache
     from layerscope.checkpoint.ggufread import gguf_config, transformers_names
 
@@ -184,9 +187,9 @@ def _gguf_names(file: Path, table) -> tuple[dict, dict[str, str]]:
     # the metadata is as untrusted as a config.json: its counts are checked before a model is built from it
     check_config_counts(config, [e.gguf_name for e in table.tensors], [e.shape for e in table.tensors],
                         f"{file} (GGUF metadata)")
-    names = transformers_names(file, config, table.architecture)
-    layoutcache.store(key, config, names)
-    return config, names
+    names, shapes = transformers_names(file, config, table.architecture)
+    layoutcache.store(key, config, names, shapes)
+    return config, names, shapes
 
 
 def resolve_hub_cache(root: Path, revision: str | None) -> Path:

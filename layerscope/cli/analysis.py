@@ -88,6 +88,13 @@ def _print_summary(matrices, layers, seconds: float, written: list[Path]) -> Non
     skipped = not_analysed_line(attrs)
     if skipped:
         click.echo(f"{skipped} (listed in the table's model facts, not_analysed)")
+    missing = attrs.get("missing") or []
+    if missing:
+        shown = ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "")
+        click.echo(f"WARNING: {len(missing)} weight matri{'ces' if len(missing) > 1 else 'x'} that the architecture "
+                   f"expects {'are' if len(missing) > 1 else 'is'} absent (transformers would initialise "
+                   f"{'them' if len(missing) > 1 else 'it'} at random; listed in the model facts, missing): {shown}",
+                   err=True)
     unmapped = attrs.get("unmapped") or []
     if unmapped:
         shown = ", ".join(one_line(m) for m in unmapped[:5]) + (" ..." if len(unmapped) > 5 else "")

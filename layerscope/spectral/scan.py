@@ -137,6 +137,7 @@ def scan_checkpoint(ckpt: Checkpoint, opts: ScanOptions) -> pd.DataFrame:
         live_names_note=no_tree,
         unmapped=sorted({str(r.module) for _, r in classified if r.kind == "other" and r.layer is not None}),
         not_analysed=_not_analysed(classified, opts),
+        missing=list(ckpt.missing),
         quantization=sorted({t.quantization for t in logical if t.quantization}),
         num_layers=max(filter(None, (scheme.num_layers or ckpt.num_layers, _layers_seen(table))), default=None),
         fingerprint=ckpt.fingerprint(),
