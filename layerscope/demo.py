@@ -59,7 +59,7 @@ def run_demo(out: Path, progress: bool = True, screenshot: bool = True) -> tuple
                                                       "--mode linear-decay --base-rank 16 --min-rank 4"),
     }
     index = build_report(matrices, out, model_path=model, activations=activations, plans=plans,
-                         title="layerscope report: all-MiniLM-L6-v2")
+                         title="layerscope report: all-MiniLM-L6-v2", progress=progress)
     if screenshot and find_chromium():
         take_screenshot(index, out / "screenshot.png")
     labels = {"hilo": "hilo, ranks from depth", "hilo-activations": "hilo, ranks from activation near-zero fractions"}

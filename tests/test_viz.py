@@ -180,3 +180,32 @@ def test_depth_is_described_per_stack_when_there_are_towers():
     gemma3 = {"num_layers": 8, "stack_depths": [{"name": "language_model", "depth": 4, "tower": False},
                                                  {"name": "vision_tower", "depth": 4, "tower": True}]}
     assert depth_description(gemma3) == "8 blocks (language_model 4, vision_tower 4: tower)"
+
+
+def test_report_progress_counts_every_figure_drawn_and_written(tmp_path, monkeypatch):
+    """The report's bar (stderr) moves once per figure drawn and once per figure written, and ends full: the
+    long part of a report (ESD figures, PNG rendering) is no longer silent."""
+    import io
+
+    import layerscope
+    from layerscope.viz import report as report_module
+
+    bars = []
+
+    def visible_bar(*args, **kwargs):
+        kwargs.update(disable=False, file=io.StringIO())
+        bars.append(report_module_tqdm(*args, **kwargs))
+        return bars[-1]
+
+    report_module_tqdm = report_module.tqdm
+    monkeypatch.setattr(report_module, "tqdm", visible_bar)
+    folder = tmp_path / "model"
+    write_checkpoint(folder, {f"model.layers.{i}.mlp.up_proj.weight": matrix_with_spectrum(
+        pareto_eigenvalues(60, 2.5, seed=i, xmin=1.0), 80, i).float() for i in range(2)},
+        config={"model_type": "llama", "num_hidden_layers": 2})
+    table = layerscope.scan(folder, progress=False)
+    plans = {"mixture": layerscope.plan(table, "mola", pattern=(2, 4), progress=False)}
+    build_report(table, tmp_path / "report", model_path=folder, plans=plans, progress=True)
+    figures = len(list((tmp_path / "report" / "img").glob("*.png")))
+    assert figures == 5 and bars[0].total == 2 * figures and bars[0].n == bars[0].total
+    assert "wrote allocations" in bars[0].fp.getvalue()

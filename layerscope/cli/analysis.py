@@ -207,7 +207,7 @@ def plot_command(scan_file: Path, layer: tuple[int, ...], matrix: str | None, mo
         from layerscope.planning.matching import require_same_model, scan_difference
 
         require_same_model(scan_difference(table, source), str(scan_file), False)
-        for name, eigs in esd_eigenvalues(source, list(chosen["name"])).items():
+        for name, eigs in esd_eigenvalues(source, list(chosen["name"])):
             figures[out / f"esd_{plots.safe_stem(name)}.png"] = plots.plot_esd(eigs, name)
     out.mkdir(parents=True, exist_ok=True)  # nothing is written before every figure is drawn
     written = write_files({path: (lambda tmp, fig=fig: plots.save_to(fig, tmp)) for path, fig in figures.items()})
@@ -267,7 +267,7 @@ def report_command(model: Path, out: Path, scan_file: Path | None, activations_f
             raise LayerscopeError(f"{plan_comparison_file} was made for another model: its model's header fingerprint "
                                   f"{str(compared_on)[:16]} differs from {model}'s ({ALLOW} to use it anyway)")
     index = build_report(table, out, model_path=model, activations=activations, plans=plans, comparison=comparison,
-                         plan_comparison=plan_comparison)
+                         plan_comparison=plan_comparison, progress=not quiet)
     click.echo(f"wrote {index}")
 
 

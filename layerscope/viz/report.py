@@ -5,10 +5,12 @@ from __future__ import annotations
 import html
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from layerscope.checkpoint.reader import open_checkpoint
 from layerscope.errors import LayerscopeError
@@ -79,33 +81,45 @@ def _esd_choices(table: pd.DataFrame) -> list[str]:
     return unique[:MAX_ESD_PLOTS]
 
 
-def esd_eigenvalues(model_path: str | Path, names: list[str]) -> dict[str, torch.Tensor]:
-    """Gram eigenvalues (float64) of the named matrices, read from the checkpoint again."""
+def esd_eigenvalues(model_path: str | Path, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, Gram eigenvalues in float64) of the named matrices, read from the checkpoint again, one at a time."""
     ckpt = open_checkpoint(model_path)
-    out = {}
     for name in names:
         tensor_name, _, index = name.partition("[")
         weight = ckpt.load(tensor_name.split(":")[0])
         if index:
             weight = weight.reshape(-1, *weight.shape[-2:])[int(index.rstrip("]"))]
-        out[name] = gram_eigenvalues(weight[None], torch.float64)[0][0]
-    return out
+        yield name, gram_eigenvalues(weight[None], torch.float64)[0][0]
 
 
 def build_report(table: pd.DataFrame, out: str | Path, *, model_path: str | Path | None = None,
                  activations: pd.DataFrame | None = None, plans: dict | None = None,
                  comparison: pd.DataFrame | None = None, title: str | None = None,
-                 plan_comparison: dict | None = None) -> Path:
+                 plan_comparison: dict | None = None, progress: bool = False) -> Path:
     """Write ``index.html`` with its PNGs and CSVs into ``out``; returns the index path.
 
-    ``plan_comparison``: a ``layerscope.plan-comparison/1`` document (``compare-plans``) to show."""
+    ``plan_comparison``: a ``layerscope.plan-comparison/2`` document (``compare-plans``) to show.  ``progress``: a
+    bar on stderr over the figures, each counted when drawn and when written."""
     out = Path(out)
     plans = plans or {}
     attrs = table.attrs
+    title = title or default_title(table, model_path)
+    source = model_path or attrs.get("path")
+    esd_names = _esd_choices(table) if source and Path(str(source)).exists() else []
+    figures = (2 + len(esd_names) + (activations is not None) + (comparison is not None) + bool(plans)
+               + (plan_comparison is not None) * (1 + bool((plan_comparison or {}).get("budgets"))))
+    with tqdm(total=2 * figures, unit="step", desc="report", disable=(not progress) or None) as bar:
+        files = _ReportFiles(out, bar)  # every file is written at the end, as one output set
+        return _write(table, files, title=title, source=source, esd_names=esd_names, activations=activations,
+                      plans=plans, comparison=comparison, plan_comparison=plan_comparison)
+
+
+def _write(table: pd.DataFrame, files: _ReportFiles, *, title: str | None, source, esd_names: list[str],
+           activations: pd.DataFrame | None, plans: dict, comparison: pd.DataFrame | None,
+           plan_comparison: dict | None) -> Path:
+    attrs, out = table.attrs, files.out
     layers = layer_summary(table)
     warnings = warnings_table(table)
-    title = title or default_title(table, model_path)
-    files = _ReportFiles(out)  # every file is written at the end, as one output set
     files.text("scan.csv", table.to_csv(index=False))
     files.text("scan.layers.csv", layers.to_csv(index=False))
     files.text("warnings.csv", warnings.to_csv(index=False))
@@ -123,11 +137,9 @@ def build_report(table: pd.DataFrame, out: str | Path, *, model_path: str | Path
                     "<img src='img/norms_by_layer.png' alt='norm metrics by layer'>"
                     + _table_html(layers))
 
-    source = model_path or attrs.get("path")
-    if source and Path(str(source)).exists():
-        names = _esd_choices(table)
+    if esd_names:
         figures = []
-        for name, eigs in esd_eigenvalues(source, names).items():
+        for name, eigs in esd_eigenvalues(source, esd_names):
             stem = "esd_" + plots.safe_stem(name)
             files.figure(plots.plot_esd(eigs, name), stem)
             figures.append(f"<img src='img/{stem}.png' alt='ESD of {html.escape(name)}'>")
@@ -229,15 +241,25 @@ def default_title(table: pd.DataFrame, model_path: str | Path | None) -> str:
 class _ReportFiles:
     """The report's files, gathered in memory and committed as one output set (all new, or the old report)."""
 
-    def __init__(self, out: Path):
-        self.out = out
+    def __init__(self, out: Path, bar=None):
+        self.out, self.bar = out, bar
         self.writers: dict[Path, object] = {}
 
     def text(self, relative: str, text: str) -> None:
         self.writers[self.out / relative] = lambda tmp: tmp.write_text(text, encoding="utf-8")
 
     def figure(self, figure, stem: str) -> None:
-        self.writers[self.out / "img" / f"{stem}.png"] = lambda tmp: plots.save_to(figure, tmp)
+        def save(tmp: Path) -> None:
+            plots.save_to(figure, tmp)
+            self._step(f"wrote {stem}")
+
+        self.writers[self.out / "img" / f"{stem}.png"] = save
+        self._step(f"drew {stem}")
+
+    def _step(self, what: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(what, refresh=False)
+            self.bar.update()
 
     def commit(self) -> None:
         (self.out / "img").mkdir(parents=True, exist_ok=True)
