@@ -31,6 +31,14 @@ def test_the_site_builds_strictly(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     api = (tmp_path / "site" / "reference" / "api" / "index.html").read_text()
     assert "SpectraWatcher" in api and "spectra_callback" in api and "ScanOptions" in api
+    headings = [re.sub(r"<[^>]+>|&para;", "", h).split()[0] for h in re.findall(r"<h3 id=[^>]*>(.*?)</h3>", api, re.S)]
+    assert "layerscope.scan" in headings and "layerscope.plan" in headings and "layerscope.adapters.scan" not in headings
+    assert not re.search(r":(class|func|meth|mod|attr):", api), "a Sphinx role is shown raw"
+    options = api[api.index('id="layerscope.spectral.scan.ScanOptions"'):api.index('id="layerscope.spectral.scan.layer_summary"')]
+    assert all(f"{field}" in options for field in ("estimators", "precision", "cache", "threads"))
+    labels = re.findall(r"^\s*- ([^:\n]+):", (ROOT / "mkdocs.yml").read_text().split("nav:")[1].split("markdown_extensions")[0],
+                        re.M)
+    assert len(labels) == len(set(labels)), f"a navigation label is used twice: {labels}"
 
 
 def test_every_command_has_a_page_with_its_current_help():

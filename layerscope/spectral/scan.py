@@ -43,20 +43,39 @@ DEFAULT_BATCH_BYTES = {"cpu": 32 << 20, "cuda": 1 << 30}
 
 @dataclass(frozen=True)
 class ScanOptions:
+    """The options of a scan: the keyword arguments of ``layerscope.scan`` and the flags of ``layerscope scan``."""
+
     estimators: tuple[str, ...] = ("alpha", "alpha_hill", "alpha_peak")
+    """Estimators per matrix: ``alpha`` (WeightWatcher's KS-chosen power-law fit), ``alpha_hill`` (PL_Alpha_Hill,
+    AlphaLoRA's layer quality), ``alpha_peak``, and those that need the matrix itself: ``alpha_farms``, ``mp``
+    (the Marchenko–Pastur fit) and ``rand`` (the randomized ESD)."""
     device: str = "auto"
+    """``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
     precision: str = "auto"
+    """``auto`` (float64 where the device runs it at full rate: CPUs, H100/H200; else float32 with a conditioning
+    guard), ``f64`` or ``f32``."""
     include: str | None = None
+    """Regular expression: analyse only the tensors whose names match."""
     exclude: str | None = None
+    """Regular expression: leave out the tensors whose names match."""
     split_fused: bool = False
+    """Analyse fused projections (q|k|v, gate|up) part by part instead of as one matrix."""
     architecture: str | None = None
+    """A naming-table entry to use instead of the one detected from config.json (``layerscope architectures``)."""
     revision: str | None = None
-    batch_bytes: int | None = None  # None: DEFAULT_BATCH_BYTES for the device
+    """The snapshot to read when the path is a Hugging Face hub cache folder (``models--org--name``)."""
+    batch_bytes: int | None = None
+    """Bytes of matrices analysed in one batched call (None: the device's default)."""
     progress: bool = True
-    cache: str | Path | None = None  # folder of finished tensors' rows (resumable scans)
-    base: str | Path | None = None  # adapter scans: also analyse W + ΔW of this base model
-    live_names: bool = True  # name modules as the model transformers builds has them (when it can build it)
-    threads: int | None = None  # CPU threads (default: $LAYERSCOPE_THREADS, else this process's share of the cores)
+    """A progress bar on stderr (shown on terminals)."""
+    cache: str | Path | None = None
+    """A folder where each finished tensor's rows are kept, so an interrupted scan resumes."""
+    base: str | Path | None = None
+    """Adapter folders only: also analyse W + ΔW of this base model."""
+    live_names: bool = True
+    """Name modules as the model transformers builds has them (when it can build it)."""
+    threads: int | None = None
+    """CPU threads (default: ``$LAYERSCOPE_THREADS``, else this process's share of the cores)."""
 
     def validate(self) -> None:
         esd.check_precision(self.precision)
