@@ -207,3 +207,17 @@ def test_activations_and_an_activation_driven_plan_from_the_file(table):
     plan = layerscope.plan(table, "hilo", ranks=(2, 4, 6), rank_source="activations", activations=activations,
                            progress=False)
     assert len(plan.layers) == 30 and {layer["rank"] for layer in plan.layers} == {2, 4, 6}
+
+
+def test_exports_of_a_gguf_plan_name_a_base_transformers_can_load(table, folder):  # noqa: F811
+    """PEFT has no gguf_file field: a GGUF plan's export names the folder convert-gguf wrote when checked against
+    it, else no base (a .gguf path in base_model_name_or_path fails in AutoPeftModel)."""
+    import json
+
+    from layerscope.export import export_plan
+
+    plan = layerscope.plan(table, "adaptive-lora", progress=False)
+    assert json.loads(export_plan(plan, "peft"))["base_model_name_or_path"] is None
+    checked = json.loads(export_plan(plan, "peft", check_model=folder))
+    assert checked["base_model_name_or_path"] == str(folder.resolve())
+    assert "# base_model: the model of" in export_plan(plan, "axolotl")

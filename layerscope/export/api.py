@@ -7,6 +7,7 @@ from pathlib import Path
 
 from layerscope.errors import LayerscopeError
 from layerscope.export.formats import (
+    base_model,
     mola_command_line,
     to_mola_args,
     to_peft_config,
@@ -41,10 +42,11 @@ def export_plan(plan: Plan, fmt: str, out: Path | None = None, *, round_ranks: s
         require_same_model(plan_difference(plan, shapes, num_layers, fingerprint, str(check_model)),
                            plan.source, allow_other_model)
     modules = export_modules(plan, round_ranks)
+    base = base_model(plan, check_model)
     if round_ranks is not None and fmt == "mola":
         raise LayerscopeError("--round-ranks applies to the peft, axolotl, mixlora and csv exports")
     if fmt == "peft":
-        config = to_peft_config(plan, modules=modules)
+        config = to_peft_config(plan, base, modules=modules)
         if check_model is not None:
             check_peft_keys(config, checkpoint_module_names(str(check_model)), str(check_model))
         text = json.dumps(config, indent=2) + "\n"
@@ -60,12 +62,12 @@ def export_plan(plan: Plan, fmt: str, out: Path | None = None, *, round_ranks: s
     elif fmt == "csv":
         text = to_table(plan, modules).to_csv(index=False)
     elif fmt == "axolotl":
-        text = to_axolotl_yaml(plan, modules)
+        text = to_axolotl_yaml(plan, modules, base)
         if check_model is not None:
-            config = to_peft_config(plan, modules=modules)
+            config = to_peft_config(plan, base, modules=modules)
             check_peft_keys(config, checkpoint_module_names(str(check_model)), str(check_model))
     elif fmt == "mixlora":
-        text = mixlora_json(plan, modules)
+        text = mixlora_json(plan, modules, base)
     else:
         raise LayerscopeError(f"--format {fmt!r}: expected one of {', '.join(EXPORTERS)}")
     if out is not None:

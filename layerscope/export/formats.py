@@ -21,6 +21,20 @@ def _most_common(values):
     return min(counts, key=lambda v: (-counts[v], v))
 
 
+def base_model(plan: Plan, check_model: str | Path | None = None) -> str | None:
+    """Where a trainer loads the plan's base model from: the plan's checkpoint, except a GGUF file, which
+    transformers loads only with ``gguf_file=`` (PEFT and the trainers have no field for it): then the folder
+    ``convert-gguf`` wrote from it when the export is checked against that folder, else none."""
+    path = str(plan.model["path"])
+    if not path.lower().endswith(".gguf"):
+        return path
+    from layerscope.checkpoint.gguf import converted_from
+
+    if check_model is not None and Path(check_model).is_dir() and converted_from(check_model) is not None:
+        return str(Path(check_model).resolve())
+    return None
+
+
 def to_peft_config(plan: Plan, base_model_name_or_path: str | None = None, modules: list[dict] | None = None) -> dict:
     """A LoraConfig-compatible dict; every planned module is named in rank/alpha patterns.
 
@@ -46,7 +60,7 @@ def to_peft_config(plan: Plan, base_model_name_or_path: str | None = None, modul
     return {
         "peft_type": "LORA",
         "task_type": plan.model.get("task"),
-        "base_model_name_or_path": base_model_name_or_path or plan.model["path"],
+        "base_model_name_or_path": base_model_name_or_path or base_model(plan),
         "r": _most_common([m["rank"] for m in modules]),
         "lora_alpha": _most_common([m["lora_alpha"] for m in modules]),
         "lora_dropout": lora["dropout"],

@@ -21,7 +21,7 @@ import re
 from collections.abc import Iterable
 
 from layerscope.errors import LayerscopeError
-from layerscope.export.formats import _most_common
+from layerscope.export.formats import _most_common, base_model
 from layerscope.planning.accounting import module_params
 from layerscope.planning.plan import Plan
 
@@ -107,7 +107,15 @@ def _yaml_scalar(value) -> str:
     return "'" + str(value).replace("'", "''") + "'"
 
 
-def to_axolotl_yaml(plan: Plan, modules: list[dict]) -> str:
+def _axolotl_base(plan: Plan, base: str | None) -> str:
+    base = base or base_model(plan)
+    if base is None:  # a GGUF file: axolotl loads transformers folders and hub ids
+        return (f"# base_model: the model of {plan.model['path']}; convert it with `layerscope convert-gguf` and "
+                "put the folder here")
+    return f"base_model: {_yaml_scalar(base)}"
+
+
+def to_axolotl_yaml(plan: Plan, modules: list[dict], base: str | None = None) -> str:
     if any(m["experts"] > 1 for m in modules):
         layer = next(m["layer"] for m in modules if m["experts"] > 1)
         raise LayerscopeError(f"{plan.source}: axolotl trains one LoRA per module, but layer {layer} has a mixture "
@@ -117,7 +125,7 @@ def to_axolotl_yaml(plan: Plan, modules: list[dict]) -> str:
 
     lora = plan.document["lora"]
     lines = ["# written by layerscope from a plan; merge into your axolotl config",
-             f"base_model: {_yaml_scalar(plan.model['path'])}", "adapter: lora",
+             _axolotl_base(plan, base), "adapter: lora",
              f"lora_r: {_most_common([m['rank'] for m in modules])}",
              f"lora_alpha: {_yaml_scalar(_most_common([m['lora_alpha'] for m in modules]))}",
              f"lora_dropout: {_yaml_scalar(float(lora['dropout']))}",
@@ -132,7 +140,7 @@ def to_axolotl_yaml(plan: Plan, modules: list[dict]) -> str:
 
 # ---- MoE-PEFT MixLoRA --------------------------------------------------------------------------
 
-def to_mixlora_config(plan: Plan, modules: list[dict]) -> dict:
+def to_mixlora_config(plan: Plan, modules: list[dict], base: str | None = None) -> dict:
     if plan.document["expert_type"] != "lora":
         raise LayerscopeError(f"{plan.source}: MixLoRA experts are LoRA experts, not {plan.document['expert_type']}")
     planned = sorted({m["layer"] for m in modules})
@@ -159,7 +167,7 @@ def to_mixlora_config(plan: Plan, modules: list[dict]) -> dict:
         raise LayerscopeError(f"{plan.source}: MoE-PEFT needs an integer lora_alpha, the plan has {first['lora_alpha']}")
     lora = plan.document["lora"]
     config = {
-        "name": "layerscope_mixlora", "task_name": "casual", "base_model_name_or_path": plan.model["path"],
+        "name": "layerscope_mixlora", "task_name": "casual", "base_model_name_or_path": base or base_model(plan),
         "task_type": "CAUSAL_LM", "peft_type": "MIXLORA" if first["experts"] > 1 else "LORA",
         "r": first["rank"], "lora_alpha": int(first["lora_alpha"]), "lora_dropout": float(lora["dropout"]),
         "lora_init": "gaussian" if lora["init"] == "gaussian" else "original",
@@ -172,5 +180,5 @@ def to_mixlora_config(plan: Plan, modules: list[dict]) -> dict:
     return config
 
 
-def mixlora_json(plan: Plan, modules: list[dict]) -> str:
-    return json.dumps(to_mixlora_config(plan, modules), indent=2) + "\n"
+def mixlora_json(plan: Plan, modules: list[dict], base: str | None = None) -> str:
+    return json.dumps(to_mixlora_config(plan, modules, base), indent=2) + "\n"
