@@ -208,3 +208,25 @@ def test_depth_strategies_count_depth_within_each_stack(saved):
     assert ranks[vision[0]] == ranks[language[0]] == 16  # linear decay restarts at each stack's first block
     text = __import__("layerscope.planning.explain", fromlist=["explain_text"]).explain_text(hilo)
     assert "vision" in text and "decoder" in text and "planned" in text
+
+
+def test_weights_held_as_bare_parameters_get_the_kind_of_what_they_are(tmp_path):
+    """JetMoE keeps its experts in ParallelExperts modules (one (experts, out, in) parameter, no Linear): the
+    feed-forward experts are experts (gate_up, down), and so are the attention's (its query and output
+    projections), not kind 'param'."""
+    import layerscope
+    from tests.zoo_models import ZooEntry, build
+
+    _, model = build(ZooEntry("jetmoe", "causal-lm", "AutoModelForCausalLM"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(tmp_path)
+    table = layerscope.scan(tmp_path, progress=False).set_index("name")
+    experts = model.config.num_local_experts
+    for j in range(experts):
+        assert table.loc[f"model.layers.0.mlp.input_linear.weight[{j}]", ["kind", "role"]].tolist() == [
+            "expert", f"expert.{j}.gate_up"]
+        assert table.loc[f"model.layers.0.mlp.output_linear.weight[{j}]", "role"] == f"expert.{j}.down"
+        assert table.loc[f"model.layers.0.self_attention.experts.input_linear.weight[{j}]", "role"] == f"expert.{j}.q"
+        assert table.loc[f"model.layers.0.self_attention.experts.output_linear.weight[{j}]", "role"] == f"expert.{j}.o"
+    assert "param" not in set(table["kind"])

@@ -233,6 +233,8 @@ CONTAINERS: list[tuple[str, str]] = [  # (part, regex searched in the lowercased
     ("recurrent", r"(^|\.)(temporal_block|rg_lru|recurrent\w*)$"),
     ("adapter", r"(^|\.)(adapter_modules|adapters?|\w+_adapter_list)(\.|$)"),  # Zamba2's per-layer adapter lists
     ("shared", r"(shared_experts?|shared_mlp|shared_ffn)"),
+    # JetMoE's mixture of attention heads: per-expert query and output projections, stacked.
+    ("attention_experts", r"(attn|attention)\w*\.experts(\.\d+)?$"),
     ("experts", r"(^|\.)experts(\.\d+)?$"),
     ("attention", r"(attn|attention)"),
     ("mlp_in", r"(^|\.)intermediate(_query)?$"),
@@ -270,6 +272,7 @@ LEAF_ROLES: dict[str, dict[str, str]] = {  # part → {leaf: role}; "*" holds le
     "mlp_in": {"dense": "up"},
     "mlp_out": {"dense": "down"},
     "experts": {"w1": "gate", "w3": "up", "w2": "down"},
+    "attention_experts": {"input_linear": "q", "output_linear": "o"},
     "shared": {"w1": "gate", "w3": "up", "w2": "down", "wo": "down", "c_proj": "down"},
     "router": {"*": "router"},
     # A Linear directly in the block, outside any known part (Zamba's hybrid layer: the shared transformer's
@@ -287,6 +290,7 @@ LEAF_ROLES: dict[str, dict[str, str]] = {  # part → {leaf: role}; "*" holds le
 # A leaf no list names, inside a part that is a token mixer, gets this prefix + its leaf name.
 PART_ROLE_PREFIX = {"linear_attention": "lin_", "mamba": "ssm_", "conv": "conv_", "attention": "attn_",
                     "indexer": "idx_", "compressor": "attn_compress_", "cross_attention": "cross_attn_", "recurrent": "rec_", "adapter": "adapter_"}
+EXPERT_PARTS = frozenset({"experts", "attention_experts"})  # containers whose modules are experts
 # Parts whose roles get a prefix: "cross_" (q → cross_q), "shared_" (gate → shared_gate), …
 # Indexer and compressor roles are prefixed whatever the leaf, so a module keeps one role whichever way a
 # checkpoint or transformers version names it (``wq_b`` or ``q_b_proj`` → idx_q_b; never the MLP's "gate").

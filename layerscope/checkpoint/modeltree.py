@@ -26,7 +26,7 @@ from layerscope.checkpoint.architectures import (
     NOT_PROJECTION_CLASSES,
     TOWER_KEYWORDS,
 )
-from layerscope.checkpoint.configguard import clamp_for_build
+from layerscope.checkpoint.configguard import EXPERT_FIELDS, clamp_for_build
 
 LANGUAGE = None  # the ``tower`` of a language-model stack
 
@@ -58,6 +58,7 @@ class ModelTree:
     # checkpoint key → (live key, converted): converted keys were fused or split on load, so the
     # live key is not the stored tensor's own; the key after the plain renamings is returned then.
     rename: Callable[[str], tuple[str, bool]] = field(default=lambda key: (key, False), repr=False)
+    expert_stacks: frozenset[str] = frozenset()  # non-Linear modules holding one weight matrix per expert
 
     def offset(self, stack: BlockStack) -> int:
         return sum(s.depth for s in self.stacks[: self.stacks.index(stack)])
@@ -148,6 +149,8 @@ def tree_of_model(model, rename: Callable[[str], tuple[str, bool]] | None = None
         name = tower if len(siblings) == 1 else f"{tower}.{_distinct_segment(path, siblings)}"
         named.append(BlockStack(name, path, len(blocks), tower))
     linears, conv1d = {}, set()
+    experts = next((v for key in EXPERT_FIELDS if type(v := getattr(config, key, None)) is int and v > 1), None)
+    stacks = set()
     for name, module in model.named_modules():
         # Some Linear subclasses compute something else from their weight (DeepSeek V4's grouped o_a_proj):
         # wrapping them as y = Wx + BAx would be wrong, so they are no projections.
@@ -156,9 +159,20 @@ def tree_of_model(model, rename: Callable[[str], tuple[str, bool]] | None = None
         elif type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:
             linears[name] = (int(module.weight.shape[0]), int(module.weight.shape[1]))
             conv1d.add(name)
+        elif _holds_expert_stack(module, experts):
+            stacks.add(name)
     return ModelTree(named, linears, type(model).__name__, bool(getattr(config, "is_encoder_decoder", False)),
                      frozenset(conv1d), frozenset(name for name, _ in model.named_modules()),
-                     rename or (lambda key: (key, False)))
+                     rename or (lambda key: (key, False)), frozenset(stacks))
+
+
+def _holds_expert_stack(module, experts: int | None) -> bool:
+    """A module (not a Linear) whose own weight is one matrix per expert: (experts, out, in), as JetMoE's
+    ParallelExperts holds its feed-forward and attention experts."""
+    weight = getattr(module, "weight", None)
+    own = dict(module.named_parameters(recurse=False))
+    return experts is not None and weight is not None and own.get("weight") is weight and weight.dim() == 3 \
+        and int(weight.shape[0]) == experts
 
 
 def _block_lists(model) -> list[tuple[str, object]]:

@@ -11,6 +11,7 @@ from layerscope.checkpoint.architectures import (
     ADAPTER_PREFIXES,
     ARCHITECTURES,
     CONTAINERS,
+    EXPERT_PARTS,
     LEAF_ROLES,
     NON_LAYER_KINDS,
     NORM_CONTAINER,
@@ -190,6 +191,9 @@ class NamingScheme:
         if re.search(NORM_CONTAINER, container.lower()):  # an adaptive norm's conditioning Linear
             return TensorRole(name, "norm", **place)
         found = self._role_in_block(relative, len(shape), context=stack.path)
+        if found is None and module in self.tree.expert_stacks:  # JetMoE's ParallelExperts: experts, stacked
+            vocabulary = shared_vocabulary_role(relative)
+            found = (vocabulary[0], None, True, False) if vocabulary else ("experts", None, True, False)
         linear = self.tree.is_linear(module)
         if leaf in ("gate", "router") and f"{container}.experts" in self.tree.modules:
             found = ("router", None, False, False)  # the gate beside the experts routes to them
@@ -339,7 +343,7 @@ def shared_vocabulary_role(relative: str) -> tuple[str, int | None, bool] | None
     expert_match = re.search(r"(?:^|\.)experts\.(\d+)$", container)
     expert = int(expert_match.group(1)) if expert_match else None
     part = next((p for p, rx in CONTAINERS if re.search(rx, lowered)), None)
-    in_experts = part == "experts"
+    in_experts = part in EXPERT_PARTS
     if part == "router":
         return "router", None, False
     key = leaf.lower()
