@@ -22,7 +22,7 @@ CHANGED = "model.layers.1.self_attn.q_proj.weight"
 def pair(tmp_path_factory):
     root = tmp_path_factory.mktemp("pair")
     tensors = llama_tensors(layers=3, hidden=48, inter=64)
-    config = {**LLAMA_CONFIG, "num_hidden_layers": 3}
+    config = {**LLAMA_CONFIG, "num_hidden_layers": 3, "hidden_size": 48}
     base = write_checkpoint(root / "base", tensors, config=config)
     gen = torch.Generator().manual_seed(7)
     noise = 0.05 * torch.randn(tensors[CHANGED].shape, generator=gen)
@@ -50,7 +50,8 @@ def test_only_the_perturbed_matrix_changes(pair):
 def test_mismatched_layouts_are_refused(pair, tmp_path):
     base, _, _ = pair
     tensors = llama_tensors(layers=3, hidden=48, inter=80)
-    different = write_checkpoint(tmp_path / "different", tensors, config={**LLAMA_CONFIG, "num_hidden_layers": 3})
+    different = write_checkpoint(tmp_path / "different", tensors, config={**LLAMA_CONFIG, "num_hidden_layers": 3,
+                                                                          "hidden_size": 48})
     with pytest.raises(LayerscopeError, match="mlp.*is 48x80 but 48x64|is 80x48 but 64x48"):
         compare(base, different, progress=False)
 

@@ -17,7 +17,7 @@ from tests.builders import LLAMA_CONFIG, llama_tensors, write_checkpoint
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 pytestmark = pytest.mark.skipif(not TORCHRUN.exists() or not torch.distributed.is_available(),
                                 reason="torchrun / torch.distributed not available")
-CONFIG = {**LLAMA_CONFIG, "num_hidden_layers": 4}
+CONFIG = {**LLAMA_CONFIG, "num_hidden_layers": 4, "hidden_size": 96}
 
 
 def _run(*args: str, torchrun: bool) -> subprocess.CompletedProcess:

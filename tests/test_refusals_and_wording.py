@@ -195,8 +195,8 @@ def test_an_adapter_as_large_as_its_matrix_is_named(capsys, monkeypatch, tmp_pat
     tensors = llama_tensors(layers=2, hidden=32, inter=48)
     for i in range(2):  # a tiny router-like projection: 4 x 32, so rank 4 LoRA has 144 params vs 128 in W
         tensors[f"model.layers.{i}.self_attn.k_proj.weight"] = torch.randn(4, 32)
-    folder = write_checkpoint(tmp_path / "m", tensors, config={**LLAMA_CONFIG, "num_hidden_layers": 2,
-                                                               "hidden_size": 32})
+    config = {key: value for key, value in LLAMA_CONFIG.items() if "heads" not in key}  # k's width is no head count
+    folder = write_checkpoint(tmp_path / "m", tensors, config={**config, "num_hidden_layers": 2, "hidden_size": 32})
     code, out, _ = cli(capsys, monkeypatch, "plan", str(folder), "--strategy", "uniform", "--rank", "8")
     assert code == 0
     note = next(line for line in out.splitlines() if line.startswith("note: "))

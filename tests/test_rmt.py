@@ -56,7 +56,8 @@ def test_farms_equals_the_transcription(shape, m_max):
 
 def test_alpha_farms_column_is_alpha_peak_of_the_pooled_esd(tmp_path):
     tensors = llama_tensors(layers=1, hidden=96, inter=160)
-    folder = write_checkpoint(tmp_path / "m", tensors, config={**LLAMA_CONFIG, "num_hidden_layers": 1})
+    folder = write_checkpoint(tmp_path / "m", tensors, config={**LLAMA_CONFIG, "num_hidden_layers": 1,
+                                                               "hidden_size": 96})
     table = scan(folder, estimators=("alpha_peak", "alpha_farms"), progress=False).set_index("name")
     name = "model.layers.0.mlp.down_proj.weight"
     pooled = _farms_transcription(tensors[name].double().numpy(), 2000, 1.0, 15)

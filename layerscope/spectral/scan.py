@@ -20,6 +20,7 @@ from layerscope.checkpoint.modeltree import TABLE_VERIFIED, model_facts, tree_fo
 from layerscope.checkpoint.naming import TARGET_KINDS, NamingScheme, TensorRole, detect_scheme, scheme_by_name
 from layerscope.checkpoint.quantization import LogicalTensor, load_logical, logical_tensors
 from layerscope.checkpoint.reader import Checkpoint, open_checkpoint
+from layerscope.checkpoint.shapecheck import check_shapes
 from layerscope.errors import LayerscopeError
 from layerscope.spectral import distributed, esd, threads
 from layerscope.spectral.analysis import Matrix, analyse_batch
@@ -130,6 +131,8 @@ def scan_checkpoint(ckpt: Checkpoint, opts: ScanOptions) -> pd.DataFrame:
     dtype = esd.working_dtype(opts.precision, device)
     classified = [(t, scheme.classify(t.name, t.shape, t.analysable_dtype)) for t in logical]
     _require_config_depth(ckpt, classified)
+    if ckpt.files:  # a model in memory is its own architecture
+        check_shapes(ckpt.path, ckpt.config, classified, tree)
     selected = [(info, role) for info, role in classified if _wanted(info, role, opts)]
     if not selected:
         raise LayerscopeError(f"{ckpt.path}: no weight matrix to analyse"
