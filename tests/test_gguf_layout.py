@@ -287,3 +287,23 @@ def test_tensors_are_checked_against_the_model_the_metadata_builds(tmp_path):
     assert done.stderr.strip() == (
         f"error: {wrong}: tensor 'blk.0.attn_q.weight' (model.layers.0.self_attn.q_proj.weight) has shape [32, 64], "
         "but the model built from the file's metadata expects [64, 64] (hidden_size = 64)"), done.stderr
+
+
+def test_a_dequantization_failure_names_the_file_and_the_tensor(tmp_path, monkeypatch):
+    """Whatever gguf.quants raises on a tensor's bytes becomes one line naming the file, the tensor, its type and
+    shape (gguf's own messages — 'cannot reshape array of size ...' — name neither)."""
+    pytest.importorskip("transformers")
+    from layerscope.checkpoint import ggufread
+    from layerscope.checkpoint.reader import open_checkpoint
+
+    path = _llama_file(tmp_path / "model.gguf")
+    checkpoint = open_checkpoint(path)
+
+    def broken(*_args, **_kwargs):
+        raise ValueError("cannot reshape array of size 66784 into shape (576,360)")
+
+    monkeypatch.setattr(ggufread, "dequantize", broken)
+    with pytest.raises(LayerscopeError) as info:
+        checkpoint.load("model.layers.0.mlp.up_proj.weight")
+    assert str(info.value) == (f"{path}: tensor 'model.layers.0.mlp.up_proj.weight' (F32, shape [128, 64]) cannot be "
+                               "dequantized (ValueError: cannot reshape array of size 66784 into shape (576,360))")

@@ -383,7 +383,14 @@ def read_tensor(info: TensorInfo, dtype: torch.dtype | None = None) -> torch.Ten
     if info.container == "gguf":
         from layerscope.checkpoint.ggufread import dequantize
 
-        tensor = dequantize(buffer, info.dtype, info.shape, info.gguf_heads)
+        try:
+            tensor = dequantize(buffer, info.dtype, info.shape, info.gguf_heads)
+        except LayerscopeError as exc:
+            raise LayerscopeError(f"{info.file}: tensor {info.name!r}: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - gguf.quants raises ValueError, IndexError, ... on damaged blocks
+            reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+            raise LayerscopeError(f"{info.file}: tensor {info.name!r} ({info.dtype}, shape {list(info.shape)}) cannot "
+                                  f"be dequantized ({type(exc).__name__}: {reason})") from None
         return tensor if dtype is None else tensor.to(dtype)
     if info.dtype in UNDECODED:
         raise LayerscopeError(f"{info.file}: tensor {info.name!r} has dtype {info.dtype} (packed 6-bit floats), "
