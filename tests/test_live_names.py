@@ -230,3 +230,13 @@ def test_weights_held_as_bare_parameters_get_the_kind_of_what_they_are(tmp_path)
         assert table.loc[f"model.layers.0.self_attention.experts.input_linear.weight[{j}]", "role"] == f"expert.{j}.q"
         assert table.loc[f"model.layers.0.self_attention.experts.output_linear.weight[{j}]", "role"] == f"expert.{j}.o"
     assert "param" not in set(table["kind"])
+
+
+def test_deepseek_v4_grouped_output_projection_is_kind_grouped(saved):
+    """DeepSeek V4's o_a_proj applies its weight per head group (not y = Wx): kind 'grouped', with the
+    attention's role, analysed and never planned (it used to be kind 'param')."""
+    _, table = saved("deepseek_v4")
+    grouped = table[table["module"].astype(str).str.endswith("self_attn.o_a_proj")]
+    assert len(grouped) and set(grouped["kind"]) == {"grouped"} and set(grouped["mixer"]) == {"attention"}
+    plan = layerscope.plan(table, "uniform", progress=False)
+    assert not any(m["name"].endswith("o_a_proj") for m in plan.modules())

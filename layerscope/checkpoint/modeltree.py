@@ -59,6 +59,7 @@ class ModelTree:
     # live key is not the stored tensor's own; the key after the plain renamings is returned then.
     rename: Callable[[str], tuple[str, bool]] = field(default=lambda key: (key, False), repr=False)
     expert_stacks: frozenset[str] = frozenset()  # non-Linear modules holding one weight matrix per expert
+    grouped: frozenset[str] = frozenset()  # Linear subclasses that apply their weight in groups (not y = Wx)
 
     def offset(self, stack: BlockStack) -> int:
         return sum(s.depth for s in self.stacks[: self.stacks.index(stack)])
@@ -150,11 +151,13 @@ def tree_of_model(model, rename: Callable[[str], tuple[str, bool]] | None = None
         named.append(BlockStack(name, path, len(blocks), tower))
     linears, conv1d = {}, set()
     experts = next((v for key in EXPERT_FIELDS if type(v := getattr(config, key, None)) is int and v > 1), None)
-    stacks = set()
+    stacks, grouped = set(), set()
     for name, module in model.named_modules():
         # Some Linear subclasses compute something else from their weight (DeepSeek V4's grouped o_a_proj):
         # wrapping them as y = Wx + BAx would be wrong, so they are no projections.
-        if isinstance(module, nn.Linear) and not re.search(NOT_PROJECTION_CLASSES, type(module).__name__):
+        if isinstance(module, nn.Linear) and re.search(NOT_PROJECTION_CLASSES, type(module).__name__):
+            grouped.add(name)
+        elif isinstance(module, nn.Linear):
             linears[name] = (module.in_features, module.out_features)
         elif type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:
             linears[name] = (int(module.weight.shape[0]), int(module.weight.shape[1]))
@@ -163,7 +166,7 @@ def tree_of_model(model, rename: Callable[[str], tuple[str, bool]] | None = None
             stacks.add(name)
     return ModelTree(named, linears, type(model).__name__, bool(getattr(config, "is_encoder_decoder", False)),
                      frozenset(conv1d), frozenset(name for name, _ in model.named_modules()),
-                     rename or (lambda key: (key, False)), frozenset(stacks))
+                     rename or (lambda key: (key, False)), frozenset(stacks), frozenset(grouped))
 
 
 def _holds_expert_stack(module, experts: int | None) -> bool:

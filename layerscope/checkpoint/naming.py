@@ -38,7 +38,9 @@ class TensorRole:
     """What one tensor is: its kind, and for block tensors the layer, role and module path."""
 
     name: str
-    kind: str  # projection | expert | expert_stack | router | conv | embedding | lm_head | norm | bias | vector | buffer | other
+    # projection | expert | expert_stack | grouped | router | conv | embedding | lm_head | norm | bias | vector |
+    # buffer | param | other
+    kind: str
     layer: int | None = None  # position in depth order over all stacks
     role: str | None = None
     module: str | None = None  # live module path, e.g. model.layers.3.self_attn.q_proj (adapter prefix removed)
@@ -51,7 +53,7 @@ class TensorRole:
 
     @property
     def mixer(self) -> str | None:
-        return mixer_of_role(self.role) if self.kind in ("projection", "part") else None
+        return mixer_of_role(self.role) if self.kind in ("projection", "part", "grouped") else None
 
 
 @dataclass(frozen=True)
@@ -210,6 +212,8 @@ class NamingScheme:
             return TensorRole(name, "expert_stack", role=role, conv1d=conv1d, **place)
         if expert is not None:
             return TensorRole(name, "expert", role=f"expert.{expert}.{role}", expert=expert, conv1d=conv1d, **place)
+        if module in self.tree.grouped:  # DeepSeek V4's o_a_proj: a projection applied per head group
+            return TensorRole(name, "grouped", role=role, **place)
         if not linear:  # a weight of no Linear layer (an SSM's A_log, a scale matrix): never an adapter target
             return TensorRole(name, "param", role=role, **place)
         return TensorRole(name, "projection", role=role, conv1d=conv1d, **place)

@@ -30,9 +30,10 @@ from layerscope.spectral.columns import ALL_ESTIMATORS, layer_summary, scan_colu
 __all__ = ["ScanOptions", "layer_summary", "scan", "scan_checkpoint"]
 from layerscope.tables import integer_columns
 
-# Every matrix is analysed, planned or not: weights of no Linear layer (param), adaptive-norm Linears (norm).
-ANALYSED_KINDS = frozenset({"projection", "expert", "expert_stack", "router", "embedding", "lm_head", "other", "param",
-                            "norm"})
+# Every matrix is analysed, planned or not: weights of no Linear layer (param), projections applied per group
+# (grouped), adaptive-norm Linears (norm).
+ANALYSED_KINDS = frozenset({"projection", "expert", "expert_stack", "grouped", "router", "embedding", "lm_head", "other",
+                            "param", "norm"})
 NOT_ANALYSED_REASONS = {"conv": "convolution kernel", "filtered": "left out by --include/--exclude"}
 
 
