@@ -307,3 +307,19 @@ def test_a_dequantization_failure_names_the_file_and_the_tensor(tmp_path, monkey
         checkpoint.load("model.layers.0.mlp.up_proj.weight")
     assert str(info.value) == (f"{path}: tensor 'model.layers.0.mlp.up_proj.weight' (F32, shape [128, 64]) cannot be "
                                "dequantized (ValueError: cannot reshape array of size 66784 into shape (576,360))")
+
+
+@pytest.mark.parametrize("ggml_type", ["Q8_0", "Q4_0", "Q4_1"])
+def test_torch_block_decoders_are_bit_identical_to_gguf(ggml_type):
+    """The torch decoders of the common types give exactly gguf.quants' float32 values (scales of every
+    magnitude, subnormal included), with llama.cpp's Q/K row permutation undone the same way after."""
+    from layerscope.checkpoint.ggufread import TORCH_DECODERS, dequantize
+
+    qtype = gguf.GGMLQuantizationType[ggml_type]
+    rng = np.random.default_rng(1)
+    data = (rng.standard_normal((64, 256)) * np.logspace(-7, 2, 64)[:, None]).astype(np.float32)
+    raw = gguf.quants.quantize(data, qtype)
+    expected = gguf.quants.dequantize(raw, qtype).reshape(64, 256)
+    assert ggml_type in TORCH_DECODERS
+    ours = dequantize(raw.tobytes(), ggml_type, (64, 256), None).numpy()
+    assert np.array_equal(ours.view(np.uint32), expected.view(np.uint32))

@@ -267,6 +267,8 @@ def dequantize(raw: bytes | bytearray | memoryview, ggml_type: str, shape: tuple
     if ggml_type in plain:  # the bytes are the values: no copy
         tensor = torch.frombuffer(raw if isinstance(raw, bytearray) else bytearray(raw),
                                   dtype=plain[ggml_type]).reshape(shape)
+    elif ggml_type in TORCH_DECODERS:  # the common types, in torch: the same float32 operations as gguf.quants
+        tensor = TORCH_DECODERS[ggml_type](_blocks(raw, ggml_type)).reshape(shape)
     else:
         data = np.frombuffer(raw, dtype=np.uint8)
         rows = data.reshape(-1, data.size // max(1, _rows(shape)))
@@ -278,6 +280,53 @@ def dequantize(raw: bytes | bytearray | memoryview, ggml_type: str, shape: tuple
     if heads:
         tensor = unpermute_rows(tensor, heads)
     return tensor
+
+
+def _blocks(raw, ggml_type: str):
+    """The tensor's bytes as (blocks, bytes per block) uint8, without a copy when the buffer is writable."""
+    import torch
+
+    gguf = gguf_package()
+    _, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[ggml_type]]
+    buffer = raw if isinstance(raw, bytearray) else bytearray(raw)
+    return torch.frombuffer(buffer, dtype=torch.uint8).view(-1, type_size)
+
+
+def _half(blocks, start: int):
+    """The float16 stored at byte ``start`` of every block, as float32 (blocks, 1)."""
+    import torch
+
+    return blocks[:, start:start + 2].contiguous().view(torch.float16).to(torch.float32)
+
+
+def _nibbles(quants):
+    """Each byte's low nibble, then its high nibble, as gguf packs 4-bit blocks (first half, then second half)."""
+    import torch
+
+    return torch.cat([quants & 0x0F, quants >> 4], dim=1)
+
+
+def _q8_0(blocks):
+    import torch
+
+    return blocks[:, 2:].contiguous().view(torch.int8).to(torch.float32) * _half(blocks, 0)
+
+
+def _q4_0(blocks):
+    import torch
+
+    return _half(blocks, 0) * (_nibbles(blocks[:, 2:]).to(torch.int8) - 8).to(torch.float32)
+
+
+def _q4_1(blocks):
+    import torch
+
+    return _half(blocks, 0) * _nibbles(blocks[:, 4:]).to(torch.float32) + _half(blocks, 2)
+
+
+# Block decoders written in torch for the most common llama.cpp types (multi-threaded, no numpy temporaries);
+# each performs gguf.quants' float32 operations in the same order, so the values are bit-identical (tested).
+TORCH_DECODERS = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1}
 
 
 def _rows(shape: tuple[int, ...]) -> int:
