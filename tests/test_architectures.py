@@ -168,6 +168,7 @@ def test_scan_maps_every_linear_like_the_module_tree(saved, model_type):
     inside = table[table["layer"].notna()]
     assert not (inside["kind"] == "other").any(), f"unmapped: {sorted(inside[inside['kind'] == 'other']['tensor'])}"
     assert table.attrs["num_layers"] == sum(len(b) for _, b in _block_lists(model))
+    assert not table.attrs["missing"], "a complete checkpoint reported missing matrices"
 
 
 PEFT_RENAMES_MLP = {"deepseek_v2", "deepseek_v3", "dots1"}

@@ -150,3 +150,22 @@ def test_the_module_tree_checks_shapes_where_it_is_built(tmp_path):
     assert result.returncode == 2, result.stderr
     assert (f"tensor {tensor} has shape [{out_features // 2}, {in_features * 2}], but the model transformers builds "
             f"from its config has [{out_features}, {in_features}] there") in result.stderr
+
+
+def test_a_block_linear_the_checkpoint_lacks_is_named(tmp_path):
+    """Where the module tree is built, a block Linear whose weight the checkpoint does not hold is named in the
+    scan's model facts and on stderr (transformers' "missing keys": it would be initialised at random)."""
+    from safetensors.torch import load_file, save_file
+
+    folder = _saved(ZooEntry("jetmoe", "causal-lm", "AutoModelForCausalLM"), tmp_path / "jetmoe")
+    tensors = load_file(str(folder / "model.safetensors"))
+    del tensors["model.layers.1.self_attention.kv_proj.weight"]
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    result = subprocess.run([sys.executable, "-m", "layerscope", "scan", str(folder), "--out",
+                             str(folder / "scan.parquet")], capture_output=True, text=True, timeout=LIMIT_S)
+    assert result.returncode == 0, result.stderr
+    assert "WARNING: 1 weight matrix that the architecture expects is absent" in result.stderr
+    assert "model.layers.1.self_attention.kv_proj.weight" in result.stderr
+    from layerscope.tables import read_scan
+
+    assert read_scan(folder / "scan.parquet").attrs["missing"] == ["model.layers.1.self_attention.kv_proj.weight"]

@@ -13,7 +13,9 @@ accepted one would analyse, plan and export the wrong module sizes (a query edit
   reads it.  A field the config does not hold as an integer is not
   checked (MLA attention, per-layer intermediate sizes, towers and cross-attention are left to the tree).
 
-The refusal names the tensor, both shapes and the config fields behind the expected one.
+The refusal names the tensor, both shapes and the config fields behind the expected one.  Where the tree is
+built, the block Linears it holds and the checkpoint does not are returned too, as transformers' "missing
+keys" (they would be initialised at random): the scan names them.
 """
 
 from __future__ import annotations
@@ -35,9 +37,10 @@ WRITES_HIDDEN = frozenset({"o", "down"})
 MLA_FIELDS = ("kv_lora_rank", "q_lora_rank")  # DeepSeek's latent attention: q/o widths are its own
 
 
-def check_shapes(where: str | Path, config: dict, classified: list, tree: ModelTree | None) -> None:
-    """Refuse the first block projection whose stored (out, in) contradicts the architecture (see the module
-    docstring).  ``classified``: (tensor, role) pairs whose tensors have ``name`` and ``shape``."""
+def check_shapes(where: str | Path, config: dict, classified: list, tree: ModelTree | None) -> list[str]:
+    """Refuse the first block projection whose stored (out, in) contradicts the architecture, and return the
+    block Linears the module tree expects and the checkpoint lacks (see the module docstring).
+    ``classified``: (tensor, role) pairs whose tensors have ``name`` and ``shape``."""
     for info, role in classified:
         if role.kind != "projection" or role.module is None or role.adapter_factor or len(info.shape) != 2:
             continue
@@ -57,6 +60,10 @@ def check_shapes(where: str | Path, config: dict, classified: list, tree: ModelT
             want = tuple(" or ".join(map(str, w)) if w else "·" for w in (out_widths, in_widths))
             raise LayerscopeError(f"{where}: tensor {info.name} has shape {_shown(stored, role)}, but the config "
                                   f"makes it {_shown(want, role)} ({', '.join(fields)})")
+    if tree is None:
+        return []
+    present = {role.module for _, role in classified if role.module is not None}
+    return [f"{path}.weight" for path in tree.linears if path not in present and tree.block_of(path) is not None]
 
 
 def _shown(out_in: tuple, role: TensorRole) -> str:

@@ -132,8 +132,9 @@ def scan_checkpoint(ckpt: Checkpoint, opts: ScanOptions) -> pd.DataFrame:
     dtype = esd.working_dtype(opts.precision, device)
     classified = [(t, scheme.classify(t.name, t.shape, t.analysable_dtype)) for t in logical]
     _require_config_depth(ckpt, classified)
+    missing = list(ckpt.missing)  # a GGUF file's, against the model its metadata builds
     if ckpt.files:  # a model in memory is its own architecture
-        check_shapes(ckpt.path, ckpt.config, classified, tree)
+        missing += [name for name in check_shapes(ckpt.path, ckpt.config, classified, tree) if name not in missing]
     selected = [(info, role) for info, role in classified if _wanted(info, role, opts)]
     if not selected:
         raise LayerscopeError(f"{ckpt.path}: no weight matrix to analyse"
@@ -160,7 +161,7 @@ def scan_checkpoint(ckpt: Checkpoint, opts: ScanOptions) -> pd.DataFrame:
         live_names_note=no_tree,
         unmapped=sorted({str(r.module) for _, r in classified if r.kind == "other" and r.layer is not None}),
         not_analysed=_not_analysed(classified, opts),
-        missing=list(ckpt.missing),
+        missing=missing,
         quantization=sorted({t.quantization for t in logical if t.quantization}),
         num_layers=max(filter(None, (scheme.num_layers or ckpt.num_layers, _layers_seen(table))), default=None),
         fingerprint=ckpt.fingerprint(),
