@@ -141,12 +141,16 @@ def test_zero_size_expert_stack_is_valid_and_scanned(tmp_path):
     assert set(expert_rows["status"]) <= {"too_few_evals"}
 
 
+# q_proj replaced by a 96 x 64 matrix: a config without sizes, so no architecture shape applies
+SHAPELESS_CONFIG = {key: value for key, value in LLAMA_CONFIG.items() if key != "hidden_size" and "heads" not in key}
+
+
 def test_huge_finite_float64_weights_are_analysed(tmp_path):
     """|w| ~ 1e200: WᵀW overflows float64, so the matrix is scaled by a power of two first.  The
     scale-invariant metrics equal those of the unscaled matrix, the log norms are shifted exactly."""
     base = random_matrix(96, 64, seed=3, dtype=torch.float64)
-    small = write_checkpoint(tmp_path / "small", {**llama_tensors(), Q: base}, config=LLAMA_CONFIG)
-    huge = write_checkpoint(tmp_path / "huge", {**llama_tensors(), Q: base * 1e200}, config=LLAMA_CONFIG)
+    small = write_checkpoint(tmp_path / "small", {**llama_tensors(), Q: base}, config=SHAPELESS_CONFIG)
+    huge = write_checkpoint(tmp_path / "huge", {**llama_tensors(), Q: base * 1e200}, config=SHAPELESS_CONFIG)
     row_small = scan(small, progress=False).set_index("tensor").loc[Q]
     row = scan(huge, progress=False).set_index("tensor").loc[Q]
     assert row["status"] == "ok" and "float64's range" in row["note"]
@@ -160,7 +164,7 @@ def test_huge_finite_float64_weights_are_analysed(tmp_path):
 def test_large_but_representable_weights_keep_every_metric(tmp_path):
     """|w| ~ 1e140 in float64 (λ ~ 1e282): scaled before squaring, every metric exact in true units."""
     base = random_matrix(96, 64, seed=4, dtype=torch.float64)
-    table = scan(write_checkpoint(tmp_path / "m", {**llama_tensors(), Q: base * 1e140}, config=LLAMA_CONFIG),
+    table = scan(write_checkpoint(tmp_path / "m", {**llama_tensors(), Q: base * 1e140}, config=SHAPELESS_CONFIG),
                  progress=False).set_index("tensor")
     eigs = np.linalg.eigvalsh((base.numpy() * 1e140).T @ (base.numpy() * 1e140))
     assert table.loc[Q, "status"] == "ok" and table.loc[Q, "note"] is None

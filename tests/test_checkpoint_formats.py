@@ -133,7 +133,9 @@ def _hub_cache(root, revisions: dict[str, dict[str, torch.Tensor]], main: str):
     (repo / "blobs").mkdir(parents=True)
     (repo / "refs").mkdir()
     for commit, tensors in revisions.items():
-        staging = write_checkpoint(root / f"staging-{commit}", tensors, config=LLAMA_CONFIG)
+        depth = 1 + max(int(name.split(".")[2]) for name in tensors if name.startswith("model.layers."))
+        staging = write_checkpoint(root / f"staging-{commit}", tensors, config={**LLAMA_CONFIG,
+                                                                             "num_hidden_layers": depth})
         snapshot = repo / "snapshots" / commit
         snapshot.mkdir(parents=True)
         for file in staging.iterdir():
