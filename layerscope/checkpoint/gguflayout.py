@@ -60,10 +60,6 @@ class Layout:
     values: dict[str, object]  # metadata: scalars, strings and the short non-tokenizer arrays (as lists)
     array_lengths: dict[str, int]  # every array's length, decoded or not
 
-    @property
-    def strings(self) -> dict[str, str]:
-        return {key: value for key, value in self.values.items() if isinstance(value, str)}
-
 
 class _Cursor:
     def __init__(self, file: Path, data, size: int):
