@@ -29,6 +29,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from layerscope.adapters.incremental import MergedEigenvalues
 from layerscope.adapters.updates import (
     ADAPTER_COLUMNS,
     OURS,
@@ -64,8 +65,10 @@ def scan_adapter(folder: str | Path, *, base: str | Path | None = None,
 
 
 def updates_table(updates: list[Update], base_ckpt: Checkpoint | None, estimators: tuple[str, ...],
-                  progress: bool) -> pd.DataFrame:
-    """Rows of kind ``delta`` (ΔW from its factors) and, with a base, ``merged`` (W + ΔW) for each update."""
+                  progress: bool, merged_source: MergedEigenvalues | None = None) -> pd.DataFrame:
+    """Rows of kind ``delta`` (ΔW from its factors) and, with a base, ``merged`` (W + ΔW) for each update;
+    ``merged_source`` may give W + ΔW's eigenvalues from a kept base eigendecomposition (spectra while
+    training)."""
     from tqdm.auto import tqdm
 
     from layerscope.spectral.analysis import fit_all, fit_columns
@@ -82,7 +85,7 @@ def updates_table(updates: list[Update], base_ckpt: Checkpoint | None, estimator
                     "quantization": None}
         rows.append(_delta_row(identity, update, estimators, fit_all, fit_columns))
         if base_ckpt is not None:
-            rows.append(_merged_row(identity, update, base_ckpt, estimators))
+            rows.append(_merged_row(identity, update, base_ckpt, estimators, merged_source))
     columns = [*IDENTITY_COLUMNS, "N", "M", "num_evals", *ADAPTER_COLUMNS]
     for name in ESTIMATORS:  # spectral estimators only: the matrix ones need the full ΔW
         if name in estimators:
@@ -122,19 +125,28 @@ def _delta_row(identity: dict, update: Update, estimators, fit_all, fit_columns)
     return row
 
 
-def _merged_row(identity: dict, update: Update, base: Checkpoint, estimators) -> dict:
+def _merged_row(identity: dict, update: Update, base: Checkpoint, estimators,
+                source: MergedEigenvalues | None = None) -> dict:
     from layerscope.spectral import esd
     from layerscope.spectral.analysis import Matrix, analyse_matrix
+    from layerscope.spectral.columns import MATRIX_ESTIMATORS
 
     name = base_tensor(base, update.module)
     weight = base.load(name).to(torch.float64)
-    merged = weight + explicit_delta(update, tuple(weight.shape), f"{base.path}: {name}")
-    eigs, finite, exponents = esd.scaled_gram_eigenvalues(merged[None], torch.float64)
     row = {**identity, "name": identity["name"] + "+base", "tensor": name, "file": base.tensors[name].file.name,
            "kind": "merged", "dtype": "F64", "conv1d": False}
-    result = analyse_matrix(Matrix(row, merged), eigs[0] if bool(finite[0]) else None, estimators,
-                             "ok" if bool(finite[0]) else "nonfinite_weights", int(exponents[0]))
+    eigs, note = None, None
+    if (source is not None and weight.dim() == 2 and not set(estimators) & set(MATRIX_ESTIMATORS)
+            and source.wanted(tuple(weight.shape), update.A.shape[0])):
+        eigs, note = source.eigenvalues(name, weight, update)
+    if eigs is not None:  # the matrix itself is only needed for its shape
+        result = analyse_matrix(Matrix(row, weight), eigs, estimators, "ok")
+    else:
+        merged = weight + explicit_delta(update, tuple(weight.shape), f"{base.path}: {name}")
+        gram_eigs, finite, exponents = esd.scaled_gram_eigenvalues(merged[None], torch.float64)
+        result = analyse_matrix(Matrix(row, merged), gram_eigs[0] if bool(finite[0]) else None, estimators,
+                                "ok" if bool(finite[0]) else "nonfinite_weights", int(exponents[0]))
+    if note:
+        result["note"] = "; ".join(n for n in (result.get("note"), note) if n)
     result.update(lora_rank=update.A.shape[0], lora_scaling=update.scaling)
     return result
-
-

@@ -29,6 +29,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from layerscope.adapters.incremental import MergedEigenvalues
 from layerscope.adapters.memory import base_name, is_peft_model, peft_updates_in_memory
 from layerscope.adapters.spectra import updates_table
 from layerscope.adapters.updates import Update
@@ -46,12 +47,16 @@ class SpectraWatcher:
     """Scan ``model``'s chosen modules every ``every`` steps (see the module docstring).
 
     ``modules``: a regular expression over module names (default: every module of the model's blocks);
-    ``estimators``: as for ``layerscope.scan`` (default ``alpha_hill``, no KS scan: cheap enough to run often).
+    ``estimators``: as for ``layerscope.scan`` (default ``alpha_hill``, no KS scan: cheap enough to run often);
+    ``incremental``: how W + ΔW's eigenvalues are found — ``"always"`` from the base eigendecomposition kept at
+    the first scan and the update's factors (:mod:`layerscope.adapters.incremental`), ``"never"`` with a full
+    eigendecomposition, ``"auto"`` (default) whichever the measured cost model says is faster for the module's
+    size and LoRA rank.
     """
 
     def __init__(self, model: torch.nn.Module, every: int = 100, out: str | Path | None = None,
                  modules: str | None = None, estimators: tuple[str, ...] = ("alpha_hill",),
-                 background: bool = True, merged: bool = True):
+                 background: bool = True, merged: bool = True, incremental: str = "auto"):
         if every < 1:
             raise LayerscopeError(f"every={every}: scan every 1 or more steps")
         if out is not None and Path(out).suffix not in (".parquet", ".csv"):
@@ -65,6 +70,7 @@ class SpectraWatcher:
         self.options.validate()
         self.peft = is_peft_model(model)
         self.merged = merged  # PEFT: also W + ΔW (a full eigendecomposition per module; ΔW alone is r × r)
+        self.merged_source = MergedEigenvalues(incremental)  # W + ΔW from the kept base eigendecomposition
         self._frames: list[pd.DataFrame] = []
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layerscope-spectra") if background else None
@@ -125,7 +131,8 @@ class SpectraWatcher:
 
             def job() -> None:
                 base = self._base_checkpoint if self.merged else None
-                self._timed(step, lambda: updates_table(updates, base, self.options.estimators, False))
+                self._timed(step, lambda: updates_table(updates, base, self.options.estimators, False,
+                                                        self.merged_source))
             return job
         weights = {name: param.detach().to("cpu", copy=True) for name, param in self.model.named_parameters()
                    if param.dim() >= 2 and self._chosen(name.removesuffix(".weight"))}
@@ -179,7 +186,8 @@ def _weights_table(layout: Checkpoint, weights: dict[str, torch.Tensor], options
 
 
 def spectra_callback(every: int = 100, out: str | Path | None = None, modules: str | None = None,
-                     estimators: tuple[str, ...] = ("alpha_hill",), background: bool = True, merged: bool = True):
+                     estimators: tuple[str, ...] = ("alpha_hill",), background: bool = True, merged: bool = True,
+                     incremental: str = "auto"):
     """A ``transformers.TrainerCallback`` that runs a :class:`SpectraWatcher` on the Trainer's model: a scan at
     the start, every ``every`` optimizer steps, and at the end of training; ``callback.watcher.table`` after."""
     from transformers import TrainerCallback
@@ -189,7 +197,7 @@ def spectra_callback(every: int = 100, out: str | Path | None = None, modules: s
             self.watcher: SpectraWatcher | None = None
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
-            self.watcher = SpectraWatcher(model, every, out, modules, estimators, background, merged)
+            self.watcher = SpectraWatcher(model, every, out, modules, estimators, background, merged, incremental)
             self.watcher.step(state.global_step, force=True)
 
         def on_step_end(self, args, state, control, **kwargs):
