@@ -163,7 +163,7 @@ def generate_safetensors(gguf_path: Path, folder: Path) -> None:
 
 
 SCAN = ("import json, time; from pathlib import Path; t = time.perf_counter(); import layerscope; "
-        "df = layerscope.scan({path!r}, precision={precision!r}, progress=False); wall = time.perf_counter() - t; "
+        "df = layerscope.scan({path!r}, precision={precision!r}, include={include!r}, progress=False); wall = time.perf_counter() - t; "
         "hwm = [l for l in Path('/proc/self/status').read_text().splitlines() if l.startswith('VmHWM')][0]; "
         "print(json.dumps({{'wall_s': round(wall, 1), 'peak_rss_mib': round(int(hwm.split()[1]) / 1024), "
         "'rows': len(df), 'failed': int((df.status != 'ok').sum())}}))")
@@ -191,6 +191,10 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=DATA / "gguf7b")
     parser.add_argument("--precision", default="f32,auto", help="comma-separated scan precisions")
     parser.add_argument("--no-safetensors", action="store_true", help="skip the bf16 safetensors reference")
+    parser.add_argument("--include", help="scan only the tensors matching this regular expression (e.g. "
+                        "'embed_tokens|lm_head|layers\\.[0-3]\\.': the largest tensors and 4 blocks, for a "
+                        "same-run time ratio; peak memory is set by the largest tensors)")
+    parser.add_argument("--no-transformers", action="store_true", help="skip transformers' SmolLM2 load")
     args = parser.parse_args()
     gguf_path = args.dir / "llama-2-7b-shaped.Q8_0-Q4_K.gguf"
     started = time.perf_counter()
@@ -200,16 +204,19 @@ def main() -> None:
     if not args.no_safetensors:
         generate_safetensors(gguf_path, args.dir / "safetensors-bf16")
     for precision in args.precision.split(","):
-        report["scans"][f"gguf {precision}"] = run(SCAN.format(path=str(gguf_path), precision=precision))
+        report["scans"][f"gguf {precision}"] = run(SCAN.format(path=str(gguf_path), precision=precision,
+                                                               include=args.include))
         print(json.dumps({f"gguf {precision}": report["scans"][f"gguf {precision}"]}), flush=True)
         if not args.no_safetensors:
             folder = str(args.dir / "safetensors-bf16")
-            report["scans"][f"safetensors bf16 {precision}"] = run(SCAN.format(path=folder, precision=precision))
+            report["scans"][f"safetensors bf16 {precision}"] = run(SCAN.format(path=folder, precision=precision,
+                                                                               include=args.include))
             print(json.dumps({f"safetensors {precision}": report["scans"][f"safetensors bf16 {precision}"]}), flush=True)
-    small = smollm2_file()
-    report["transformers_smollm2"] = run(TRANSFORMERS_LOAD.format(folder=str(small.parent), name=small.name))
-    report["transformers_smollm2"]["float32_mib"] = round(report["transformers_smollm2"]["parameters"] * 4 / 2**20)
-    report.update(machine=machine(), date=today())
+    if not args.no_transformers:
+        small = smollm2_file()
+        report["transformers_smollm2"] = run(TRANSFORMERS_LOAD.format(folder=str(small.parent), name=small.name))
+        report["transformers_smollm2"]["float32_mib"] = round(report["transformers_smollm2"]["parameters"] * 4 / 2**20)
+    report.update(include=args.include, machine=machine(), date=today())
     print(json.dumps(report, indent=1))
 
 

@@ -323,3 +323,18 @@ def test_torch_block_decoders_are_bit_identical_to_gguf(ggml_type):
     assert ggml_type in TORCH_DECODERS
     ours = dequantize(raw.tobytes(), ggml_type, (64, 256), None).numpy()
     assert np.array_equal(ours.view(np.uint32), expected.view(np.uint32))
+
+
+def test_torch_q4_k_decoder_is_bit_identical_to_gguf():
+    """Q4_K (the K-quant of Q4_K_M files): random blocks — every 6-bit scale and min packing, float16 d and dmin
+    of every magnitude — decode to exactly gguf.quants' float32 values."""
+    from layerscope.checkpoint.ggufread import TORCH_DECODERS, dequantize
+
+    rng = np.random.default_rng(2)
+    blocks = rng.integers(0, 256, size=(96, 144), dtype=np.uint8)
+    scales = (rng.standard_normal((96, 2)) * np.logspace(-6, 1, 96)[:, None]).astype(np.float16)
+    blocks[:, :4] = scales.view(np.uint8).reshape(96, 4)
+    expected = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q4_K).reshape(32, 768)
+    assert "Q4_K" in TORCH_DECODERS
+    ours = dequantize(blocks.tobytes(), "Q4_K", (32, 768), None).numpy()
+    assert np.array_equal(ours.view(np.uint32), expected.view(np.uint32))

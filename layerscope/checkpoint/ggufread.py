@@ -268,18 +268,41 @@ def dequantize(raw: bytes | bytearray | memoryview, ggml_type: str, shape: tuple
         tensor = torch.frombuffer(raw if isinstance(raw, bytearray) else bytearray(raw),
                                   dtype=plain[ggml_type]).reshape(shape)
     elif ggml_type in TORCH_DECODERS:  # the common types, in torch: the same float32 operations as gguf.quants
-        tensor = TORCH_DECODERS[ggml_type](_blocks(raw, ggml_type)).reshape(shape)
+        tensor = _decode_in_chunks(_blocks(raw, ggml_type), TORCH_DECODERS[ggml_type]).reshape(shape)
     else:
         data = np.frombuffer(raw, dtype=np.uint8)
         rows = data.reshape(-1, data.size // max(1, _rows(shape)))
+        values = np.empty((rows.shape[0], _values_per_row(shape)), dtype=np.float32)
+        step = max(1, DECODE_CHUNK_VALUES // values.shape[1])
         try:
-            values = gguf.quants.dequantize(rows, qtype)
+            for start in range(0, rows.shape[0], step):
+                values[start:start + step] = gguf.quants.dequantize(rows[start:start + step], qtype)
         except NotImplementedError:
             raise LayerscopeError(f"ggml type {ggml_type} cannot be dequantized by the gguf package") from None
-        tensor = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(shape)
+        tensor = torch.from_numpy(values).reshape(shape)
     if heads:
         tensor = unpermute_rows(tensor, heads)
     return tensor
+
+
+# Decoding writes into the finished tensor a few MiB at a time, so a 32000 × 4096 embedding needs its own
+# 500 MB and not three times that in temporaries.
+DECODE_CHUNK_VALUES = 1 << 21
+
+
+def _decode_in_chunks(blocks, decoder):
+    import torch
+
+    first = decoder(blocks[:1])
+    out = torch.empty(blocks.shape[0], first.shape[1], dtype=torch.float32)
+    step = max(1, DECODE_CHUNK_VALUES // first.shape[1])
+    for start in range(0, blocks.shape[0], step):
+        out[start:start + step] = decoder(blocks[start:start + step])
+    return out
+
+
+def _values_per_row(shape: tuple[int, ...]) -> int:
+    return shape[-1] if shape else 1
 
 
 def _blocks(raw, ggml_type: str):
@@ -324,9 +347,26 @@ def _q4_1(blocks):
     return _half(blocks, 0) * _nibbles(blocks[:, 4:]).to(torch.float32) + _half(blocks, 2)
 
 
+def _q4_k(blocks):
+    """256 values per 144-byte block: float16 d and dmin, 12 bytes holding eight 6-bit scales and eight 6-bit
+    mins, then 128 bytes of nibbles (each 32-byte group: low nibbles are one sub-block, high nibbles the next);
+    value = d·scale_j·q − dmin·min_j."""
+    import torch
+
+    packed = blocks[:, 4:16].reshape(-1, 3, 4)
+    low, high, extra = packed[:, 0], packed[:, 1], packed[:, 2]
+    scales = torch.cat([low & 0x3F, (extra & 0x0F) | ((low >> 2) & 0x30)], dim=1).to(torch.float32)
+    mins = torch.cat([high & 0x3F, (extra >> 4) | ((high >> 2) & 0x30)], dim=1).to(torch.float32)
+    groups = blocks[:, 16:].reshape(-1, 4, 1, 32)
+    quants = torch.cat([groups & 0x0F, groups >> 4], dim=2).reshape(-1, 8, 32).to(torch.float32)
+    step = (_half(blocks, 0) * scales)[:, :, None]
+    offset = (_half(blocks, 2) * mins)[:, :, None]
+    return (step * quants - offset).reshape(-1, 256)
+
+
 # Block decoders written in torch for the most common llama.cpp types (multi-threaded, no numpy temporaries);
 # each performs gguf.quants' float32 operations in the same order, so the values are bit-identical (tested).
-TORCH_DECODERS = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1}
+TORCH_DECODERS = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q4_K": _q4_k}
 
 
 def _rows(shape: tuple[int, ...]) -> int:
