@@ -221,3 +221,31 @@ def test_exports_of_a_gguf_plan_name_a_base_transformers_can_load(table, folder)
     checked = json.loads(export_plan(plan, "peft", check_model=folder))
     assert checked["base_model_name_or_path"] == str(folder.resolve())
     assert "# base_model: the model of" in export_plan(plan, "axolotl")
+
+
+def test_each_tensor_is_decoded_once_and_kept_in_float32(tmp_path, monkeypatch):
+    """A scan decodes every GGUF tensor once (it used to decode twice and hold a float64 copy: 3 × the memory of
+    a 7B embedding), and the float32 values are exact, so nothing is lost by not upcasting the whole tensor."""
+    from layerscope.checkpoint import ggufread
+    from layerscope.checkpoint.quantization.logical import load_logical, logical_tensors
+
+    path = tmp_path / "q8.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for add, value in ((writer.add_block_count, 1), (writer.add_embedding_length, 64),
+                       (writer.add_feed_forward_length, 128), (writer.add_head_count, 4), (writer.add_vocab_size, 32)):
+        add(value)
+    data = np.random.default_rng(0).standard_normal((128, 64)).astype(np.float32)
+    writer.add_tensor("blk.0.ffn_up.weight", gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0),
+                      raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    checkpoint = open_checkpoint(path)
+    (logical,) = logical_tensors(checkpoint)
+    assert load_logical(checkpoint, logical).dtype == torch.float32
+    calls = []
+    original = ggufread.dequantize
+    monkeypatch.setattr(ggufread, "dequantize", lambda *a, **k: calls.append(a[1]) or original(*a, **k))
+    table = layerscope.scan(path, progress=False, estimators=("alpha_hill",))
+    assert len(table) == 1 and calls == ["Q8_0"]

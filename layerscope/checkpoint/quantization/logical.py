@@ -169,13 +169,14 @@ def _recognise(name: str, info: TensorInfo, tensors: dict[str, TensorInfo], qcon
 
 
 def load_logical(ckpt: Checkpoint, tensor: LogicalTensor) -> torch.Tensor:
-    """The real-valued weight: stored tensor as is, quantized ones dequantized to float64."""
+    """The real-valued weight: stored tensor as is; GGUF blocks decoded to float32 (exact); other quantized
+    formats dequantized to float64."""
     if tensor.quantization is None:
         return read_tensor(tensor.main)
-    parts = {role: read_tensor(info) for role, info in tensor.parts.items()}
     scheme = tensor.quantization
-    if scheme.startswith("gguf-"):
-        return read_tensor(tensor.main).to(torch.float64)  # gguf.quants decodes in float32, as llama.cpp does
+    if scheme.startswith("gguf-"):  # decoded in float32, as llama.cpp does: exact, and the Gram upcasts by chunks
+        return read_tensor(tensor.main)
+    parts = {role: read_tensor(info) for role, info in tensor.parts.items()}
     if "-block" in scheme:
         rows, cols = (int(b) for b in scheme.split("-block")[1].split("x"))
         return dequantize_fp8_block(parts["weight"], parts["scale_inv"], rows, cols)
