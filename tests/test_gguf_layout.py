@@ -325,16 +325,18 @@ def test_torch_block_decoders_are_bit_identical_to_gguf(ggml_type):
     assert np.array_equal(ours.view(np.uint32), expected.view(np.uint32))
 
 
-def test_torch_q4_k_decoder_is_bit_identical_to_gguf():
-    """Q4_K (the K-quant of Q4_K_M files): random blocks — every 6-bit scale and min packing, float16 d and dmin
-    of every magnitude — decode to exactly gguf.quants' float32 values."""
+@pytest.mark.parametrize("ggml_type,block_bytes,scale_at", [("Q4_K", 144, (0, 4)), ("Q6_K", 210, (208, 210))])
+def test_torch_k_quant_decoders_are_bit_identical_to_gguf(ggml_type, block_bytes, scale_at):
+    """The K-quants of Q4_K_M files (Q4_K for most matrices, Q6_K for some): random blocks — every packing of
+    scales, mins and high bits, float16 scales of every magnitude — decode to exactly gguf.quants' values."""
     from layerscope.checkpoint.ggufread import TORCH_DECODERS, dequantize
 
     rng = np.random.default_rng(2)
-    blocks = rng.integers(0, 256, size=(96, 144), dtype=np.uint8)
-    scales = (rng.standard_normal((96, 2)) * np.logspace(-6, 1, 96)[:, None]).astype(np.float16)
-    blocks[:, :4] = scales.view(np.uint8).reshape(96, 4)
-    expected = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q4_K).reshape(32, 768)
-    assert "Q4_K" in TORCH_DECODERS
-    ours = dequantize(blocks.tobytes(), "Q4_K", (32, 768), None).numpy()
+    blocks = rng.integers(0, 256, size=(96, block_bytes), dtype=np.uint8)
+    halves = (scale_at[1] - scale_at[0]) // 2
+    scales = (rng.standard_normal((96, halves)) * np.logspace(-6, 1, 96)[:, None]).astype(np.float16)
+    blocks[:, scale_at[0]:scale_at[1]] = scales.view(np.uint8).reshape(96, 2 * halves)
+    expected = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType[ggml_type]).reshape(32, 768)
+    assert ggml_type in TORCH_DECODERS
+    ours = dequantize(blocks.tobytes(), ggml_type, (32, 768), None).numpy()
     assert np.array_equal(ours.view(np.uint32), expected.view(np.uint32))

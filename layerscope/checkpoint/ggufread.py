@@ -364,9 +364,23 @@ def _q4_k(blocks):
     return (step * quants - offset).reshape(-1, 256)
 
 
+def _q6_k(blocks):
+    """256 values per 210-byte block: 128 bytes of low nibbles, 64 bytes of 2-bit high parts, sixteen int8 scales,
+    float16 d; value = d·scale_j·(q − 32) with q the 6-bit (high << 4 | low)."""
+    import torch
+
+    low = blocks[:, :128].reshape(-1, 2, 1, 64)
+    low = torch.cat([low & 0x0F, low >> 4], dim=2).reshape(-1, 8, 32)
+    high = blocks[:, 128:192].reshape(-1, 2, 1, 32)
+    high = torch.cat([high & 3, (high >> 2) & 3, (high >> 4) & 3, high >> 6], dim=2).reshape(-1, 8, 32)
+    quants = ((low | (high << 4)).to(torch.int8) - 32).reshape(-1, 16, 16).to(torch.float32)
+    scales = blocks[:, 192:208].contiguous().view(torch.int8).to(torch.float32)
+    return ((_half(blocks, 208) * scales)[:, :, None] * quants).reshape(-1, 256)
+
+
 # Block decoders written in torch for the most common llama.cpp types (multi-threaded, no numpy temporaries);
 # each performs gguf.quants' float32 operations in the same order, so the values are bit-identical (tested).
-TORCH_DECODERS = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q4_K": _q4_k}
+TORCH_DECODERS = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q4_K": _q4_k, "Q6_K": _q6_k}
 
 
 def _rows(shape: tuple[int, ...]) -> int:
