@@ -268,11 +268,12 @@ def dequantize(raw: bytes | bytearray | memoryview, ggml_type: str, shape: tuple
         tensor = torch.frombuffer(raw if isinstance(raw, bytearray) else bytearray(raw),
                                   dtype=plain[ggml_type]).reshape(shape)
     elif ggml_type in TORCH_DECODERS:  # the common types, in torch: the same float32 operations as gguf.quants
-        tensor = _decode_in_chunks(_blocks(raw, ggml_type), TORCH_DECODERS[ggml_type]).reshape(shape)
+        values_per_block = gguf.GGML_QUANT_SIZES[qtype][0]
+        tensor = _decode_in_chunks(_blocks(raw, ggml_type), TORCH_DECODERS[ggml_type], values_per_block).reshape(shape)
     else:
         data = np.frombuffer(raw, dtype=np.uint8)
         rows = data.reshape(-1, data.size // max(1, _rows(shape)))
-        values = np.empty((rows.shape[0], _values_per_row(shape)), dtype=np.float32)
+        values = np.empty((rows.shape[0], shape[-1] if shape else 1), dtype=np.float32)
         step = max(1, DECODE_CHUNK_VALUES // values.shape[1])
         try:
             for start in range(0, rows.shape[0], step):
@@ -290,19 +291,14 @@ def dequantize(raw: bytes | bytearray | memoryview, ggml_type: str, shape: tuple
 DECODE_CHUNK_VALUES = 1 << 21
 
 
-def _decode_in_chunks(blocks, decoder):
+def _decode_in_chunks(blocks, decoder, values_per_block: int):
     import torch
 
-    first = decoder(blocks[:1])
-    out = torch.empty(blocks.shape[0], first.shape[1], dtype=torch.float32)
-    step = max(1, DECODE_CHUNK_VALUES // first.shape[1])
+    out = torch.empty(blocks.shape[0], values_per_block, dtype=torch.float32)
+    step = max(1, DECODE_CHUNK_VALUES // values_per_block)
     for start in range(0, blocks.shape[0], step):
         out[start:start + step] = decoder(blocks[start:start + step])
     return out
-
-
-def _values_per_row(shape: tuple[int, ...]) -> int:
-    return shape[-1] if shape else 1
 
 
 def _blocks(raw, ggml_type: str):
