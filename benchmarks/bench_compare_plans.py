@@ -3,6 +3,9 @@
     python benchmarks/bench_compare_plans.py minilm    # classification, 8 seeds  (~1.5 h on 2 cores)
     python benchmarks/bench_compare_plans.py smollm2   # causal LM with prompts, 5 seeds (~1 h on 2 cores)
     python benchmarks/bench_compare_plans.py minilm-budgets  # the budget curve: 4 budgets x 3 seeds (~1.5 h)
+    python benchmarks/bench_compare_plans.py smollm2-budgets # SmolLM2's curve: 4 budgets x 2 seeds (~2 h, 2 ranks)
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 2 benchmarks/bench_compare_plans.py smollm2 ...
+                                                       # the same comparison, runs shared out between 2 ranks
 
 * minilm: the bundled MiniLM (6 layers) classifies a Debian package's one-line description into its
   archive section (8 sections, balanced; ``benchmarks/tasks.py debian-sections``).  Arms: alphalora and
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -63,6 +67,11 @@ SETUPS = {
     "smollm2": dict(task="debian-sections-lm", kind="causal-lm", plans=["alphalora"], options={}, seeds=5,
                     steps=120, batch_size=8, eval_every=30, max_length=48, lr_sweep=[3e-4, 1e-3, 3e-3],
                     validation_rows=64, test_rows=256),
+    # SmolLM2's budget curve (issue 30 §2): alphalora against MoLA □ at 4 budgets spanning 16x, 2 seeds, at §11c's
+    # protocol and chosen rate; 16 runs, about 2 h as 2 torchrun ranks of one thread on this 2-core machine.
+    "smollm2-budgets": dict(task="debian-sections-lm", kind="causal-lm", plans=["alphalora"], options={}, seeds=2,
+                            steps=120, batch_size=8, eval_every=30, max_length=48, lr_sweep=None, lr=3e-4,
+                            budgets=[1 / 16, 1 / 8, 1 / 4, 1], validation_rows=64, test_rows=256),
 }
 
 
@@ -180,7 +189,10 @@ def main() -> None:
 
     from layerscope.experiments import PlanSettings, Settings, compare_plans, load_task, prepare_model, results_table
 
-    files = task_files(setup, DATA / setup["task"])
+    # under torchrun each rank writes its own copy of the rows: one rank truncating the file another is reading
+    # would give the ranks different tasks (and run keys)
+    rank = os.environ.get("RANK")
+    files = task_files(setup, DATA / (setup["task"] + (f"-rank{rank}" if rank else "")))
     task = load_task(files["train"], setup["kind"], validation_path=files["validation"], eval_path=files["test"],
                      prompt_column="prompt" if setup["kind"] == "causal-lm" else None)
     settings = Settings(steps=setup["steps"], batch_size=setup["batch_size"], eval_every=setup["eval_every"],

@@ -24,6 +24,7 @@ from layerscope.experiments import (  # noqa: E402
     build_arms,
     compare_plans,
     load_task,
+    planned_runs,
 )
 
 SETTINGS = Settings(steps=4, learning_rate=5e-3, batch_size=8, eval_every=2, max_length=16, device="cpu")
@@ -235,6 +236,37 @@ def test_progress_is_logged_when_not_a_terminal(model, task_file, tmp_path):
     assert any("run 1/2" in line and "training 4 steps" in line for line in lines)
     assert any("step 2/4: validation accuracy" in line for line in lines)
     assert "not testable" in result.stdout
+
+
+def test_a_dry_run_lists_every_run_and_what_the_store_holds(model, task_file, tmp_path):
+    task = load_task(task_file)
+    sweep = [1e-5, 5e-3]
+    kwargs = dict(seeds=[0, 1], settings=SETTINGS, out=tmp_path, progress=False, lr_sweep=sweep)
+    before = planned_runs(model, task, ["mola"], **kwargs)
+    assert list(before["phase"]) == ["lr sweep"] * 2 + ["comparison"] * 4
+    assert not before["stored"].any() and not (tmp_path / "runs").exists()
+    assert before[before["phase"] == "comparison"]["learning_rate"].isna().all()  # chosen by the unfinished sweep
+    assert set(before["arm"]) == {"mola", "uniform-5x-r8-top2"}
+    assert before[before["arm"] == "mola"]["baseline"].tolist() == ["uniform-5x-r8-top2"] * 2
+
+    document = compare_plans(model, task, ["mola"], **kwargs)
+    after = planned_runs(model, task, ["mola"], **kwargs)
+    assert after["stored"].all() and (after["seconds_per_step"] > 0).all()
+    chosen = document["learning_rate"]["chosen"]
+    assert set(after[after["phase"] == "comparison"]["learning_rate"]) == {chosen}
+    # the sweep's run at the chosen rate is seed 0's baseline run: one file, listed twice
+    assert after["from_sweep"].tolist() == before["from_sweep"].tolist() == [False] * 2 + [False, True, False, False]
+    assert len(list((tmp_path / "runs").glob("*.json"))) == len(after) - 1
+    rows = _arms(document)
+    for arm, trainable in after.groupby("arm")["trainable"].first().items():
+        assert rows[arm]["trainable"] == trainable
+
+    result = _cli("compare-plans", str(model), "--task", str(task_file), "--plans", "mola,alphalora", "--seeds", "0,1",
+                  "--steps", "4", "--eval-every", "2", "--batch-size", "8", "--max-length", "16", "--device", "cpu",
+                  "--lr", "5e-3", "--out", str(tmp_path / "cli"), "--dry-run", "-q")
+    assert result.returncode == 0, result.stderr
+    assert "6 runs of 4 steps: 0 stored, 6 to train" in result.stdout and "dry run" in result.stdout
+    assert not (tmp_path / "cli" / "comparison.json").exists() and not (tmp_path / "cli" / "runs").exists()
 
 
 def test_the_report_shows_a_comparison_of_this_model_only(model, task_file, tmp_path):

@@ -88,6 +88,9 @@ def _value(text: str):
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--out", type=click.Path(path_type=Path), required=True,
               help="Folder: comparison.json, results.csv, curves.png, runs/ (the resume store).")
+@click.option("--dry-run", is_flag=True,
+              help="Build the arms and list every run (budget, arm, trainable parameters, seed, whether --out/runs "
+                   "already holds it) with what is left to train; train nothing, write no comparison.")
 @click.option("--quiet", "-q", is_flag=True)
 def compare_plans_command(model: Path, task_file: Path, eval_file: Path | None, validation_file: Path | None,
                           task_kind: str, text_column: str, label_column: str, prompt_column: str | None,
@@ -98,7 +101,7 @@ def compare_plans_command(model: Path, task_file: Path, eval_file: Path | None, 
                           seeds: tuple[int, ...], steps: int, learning_rate: float,
                           lr_sweep: tuple[float, ...] | None, sweep_seeds: tuple[int, ...] | None, scheduler: str,
                           warmup_ratio: float, batch_size: int, eval_every: int, max_length: int, device: str,
-                          out: Path, quiet: bool) -> None:
+                          out: Path, dry_run: bool, quiet: bool) -> None:
     """Fine-tune each strategy and its like-for-like uniform baseline with each seed on a local task; report each
     arm's test metric, the paired difference to its baseline, and what the data rule out.  A .gguf MODEL is
     converted once to a folder under --out.  Interrupted runs resume from --out/runs.  Under torchrun
@@ -118,6 +121,15 @@ def compare_plans_command(model: Path, task_file: Path, eval_file: Path | None, 
                                  budget_params=budget_params, tolerance=budget_tolerance)
     names = [p.strip() for p in plans.split(",") if p.strip()]
     folder = prepare_model(model, out)
+    if dry_run:
+        from layerscope.experiments import planned_runs
+
+        runs = planned_runs(folder, task, names, seeds=list(seeds), settings=settings, out=out,
+                            plan_settings=plan_settings, lr_sweep=list(lr_sweep) if lr_sweep else None,
+                            sweep_seeds=list(sweep_seeds) if sweep_seeds else None, progress=not quiet,
+                            budgets=list(budgets) if budgets else None)
+        click.echo(_planned_summary(runs, steps))
+        return
     document = compare_plans(folder, task, names, seeds=list(seeds), settings=settings, out=out,
                              plan_settings=plan_settings, lr_sweep=list(lr_sweep) if lr_sweep else None,
                              sweep_seeds=list(sweep_seeds) if sweep_seeds else None, progress=not quiet,
@@ -140,6 +152,28 @@ def compare_plans_command(model: Path, task_file: Path, eval_file: Path | None, 
             click.echo(f"Mixture vs dense: {document['dense_verdict']}")
         written = ["comparison.json", "results.csv", "curves.png", *(["budgets.png"] if document.get("budgets") else [])]
         click.echo("wrote " + ", ".join(str(out / name) for name in written))
+
+
+def _planned_summary(runs, steps: int) -> str:
+    """The dry run's table, the arms a budget curve leaves out, and one line of what is left: runs to train and,
+    from the stored runs' own seconds per step, about how long they take on this machine."""
+    shown = runs.assign(
+        learning_rate=runs["learning_rate"].map(lambda v: "by sweep" if v is None or v != v else f"{v:g}"),
+        budget=runs["budget"].fillna("—"), baseline=runs["baseline"].fillna("—"),
+        stored=[("the sweep's" if reused else "yes" if stored else "no")
+                for stored, reused in zip(runs["stored"], runs["from_sweep"])])
+    columns = ["phase", *(["budget"] if runs["budget"].notna().any() else []), "arm", "kind", "baseline", "trainer",
+               "trainable", "seed", "learning_rate", "stored"]
+    notes = [f"left out at {note['budget']}: {note['arm']} ({note['why']})" for note in runs.attrs.get("left_out", [])]
+    distinct = runs[~runs["from_sweep"]]
+    left = int((~distinct["stored"]).sum())
+    line = f"{len(distinct)} runs of {steps} steps: {len(distinct) - left} stored, {left} to train"
+    measured = runs["seconds_per_step"].dropna()
+    if left and len(measured):
+        hours = left * steps * measured.mean() / 3600
+        line += (f"; about {hours:.1f} h in one process at the stored runs' mean {measured.mean():.2f} s/step "
+                 "(their validation evaluations included, the final test scoring not)")
+    return "\n".join([shown[columns].to_string(index=False), *notes, line + " (dry run: nothing trained)"])
 
 
 @cli.command("sensitivity")

@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from layerscope.experiments.arms import Arm, PlanSettings, build_arms, like_for_like
-from layerscope.experiments.compare import SCHEMA, compare_plans, results_table
+from layerscope.experiments.compare import SCHEMA, compare_plans, planned_runs, results_table
 from layerscope.experiments.runs import Settings
 from layerscope.experiments.task import Task, load_task
 
@@ -19,4 +19,4 @@ def prepare_model(model: str | Path, out: str | Path) -> Path:
 
 
 __all__ = ["SCHEMA", "Arm", "PlanSettings", "Settings", "Task", "build_arms", "compare_plans", "like_for_like",
-           "load_task", "prepare_model", "results_table"]
+           "load_task", "planned_runs", "prepare_model", "results_table"]

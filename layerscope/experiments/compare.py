@@ -81,17 +81,11 @@ def compare_plans(model: str | Path, task: Task, plans: list[str | Path], *, see
     world = distributed.join()
     try:
         log = _Log(progress, world)
-        from layerscope.experiments.signals import with_task_signals
-
-        names = [str(item) for item in plans]
-        plan_settings = with_task_signals(model, task, names, plan_settings or PlanSettings(), out=out,
-                                          batch_size=settings.batch_size, max_length=settings.max_length,
-                                          device=settings.device, world=world, log=log)
-        groups, budget_record = _groups(model, plans, plan_settings, settings, budgets)
-        store = _RunStore(out / "runs", model, task)
+        groups, budget_record, store = _arms_and_store(model, task, plans, settings, out, plan_settings, budgets,
+                                                       world, log)
         if lr_sweep:
             _sweep(groups, lr_sweep, sweep_seeds or seeds[:1], store, log, world)
-        todo = [(group, arm, seed) for group in groups for seed in seeds for arm in group.arms]
+        todo = _todo(groups, seeds)
         for number, (group, arm, seed) in enumerate(todo, 1):
             if world.owns(number - 1):
                 store.run(arm, seed, group.settings, log, f"run {number}/{len(todo)}")
@@ -105,6 +99,79 @@ def compare_plans(model: str | Path, task: Task, plans: list[str | Path], *, see
         return document
     finally:
         distributed.leave(world)
+
+
+def planned_runs(model: str | Path, task: Task, plans: list[str | Path], *, seeds: list[int], settings: Settings,
+                 out: str | Path, plan_settings: PlanSettings | None = None, lr_sweep: list[float] | None = None,
+                 sweep_seeds: list[int] | None = None, progress: bool = True,
+                 budgets: list[float] | None = None) -> pd.DataFrame:
+    """What :func:`compare_plans` would train with the same arguments, without training: one row per run (the
+    learning-rate sweep's first, then every arm with every seed) with its budget, arm, kind, baseline, trainer,
+    trainable parameters, seed, learning rate and whether ``out/runs`` already holds it.  ``from_sweep`` marks
+    the comparison's runs that are the sweep's run at the chosen rate (one run, listed in both phases), and
+    ``attrs["left_out"]`` holds the arms a budget curve leaves out, with why.
+
+    The arms are built exactly as for the comparison (task signals such as ``sensitivity`` are measured and
+    stored under ``out`` if they are not there yet).  While a sweep is unfinished the comparison's rate is not
+    known: those rows have ``learning_rate`` None and ``stored`` False.  ``seconds_per_step`` is the stored
+    run's own, for sizing what is left."""
+    settings.check()
+    model, out = str(model), Path(out)
+    check_model_for_task(model, task)
+    log = _Log(progress)
+    groups, budget_record, store = _arms_and_store(model, task, plans, settings, out, plan_settings, budgets,
+                                                   distributed.World(), log)
+    rows = []
+    swept_seeds = set(sweep_seeds or seeds[:1]) if lr_sweep else set()
+    if lr_sweep:
+        for group in groups:
+            for rate in lr_sweep:
+                for seed in sweep_seeds or seeds[:1]:
+                    rows.append(_planned_row("lr sweep", group, _sweep_arm(group), seed,
+                                             replace(group.settings, learning_rate=rate), store))
+        swept = all(row["stored"] for row in rows)
+        for group in groups:
+            if swept:
+                group.settings, group.selection = _choose_learning_rate(group, lr_sweep, sweep_seeds or seeds[:1],
+                                                                        store, log)
+            else:
+                group.settings = replace(group.settings, learning_rate=math.nan)
+    for group, arm, seed in _todo(groups, seeds):
+        row = _planned_row("comparison", group, arm, seed, group.settings, store)
+        row["from_sweep"] = arm is _sweep_arm(group) and seed in swept_seeds
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    table.attrs["left_out"] = (budget_record or {}).get("left_out", [])
+    return table
+
+
+def _planned_row(phase: str, group: _Group, arm: Arm, seed: int, settings: Settings, store: _RunStore) -> dict:
+    known = math.isfinite(settings.learning_rate)
+    stored = _stored(store.path(arm, seed, settings), arm_key(arm, store.task, seed, settings)) if known else None
+    return {"phase": phase, "budget": group.label, "arm": arm.name, "kind": arm.kind, "baseline": arm.baseline,
+            "trainer": arm.trainer, "trainable": arm.trainable, "seed": seed,
+            "learning_rate": settings.learning_rate if known else None, "stored": stored is not None,
+            "seconds_per_step": stored["seconds_per_step"] if stored else None, "from_sweep": False}
+
+
+def _arms_and_store(model: str, task: Task, plans: list, settings: Settings, out: Path,
+                    plan_settings: PlanSettings | None, budgets: list[float] | None, world: distributed.World,
+                    log: _Log) -> tuple[list[_Group], dict | None, _RunStore]:
+    """The comparison's arms by budget (task signals measured first where a strategy needs them) and its run
+    store."""
+    from layerscope.experiments.signals import with_task_signals
+
+    names = [str(item) for item in plans]
+    plan_settings = with_task_signals(model, task, names, plan_settings or PlanSettings(), out=out,
+                                      batch_size=settings.batch_size, max_length=settings.max_length,
+                                      device=settings.device, world=world, log=log)
+    groups, budget_record = _groups(model, plans, plan_settings, settings, budgets)
+    return groups, budget_record, _RunStore(out / "runs", model, task)
+
+
+def _todo(groups: list[_Group], seeds: list[int]) -> list[tuple[_Group, Arm, int]]:
+    """Every arm with every seed, seed by seed within a budget (so an interrupted comparison holds whole pairs)."""
+    return [(group, arm, seed) for group in groups for seed in seeds for arm in group.arms]
 
 
 def _groups(model: str, plans: list, plan_settings: PlanSettings, settings: Settings,
