@@ -10,6 +10,7 @@ needed, CPU runs work the same way), with a timeout long enough for a slice of r
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -61,7 +62,22 @@ def join() -> World:
     for name in LAUNCHER_VARIABLES:
         if name in os.environ:
             _hidden[name] = os.environ.pop(name)
+    _quiet_about_the_unused_group()
     return world
+
+
+class _UnusedGroupFilter(logging.Filter):
+    """transformers warns, once per run, that the process group is up but training is not DDP: here that is the
+    design (the group only carries the barriers), so the warning would be noise in every rank's log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "parallel_mode != ParallelMode.DISTRIBUTED" not in record.getMessage()
+
+
+def _quiet_about_the_unused_group() -> None:
+    logger = logging.getLogger("transformers.training_args")
+    if not any(isinstance(f, _UnusedGroupFilter) for f in logger.filters):
+        logger.addFilter(_UnusedGroupFilter())
 
 
 def _own_gpu(local_rank: int, torch) -> None:
