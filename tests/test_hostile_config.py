@@ -169,3 +169,30 @@ def test_a_block_linear_the_checkpoint_lacks_is_named(tmp_path):
     from layerscope.tables import read_scan
 
     assert read_scan(folder / "scan.parquet").attrs["missing"] == ["model.layers.1.self_attention.kv_proj.weight"]
+
+
+@pytest.mark.parametrize("model_type,auto_class,tensor", [
+    ("llama", "AutoModelForCausalLM", "model.layers.1.self_attn.q_proj.weight"),
+    ("gpt2", "AutoModelForCausalLM", "transformer.h.1.mlp.c_fc.weight"),  # Conv1D
+    ("bert", "AutoModel", "encoder.layer.0.attention.self.query.weight"),  # a base model: no head prefix
+])
+def test_a_projection_absent_from_a_table_verified_checkpoint_is_named(model_type, auto_class, tensor, tmp_path):
+    """The types the naming tables cover skip the module-tree build; a block lacking a projection its siblings hold
+    makes the scan build the tree after all, and the tree names what is absent (a whole checkpoint is not named)."""
+    from safetensors.torch import load_file, save_file
+
+    from layerscope.tables import read_scan
+
+    folder = _saved(ZooEntry(model_type, "causal-lm" if auto_class != "AutoModel" else "encoder", auto_class),
+                    tmp_path / model_type)
+    result, _ = _scan(folder)
+    assert result.returncode == 0 and read_scan(folder / "scan.parquet").attrs["missing"] == [], result.stderr
+    tensors = load_file(str(folder / "model.safetensors"))
+    del tensors[tensor]
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    result = subprocess.run([sys.executable, "-m", "layerscope", "scan", str(folder), "--out",
+                             str(folder / "scan.parquet")], capture_output=True, text=True, timeout=LIMIT_S)
+    assert result.returncode == 0, result.stderr
+    assert "WARNING: 1 weight matrix that the architecture expects is absent" in result.stderr and tensor in result.stderr
+    table = read_scan(folder / "scan.parquet")
+    assert table.attrs["missing"] == [tensor] and table.attrs["live_names_note"].startswith("naming table")

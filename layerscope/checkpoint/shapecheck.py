@@ -15,7 +15,10 @@ accepted one would analyse, plan and export the wrong module sizes (a query edit
 
 The refusal names the tensor, both shapes and the config fields behind the expected one.  Where the tree is
 built, the block Linears it holds and the checkpoint does not are returned too, as transformers' "missing
-keys" (they would be initialised at random): the scan names them.
+keys" (they would be initialised at random): the scan names them.  Where it is not (a type the tables
+cover), :func:`has_block_gaps` screens for a projection that other blocks of the same stack hold and one
+lacks; only then is the tree built to decide (a model with dense first layers or mixed mixers has such gaps
+by design, and the tree knows them), so a whole checkpoint keeps the fast path.
 """
 
 from __future__ import annotations
@@ -60,10 +63,42 @@ def check_shapes(where: str | Path, config: dict, classified: list, tree: ModelT
             want = tuple(" or ".join(map(str, w)) if w else "·" for w in (out_widths, in_widths))
             raise LayerscopeError(f"{where}: tensor {info.name} has shape {_shown(stored, role)}, but the config "
                                   f"makes it {_shown(want, role)} ({', '.join(fields)})")
-    if tree is None:
-        return []
+    return [] if tree is None else absent_block_linears(classified, tree)
+
+
+def absent_block_linears(classified: list, tree: ModelTree) -> list[str]:
+    """The weights of the block Linears ``tree`` holds and no classified tensor provides."""
     present = {role.module for _, role in classified if role.module is not None}
     return [f"{path}.weight" for path in tree.linears if path not in present and tree.block_of(path) is not None]
+
+
+def tree_gaps(classified: list, tree: ModelTree) -> list[str]:
+    """:func:`absent_block_linears` for a tree built after the fact, when its module paths are the checkpoint's
+    (most of its block Linears are present); none when they are not (another head class names them otherwise)."""
+    absent = absent_block_linears(classified, tree)
+    blocks = sum(1 for path in tree.linears if tree.block_of(path) is not None)
+    return absent if len(absent) * 2 < blocks else []
+
+
+def has_block_gaps(classified: list) -> bool:
+    """Whether some block lacks a projection that another block of its stack holds (module paths compared with
+    the block index taken out).  Cheap and over-eager by design: the module tree decides what is missing."""
+    held: dict[str | None, dict[int, set[str]]] = {}
+    for _, role in classified:
+        if role.kind != "projection" or role.module is None or role.stack_layer is None or role.adapter_factor:
+            continue
+        segments = role.module.split(".")
+        index = str(role.stack_layer)
+        if index not in segments:
+            continue
+        at = segments.index(index)
+        template = ".".join([*segments[:at], "#", *segments[at + 1:]])
+        held.setdefault(role.stack, {}).setdefault(role.stack_layer, set()).add(template)
+    for blocks in held.values():
+        every = set().union(*blocks.values())
+        if any(templates != every for templates in blocks.values()):
+            return True
+    return False
 
 
 def _shown(out_in: tuple, role: TensorRole) -> str:

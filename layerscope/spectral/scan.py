@@ -20,7 +20,7 @@ from layerscope.checkpoint.modeltree import TABLE_VERIFIED, model_facts, tree_fo
 from layerscope.checkpoint.naming import TARGET_KINDS, NamingScheme, TensorRole, detect_scheme, scheme_by_name
 from layerscope.checkpoint.quantization import LogicalTensor, load_logical, logical_tensors
 from layerscope.checkpoint.reader import Checkpoint, open_checkpoint
-from layerscope.checkpoint.shapecheck import check_shapes
+from layerscope.checkpoint.shapecheck import check_shapes, has_block_gaps, tree_gaps
 from layerscope.errors import LayerscopeError
 from layerscope.spectral import distributed, esd, threads
 from layerscope.spectral.analysis import Matrix, analyse_batch
@@ -135,6 +135,10 @@ def scan_checkpoint(ckpt: Checkpoint, opts: ScanOptions) -> pd.DataFrame:
     missing = list(ckpt.missing)  # a GGUF file's, against the model its metadata builds
     if ckpt.files:  # a model in memory is its own architecture
         missing += [name for name in check_shapes(ckpt.path, ckpt.config, classified, tree) if name not in missing]
+        if tree is None and no_tree == TABLE_VERIFIED and has_block_gaps(classified):
+            built, _ = tree_for_checkpoint(ckpt.config, ckpt.path, force=True)  # let the architecture decide
+            if built is not None:
+                missing += [name for name in tree_gaps(classified, built) if name not in missing]
     selected = [(info, role) for info, role in classified if _wanted(info, role, opts)]
     if not selected:
         raise LayerscopeError(f"{ckpt.path}: no weight matrix to analyse"
