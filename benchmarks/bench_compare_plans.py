@@ -173,6 +173,8 @@ def main() -> None:
     parser.add_argument("--runs-archive", type=Path, help="A committed folder of finished runs (benchmarks/results/runs/"
                         "NAME): copied into --out/runs before the comparison, and the new runs copied back after, so "
                         "a comparison longer than one session resumes in the next.")
+    parser.add_argument("--dry-run", action="store_true", help="List every run and whether --out/runs (after "
+                        "--runs-archive is copied in) holds it; train nothing.")
     args = parser.parse_args()
     setup = dict(SETUPS[args.model])
     if args.protocol == "before":
@@ -205,6 +207,19 @@ def main() -> None:
     if args.runs_archive:
         sync_runs(args.runs_archive, out / "runs")
     model = prepare_model(model_path(args.model), out)
+    if args.dry_run:
+        from layerscope.experiments import planned_runs
+
+        runs = planned_runs(model, task, setup["plans"], seeds=list(range(setup["seeds"])), settings=settings,
+                            out=out, plan_settings=PlanSettings(options=setup["options"],
+                                                                peft_rank_arms=setup.get("peft_rank_arms", False)),
+                            lr_sweep=setup["lr_sweep"], sweep_seeds=[0] if setup["lr_sweep"] else None,
+                            budgets=setup.get("budgets"))
+        print(runs.drop(columns=["seconds_per_step"]).to_string(index=False))
+        distinct = runs[~runs["from_sweep"]]
+        print(f"{len(distinct)} runs: {int(distinct['stored'].sum())} stored, {int((~distinct['stored']).sum())} "
+              "to train (dry run)")
+        return
     document = compare_plans(model, task, setup["plans"], seeds=list(range(setup["seeds"])), settings=settings,
                              out=out, plan_settings=PlanSettings(options=setup["options"],
                                                                      peft_rank_arms=setup.get("peft_rank_arms", False)),
