@@ -159,6 +159,31 @@ def sync_runs(source: Path, target: Path, replace: bool = False) -> None:
             shutil.copyfile(run, there)
 
 
+def rekey(runs) -> int:
+    """Give each stored run that the current key does not find, but that is the same run by every recorded field
+    (arm, seed, learning rate, trainer, trainable parameters), the current key; returns how many it re-keyed.  For
+    runs stored before a change to what the key covers (2026-12-05: a layer's metric, which drifts in its last
+    digits between machines, no longer enters it)."""
+    count = 0
+    for row in runs[~runs["stored"] & runs["path"].notna()].itertuples():
+        path = Path(row.path)
+        if not path.is_file():
+            continue
+        record = json.loads(path.read_text())
+        if record.get("key") == row.key:
+            continue  # the sweep's run, listed again in the comparison
+        same = {"arm": row.arm, "seed": row.seed, "learning_rate": row.learning_rate, "trainer": row.trainer,
+                "plan_trainable": row.trainable}
+        differs = [field for field, value in same.items() if record.get(field) != value]
+        if differs:
+            print(f"not re-keyed: {path.name} (its {', '.join(differs)} differ)")
+            continue
+        path.write_text(json.dumps({**record, "key": row.key}, indent=1))
+        print(f"re-keyed: {path.name} ({record['key']} -> {row.key})")
+        count += 1
+    return count
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", choices=sorted(SETUPS))
@@ -175,6 +200,9 @@ def main() -> None:
                         "a comparison longer than one session resumes in the next.")
     parser.add_argument("--dry-run", action="store_true", help="List every run and whether --out/runs (after "
                         "--runs-archive is copied in) holds it; train nothing.")
+    parser.add_argument("--rekey", action="store_true", help="Give stored runs made under an earlier run key the "
+                        "current key when arm, seed, learning rate, trainer and trainable parameters all match (each "
+                        "one is listed), copy them back to --runs-archive, and train nothing.")
     args = parser.parse_args()
     setup = dict(SETUPS[args.model])
     if args.protocol == "before":
@@ -207,15 +235,23 @@ def main() -> None:
     if args.runs_archive:
         sync_runs(args.runs_archive, out / "runs")
     model = prepare_model(model_path(args.model), out)
-    if args.dry_run:
+    if args.dry_run or args.rekey:
         from layerscope.experiments import planned_runs
 
-        runs = planned_runs(model, task, setup["plans"], seeds=list(range(setup["seeds"])), settings=settings,
-                            out=out, plan_settings=PlanSettings(options=setup["options"],
-                                                                peft_rank_arms=setup.get("peft_rank_arms", False)),
-                            lr_sweep=setup["lr_sweep"], sweep_seeds=[0] if setup["lr_sweep"] else None,
-                            budgets=setup.get("budgets"))
-        print(runs.drop(columns=["seconds_per_step"]).to_string(index=False))
+        def plan_runs():
+            return planned_runs(model, task, setup["plans"], seeds=list(range(setup["seeds"])), settings=settings,
+                                out=out, plan_settings=PlanSettings(options=setup["options"],
+                                                                    peft_rank_arms=setup.get("peft_rank_arms", False)),
+                                lr_sweep=setup["lr_sweep"], sweep_seeds=[0] if setup["lr_sweep"] else None,
+                                budgets=setup.get("budgets"))
+
+        if args.rekey:
+            while rekey(plan_runs()):  # again: a re-keyed sweep decides the rate, and so the comparison's keys
+                pass
+            if args.runs_archive:
+                sync_runs(out / "runs", args.runs_archive, replace=True)
+        runs = plan_runs()
+        print(runs.drop(columns=["seconds_per_step", "key", "path"]).to_string(index=False))
         distinct = runs[~runs["from_sweep"]]
         print(f"{len(distinct)} runs: {int(distinct['stored'].sum())} stored, {int((~distinct['stored']).sum())} "
               "to train (dry run)")

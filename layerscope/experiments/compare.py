@@ -114,7 +114,7 @@ def planned_runs(model: str | Path, task: Task, plans: list[str | Path], *, seed
     The arms are built exactly as for the comparison (task signals such as ``sensitivity`` are measured and
     stored under ``out`` if they are not there yet).  While a sweep is unfinished the comparison's rate is not
     known: those rows have ``learning_rate`` None and ``stored`` False.  ``seconds_per_step`` is the stored
-    run's own, for sizing what is left."""
+    run's own, for sizing what is left; ``key`` and ``path`` are the run's store key and file."""
     settings.check()
     model, out = str(model), Path(out)
     check_model_for_task(model, task)
@@ -151,7 +151,9 @@ def _planned_row(phase: str, group: _Group, arm: Arm, seed: int, settings: Setti
     return {"phase": phase, "budget": group.label, "arm": arm.name, "kind": arm.kind, "baseline": arm.baseline,
             "trainer": arm.trainer, "trainable": arm.trainable, "seed": seed,
             "learning_rate": settings.learning_rate if known else None, "stored": stored is not None,
-            "seconds_per_step": stored["seconds_per_step"] if stored else None, "from_sweep": False}
+            "seconds_per_step": stored["seconds_per_step"] if stored else None, "from_sweep": False,
+            "key": arm_key(arm, store.task, seed, settings) if known else None,
+            "path": str(store.path(arm, seed, settings)) if known else None}
 
 
 def _arms_and_store(model: str, task: Task, plans: list, settings: Settings, out: Path,
@@ -290,11 +292,18 @@ def run_key(the_plan, task: Task, seed: int, settings: Settings) -> str:
     roles), task rows, seed, training settings."""
     document = the_plan.document
     parts = {"model": the_plan.model["fingerprint"],
-             "plan": _digest({k: document.get(k) for k in ("layers", "expert_type", "lora", "target_roles",
-                                                           "optimizer")}),
+             "plan": _digest({"layers": _trained_layers(document["layers"]),
+                              **{k: document.get(k) for k in ("expert_type", "lora", "target_roles", "optimizer")}}),
              "task": _digest([task.kind, *(task.split(name) for name in ("train", "validation", "test"))]),
              "seed": seed, "settings": asdict(settings)}
     return _digest(parts)
+
+
+def _trained_layers(layers: list[dict]) -> list[dict]:
+    """The plan's layers as trained.  A layer's ``metric`` says why it got its experts but does not enter training,
+    and a scan on another machine reproduces it only to the last few digits (other BLAS kernels): keyed on it, a
+    comparison resumed elsewhere would train its strategy arms again."""
+    return [{field: value for field, value in layer.items() if field != "metric"} for layer in layers]
 
 
 def arm_key(arm: Arm, task: Task, seed: int, settings: Settings) -> str:
