@@ -143,6 +143,25 @@ def test_the_run_key_covers_the_expert_type(model, task_file):
     assert run_key(lora, task, 0, SETTINGS) != run_key(mor, task, 0, SETTINGS)
 
 
+def test_the_run_key_ignores_metric_digits_another_machine_would_differ_in(model, task_file):
+    """A scan elsewhere reproduces alpha only to its last digits; the run it plans is the same run."""
+    import copy
+
+    from layerscope.experiments.compare import run_key
+    from layerscope.planning.plan import Plan
+
+    task = load_task(task_file)
+    planned = layerscope.plan(model, "alphalora", progress=False)
+    elsewhere = copy.deepcopy(planned.document)
+    for layer in elsewhere["layers"]:
+        layer["metric"] = layer["metric"] * (1 + 1e-13)
+    more = copy.deepcopy(planned.document)
+    more["layers"][0]["experts"] += 1
+    key = run_key(planned, task, 0, SETTINGS)
+    assert run_key(Plan(elsewhere, source="plan"), task, 0, SETTINGS) == key
+    assert run_key(Plan(more, source="plan", check_accounting=False), task, 0, SETTINGS) != key
+
+
 def test_a_run_is_reproducible_per_seed(model, task_file):
     from layerscope.experiments.runs import train_run
 
