@@ -68,10 +68,12 @@ SETUPS = {
                     steps=120, batch_size=8, eval_every=30, max_length=48, lr_sweep=[3e-4, 1e-3, 3e-3],
                     validation_rows=64, test_rows=256),
     # SmolLM2's budget curve (issue 30 §2): alphalora against MoLA □ at 4 budgets spanning 16x, 2 seeds, at §11c's
-    # protocol and chosen rate; 16 runs, about 2 h as 2 torchrun ranks of one thread on this 2-core machine.
+    # protocol and chosen rate; 16 runs, about 35 min as 2 torchrun ranks of one thread (2026-12-05's machine).
+    # At 1/16, rank-1 alphalora trains 5.3 % fewer parameters than its □ (router rows): a 6 % tolerance keeps it,
+    # and the table states the difference.
     "smollm2-budgets": dict(task="debian-sections-lm", kind="causal-lm", plans=["alphalora"], options={}, seeds=2,
                             steps=120, batch_size=8, eval_every=30, max_length=48, lr_sweep=None, lr=3e-4,
-                            budgets=[1 / 16, 1 / 8, 1 / 4, 1], validation_rows=64, test_rows=256),
+                            budgets=[1 / 16, 1 / 8, 1 / 4, 1], tolerance=0.06, validation_rows=64, test_rows=256),
 }
 
 
@@ -240,7 +242,7 @@ def main() -> None:
 
         def plan_runs():
             return planned_runs(model, task, setup["plans"], seeds=list(range(setup["seeds"])), settings=settings,
-                                out=out, plan_settings=PlanSettings(options=setup["options"],
+                                out=out, plan_settings=PlanSettings(options=setup["options"], tolerance=setup.get("tolerance", 0.05),
                                                                     peft_rank_arms=setup.get("peft_rank_arms", False)),
                                 lr_sweep=setup["lr_sweep"], sweep_seeds=[0] if setup["lr_sweep"] else None,
                                 budgets=setup.get("budgets"))
@@ -252,12 +254,14 @@ def main() -> None:
                 sync_runs(out / "runs", args.runs_archive, replace=True)
         runs = plan_runs()
         print(runs.drop(columns=["seconds_per_step", "key", "path"]).to_string(index=False))
+        for note in runs.attrs.get("left_out", []):
+            print(f"left out at {note['budget']}: {note['arm']} ({note['why']})")
         distinct = runs[~runs["from_sweep"]]
         print(f"{len(distinct)} runs: {int(distinct['stored'].sum())} stored, {int((~distinct['stored']).sum())} "
               "to train (dry run)")
         return
     document = compare_plans(model, task, setup["plans"], seeds=list(range(setup["seeds"])), settings=settings,
-                             out=out, plan_settings=PlanSettings(options=setup["options"],
+                             out=out, plan_settings=PlanSettings(options=setup["options"], tolerance=setup.get("tolerance", 0.05),
                                                                      peft_rank_arms=setup.get("peft_rank_arms", False)),
                              lr_sweep=setup["lr_sweep"], sweep_seeds=[0] if setup["lr_sweep"] else None,
                              budgets=setup.get("budgets"))
