@@ -237,13 +237,14 @@ def main() -> None:
     if args.runs_archive:
         sync_runs(args.runs_archive, out / "runs")
     model = prepare_model(model_path(args.model), out)
+    plan_settings = PlanSettings(options=setup["options"], tolerance=setup.get("tolerance", 0.05),
+                                 peft_rank_arms=setup.get("peft_rank_arms", False))
     if args.dry_run or args.rekey:
         from layerscope.experiments import planned_runs
 
         def plan_runs():
             return planned_runs(model, task, setup["plans"], seeds=list(range(setup["seeds"])), settings=settings,
-                                out=out, plan_settings=PlanSettings(options=setup["options"], tolerance=setup.get("tolerance", 0.05),
-                                                                    peft_rank_arms=setup.get("peft_rank_arms", False)),
+                                out=out, plan_settings=plan_settings,
                                 lr_sweep=setup["lr_sweep"], sweep_seeds=[0] if setup["lr_sweep"] else None,
                                 budgets=setup.get("budgets"))
 
@@ -261,8 +262,7 @@ def main() -> None:
               "to train (dry run)")
         return
     document = compare_plans(model, task, setup["plans"], seeds=list(range(setup["seeds"])), settings=settings,
-                             out=out, plan_settings=PlanSettings(options=setup["options"], tolerance=setup.get("tolerance", 0.05),
-                                                                     peft_rank_arms=setup.get("peft_rank_arms", False)),
+                             out=out, plan_settings=plan_settings,
                              lr_sweep=setup["lr_sweep"], sweep_seeds=[0] if setup["lr_sweep"] else None,
                              budgets=setup.get("budgets"))
     if args.runs_archive:
