@@ -135,7 +135,7 @@ def test_plan_names_are_unambiguous(model, tmp_path):
 
 
 def test_the_run_key_covers_the_expert_type(model, task_file):
-    from layerscope.experiments.compare import run_key
+    from layerscope.experiments.store import run_key
 
     task = load_task(task_file)
     lora = layerscope.plan(model, "uniform", experts=2, progress=False)
@@ -147,7 +147,7 @@ def test_the_run_key_ignores_metric_digits_another_machine_would_differ_in(model
     """A scan elsewhere reproduces alpha only to its last digits; the run it plans is the same run."""
     import copy
 
-    from layerscope.experiments.compare import run_key
+    from layerscope.experiments.store import run_key
     from layerscope.planning.plan import Plan
 
     task = load_task(task_file)

@@ -1,4 +1,5 @@
-"""``compare-plans``: train each strategy against the uniform plan of its own structure and say what the data show."""
+"""Experiments on the user's task: ``compare-plans`` (each strategy against the uniform plan of its own structure),
+``layer-value`` (what capacity in each group of layers is worth), ``sensitivity``."""
 
 from __future__ import annotations
 
@@ -36,24 +37,56 @@ def _value(text: str):
         return text
 
 
+def _stacked(*options):
+    """One decorator applying ``options`` in order (the first is the first in --help)."""
+    def apply(function):
+        for option in reversed(options):
+            function = option(function)
+        return function
+    return apply
+
+
+_task_options = _stacked(
+    click.option("--task", "task_file", type=click.Path(path_type=Path), required=True,
+                 help="Training rows: .jsonl, .csv, .parquet, or a datasets save_to_disk folder (a DatasetDict's "
+                      "validation and test splits are used)."),
+    click.option("--eval-task", "eval_file", type=click.Path(path_type=Path),
+                 help="Test rows (default: the DatasetDict's test split, else a seeded --eval-fraction of --task)."),
+    click.option("--validation-task", "validation_file", type=click.Path(path_type=Path),
+                 help="Validation rows, for the curves and the learning-rate sweep (default: the DatasetDict's "
+                      "validation split, else a seeded --validation-fraction of --task)."),
+    click.option("--task-kind", type=click.Choice(["classification", "causal-lm"]), default="classification",
+                 show_default=True),
+    click.option("--text-column", default="text", show_default=True),
+    click.option("--label-column", default="label", show_default=True),
+    click.option("--prompt-column", help="Causal LM: a context column before --text-column; only the text (the "
+                 "completion) is scored, as in instruction tuning."),
+    click.option("--eval-fraction", type=float, default=0.2, show_default=True),
+    click.option("--validation-fraction", type=float, default=0.15, show_default=True))
+
+_training_options = _stacked(
+    click.option("--steps", type=int, default=100, show_default=True),
+    click.option("--scheduler", type=click.Choice(["linear", "cosine", "constant"]), default="linear",
+                 show_default=True),
+    click.option("--warmup-ratio", type=float, default=0.1, show_default=True),
+    click.option("--batch-size", type=int, default=16, show_default=True),
+    click.option("--eval-every", type=int, default=10, show_default=True),
+    click.option("--max-length", type=int, default=64, show_default=True, help="Tokens per row (truncated)."),
+    click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."))
+
+
+def read_task(task_file: Path, task_kind: str, text_column: str, label_column: str, prompt_column: str | None,
+              eval_file: Path | None, validation_file: Path | None, eval_fraction: float, validation_fraction: float):
+    from layerscope.experiments import load_task
+
+    return load_task(task_file, task_kind, text_column=text_column, label_column=label_column, eval_path=eval_file,
+                     eval_fraction=eval_fraction, validation_path=validation_file,
+                     validation_fraction=validation_fraction, prompt_column=prompt_column, seed=0)
+
+
 @cli.command("compare-plans")
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--task", "task_file", type=click.Path(path_type=Path), required=True,
-              help="Training rows: .jsonl, .csv, .parquet, or a datasets save_to_disk folder (a DatasetDict's "
-                   "validation and test splits are used).")
-@click.option("--eval-task", "eval_file", type=click.Path(path_type=Path),
-              help="Test rows (default: the DatasetDict's test split, else a seeded --eval-fraction of --task).")
-@click.option("--validation-task", "validation_file", type=click.Path(path_type=Path),
-              help="Validation rows, for the curves and the learning-rate sweep (default: the DatasetDict's "
-                   "validation split, else a seeded --validation-fraction of --task).")
-@click.option("--task-kind", type=click.Choice(["classification", "causal-lm"]), default="classification",
-              show_default=True)
-@click.option("--text-column", default="text", show_default=True)
-@click.option("--label-column", default="label", show_default=True)
-@click.option("--prompt-column", help="Causal LM: a context column before --text-column; only the text (the "
-              "completion) is scored, as in instruction tuning.")
-@click.option("--eval-fraction", type=float, default=0.2, show_default=True)
-@click.option("--validation-fraction", type=float, default=0.15, show_default=True)
+@_task_options
 @click.option("--plans", "plans", required=True,
               help="Comma-separated strategies (alphalora, mola, hilo, adaptive-lora, sensitivity), 'adalora' "
                    "(PEFT's AdaLoRA against a uniform PEFT LoRA of its final budget) or plan files; each is paired "
@@ -72,20 +105,13 @@ def _value(text: str):
 @click.option("--budget-tolerance", type=float, default=0.05, show_default=True,
               help="Largest relative difference between a strategy's and its baseline's trainable parameters.")
 @click.option("--seeds", default="0,1,2", show_default=True, callback=_int_list)
-@click.option("--steps", type=int, default=100, show_default=True)
 @click.option("--lr", "learning_rate", type=float, default=1e-3, show_default=True,
               help="Learning rate when no --lr-sweep is given.")
 @click.option("--lr-sweep", callback=_float_list,
               help="Learning rates to try on the first baseline arm; the best on the validation rows is used by "
                    "every arm.")
 @click.option("--sweep-seeds", callback=_int_list, help="Seeds of the sweep (default: the first of --seeds).")
-@click.option("--scheduler", type=click.Choice(["linear", "cosine", "constant"]), default="linear",
-              show_default=True)
-@click.option("--warmup-ratio", type=float, default=0.1, show_default=True)
-@click.option("--batch-size", type=int, default=16, show_default=True)
-@click.option("--eval-every", type=int, default=10, show_default=True)
-@click.option("--max-length", type=int, default=64, show_default=True, help="Tokens per row (truncated).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@_training_options
 @click.option("--out", type=click.Path(path_type=Path), required=True,
               help="Folder: comparison.json, results.csv, curves.png, runs/ (the resume store).")
 @click.option("--dry-run", is_flag=True,
@@ -107,12 +133,11 @@ def compare_plans_command(model: Path, task_file: Path, eval_file: Path | None, 
     converted once to a folder under --out.  Interrupted runs resume from --out/runs.  Under torchrun
     (``torchrun --nproc_per_node N -m layerscope compare-plans …``) each process trains its share of the runs on
     its own device and the first writes the comparison."""
-    from layerscope.experiments import PlanSettings, Settings, compare_plans, load_task, prepare_model, results_table
+    from layerscope.experiments import PlanSettings, Settings, compare_plans, prepare_model, results_table
 
     check_writable([out / "comparison.json"])
-    task = load_task(task_file, task_kind, text_column=text_column, label_column=label_column, eval_path=eval_file,
-                     eval_fraction=eval_fraction, validation_path=validation_file,
-                     validation_fraction=validation_fraction, prompt_column=prompt_column, seed=0)
+    task = read_task(task_file, task_kind, text_column, label_column, prompt_column, eval_file, validation_file,
+                     eval_fraction, validation_fraction)
     settings = Settings(steps=steps, learning_rate=learning_rate, batch_size=batch_size, eval_every=eval_every,
                         max_length=max_length, device=device, scheduler=scheduler, warmup_ratio=warmup_ratio)
     settings.check()
@@ -174,6 +199,90 @@ def _planned_summary(runs, steps: int) -> str:
         line += (f"; about {hours:.1f} h in one process at the stored runs' mean {measured.mean():.2f} s/step "
                  "(their validation evaluations included, the final test scoring not)")
     return "\n".join([shown[columns].to_string(index=False), *notes, line + " (dry run: nothing trained)"])
+
+
+@cli.command("layer-value")
+@click.argument("model", type=click.Path(path_type=Path))
+@_task_options
+@click.option("--budget", type=float, required=True,
+              help="The uniform plan's budget: a ratio of the default budget (5 rank-8 experts per layer), e.g. "
+                   "0.125, or trainable parameters (values of 1000 and more).")
+@click.option("--groups", type=int, help="Groups of consecutive layers (default: every layer up to 12 layers, else 6).")
+@click.option("--unit", type=click.Choice(["ranks", "experts"]), default="ranks", show_default=True,
+              help="What U holds and add g doubles: one LoRA per module at one rank, or experts per layer at the "
+                   "budget's expert rank (top-2).")
+@click.option("--target-roles", help="Comma-separated roles to adapt (default: every projection).")
+@click.option("--seeds", default="100,101,102", show_default=True, callback=_int_list,
+              help="Seeds of the value estimate (test an oracle from it with other seeds).")
+@click.option("--lr", "learning_rate", type=float, default=1e-3, show_default=True)
+@_training_options
+@click.option("--no-signals", is_flag=True, help="Skip the signals (scan, sensitivity, near-zero fractions) and "
+              "their correlations with value.")
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Folder: value.json, value.png, runs/ (the resume store, shareable with compare-plans).")
+@click.option("--dry-run", is_flag=True, help="List every run and whether --out/runs holds it; train nothing.")
+@click.option("--quiet", "-q", is_flag=True)
+def layer_value_command(model: Path, task_file: Path, eval_file: Path | None, validation_file: Path | None,
+                        task_kind: str, text_column: str, label_column: str, prompt_column: str | None,
+                        eval_fraction: float, validation_fraction: float, budget: float, groups: int | None,
+                        unit: str, target_roles: str | None, seeds: tuple[int, ...], learning_rate: float,
+                        steps: int, scheduler: str, warmup_ratio: float, batch_size: int, eval_every: int,
+                        max_length: int, device: str, no_signals: bool, out: Path, dry_run: bool,
+                        quiet: bool) -> None:
+    """What extra capacity in each group of layers is worth on your task: the uniform plan U at --budget, U with
+    one group's capacity doubled (add g) and U without one group's adapters (drop g), each with every seed, scored
+    on the validation rows.  Writes value.json (values with intervals, whether the groups differ at all, every
+    signal's rank correlation with value) and value.png.  Plan from it with `plan --strategy value --value
+    OUT/value.json`, and bound what any allocation can win with `compare-plans --plans value:OUT/value.json` on
+    other seeds."""
+    from layerscope.experiments import PlanSettings, Settings, prepare_model
+    from layerscope.experiments.value import layer_value, planned_value_runs
+
+    check_writable([out / "value.json"])
+    task = read_task(task_file, task_kind, text_column, label_column, prompt_column, eval_file, validation_file,
+                     eval_fraction, validation_fraction)
+    settings = Settings(steps=steps, learning_rate=learning_rate, batch_size=batch_size, eval_every=eval_every,
+                        max_length=max_length, device=device, scheduler=scheduler, warmup_ratio=warmup_ratio)
+    roles = [r.strip() for r in target_roles.split(",") if r.strip()] if target_roles else None
+    arguments = dict(budget=budget, seeds=list(seeds), settings=settings, out=out, groups=groups, unit=unit,
+                     plan_settings=PlanSettings(target_roles=roles))
+    folder = prepare_model(model, out)
+    if dry_run:
+        runs = planned_value_runs(folder, task, **arguments)
+        left = int((~runs["stored"]).sum())
+        click.echo(runs.drop(columns=["seconds_per_step"]).to_string(index=False))
+        click.echo(f"{len(runs)} runs of {steps} steps: {len(runs) - left} stored, {left} to train (dry run)")
+        return
+    document = layer_value(folder, task, signals=not no_signals, progress=not quiet, **arguments)
+    if not quiet and int(os.environ.get("RANK", "0")) == 0:
+        click.echo(value_table(document).to_string(index=False, float_format="%.3g"))
+        for signal in document["signals"]:
+            add = signal["add"]
+            click.echo(f"  {signal['signal']:>18}: Spearman with value {add['spearman']:+.2f} "
+                       f"[{add['ci95_low']:+.2f}, {add['ci95_high']:+.2f}]" if add["spearman"] is not None
+                       else f"  {signal['signal']:>18}: constant over the groups")
+        click.echo(document["verdict"])
+        click.echo(f"wrote {out / 'value.json'}, {out / 'value.png'}")
+
+
+def value_table(document: dict):
+    """One row per group: its layers, the add and drop values per million parameters with their intervals."""
+    import pandas as pd
+
+    rows = []
+    for group in document["groups"]:
+        row = {"group": group["group"], "layers": ",".join(map(str, group["layers"]))}
+        for estimate in ("add", "drop"):
+            value = group[estimate]["per_param"]
+            row.update({f"{estimate}_per_M": _per_million(value["mean"]),
+                        f"{estimate}_ci95": f"[{_per_million(value['ci95_low']):.3g}, "
+                                            f"{_per_million(value['ci95_high']):.3g}]"})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _per_million(value) -> float:
+    return float("nan") if value is None else value * 1e6
 
 
 @cli.command("sensitivity")

@@ -42,8 +42,12 @@ from layerscope.outputs import check_writable
 @click.option("--activations", type=click.Path(path_type=Path), help="hilo: table with layer, near_zero_fraction.")
 @click.option("--scores", type=click.Path(path_type=Path), help="sensitivity: the table `layerscope sensitivity` "
               "wrote (layer, sensitivity).")
-@click.option("--unit", type=click.Choice(["experts", "ranks"]), help="sensitivity: spread experts at one rank "
-              "(default) or ranks of one expert per module.")
+@click.option("--unit", type=click.Choice(["experts", "ranks"]), help="sensitivity/value: spread experts at one "
+              "rank (sensitivity's default) or ranks of one expert per module (value: default the table's).")
+@click.option("--value", type=click.Path(path_type=Path), help="value: the value.json `layerscope layer-value` "
+              "wrote (capacity ∝ each layer group's measured value).")
+@click.option("--estimate", type=click.Choice(["add", "drop"]), help="value: plan from the gain of doubling a "
+              "group (default) or the loss of dropping it.")
 @click.option("--experts-mode", type=click.Choice(["fixed", "inverse-rank"]),
               help="hilo: fixed experts, or experts ∝ 1/rank at the uniform reference's parameter count.")
 @click.option("--mode", type=click.Choice(["linear-decay", "attention-heavy", "empirical"]), help="adaptive-lora.")

@@ -36,6 +36,7 @@ from layerscope.planning.strategies import EXPERTS_PER_LAYER
 
 DENSE = "dense"
 ADALORA = "adalora"
+VALUE_PREFIX = "value:"  # value:DIR/value.json, the oracle arm (strategy value planned from a layer-value table)
 
 
 @dataclass
@@ -96,7 +97,11 @@ def build_arms(model: str, items: list[str | Path], settings: PlanSettings, prog
     wants_dense = wants_adalora = False
     for item in items:
         text = str(item)
-        if text == DENSE:
+        if text.startswith(VALUE_PREFIX):
+            options = {**settings.options.get("value", {}), "value": text[len(VALUE_PREFIX):]}
+            arms.append(Arm("value", _plan(model, "value", settings, options, "value arm"), "strategy",
+                            built=_describe_options("value", options, settings.budget_params)))
+        elif text == DENSE:
             wants_dense = True
         elif text == ADALORA:
             wants_adalora = True
@@ -125,11 +130,29 @@ def build_arms(model: str, items: list[str | Path], settings: PlanSettings, prog
     return arms
 
 
+def refuse_value_seeds(arms: list[Arm], seeds: list[int]) -> None:
+    """An oracle arm is tested on other seeds than its values were measured with (and on the test rows, which
+    layer-value never scores)."""
+    from layerscope.planning.measured import read_value_table
+
+    for arm in arms:
+        if arm.plan.strategy["name"] != "value":
+            continue
+        source = arm.plan.strategy["params"]["value"]
+        measured = set(read_value_table(source, None).get("seeds", []))
+        shared = sorted(measured & set(seeds))
+        if shared:
+            raise LayerscopeError(f"--seeds: {', '.join(map(str, shared))} also measured the values in {source}; an "
+                                  "oracle is tested on fresh seeds (e.g. the values with 100,101,102, the comparison "
+                                  "with 0-9)")
+
+
 def _refuse_repeats(items: list[str | Path]) -> None:
     seen: dict[str, str] = {}
     for item in items:
         text = str(item)
-        name = text if text in STRATEGIES or text in (DENSE, ADALORA, "uniform") else Path(text).stem
+        name = ("value" if text.startswith(VALUE_PREFIX) else text if text in STRATEGIES or text in (DENSE, ADALORA, "uniform")
+                else Path(text).stem)
         if name in seen:
             other = seen[name]
             raise LayerscopeError(f"--plans names {name!r} twice ({other} and {text}); every arm needs its own name"

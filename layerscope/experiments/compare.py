@@ -21,16 +21,13 @@ draws the metric against trainable parameters, one line per arm.  Under torchrun
 out between the ranks (:mod:`layerscope.experiments.distributed`) and rank 0 writes the comparison.
 
 The document is ``layerscope.plan-comparison/2``; progress goes to stderr as one timestamped line per run
-and per evaluation (on a terminal or not: a comparison can take hours, and a log file should show it).
+and per evaluation (on a terminal or not: a comparison can take hours, and a log file should show it); the run store is :mod:`layerscope.experiments.store`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import sys
-import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -38,10 +35,10 @@ import pandas as pd
 
 from layerscope.errors import LayerscopeError
 from layerscope.experiments import distributed, stats
-from layerscope.experiments.arms import Arm, PlanSettings, build_arms, structure
+from layerscope.experiments.arms import Arm, PlanSettings, build_arms, refuse_value_seeds, structure
 from layerscope.experiments.budgets import Budget, arms_at_budgets, reference_budget, resolve
-from layerscope.experiments.peft_arms import adalora_schedule
-from layerscope.experiments.runs import Settings, check_model_for_task, higher_is_better, metric_name, train_run
+from layerscope.experiments.runs import Settings, check_model_for_task, higher_is_better, metric_name
+from layerscope.experiments.store import Log, RunStore, arm_key
 from layerscope.experiments.task import Task
 from layerscope.outputs import write_files
 
@@ -80,9 +77,10 @@ def compare_plans(model: str | Path, task: Task, plans: list[str | Path], *, see
     check_model_for_task(model, task)
     world = distributed.join()
     try:
-        log = _Log(progress, world)
+        log = Log(progress, world)
         groups, budget_record, store = _arms_and_store(model, task, plans, settings, out, plan_settings, budgets,
                                                        world, log)
+        refuse_value_seeds([arm for group in groups for arm in group.arms], seeds)
         if lr_sweep:
             _sweep(groups, lr_sweep, sweep_seeds or seeds[:1], store, log, world)
         todo = _todo(groups, seeds)
@@ -118,9 +116,10 @@ def planned_runs(model: str | Path, task: Task, plans: list[str | Path], *, seed
     settings.check()
     model, out = str(model), Path(out)
     check_model_for_task(model, task)
-    log = _Log(progress)
+    log = Log(progress)
     groups, budget_record, store = _arms_and_store(model, task, plans, settings, out, plan_settings, budgets,
                                                    distributed.World(), log)
+    refuse_value_seeds([arm for group in groups for arm in group.arms], seeds)
     rows = []
     swept_seeds = set(sweep_seeds or seeds[:1]) if lr_sweep else set()
     if lr_sweep:
@@ -145,9 +144,9 @@ def planned_runs(model: str | Path, task: Task, plans: list[str | Path], *, seed
     return table
 
 
-def _planned_row(phase: str, group: _Group, arm: Arm, seed: int, settings: Settings, store: _RunStore) -> dict:
+def _planned_row(phase: str, group: _Group, arm: Arm, seed: int, settings: Settings, store: RunStore) -> dict:
     known = math.isfinite(settings.learning_rate)
-    stored = _stored(store.path(arm, seed, settings), arm_key(arm, store.task, seed, settings)) if known else None
+    stored = store.find(arm, seed, settings) if known else None
     return {"phase": phase, "budget": group.label, "arm": arm.name, "kind": arm.kind, "baseline": arm.baseline,
             "trainer": arm.trainer, "trainable": arm.trainable, "seed": seed,
             "learning_rate": settings.learning_rate if known else None, "stored": stored is not None,
@@ -158,7 +157,7 @@ def _planned_row(phase: str, group: _Group, arm: Arm, seed: int, settings: Setti
 
 def _arms_and_store(model: str, task: Task, plans: list, settings: Settings, out: Path,
                     plan_settings: PlanSettings | None, budgets: list[float] | None, world: distributed.World,
-                    log: _Log) -> tuple[list[_Group], dict | None, _RunStore]:
+                    log: Log) -> tuple[list[_Group], dict | None, RunStore]:
     """The comparison's arms by budget (task signals measured first where a strategy needs them) and its run
     store."""
     from layerscope.experiments.signals import with_task_signals
@@ -168,7 +167,7 @@ def _arms_and_store(model: str, task: Task, plans: list, settings: Settings, out
                                       batch_size=settings.batch_size, max_length=settings.max_length,
                                       device=settings.device, world=world, log=log)
     groups, budget_record = _groups(model, plans, plan_settings, settings, budgets)
-    return groups, budget_record, _RunStore(out / "runs", model, task)
+    return groups, budget_record, RunStore(out / "runs", model, task)
 
 
 def _todo(groups: list[_Group], seeds: list[int]) -> list[tuple[_Group, Arm, int]]:
@@ -189,7 +188,7 @@ def _groups(model: str, plans: list, plan_settings: PlanSettings, settings: Sett
                     "budgets": [budget.as_dict() for budget in resolved], "left_out": left_out}
 
 
-def _sweep(groups: list[_Group], rates: list[float], seeds: list[int], store: _RunStore, log: _Log,
+def _sweep(groups: list[_Group], rates: list[float], seeds: list[int], store: RunStore, log: Log,
            world: distributed.World) -> None:
     """Phase 1: the learning-rate sweep of every group's first baseline (shared out under torchrun); then each
     group's rate is chosen from the stored runs on the validation rows."""
@@ -207,8 +206,8 @@ def _sweep_arm(group: _Group) -> Arm:
     return next((arm for arm in group.arms if arm.kind == "baseline"), group.arms[0])
 
 
-def _choose_learning_rate(group: _Group, rates: list[float], seeds: list[int], store: _RunStore,
-                          log: _Log) -> tuple[Settings, dict]:
+def _choose_learning_rate(group: _Group, rates: list[float], seeds: list[int], store: RunStore,
+                          log: Log) -> tuple[Settings, dict]:
     baseline = _sweep_arm(group)
     higher = higher_is_better(store.task)
     scores = {}
@@ -224,118 +223,6 @@ def _choose_learning_rate(group: _Group, rates: list[float], seeds: list[int], s
         "validation_mean": {f"{rate:g}": score for rate, score in scores.items()},
         "why": "chosen for the first baseline arm and used by every arm (a tuning advantage goes to the baseline)"
                + (" of this budget" if group.budget else "")}
-
-
-class _Log:
-    """One timestamped line per event on stderr (off with ``progress=False`` / ``--quiet``)."""
-
-    def __init__(self, enabled: bool, world: distributed.World | None = None):
-        self.enabled = enabled
-        self.prefix = f" rank {world.rank}/{world.size}" if world is not None and world.size > 1 else ""
-
-    def line(self, text: str) -> None:
-        if self.enabled:
-            print(f"[compare-plans{self.prefix} {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
-
-
-class _RunStore:
-    """``out/runs/<arm>__seed<s>[__lr<rate>].json``: one finished run each, reused when its key matches."""
-
-    def __init__(self, folder: Path, model: str, task: Task):
-        self.folder, self.model, self.task = folder, model, task
-
-    def path(self, arm: Arm, seed: int, settings: Settings) -> Path:
-        return self.folder / f"{_safe(arm.name)}__seed{seed}__lr{settings.learning_rate:g}.json"
-
-    def load(self, arm: Arm, seed: int, settings: Settings) -> dict:
-        """A run that this process or another rank stored (after a barrier)."""
-        stored = _stored(self.path(arm, seed, settings), arm_key(arm, self.task, seed, settings))
-        if stored is None:
-            raise LayerscopeError(f"{self.path(arm, seed, settings)}: the run of {arm.name} seed {seed} is missing "
-                                  "from the run store (did a rank stop early, or is --out not shared by every rank?)")
-        return stored
-
-    def run(self, arm: Arm, seed: int, settings: Settings, log: _Log, label: str) -> dict:
-        key = arm_key(arm, self.task, seed, settings)
-        path = self.path(arm, seed, settings)
-        stored = _stored(path, key)
-        if stored is not None:
-            log.line(f"{label}: {arm.name} seed {seed} at lr {settings.learning_rate:g}: stored result reused")
-            return stored
-        log.line(f"{label}: {arm.name} seed {seed} at lr {settings.learning_rate:g}: training {settings.steps} steps")
-
-        def tell(text: str) -> None:
-            log.line(f"  {arm.name} seed {seed}: {text}")
-
-        record = {"key": key, "arm": arm.name, **train_run(self.model, arm.plan, self.task, seed, settings, tell,
-                                                           trainer=arm.trainer, schedule=_schedule(arm, settings))}
-        record["collapsed"] = collapsed(record, self.task)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(record, indent=1)
-        write_files({path: lambda tmp, text=text: tmp.write_text(text)}, "--out")
-        log.line(f"{label}: {arm.name} seed {seed}: test {record['metric']} {record['final']:.4f} "
-                 f"({record['seconds_per_step']:.2f} s/step)")
-        return record
-
-
-def collapsed(record: dict, task: Task) -> bool:
-    """A run that learned nothing: test accuracy within two binomial standard errors of always answering the
-    majority label, or (causal LM) a final validation loss no lower than before training."""
-    if task.kind == "classification":
-        chance = task.majority_rate()
-        return record["final"] <= chance + 2 * math.sqrt(chance * (1 - chance) / len(task.eval_labels))
-    return record["final_validation"] >= record["curve"][0][1]
-
-
-def run_key(the_plan, task: Task, seed: int, settings: Settings) -> str:
-    """Everything that determines a run: model tensors, the whole plan (layers, expert type, LoRA settings,
-    roles), task rows, seed, training settings."""
-    document = the_plan.document
-    parts = {"model": the_plan.model["fingerprint"],
-             "plan": _digest({"layers": _trained_layers(document["layers"]),
-                              **{k: document.get(k) for k in ("expert_type", "lora", "target_roles", "optimizer")}}),
-             "task": _digest([task.kind, *(task.split(name) for name in ("train", "validation", "test"))]),
-             "seed": seed, "settings": asdict(settings)}
-    return _digest(parts)
-
-
-def _trained_layers(layers: list[dict]) -> list[dict]:
-    """The plan's layers as trained.  A layer's ``metric`` says why it got its experts but does not enter training,
-    and a scan on another machine reproduces it only to the last few digits (other BLAS kernels): keyed on it, a
-    comparison resumed elsewhere would train its strategy arms again."""
-    return [{field: value for field, value in layer.items() if field != "metric"} for layer in layers]
-
-
-def arm_key(arm: Arm, task: Task, seed: int, settings: Settings) -> str:
-    """:func:`run_key`, plus the trainer (and AdaLoRA's schedule) for arms not trained by layerscope.runtime."""
-    key = run_key(arm.plan, task, seed, settings)
-    if arm.trainer == "layerscope":
-        return key
-    return _digest({"run": key, "trainer": arm.trainer, "schedule": _schedule(arm, settings)})
-
-
-def _schedule(arm: Arm, settings: Settings) -> dict | None:
-    if arm.trainer != "adalora":
-        return None
-    return adalora_schedule(arm.plan.layers[0]["rank"], settings.steps).as_dict()
-
-
-def _digest(value) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _stored(path: Path, key: str) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None  # unreadable: run it again
-    return record if record.get("key") == key else None
-
-
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
 def _document(model: str, task: Task, groups: list[_Group], records: dict[str, list[dict]], seeds: list[int],

@@ -2,6 +2,6 @@
 
 from layerscope.planning.api import plan
 from layerscope.planning.plan import LoraSettings, Plan, recount
-from layerscope.planning.strategies import STRATEGIES
+from layerscope.planning.registry import STRATEGIES
 
 __all__ = ["STRATEGIES", "LoraSettings", "Plan", "plan", "recount"]

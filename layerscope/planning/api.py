@@ -14,7 +14,8 @@ from layerscope.planning.inputs import load_inputs
 from layerscope.planning.optimizer import DEFAULT_METRIC as DEFAULT_OPTIMIZER_METRIC
 from layerscope.planning.optimizer import optimizer_section
 from layerscope.planning.plan import EXPERT_TYPES, LoraSettings, Plan, build_plan
-from layerscope.planning.strategies import STRATEGIES, StrategyResult, check_options
+from layerscope.planning.registry import STRATEGIES
+from layerscope.planning.strategies import StrategyResult, check_options
 
 
 def plan(source, strategy: str = "alphalora", *, budget_params: int | None = None,
@@ -76,6 +77,19 @@ def plan(source, strategy: str = "alphalora", *, budget_params: int | None = Non
     return built
 
 
+def plan_layers(source, allocations: list, *, name: str, params: dict, target_roles: list[str] | None = None,
+                expert_type: str = "lora", lora: LoraSettings | None = None, command: str | None = None) -> Plan:
+    """A plan of explicit per-layer allocations (:class:`~layerscope.planning.strategies.LayerAllocation`, a layer
+    with 0 experts gets no adapters), as ``layer-value`` trains around a uniform plan; no strategy, no budget."""
+    inputs = load_inputs(source, progress=False).restrict_roles(target_roles)
+    unknown = sorted({a.layer for a in allocations} - set(inputs.layers))
+    if unknown:
+        raise LayerscopeError(f"layer {unknown[0]}: not a planned layer of {source} (layers {inputs.layers[:3]}…)")
+    typed = [replace(a, expert_type=expert_type) for a in allocations]
+    return build_plan(inputs, name, params, typed, metric=None, budget=None, expert_type=expert_type,
+                      lora=lora or LoraSettings(), reference_rank=8, reference_experts=8, command=command)
+
+
 SIZE_KNOBS = {"alphalora": "total_experts", "mola": "total_experts", "adaptive-lora": "base_rank", "uniform": "rank"}
 SIZE_KNOB_BY_UNIT = {"experts": "total_experts", "ranks": "base_rank"}  # sensitivity: the knob its unit turns
 
@@ -85,6 +99,8 @@ def _refuse_size_conflict(strategy: str, params: dict, budget_params, budget_rat
     knob = SIZE_KNOBS.get(strategy)
     if strategy == "sensitivity":
         knob = SIZE_KNOB_BY_UNIT.get(params.get("unit", "experts"))
+    if strategy == "value":
+        knob = "total_experts" if params.get("total_experts") is not None else "base_rank"
     if strategy == "hilo":
         knob = "experts" if params.get("experts_mode", "fixed") == "fixed" else None
     if knob and params.get(knob) is not None and (budget_params is not None or budget_ratio is not None):

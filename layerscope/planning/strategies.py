@@ -325,81 +325,6 @@ def _capped(allocation: LayerAllocation, cap: int) -> LayerAllocation:
                    module_ranks={r: min(cap, v) for r, v in allocation.module_ranks.items()})
 
 
-# ---------------------------------------------------------------- sensitivity
-
-SENSITIVITY_UNITS = ("experts", "ranks")
-
-
-def sensitivity(inputs: PlanInputs, scores=None, unit: str = "experts", beta: float = 1.0,
-                total_experts: int | None = None, rank: int = 8, top_k: int = 2, min_experts: int = 1,
-                base_rank: int = 8, min_rank: int = 1) -> StrategyResult:
-    """A static importance from the user's own rows: v_i = mean over layer i's target matrices of
-    Σ|W ⊙ ∂L/∂W| (``layerscope sensitivity``), the quantity AdaLoRA tracks while training, frozen into a plan.
-
-    ``unit="experts"``: experts ∝ v_i^β at one rank (as alphalora; 5 per layer by default), compared with MoLA □.
-    ``unit="ranks"``: one expert per module, ranks ∝ v_i^β summing to ``base_rank`` × layers (each at least
-    ``min_rank``), compared with one uniform rank at equal trainable parameters.
-    """
-    if unit not in SENSITIVITY_UNITS:
-        raise LayerscopeError(f"--unit {unit!r}: expected one of {', '.join(SENSITIVITY_UNITS)}")
-    if not (math.isfinite(beta) and beta >= 0):
-        raise LayerscopeError(f"--beta {beta}: must be a finite number >= 0")
-    layers = inputs.layers
-    values = _sensitivity_by_layer(scores, layers, inputs.model.fingerprint)
-    v = [values[layer] for layer in layers]
-    powered = [x**beta for x in v]
-    params = dict(unit=unit, beta=beta)
-    if unit == "experts":
-        total_experts = total_experts if total_experts is not None else EXPERTS_PER_LAYER * len(layers)
-
-        def allocate(total: int) -> list[LayerAllocation]:
-            counts = largest_remainder(powered, total, min_experts)
-            return [LayerAllocation(layer, c, rank, _top_k(c, top_k), metric=val)
-                    for layer, c, val in zip(layers, counts, v)]
-
-        params.update(total_experts=total_experts, rank=rank, top_k=top_k, min_experts=min_experts)
-        scale = Scale("experts", total_experts, max(1, min_experts) * len(layers), allocate, powered, "total_experts")
-        return StrategyResult("sensitivity", params, allocate(total_experts), scale, metric="sensitivity")
-
-    def allocate_ranks(base: int) -> list[LayerAllocation]:
-        ranks = largest_remainder(powered, base * len(layers), min_rank)
-        return [LayerAllocation(layer, 1, r, 1, metric=val) for layer, r, val in zip(layers, ranks, v)]
-
-    params.update(base_rank=base_rank, min_rank=min_rank)
-    scale = Scale("rank", base_rank, max(1, min_rank), allocate_ranks, powered, "base_rank")
-    return StrategyResult("sensitivity", params, allocate_ranks(base_rank), scale, metric="sensitivity")
-
-
-def _sensitivity_by_layer(scores, layers: list[int], fingerprint: str) -> dict[int, float]:
-    """Per layer, the mean of the ``sensitivity`` column over its projections (file or DataFrame)."""
-    if scores is None:
-        raise LayerscopeError("--strategy sensitivity needs --scores FILE (from `layerscope sensitivity MODEL "
-                              "--task ROWS --out FILE`)")
-    if isinstance(scores, (str, Path)):
-        from layerscope.tables import read_sensitivity
-
-        table, source = read_sensitivity(scores), str(scores)
-    else:
-        table, source = pd.DataFrame(scores), "sensitivity table"
-        table.attrs.update(getattr(scores, "attrs", {}))
-    for column in ("layer", "sensitivity"):
-        if column not in table.columns:
-            raise LayerscopeError(f"{source}: column {column!r} is missing")
-    measured_on = table.attrs.get("fingerprint")
-    if measured_on and fingerprint and measured_on != fingerprint:
-        raise LayerscopeError(f"{source}: measured on another model (header fingerprint differs)")
-    means = table.groupby("layer")["sensitivity"].mean()
-    missing = [layer for layer in layers if layer not in means.index]
-    if missing:
-        raise LayerscopeError(f"{source}: no sensitivity for layer {missing[0]}")
-    values = {layer: float(means[layer]) for layer in layers}
-    bad = [layer for layer, value in values.items() if not (math.isfinite(value) and value > 0)]
-    if bad:
-        raise LayerscopeError(f"{source}: layer {bad[0]} has sensitivity {values[bad[0]]!r}; shares need a finite "
-                              "value > 0 in every layer (did the loss reach every layer?)")
-    return values
-
-
 # ---------------------------------------------------------------- uniform
 
 def uniform(inputs: PlanInputs, experts: int = 1, rank: int = 8, top_k: int = 2) -> StrategyResult:
@@ -443,6 +368,7 @@ def check_options(strategy: str, params: dict) -> None:
                 "hilo": params.get("experts", 8) if params.get("experts_mode", "fixed") == "fixed" else None,
                 "alphalora": params.get("max_experts") or params.get("total_experts"),
                 "sensitivity": params.get("total_experts"),
+                "value": params.get("total_experts"),
                 "mola": max(params["pattern"]) if params.get("pattern") else params.get("total_experts")}.get(strategy)
         if most is not None and top_k > most:
             raise LayerscopeError(f"--top-k {top_k}: more than the {most} expert(s) a layer can have here "
@@ -455,16 +381,6 @@ def check_options(strategy: str, params: dict) -> None:
     if strategy == "adaptive-lora" and (base or 16) < (low or 4):
         raise LayerscopeError(f"--base-rank {base or 16} < --min-rank {low or 4}: the base rank is the largest of the "
                               "profile")
-
-
-STRATEGIES: dict[str, Callable[..., StrategyResult]] = {
-    "alphalora": alphalora,
-    "mola": mola,
-    "hilo": hilo,
-    "adaptive-lora": adaptive_lora,
-    "sensitivity": sensitivity,
-    "uniform": uniform,
-}
 
 
 def with_top_up(allocation: LayerAllocation, unit: str, top_k: int) -> LayerAllocation:
