@@ -2,6 +2,7 @@
 
     python benchmarks/tasks.py debian-sections --out benchmarks/_data/debian-sections
     python benchmarks/tasks.py debian-sections-lm --out benchmarks/_data/debian-sections-lm
+    python benchmarks/tasks.py stdlib-code-lm --out benchmarks/_data/stdlib-code-lm
 
 Source: Debian's package index for the pinned release (``apt-cache dumpavail``: bookworm, amd64, the
 list shipped on this machine).  Each package stanza has a one-line ``Description`` written by its
@@ -15,6 +16,13 @@ maintainer and a ``Section`` assigned by the archive — the label is the archiv
 * ``debian-sections-lm`` (causal LM with a prompt, SmolLM2): the same rows as instruction data —
   prompt ``"Debian package description: <text>\\nSection:"``, completion ``" <section>"``; only the
   completion (and the end-of-sequence token) is scored.
+
+* ``stdlib-code-lm`` (causal LM with long completions, SmolLM2): a task where capacity can bind harder than on
+  one-word sections.  Source: the ``.py`` files of this Python's standard library (3.11; tests, IDLE, tkinter
+  and other GUI or demo packages left out).  Per public function or method with at least three statements:
+  prompt = ``"# Python standard library: <module>\n"`` + its ``def`` line(s) and docstring as written; completion
+  = the body that follows, whole lines up to 240 characters (about 60 tokens), indented as under its ``def``.  Drawn with a fixed
+  seed, duplicates dropped; every row is many tokens to predict.
 
 Writes ``train.jsonl``, ``validation.jsonl`` and ``test.jsonl`` (disjoint, seeded) and ``task.json``
 (source, counts, sha256 of the index text used).
@@ -89,7 +97,62 @@ def write_splits(rows: list[dict], out: Path, sizes: dict[str, int], source: dic
     (out / "task.json").write_text(json.dumps({**source, "splits": sizes}, indent=1) + "\n")
 
 
+CODE_SKIP = re.compile(r"(^|/)(test|tests|idlelib|tkinter|turtledemo|lib2to3|ensurepip|site-packages|"
+                       r"pydoc_data|__pycache__)(/|$)")
+CODE_CHARS = 240
+
+
+def code_rows(count: int, seed: int) -> tuple[list[dict], str]:
+    """``count`` function bodies of the standard library (see the module docstring), and a digest of the sources."""
+    import ast
+    import sysconfig
+    import textwrap
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.rglob("*.py") if not CODE_SKIP.search(str(p.relative_to(root))))
+    digest = hashlib.sha256()
+    found: dict[str, dict] = {}
+    for path in files:
+        source = path.read_text(encoding="utf-8", errors="replace")
+        digest.update(source.encode())
+        try:
+            tree = ast.parse(source)
+        except SyntaxError:
+            continue
+        lines = source.splitlines()
+        module = ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or node.name.startswith("_"):
+                continue
+            body = node.body[1:] if ast.get_docstring(node) is not None else node.body
+            if len(body) < 3 or node.decorator_list:
+                continue
+            whole = textwrap.dedent("\n".join(lines[node.lineno - 1:node.end_lineno])).splitlines()
+            split = body[0].lineno - node.lineno
+            head, rest = "\n".join(whole[:split]), "\n".join(whole[split:])
+            completion = ""
+            for line in rest.splitlines():
+                if len(completion) + len(line) + 1 > CODE_CHARS:
+                    break
+                completion += line + "\n"
+            if completion.count("\n") < 2 or completion in found:
+                continue
+            found[completion] = {"prompt": f"# Python standard library: {module}\n{head}\n",
+                                 "text": completion.rstrip("\n"), "function": f"{module}.{node.name}"}
+    rows = sorted(found.values(), key=lambda r: (r["function"], r["text"]))
+    return random.Random(seed).sample(rows, count), digest.hexdigest()
+
+
 def build(kind: str, out: Path, per_section: int, seed: int) -> Path:
+    if kind == "stdlib-code-lm":
+        rows, digest = code_rows(8 * per_section, seed)
+        import sys
+
+        source = {"task": kind, "source": f"the standard library of Python {sys.version.split()[0]} (.py files)",
+                  "sources_sha256": digest, "rows": len(rows), "seed": seed, "completion_chars": CODE_CHARS}
+        sizes = {"train": len(rows) * 5 // 8, "test": len(rows) // 4, "validation": len(rows) // 8}
+        write_splits(rows, out, sizes, source)
+        return out
     rows, digest = section_rows(per_section, seed)
     total = len(rows)
     sizes = {"test": total // 4, "validation": total // 8}
@@ -105,7 +168,7 @@ def build(kind: str, out: Path, per_section: int, seed: int) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("kind", choices=["debian-sections", "debian-sections-lm"])
+    parser.add_argument("kind", choices=["debian-sections", "debian-sections-lm", "stdlib-code-lm"])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--per-section", type=int, default=250)
     parser.add_argument("--seed", type=int, default=0)

@@ -128,10 +128,9 @@ def _check_seeds(seeds: list[int]) -> None:
 def value_arms(model: str, task: Task, budget: float, groups: int | None, unit: str,
                settings: PlanSettings) -> ValueArms:
     """U at the budget and its variants, checked: the budget holds one rank per group, the groups fit the layers."""
-    if unit not in UNITS:
-        raise LayerscopeError(f"--unit {unit!r}: expected one of {', '.join(UNITS)}")
+    uniform = uniform_arm(model, budget, unit, settings)
     resolved = resolve([budget], reference_budget(model, settings)[0])[0]
-    base = _uniform_at(model, resolved, unit, settings)
+    base = uniform.plan
     layers = [layer["layer"] for layer in base.layers]
     layer_groups = _groups(model, settings, layers, groups)
     first = base.layers[0]
@@ -153,11 +152,19 @@ def value_arms(model: str, task: Task, budget: float, groups: int | None, unit: 
         return Arm(f"{kind}-g{g}@{resolved.label}", built, kind, baseline=uniform.name, budget=resolved.label,
                    built=f"{kind} group {g} (layers {_span(group)})")
 
-    uniform = Arm(f"{_uniform_label(base, unit)}@{resolved.label}", base, "uniform", budget=resolved.label,
-                  built=f"uniform at {resolved.label}: {_uniform_label(base, unit)}")
     return ValueArms(resolved, unit, layer_groups, uniform,
                      [variant("add", g, group) for g, group in enumerate(layer_groups)],
                      [variant("drop", g, group) for g, group in enumerate(layer_groups)])
+
+
+def uniform_arm(model: str, budget: float, unit: str, settings: PlanSettings) -> Arm:
+    """U: the largest uniform plan within ``budget`` (a ratio of the default budget, or trainable parameters)."""
+    if unit not in UNITS:
+        raise LayerscopeError(f"--unit {unit!r}: expected one of {', '.join(UNITS)}")
+    resolved = resolve([budget], reference_budget(model, settings)[0])[0]
+    base = _uniform_at(model, resolved, unit, settings)
+    return Arm(f"{_uniform_label(base, unit)}@{resolved.label}", base, "uniform", budget=resolved.label,
+               built=f"uniform at {resolved.label}: {_uniform_label(base, unit)}")
 
 
 def _uniform_at(model: str, budget: Budget, unit: str, settings: PlanSettings) -> Plan:
