@@ -214,6 +214,24 @@ def test_the_learning_rate_is_chosen_on_validation_rows(model, task_file, tmp_pa
     assert [name for name in names if name.startswith("mola")] == [f"mola__seed0__lr{chosen['chosen']:g}.json"]
 
 
+def test_with_lr_per_arm_every_arm_trains_at_its_own_best_validation_rate(model, task_file, tmp_path):
+    task = load_task(task_file)
+    rates = [1e-5, 5e-3]
+    document = compare_plans(model, task, ["mola"], seeds=[0, 1], settings=SETTINGS, out=tmp_path, progress=False,
+                             lr_sweep=rates, lr_per_arm=True)
+    per_arm = document["learning_rate"]["per_arm"]
+    assert set(per_arm) == {"mola", "uniform-5x-r8-top2"}
+    for row in document["arms"]:
+        scores = per_arm[row["arm"]]["validation_mean"]
+        assert row["learning_rate"] == max(rates, key=lambda lr: scores[f"{lr:g}"])
+        assert row["finals_validation"][0] == pytest.approx(scores[f"{row['learning_rate']:g}"])  # seed 0's sweep run
+    stored = {path.name for path in (tmp_path / "runs").iterdir()}
+    assert {f"mola__seed0__lr{rate:g}.json" for rate in rates} <= stored
+    with pytest.raises(LayerscopeError, match="--lr-per-arm needs --lr-sweep"):
+        compare_plans(model, task, ["mola"], seeds=[0], settings=SETTINGS, out=tmp_path, progress=False,
+                      lr_per_arm=True)
+
+
 def test_bad_input_is_one_line_before_training(model, task_file, tmp_path):
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"text": "fine", "label": "a"}\n{"text": oops}\n')

@@ -111,6 +111,8 @@ def read_task(task_file: Path, task_kind: str, text_column: str, label_column: s
               help="Learning rates to try on the first baseline arm; the best on the validation rows is used by "
                    "every arm.")
 @click.option("--sweep-seeds", callback=_int_list, help="Seeds of the sweep (default: the first of --seeds).")
+@click.option("--lr-per-arm", is_flag=True, help="With --lr-sweep: every arm sweeps the rates and trains at its own "
+              "best on the validation rows (default: the first baseline's best serves every arm).")
 @_training_options
 @click.option("--out", type=click.Path(path_type=Path), required=True,
               help="Folder: comparison.json, results.csv, curves.png, runs/ (the resume store).")
@@ -125,7 +127,8 @@ def compare_plans_command(model: Path, task_file: Path, eval_file: Path | None, 
                           target_roles: str | None, budget_params: int | None, budgets: tuple[float, ...] | None,
                           budget_tolerance: float,
                           seeds: tuple[int, ...], steps: int, learning_rate: float,
-                          lr_sweep: tuple[float, ...] | None, sweep_seeds: tuple[int, ...] | None, scheduler: str,
+                          lr_sweep: tuple[float, ...] | None, sweep_seeds: tuple[int, ...] | None,
+                          lr_per_arm: bool, scheduler: str,
                           warmup_ratio: float, batch_size: int, eval_every: int, max_length: int, device: str,
                           out: Path, dry_run: bool, quiet: bool) -> None:
     """Fine-tune each strategy and its like-for-like uniform baseline with each seed on a local task; report each
@@ -152,20 +155,22 @@ def compare_plans_command(model: Path, task_file: Path, eval_file: Path | None, 
         runs = planned_runs(folder, task, names, seeds=list(seeds), settings=settings, out=out,
                             plan_settings=plan_settings, lr_sweep=list(lr_sweep) if lr_sweep else None,
                             sweep_seeds=list(sweep_seeds) if sweep_seeds else None, progress=not quiet,
-                            budgets=list(budgets) if budgets else None)
+                            budgets=list(budgets) if budgets else None, lr_per_arm=lr_per_arm)
         click.echo(_planned_summary(runs, steps))
         return
     document = compare_plans(folder, task, names, seeds=list(seeds), settings=settings, out=out,
                              plan_settings=plan_settings, lr_sweep=list(lr_sweep) if lr_sweep else None,
                              sweep_seeds=list(sweep_seeds) if sweep_seeds else None, progress=not quiet,
-                             budgets=list(budgets) if budgets else None)
+                             budgets=list(budgets) if budgets else None, lr_per_arm=lr_per_arm)
     if not quiet and int(os.environ.get("RANK", "0")) == 0:
         table = results_table(document)
-        shown = [c for c in ("arm", "kind", "baseline", "n", "mean", "ci95_low", "ci95_high", "diff_vs_baseline",
+        shown = [c for c in ("arm", "kind", "baseline", *(["learning_rate"] if lr_per_arm else []), "n", "mean",
+                             "ci95_low", "ci95_high", "diff_vs_baseline",
                              "p_holm", "mde80", "collapsed", "trainable", "active_per_token", "seconds_per_step")
                  if c in table.columns]
         rates = document["learning_rate"].get("per_budget")
-        rate = (", ".join(f"{label} {entry['chosen']:g}" for label, entry in rates.items()) if rates
+        rate = ("per arm (the learning_rate column)" if lr_per_arm else
+                ", ".join(f"{label} {entry['chosen']:g}" for label, entry in rates.items()) if rates
                 else f"{document['settings']['learning_rate']:g}")
         click.echo(f"{document['metric']} on {len(task.eval_texts)} test rows, {len(seeds)} seeds, {steps} steps, "
                    f"lr {rate}:")

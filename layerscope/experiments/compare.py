@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
@@ -54,25 +54,30 @@ class _Group:
     arms: list[Arm]
     settings: Settings
     selection: dict | None = None
+    arm_rates: dict[str, float] = field(default_factory=dict)  # with --lr-per-arm: each arm's own chosen rate
 
     @property
     def label(self) -> str | None:
         return self.budget.label if self.budget else None
 
+    def settings_for(self, arm: Arm) -> Settings:
+        rate = self.arm_rates.get(arm.name)
+        return self.settings if rate is None else replace(self.settings, learning_rate=rate)
+
 
 def compare_plans(model: str | Path, task: Task, plans: list[str | Path], *, seeds: list[int], settings: Settings,
                   out: str | Path, plan_settings: PlanSettings | None = None, lr_sweep: list[float] | None = None,
                   sweep_seeds: list[int] | None = None, progress: bool = True,
-                  budgets: list[float] | None = None) -> dict:
+                  budgets: list[float] | None = None, lr_per_arm: bool = False) -> dict:
     """Train every arm with every seed (resuming stored runs); write and return the comparison document.
 
     ``budgets``: ratios of the reference budget, or trainable-parameter counts (see
-    :mod:`layerscope.experiments.budgets`); every arm is fitted and trained at each."""
+    :mod:`layerscope.experiments.budgets`); every arm is fitted and trained at each.  ``lr_per_arm``: every arm
+    sweeps ``lr_sweep`` and trains at its own best rate on the validation rows (instead of the first baseline's)."""
     settings.check()
     if not seeds or len(set(seeds)) != len(seeds):
         raise LayerscopeError(f"--seeds {seeds}: give one or more distinct seeds")
-    if lr_sweep is not None and (not lr_sweep or any(not (lr > 0 and math.isfinite(lr)) for lr in lr_sweep)):
-        raise LayerscopeError(f"--lr-sweep {lr_sweep}: give one or more finite learning rates > 0")
+    _check_sweep(lr_sweep, lr_per_arm)
     model, out = str(model), Path(out)
     check_model_for_task(model, task)
     world = distributed.join()
@@ -82,13 +87,13 @@ def compare_plans(model: str | Path, task: Task, plans: list[str | Path], *, see
                                                        world, log)
         refuse_value_seeds([arm for group in groups for arm in group.arms], seeds)
         if lr_sweep:
-            _sweep(groups, lr_sweep, sweep_seeds or seeds[:1], store, log, world)
+            _sweep(groups, lr_sweep, sweep_seeds or seeds[:1], store, log, world, lr_per_arm)
         todo = _todo(groups, seeds)
         for number, (group, arm, seed) in enumerate(todo, 1):
             if world.owns(number - 1):
-                store.run(arm, seed, group.settings, log, f"run {number}/{len(todo)}")
+                store.run(arm, seed, group.settings_for(arm), log, f"run {number}/{len(todo)}")
         world.barrier()
-        records = {arm.name: [store.load(arm, seed, group.settings) for seed in seeds]
+        records = {arm.name: [store.load(arm, seed, group.settings_for(arm)) for seed in seeds]
                    for group in groups for arm in group.arms}
         document = _document(model, task, groups, records, seeds, budget_record)
         if world.is_main:
@@ -102,7 +107,7 @@ def compare_plans(model: str | Path, task: Task, plans: list[str | Path], *, see
 def planned_runs(model: str | Path, task: Task, plans: list[str | Path], *, seeds: list[int], settings: Settings,
                  out: str | Path, plan_settings: PlanSettings | None = None, lr_sweep: list[float] | None = None,
                  sweep_seeds: list[int] | None = None, progress: bool = True,
-                 budgets: list[float] | None = None) -> pd.DataFrame:
+                 budgets: list[float] | None = None, lr_per_arm: bool = False) -> pd.DataFrame:
     """What :func:`compare_plans` would train with the same arguments, without training: one row per run (the
     learning-rate sweep's first, then every arm with every seed) with its budget, arm, kind, baseline, trainer,
     trainable parameters, seed, learning rate and whether ``out/runs`` already holds it.  ``from_sweep`` marks
@@ -114,6 +119,7 @@ def planned_runs(model: str | Path, task: Task, plans: list[str | Path], *, seed
     known: those rows have ``learning_rate`` None and ``stored`` False.  ``seconds_per_step`` is the stored
     run's own, for sizing what is left; ``key`` and ``path`` are the run's store key and file."""
     settings.check()
+    _check_sweep(lr_sweep, lr_per_arm)
     model, out = str(model), Path(out)
     check_model_for_task(model, task)
     log = Log(progress)
@@ -124,24 +130,32 @@ def planned_runs(model: str | Path, task: Task, plans: list[str | Path], *, seed
     swept_seeds = set(sweep_seeds or seeds[:1]) if lr_sweep else set()
     if lr_sweep:
         for group in groups:
-            for rate in lr_sweep:
-                for seed in sweep_seeds or seeds[:1]:
-                    rows.append(_planned_row("lr sweep", group, _sweep_arm(group), seed,
-                                             replace(group.settings, learning_rate=rate), store))
+            for arm in _swept_arms(group, lr_per_arm):
+                for rate in lr_sweep:
+                    for seed in sweep_seeds or seeds[:1]:
+                        rows.append(_planned_row("lr sweep", group, arm, seed,
+                                                 replace(group.settings, learning_rate=rate), store))
         swept = all(row["stored"] for row in rows)
         for group in groups:
             if swept:
-                group.settings, group.selection = _choose_learning_rate(group, lr_sweep, sweep_seeds or seeds[:1],
-                                                                        store, log)
+                _choose_rates(group, lr_sweep, sweep_seeds or seeds[:1], store, log, lr_per_arm)
             else:
                 group.settings = replace(group.settings, learning_rate=math.nan)
+                group.arm_rates = {}
     for group, arm, seed in _todo(groups, seeds):
-        row = _planned_row("comparison", group, arm, seed, group.settings, store)
-        row["from_sweep"] = arm is _sweep_arm(group) and seed in swept_seeds
+        row = _planned_row("comparison", group, arm, seed, group.settings_for(arm), store)
+        row["from_sweep"] = arm in _swept_arms(group, lr_per_arm) and seed in swept_seeds
         rows.append(row)
     table = pd.DataFrame(rows)
     table.attrs["left_out"] = (budget_record or {}).get("left_out", [])
     return table
+
+
+def _check_sweep(lr_sweep: list[float] | None, lr_per_arm: bool) -> None:
+    if lr_sweep is not None and (not lr_sweep or any(not (lr > 0 and math.isfinite(lr)) for lr in lr_sweep)):
+        raise LayerscopeError(f"--lr-sweep {lr_sweep}: give one or more finite learning rates > 0")
+    if lr_per_arm and not lr_sweep:
+        raise LayerscopeError("--lr-per-arm needs --lr-sweep (the rates every arm tries on the validation rows)")
 
 
 def _planned_row(phase: str, group: _Group, arm: Arm, seed: int, settings: Settings, store: RunStore) -> dict:
@@ -189,40 +203,57 @@ def _groups(model: str, plans: list, plan_settings: PlanSettings, settings: Sett
 
 
 def _sweep(groups: list[_Group], rates: list[float], seeds: list[int], store: RunStore, log: Log,
-           world: distributed.World) -> None:
-    """Phase 1: the learning-rate sweep of every group's first baseline (shared out under torchrun); then each
-    group's rate is chosen from the stored runs on the validation rows."""
-    jobs = [(group, rate, seed) for group in groups for rate in rates for seed in seeds]
-    for index, (group, rate, seed) in enumerate(jobs):
+           world: distributed.World, per_arm: bool = False) -> None:
+    """Phase 1: the learning-rate sweep of every group's first baseline, or of every arm (shared out under
+    torchrun); then the rates are chosen from the stored runs on the validation rows."""
+    jobs = [(group, arm, rate, seed) for group in groups for arm in _swept_arms(group, per_arm) for rate in rates
+            for seed in seeds]
+    for index, (group, arm, rate, seed) in enumerate(jobs):
         if world.owns(index):
-            store.run(_sweep_arm(group), seed, replace(group.settings, learning_rate=rate), log,
+            store.run(arm, seed, replace(group.settings, learning_rate=rate), log,
                       f"lr sweep {rate:g}{f' at {group.label}' if group.label else ''}")
     world.barrier()
     for group in groups:
-        group.settings, group.selection = _choose_learning_rate(group, rates, seeds, store, log)
+        _choose_rates(group, rates, seeds, store, log, per_arm)
 
 
 def _sweep_arm(group: _Group) -> Arm:
     return next((arm for arm in group.arms if arm.kind == "baseline"), group.arms[0])
 
 
-def _choose_learning_rate(group: _Group, rates: list[float], seeds: list[int], store: RunStore,
-                          log: Log) -> tuple[Settings, dict]:
-    baseline = _sweep_arm(group)
+def _swept_arms(group: _Group, per_arm: bool) -> list[Arm]:
+    return list(group.arms) if per_arm else [_sweep_arm(group)]
+
+
+def _choose_rates(group: _Group, rates: list[float], seeds: list[int], store: RunStore, log: Log,
+                  per_arm: bool) -> None:
+    """The group's rate (its first baseline's best), or with ``per_arm`` every arm's own best, on the validation rows."""
+    if not per_arm:
+        chosen, record = _best_rate(group, _sweep_arm(group), rates, seeds, store, log)
+        group.settings = replace(group.settings, learning_rate=chosen)
+        group.selection = {**record, "why": "chosen for the first baseline arm and used by every arm (a tuning "
+                                            "advantage goes to the baseline)" + (" of this budget" if group.budget else "")}
+        return
+    records = {arm.name: _best_rate(group, arm, rates, seeds, store, log) for arm in group.arms}
+    group.arm_rates = {name: chosen for name, (chosen, _) in records.items()}
+    group.selection = {"chosen": None, "per_arm": {name: record for name, (_, record) in records.items()},
+                       "seeds": seeds, "split": "validation",
+                       "why": "every arm trains at its own best rate on the validation rows (--lr-per-arm)"}
+
+
+def _best_rate(group: _Group, arm: Arm, rates: list[float], seeds: list[int], store: RunStore,
+               log: Log) -> tuple[float, dict]:
     higher = higher_is_better(store.task)
     scores = {}
     for rate in rates:
         trial = replace(group.settings, learning_rate=rate)
-        finals = [store.load(baseline, seed, trial)["final_validation"] for seed in seeds]
+        finals = [store.load(arm, seed, trial)["final_validation"] for seed in seeds]
         scores[rate] = sum(finals) / len(finals)
     chosen = (max if higher else min)(scores, key=lambda rate: scores[rate])
-    log.line(f"learning rate {chosen:g} chosen on the validation rows ({baseline.name}: "
+    log.line(f"learning rate {chosen:g} chosen on the validation rows ({arm.name}: "
              + ", ".join(f"{rate:g} → {score:.4f}" for rate, score in scores.items()) + ")")
-    return replace(group.settings, learning_rate=chosen), {
-        "chosen": chosen, "arm": baseline.name, "seeds": seeds, "split": "validation",
-        "validation_mean": {f"{rate:g}": score for rate, score in scores.items()},
-        "why": "chosen for the first baseline arm and used by every arm (a tuning advantage goes to the baseline)"
-               + (" of this budget" if group.budget else "")}
+    return chosen, {"chosen": chosen, "arm": arm.name, "seeds": seeds, "split": "validation",
+                    "validation_mean": {f"{rate:g}": score for rate, score in scores.items()}}
 
 
 def _document(model: str, task: Task, groups: list[_Group], records: dict[str, list[dict]], seeds: list[int],
@@ -248,13 +279,14 @@ def _document(model: str, task: Task, groups: list[_Group], records: dict[str, l
         for entry in budget_record["budgets"]:
             group = next((g for g in groups if g.label == entry["label"]), None)
             entry["arms"] = [arm.name for arm in group.arms] if group else []
-            entry["learning_rate"] = group.settings.learning_rate if group else None
+            entry["learning_rate"] = group.settings.learning_rate if group and not group.arm_rates else None
             entry["verdict"] = verdicts.get(entry["label"])
         rates = {group.label: group.selection or {"chosen": group.settings.learning_rate,
                                                   "why": "given (--lr), not swept"} for group in groups}
         chosen = {r["chosen"] for r in rates.values()}
         learning_rate = {"chosen": chosen.pop() if len(chosen) == 1 else None, "per_budget": rates,
-                         "why": "chosen per budget for its first baseline arm on the validation rows"
+                         "why": ("chosen per budget for every arm on the validation rows" if first.arm_rates else
+                                 "chosen per budget for its first baseline arm on the validation rows")
                          if first.selection else "given (--lr), not swept"}
     return {"schema": SCHEMA, "model": model, "fingerprint": arms[0].plan.model["fingerprint"],
             "task": task.describe(), "metric": metric, "higher_is_better": higher, "seeds": seeds,
@@ -290,7 +322,7 @@ def _group_rows(task: Task, group: _Group, records: dict[str, list[dict]], seeds
                else "adalora", "structure": structure(arm.plan) if arm.trainer != "adalora" else "rank (learned)",
                "baseline": arm.baseline, "built": arm.built, "trainer": arm.trainer, "budget": group.label,
                "family": arm.family, "compared": [name.rsplit("@", 1)[0] for name in arm.compared] or None,
-               "learning_rate": group.settings.learning_rate,
+               "learning_rate": group.settings_for(arm).learning_rate,
                "n": summary.n, "mean": summary.mean, "sd": summary.sd, "ci95_low": summary.ci_low,
                "ci95_high": summary.ci_high, "interval": summary.interval,
                "trainable": arm.trainable, "active_per_token": arm.active,
