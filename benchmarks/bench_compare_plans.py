@@ -64,6 +64,12 @@ SETUPS = {
     "minilm-matrix": dict(task="debian-sections", kind="classification", plans="matrix_plans", options={}, seeds=8,
                           steps=80, batch_size=16, eval_every=40, max_length=32, lr_sweep=None, lr=1e-3,
                           budget_ratio=0.125, budgets=[0.125], peft_rank_arms=True, validation_rows=None, test_rows=None),
+    # AdaLoRA at 1/8 at its own best rate (issue 38 §5): AdaLoRA and its uniform PEFT LoRA each sweep 3 rates (seed
+    # 0, validation rows) and train at their own best; the schedule is PEFT's AdaLoraConfig with init_r 1.5 x target_r
+    # (PEFT's own 12 for 8), tinit / tfinal 10 % / 20 % of the steps, and its default orthogonal regularisation.
+    "minilm-adalora": dict(task="debian-sections", kind="classification", plans=["adalora"], options={}, seeds=8,
+                           steps=80, batch_size=16, eval_every=40, max_length=32, lr_sweep=[3e-4, 1e-3, 3e-3],
+                           lr_per_arm=True, budgets=[0.125], validation_rows=None, test_rows=None),
     "smollm2": dict(task="debian-sections-lm", kind="causal-lm", plans=["alphalora"], options={}, seeds=5,
                     steps=120, batch_size=8, eval_every=30, max_length=48, lr_sweep=[3e-4, 1e-3, 3e-3],
                     validation_rows=64, test_rows=256),
@@ -246,7 +252,7 @@ def main() -> None:
             return planned_runs(model, task, setup["plans"], seeds=list(range(setup["seeds"])), settings=settings,
                                 out=out, plan_settings=plan_settings,
                                 lr_sweep=setup["lr_sweep"], sweep_seeds=[0] if setup["lr_sweep"] else None,
-                                budgets=setup.get("budgets"))
+                                budgets=setup.get("budgets"), lr_per_arm=setup.get("lr_per_arm", False))
 
         if args.rekey:
             while rekey(plan_runs()):  # again: a re-keyed sweep decides the rate, and so the comparison's keys
@@ -264,7 +270,7 @@ def main() -> None:
     document = compare_plans(model, task, setup["plans"], seeds=list(range(setup["seeds"])), settings=settings,
                              out=out, plan_settings=plan_settings,
                              lr_sweep=setup["lr_sweep"], sweep_seeds=[0] if setup["lr_sweep"] else None,
-                             budgets=setup.get("budgets"))
+                             budgets=setup.get("budgets"), lr_per_arm=setup.get("lr_per_arm", False))
     if args.runs_archive:
         sync_runs(out / "runs", args.runs_archive, replace=True)
     table = results_table(document)

@@ -22,10 +22,10 @@ from layerscope.outputs import check_writable, write_files
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), help="Write the tables here (.parquet, .csv or .json).")
 @click.option("--estimators", default=",".join(SPECTRAL_ESTIMATORS), show_default=True, callback=_split_estimators,
-              help=f"Comma-separated estimators, of: {', '.join(ALL_ESTIMATORS)} (see README).")
+              help=f"Comma-separated estimators, of: {', '.join(ALL_ESTIMATORS)} (docs/commands/scan.md).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
-              help="Eigenvalue precision policy (see README).")
+              help="Eigenvalue precision policy (docs/commands/scan.md).")
 @click.option("--include", metavar="REGEX", help="Only tensors whose name matches.")
 @click.option("--exclude", metavar="REGEX", help="Skip tensors whose name matches.")
 @click.option("--split-fused", is_flag=True, help="Also report the parts of fused qkv / gate_up matrices.")
