@@ -110,6 +110,13 @@ def test_hilo_depth_tiers_and_inverse_rank():
     assert budget["slack"] < 2 * 64 * 8 * 7 + 7 * 128
 
 
+def test_hilo_on_a_model_shallower_than_its_tiers_suggests_ranks_that_fit():
+    with pytest.raises(LayerscopeError, match=r"4 rank tiers need at least 4 layers, and this model plans 3; give at "
+                                              r"most 3 tiers, e.g. --ranks 2,6,8"):
+        plan_from([3.0] * 3, "hilo")
+    assert [layer["rank"] for layer in plan_from([3.0] * 3, "hilo", ranks=(2, 4, 8)).layers] == [2, 4, 8]
+
+
 def test_hilo_ranks_from_activations_keep_the_budget(tmp_path):
     fractions = [0.1, 0.9, 0.2, 0.8, 0.3, 0.7, 0.4, 0.6]  # most near-zero → lowest rank
     path = tmp_path / "act.csv"

@@ -190,6 +190,12 @@ def hilo(inputs: PlanInputs, ranks: tuple[int, ...] = (2, 4, 6, 8), experts: int
     if experts_mode not in ("fixed", "inverse-rank"):
         raise LayerscopeError(f"--experts-mode {experts_mode!r}: expected fixed or inverse-rank")
     layers = inputs.layers
+    if len(ranks) > len(layers):
+        n = len(layers)
+        fewer = [ranks[round(i * (len(ranks) - 1) / (n - 1))] for i in range(n)] if n > 1 else [ranks[-1]]
+        raise LayerscopeError(f"--ranks {','.join(map(str, ranks))}: {len(ranks)} rank tiers need at least "
+                              f"{len(ranks)} layers, and this model plans {n}; give at most {n} tiers, e.g. --ranks "
+                              f"{','.join(map(str, fewer))}")
     tiers = _rank_tiers(inputs, list(ranks), rank_source, activations)
     rank_of = {layer: r for group, r in zip(tiers, ranks) for layer in group}
     weights = [1.0 / rank_of[layer] if experts_mode == "inverse-rank" else 1.0 for layer in layers]
