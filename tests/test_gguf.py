@@ -136,7 +136,7 @@ def test_damaged_files_are_one_line_errors(tmp_path):
 
 
 def test_dequantized_values_match_gguf_for_each_block_type(tmp_path):
-    from layerscope.checkpoint.ggufread import dequantize
+    from layerscope.checkpoint.ggufquant import dequantize
 
     rng = np.random.default_rng(1)
     data = rng.standard_normal((8, 256)).astype(np.float32)
@@ -226,7 +226,7 @@ def test_exports_of_a_gguf_plan_name_a_base_transformers_can_load(table, folder)
 def test_each_tensor_is_decoded_once_and_kept_in_float32(tmp_path, monkeypatch):
     """A scan decodes every GGUF tensor once (it used to decode twice and hold a float64 copy: 3 × the memory of
     a 7B embedding), and the float32 values are exact, so nothing is lost by not upcasting the whole tensor."""
-    from layerscope.checkpoint import ggufread
+    from layerscope.checkpoint import ggufquant
     from layerscope.checkpoint.quantization.logical import load_logical, logical_tensors
 
     path = tmp_path / "q8.gguf"
@@ -245,7 +245,7 @@ def test_each_tensor_is_decoded_once_and_kept_in_float32(tmp_path, monkeypatch):
     (logical,) = logical_tensors(checkpoint)
     assert load_logical(checkpoint, logical).dtype == torch.float32
     calls = []
-    original = ggufread.dequantize
-    monkeypatch.setattr(ggufread, "dequantize", lambda *a, **k: calls.append(a[1]) or original(*a, **k))
+    original = ggufquant.dequantize
+    monkeypatch.setattr(ggufquant, "dequantize", lambda *a, **k: calls.append(a[1]) or original(*a, **k))
     table = layerscope.scan(path, progress=False, estimators=("alpha_hill",))
     assert len(table) == 1 and calls == ["Q8_0"]

@@ -313,7 +313,7 @@ def test_a_dequantization_failure_names_the_file_and_the_tensor(tmp_path, monkey
 def test_torch_block_decoders_are_bit_identical_to_gguf(ggml_type):
     """The torch decoders of the common types give exactly gguf.quants' float32 values (scales of every
     magnitude, subnormal included), with llama.cpp's Q/K row permutation undone the same way after."""
-    from layerscope.checkpoint.ggufread import TORCH_DECODERS, dequantize
+    from layerscope.checkpoint.ggufquant import TORCH_DECODERS, dequantize
 
     qtype = gguf.GGMLQuantizationType[ggml_type]
     rng = np.random.default_rng(1)
@@ -329,7 +329,7 @@ def test_torch_block_decoders_are_bit_identical_to_gguf(ggml_type):
 def test_torch_k_quant_decoders_are_bit_identical_to_gguf(ggml_type, block_bytes, scale_at):
     """The K-quants of Q4_K_M files (Q4_K for most matrices, Q6_K for some): random blocks — every packing of
     scales, mins and high bits, float16 scales of every magnitude — decode to exactly gguf.quants' values."""
-    from layerscope.checkpoint.ggufread import TORCH_DECODERS, dequantize
+    from layerscope.checkpoint.ggufquant import TORCH_DECODERS, dequantize
 
     rng = np.random.default_rng(2)
     blocks = rng.integers(0, 256, size=(96, block_bytes), dtype=np.uint8)

@@ -173,7 +173,7 @@ def test_compare_plot_names_the_models_and_scales_each_panel():
 
 
 def test_depth_is_described_per_stack_when_there_are_towers():
-    from layerscope.spectral.scan import depth_description
+    from layerscope.spectral.coverage import depth_description
 
     assert depth_description({"num_layers": 6, "stack_depths": [{"name": "layers", "depth": 6, "tower": False}]}) \
         == "6 layers"

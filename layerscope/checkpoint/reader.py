@@ -137,12 +137,8 @@ _GGUF_LAYOUTS: dict[tuple, tuple] = {}  # (path, size, mtime) → (entries, arch
 
 def open_gguf(file: Path) -> Checkpoint:
     """A GGUF file as a checkpoint: transformers' names and config, ggml types as dtypes (see ggufread)."""
-    from layerscope.checkpoint.ggufread import (
-        check_against_model,
-        decodable_types,
-        qk_heads,
-        read_gguf,
-    )
+    from layerscope.checkpoint.ggufquant import decodable_types
+    from layerscope.checkpoint.ggufread import check_against_model, qk_heads, read_gguf
 
     stat = file.stat()
     key = (str(file.resolve()), stat.st_size, stat.st_mtime_ns)
@@ -381,7 +377,7 @@ def read_tensor(info: TensorInfo, dtype: torch.dtype | None = None) -> torch.Ten
         return tensor if dtype is None else tensor.to(dtype)
     buffer = read_raw(info)
     if info.container == "gguf":
-        from layerscope.checkpoint.ggufread import dequantize
+        from layerscope.checkpoint.ggufquant import dequantize
 
         try:
             tensor = dequantize(buffer, info.dtype, info.shape, info.gguf_heads)

@@ -71,7 +71,7 @@ def scan_command(path: Path, out: Path | None, estimators: tuple[str, ...], devi
 
 def _print_summary(matrices, layers, seconds: float, written: list[Path]) -> None:
     from layerscope.spectral.columns import not_analysed
-    from layerscope.spectral.scan import depth_description
+    from layerscope.spectral.coverage import depth_description
 
     attrs = matrices.attrs
     click.echo(
@@ -83,7 +83,7 @@ def _print_summary(matrices, layers, seconds: float, written: list[Path]) -> Non
         click.echo(f"WARNING: {attrs.get('model_type') or 'this architecture'} is not in layerscope's naming table: "
                    "layers were found with the generic '.N.' rule and every block matrix is treated as a "
                    "projection; check the table (or pass --architecture) before planning", err=True)
-    from layerscope.spectral.scan import not_analysed_line
+    from layerscope.spectral.coverage import not_analysed_line
 
     skipped = not_analysed_line(attrs)
     if skipped:

@@ -28,7 +28,8 @@ from layerscope.spectral import esd
 from layerscope.spectral.analysis import analyse_matrix
 from layerscope.spectral.columns import IDENTITY_COLUMNS, SUMMARY_COLUMNS
 from layerscope.spectral.estimators import MIN_EVALS
-from layerscope.spectral.scan import ScanOptions, _matrices, _wanted, scan
+from layerscope.spectral.coverage import wanted
+from layerscope.spectral.scan import ScanOptions, _matrices, scan
 
 COMPARE_SCHEMA = "layerscope.compare/1"
 DIFF_COLUMNS = ["alpha", "alpha_hill", "alpha_peak", "lambda_max", "log_norm", "log_spectral_norm", "stable_rank",
@@ -89,7 +90,7 @@ def _difference_rows(base, other, opts: ScanOptions, progress: bool) -> pd.DataF
     scheme = (scheme_by_name(opts.architecture, left.config, names) if opts.architecture
               else detect_scheme(left.config, names))
     selected = [(t, scheme.classify(t.name, t.shape, t.analysable_dtype)) for t in left_tensors]
-    selected = [(t, role) for t, role in selected if _wanted(t, role, opts)]
+    selected = [(t, role) for t, role in selected if wanted(t, role, opts.include, opts.exclude)]
     device = esd.resolve_device(opts.device)
     dtype = esd.working_dtype(opts.precision, device)
     rows = []

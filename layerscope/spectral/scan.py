@@ -26,16 +26,10 @@ from layerscope.spectral import distributed, esd, threads
 from layerscope.spectral.analysis import Matrix, analyse_batch
 from layerscope.spectral.cache import ScanCache
 from layerscope.spectral.columns import ALL_ESTIMATORS, layer_summary, scan_columns
+from layerscope.spectral.coverage import not_analysed, require_config_depth, wanted
 
 __all__ = ["ScanOptions", "layer_summary", "scan", "scan_checkpoint"]
 from layerscope.tables import integer_columns
-
-# Every matrix is analysed, planned or not: weights of no Linear layer (param), projections applied per group
-# (grouped), adaptive-norm Linears (norm).
-ANALYSED_KINDS = frozenset({"projection", "expert", "expert_stack", "grouped", "router", "embedding", "lm_head", "other",
-                            "param", "norm"})
-NOT_ANALYSED_REASONS = {"conv": "convolution kernel", "filtered": "left out by --include/--exclude"}
-
 
 # Matrices of one shape are stacked into batches up to this many bytes (stored weights plus
 # their Gram matrices in the working dtype).
@@ -131,7 +125,7 @@ def scan_checkpoint(ckpt: Checkpoint, opts: ScanOptions) -> pd.DataFrame:
     device = esd.resolve_device(distributed.rank_device(opts.device, distributed.current(opts.device)))
     dtype = esd.working_dtype(opts.precision, device)
     classified = [(t, scheme.classify(t.name, t.shape, t.analysable_dtype)) for t in logical]
-    _require_config_depth(ckpt, classified)
+    require_config_depth(ckpt, classified)
     missing = list(ckpt.missing)  # a GGUF file's, against the model its metadata builds
     if ckpt.files:  # a model in memory is its own architecture
         missing += [name for name in check_shapes(ckpt.path, ckpt.config, classified, tree) if name not in missing]
@@ -139,7 +133,7 @@ def scan_checkpoint(ckpt: Checkpoint, opts: ScanOptions) -> pd.DataFrame:
             built, _ = tree_for_checkpoint(ckpt.config, ckpt.path, force=True)  # let the architecture decide
             if built is not None:
                 missing += [name for name in tree_gaps(classified, built) if name not in missing]
-    selected = [(info, role) for info, role in classified if _wanted(info, role, opts)]
+    selected = [(info, role) for info, role in classified if wanted(info, role, opts.include, opts.exclude)]
     if not selected:
         raise LayerscopeError(f"{ckpt.path}: no weight matrix to analyse"
                               + (" (--include/--exclude left none)" if opts.include or opts.exclude else ""))
@@ -164,7 +158,7 @@ def scan_checkpoint(ckpt: Checkpoint, opts: ScanOptions) -> pd.DataFrame:
         live_names=tree is not None or no_tree == TABLE_VERIFIED,
         live_names_note=no_tree,
         unmapped=sorted({str(r.module) for _, r in classified if r.kind == "other" and r.layer is not None}),
-        not_analysed=_not_analysed(classified, opts),
+        not_analysed=not_analysed(classified, opts.include, opts.exclude),
         missing=missing,
         quantization=sorted({t.quantization for t in logical if t.quantization}),
         num_layers=max(filter(None, (scheme.num_layers or ckpt.num_layers, _layers_seen(table))), default=None),
@@ -384,80 +378,9 @@ def _working_bytes(weight: torch.Tensor, dtype: torch.dtype) -> int:
     return weight.numel() * weight.element_size() + 2 * m * m * torch.finfo(dtype).bits // 8
 
 
-LAYER_COUNT_FIELDS = ("num_hidden_layers", "n_layer", "num_layers")
-EXTRA_LAYER_FIELDS = ("num_nextn_predict_layers",)  # DeepSeek V3, GLM-4.5: multi-token-prediction blocks after the rest
-
-
-def _require_config_depth(ckpt: Checkpoint, classified: list[tuple[LogicalTensor, TensorRole]]) -> None:
-    """A config that counts fewer blocks than the checkpoint's one language stack holds is refused: plans would be
-    made for blocks the model transformers builds from that config does not have."""
-    if not ckpt.files or ckpt.config.get("is_encoder_decoder") is True:
-        return
-    field = next((key for key in LAYER_COUNT_FIELDS if type(ckpt.config.get(key)) is int), None)
-    blocks: dict[str, tuple[int, str]] = {}
-    for info, role in classified:
-        if role.stack is not None and role.tower is None and role.stack_layer is not None:
-            deepest = blocks.get(role.stack)
-            if deepest is None or role.stack_layer > deepest[0]:
-                blocks[role.stack] = (role.stack_layer, info.name)
-    if field is None or len(blocks) != 1:
-        return
-    deepest, example = next(iter(blocks.values()))
-    extra = sum(v for key in EXTRA_LAYER_FIELDS if type(v := ckpt.config.get(key)) is int and v > 0)
-    claimed = ckpt.config[field]
-    if deepest + 1 > claimed + extra:
-        where = Path(ckpt.path) / "config.json" if Path(ckpt.path).is_dir() else f"{ckpt.path} (its metadata)"
-        raise LayerscopeError(f"{where}: {field} = {claimed} but the checkpoint holds {deepest + 1} blocks "
-                              f"({example}); the model built from this config would have {claimed}")
-
-
 def _layers_seen(table: pd.DataFrame) -> int | None:
     layers = table["layer"].dropna()
     return int(layers.max()) + 1 if len(layers) else None
-
-
-def _not_analysed(classified: list[tuple[LogicalTensor, TensorRole]], opts: ScanOptions) -> list[dict]:
-    """Every weight (a floating tensor of two or more dimensions) that has no row, with the reason: the scan
-    never drops one without saying so."""
-    out = []
-    for info, role in classified:
-        if len(info.shape) < 2 or role.kind == "buffer" or _wanted(info, role, opts):
-            continue
-        reason = NOT_ANALYSED_REASONS["filtered"] if role.kind in ANALYSED_KINDS else \
-            NOT_ANALYSED_REASONS.get(role.kind, f"kind {role.kind}")
-        out.append({"tensor": info.name, "shape": "x".join(map(str, info.shape)), "reason": reason})
-    return out
-
-
-def depth_description(attrs: dict) -> str:
-    """``6 layers``; with towers ``8 blocks (language_model 4, vision_tower 4: tower)``, so a reader never takes
-    the checkpoint's block count for the language model's depth."""
-    stacks = attrs.get("stack_depths") or []
-    if len(stacks) < 2:
-        return f"{attrs.get('num_layers')} layers"
-    parts = ", ".join(f"{s['name']} {s['depth']}" + (": tower" if s.get("tower") else "") for s in stacks)
-    return f"{attrs.get('num_layers')} blocks ({parts})"
-
-
-def not_analysed_line(attrs: dict) -> str | None:
-    """``7 weights not analysed: 4 convolution kernels, 3 …`` (None when every weight has a row)."""
-    skipped = attrs.get("not_analysed") or []
-    if not skipped:
-        return None
-    counts: dict[str, int] = {}
-    for entry in skipped:
-        counts[entry["reason"]] = counts.get(entry["reason"], 0) + 1
-    parts = ", ".join(f"{count} {reason}{'s' if count > 1 and not reason.startswith('left') else ''}"
-                      for reason, count in sorted(counts.items(), key=lambda item: -item[1]))
-    return f"{len(skipped)} weight{'s' if len(skipped) > 1 else ''} not analysed: {parts}"
-
-
-def _wanted(info: LogicalTensor, role: TensorRole, opts: ScanOptions) -> bool:
-    if role.kind not in ANALYSED_KINDS or len(info.shape) < 2:
-        return False
-    if opts.include and not re.search(opts.include, info.name):
-        return False
-    return not (opts.exclude and re.search(opts.exclude, info.name))
 
 
 def _matrix_count(info: LogicalTensor, role: TensorRole) -> int:

@@ -18,7 +18,8 @@ from layerscope.export import export_plan
 from layerscope.outputs import write_files
 from layerscope.planning.explain import explain_table
 from layerscope.spectral.esd import gram_eigenvalues
-from layerscope.spectral.scan import depth_description, layer_summary
+from layerscope.spectral.coverage import depth_description
+from layerscope.spectral.scan import layer_summary
 from layerscope.viz import plots
 
 LOW_ALPHA, HIGH_ALPHA = plots.REFERENCE_ALPHAS

@@ -1,0 +1,91 @@
+"""What a scan covers, said in full: the config's depth against the blocks the file holds, and every weight
+that gets no row, with the reason (a scan never drops a weight without saying so)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from layerscope.checkpoint.naming import TensorRole
+from layerscope.checkpoint.quantization import LogicalTensor
+from layerscope.checkpoint.reader import Checkpoint
+from layerscope.errors import LayerscopeError
+
+# Every matrix is analysed, planned or not: weights of no Linear layer (param), projections applied per group
+# (grouped), adaptive-norm Linears (norm).
+ANALYSED_KINDS = frozenset({"projection", "expert", "expert_stack", "grouped", "router", "embedding", "lm_head", "other",
+                            "param", "norm"})
+NOT_ANALYSED_REASONS = {"conv": "convolution kernel", "filtered": "left out by --include/--exclude"}
+
+
+
+LAYER_COUNT_FIELDS = ("num_hidden_layers", "n_layer", "num_layers")
+EXTRA_LAYER_FIELDS = ("num_nextn_predict_layers",)  # DeepSeek V3, GLM-4.5: multi-token-prediction blocks after the rest
+
+
+def require_config_depth(ckpt: Checkpoint, classified: list[tuple[LogicalTensor, TensorRole]]) -> None:
+    """A config that counts fewer blocks than the checkpoint's one language stack holds is refused: plans would be
+    made for blocks the model transformers builds from that config does not have."""
+    if not ckpt.files or ckpt.config.get("is_encoder_decoder") is True:
+        return
+    field = next((key for key in LAYER_COUNT_FIELDS if type(ckpt.config.get(key)) is int), None)
+    blocks: dict[str, tuple[int, str]] = {}
+    for info, role in classified:
+        if role.stack is not None and role.tower is None and role.stack_layer is not None:
+            deepest = blocks.get(role.stack)
+            if deepest is None or role.stack_layer > deepest[0]:
+                blocks[role.stack] = (role.stack_layer, info.name)
+    if field is None or len(blocks) != 1:
+        return
+    deepest, example = next(iter(blocks.values()))
+    extra = sum(v for key in EXTRA_LAYER_FIELDS if type(v := ckpt.config.get(key)) is int and v > 0)
+    claimed = ckpt.config[field]
+    if deepest + 1 > claimed + extra:
+        where = Path(ckpt.path) / "config.json" if Path(ckpt.path).is_dir() else f"{ckpt.path} (its metadata)"
+        raise LayerscopeError(f"{where}: {field} = {claimed} but the checkpoint holds {deepest + 1} blocks "
+                              f"({example}); the model built from this config would have {claimed}")
+
+
+def not_analysed(classified: list[tuple[LogicalTensor, TensorRole]], include: str | None,
+                 exclude: str | None) -> list[dict]:
+    """Every weight (a floating tensor of two or more dimensions) that has no row, with the reason: the scan
+    never drops one without saying so."""
+    out = []
+    for info, role in classified:
+        if len(info.shape) < 2 or role.kind == "buffer" or wanted(info, role, include, exclude):
+            continue
+        reason = NOT_ANALYSED_REASONS["filtered"] if role.kind in ANALYSED_KINDS else \
+            NOT_ANALYSED_REASONS.get(role.kind, f"kind {role.kind}")
+        out.append({"tensor": info.name, "shape": "x".join(map(str, info.shape)), "reason": reason})
+    return out
+
+
+def depth_description(attrs: dict) -> str:
+    """``6 layers``; with towers ``8 blocks (language_model 4, vision_tower 4: tower)``, so a reader never takes
+    the checkpoint's block count for the language model's depth."""
+    stacks = attrs.get("stack_depths") or []
+    if len(stacks) < 2:
+        return f"{attrs.get('num_layers')} layers"
+    parts = ", ".join(f"{s['name']} {s['depth']}" + (": tower" if s.get("tower") else "") for s in stacks)
+    return f"{attrs.get('num_layers')} blocks ({parts})"
+
+
+def not_analysed_line(attrs: dict) -> str | None:
+    """``7 weights not analysed: 4 convolution kernels, 3 …`` (None when every weight has a row)."""
+    skipped = attrs.get("not_analysed") or []
+    if not skipped:
+        return None
+    counts: dict[str, int] = {}
+    for entry in skipped:
+        counts[entry["reason"]] = counts.get(entry["reason"], 0) + 1
+    parts = ", ".join(f"{count} {reason}{'s' if count > 1 and not reason.startswith('left') else ''}"
+                      for reason, count in sorted(counts.items(), key=lambda item: -item[1]))
+    return f"{len(skipped)} weight{'s' if len(skipped) > 1 else ''} not analysed: {parts}"
+
+
+def wanted(info: LogicalTensor, role: TensorRole, include: str | None, exclude: str | None) -> bool:
+    if role.kind not in ANALYSED_KINDS or len(info.shape) < 2:
+        return False
+    if include and not re.search(include, info.name):
+        return False
+    return not (exclude and re.search(exclude, info.name))
