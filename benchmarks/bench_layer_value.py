@@ -4,7 +4,7 @@
     python benchmarks/bench_layer_value.py minilm --oracle   # value plan vs its uniform plan, 8 fresh seeds (16 runs)
     python benchmarks/bench_layer_value.py smollm2           # 6 groups of 5 layers, 3 seeds (39 runs)
     python benchmarks/bench_layer_value.py smollm2 --oracle  # 10 fresh seeds (20 runs)
-    python benchmarks/bench_layer_value.py code --curve      # the harder task's budget curve: U at 1/16, 1/4, 1
+    python benchmarks/bench_layer_value.py code --curve      # the harder task's budget curve: U at 1/16 and 1
     ... --dry-run   lists the runs and what the archive already holds
 
 Protocol.  The value is estimated with seeds 100, 101, 102 on the validation rows only (``layer-value``); the
@@ -42,7 +42,7 @@ SETUPS = {
                     max_length=48, lr=3e-4, oracle_seeds=10, validation_rows=64, test_rows=256, groups=6),
     "code": dict(task="stdlib-code-lm", kind="causal-lm", budget=1.0, steps=120, batch_size=8, eval_every=30,
                  max_length=128, lr=3e-4, oracle_seeds=10, validation_rows=64, test_rows=256, groups=6,
-                 curve=[1 / 16, 1 / 4, 1], curve_seeds=[0, 1]),
+                 curve=[1 / 16, 1], curve_seeds=[0, 1]),
 }
 QUALIFIES = 0.05  # the curve's relative gain at which a task binds enough to measure value on
 

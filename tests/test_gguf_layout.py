@@ -280,7 +280,10 @@ def test_tensors_are_checked_against_the_model_the_metadata_builds(tmp_path):
     from layerscope.tables import read_scan
 
     assert read_scan(tmp_path / "scan.parquet").attrs["missing"] == [
-        "model.layers.0.self_attn.q_proj.weight (blk.0.attn_q.weight)"]
+        "model.layers.0.self_attn.q_proj.weight (blk.0.attn_q.weight)"]  # once, under its live and GGUF names
+    quiet = subprocess.run([sys.executable, "-m", "layerscope", "scan", str(lacking), "-q"], capture_output=True,
+                           text=True)
+    assert "WARNING: 1 weight matrix that the architecture expects is absent" in quiet.stderr and quiet.stdout == ""
     wrong = _llama_file(tmp_path / "wrong.gguf", shapes={"blk.0.attn_q.weight": (32, 64)})
     done = subprocess.run([sys.executable, "-m", "layerscope", "scan", str(wrong)], capture_output=True, text=True)
     assert done.returncode == 2 and "Traceback" not in done.stderr

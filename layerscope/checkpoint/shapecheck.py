@@ -9,8 +9,9 @@ accepted one would analyse, plan and export the wrong module sizes (a query edit
 * for the types the naming tables cover (the scan skips the build for them), the config's own arithmetic for
   the projections every such family shares: q, k, v, o and the MLP's gate, up and down read or write the
   hidden size; q writes heads × head_dim, k and v write KV heads × head_dim, o reads heads × head_dim, gate
-  and up write the intermediate size (or 4 × hidden, which some families use whatever the config says), down
-  reads it.  A field the config does not hold as an integer is not
+  and up write the intermediate size (or 4 × hidden in the families that use it whatever the config says), down
+  reads it; and the tables: the token embedding and an untied output head have ``vocab_size`` rows, a learned
+  position table ``max_position_embeddings`` (OPT and BART: 2 more).  A field the config does not hold as an integer is not
   checked (MLA attention, per-layer intermediate sizes, towers and cross-attention are left to the tree).
 
 The refusal names the tensor, both shapes and the config fields behind the expected one.  Where the tree is
@@ -23,6 +24,7 @@ by design, and the tree knows them), so a whole checkpoint keeps the fast path.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from layerscope.checkpoint.modeltree import ModelTree
@@ -38,12 +40,22 @@ INTERMEDIATE_FIELDS = ("intermediate_size", "d_ff", "n_inner", "ffn_dim", "encod
 READS_HIDDEN = frozenset({"q", "k", "v", "qkv", "gate", "up", "gate_up"})
 WRITES_HIDDEN = frozenset({"o", "down"})
 MLA_FIELDS = ("kv_lora_rank", "q_lora_rank")  # DeepSeek's latent attention: q/o widths are its own
+# Families whose MLP is 4 × hidden whatever an intermediate field in their config says (GPT-2's and GPT-J's n_inner
+# may be null; Bloom and Falcon have no field): everywhere else the config's field is the width.
+FOUR_TIMES_HIDDEN = frozenset({"gpt2", "gptj", "codegen", "bloom", "falcon", "gpt_bigcode", "gpt_neo", "mpt",
+                               "imagegpt", "decision_transformer"})
+# Tables whose rows a config field fixes (transformers refuses a size mismatch when it loads them).
+TOKEN_TABLE = re.compile(r"(^|\.)(word_embeddings|embed_tokens|wte|tok_embeddings|word_embedding)\.weight$")
+POSITION_TABLE = re.compile(r"(^|\.)(position_embeddings|wpe|embed_positions)\.weight$")
+POSITION_FIELDS = ("max_position_embeddings", "n_positions")
+POSITION_OFFSETS = (0, 2)  # OPT and BART keep two more rows than positions (their padding offset)
 
 
 def check_shapes(where: str | Path, config: dict, classified: list, tree: ModelTree | None) -> list[str]:
     """Refuse the first block projection whose stored (out, in) contradicts the architecture, and return the
     block Linears the module tree expects and the checkpoint lacks (see the module docstring).
     ``classified``: (tensor, role) pairs whose tensors have ``name`` and ``shape``."""
+    check_tables(where, config, classified)
     for info, role in classified:
         if role.kind != "projection" or role.module is None or role.adapter_factor or len(info.shape) != 2:
             continue
@@ -64,6 +76,28 @@ def check_shapes(where: str | Path, config: dict, classified: list, tree: ModelT
             raise LayerscopeError(f"{where}: tensor {info.name} has shape {_shown(stored, role)}, but the config "
                                   f"makes it {_shown(want, role)} ({', '.join(fields)})")
     return [] if tree is None else absent_block_linears(classified, tree)
+
+
+def check_tables(where: str | Path, config: dict, classified: list) -> None:
+    """Refuse a ``vocab_size`` that is not the rows of the token embedding and of an untied output head, and a
+    ``max_position_embeddings`` (``n_positions``) that is not the rows of a learned position table."""
+    vocab = _field(config, ("vocab_size",))
+    positions = None if config.get("is_encoder_decoder") else _field(config, POSITION_FIELDS)
+    for info, role in classified:
+        if role.tower is not None or len(info.shape) != 2:
+            continue
+        rows = int(info.shape[1]) if role.conv1d else int(info.shape[0])
+        if vocab and (role.kind == "lm_head" or TOKEN_TABLE.search(info.name)) and rows != vocab[1]:
+            raise LayerscopeError(f"{_config_file(where)}: {vocab[0]} = {vocab[1]:,} but {info.name} has {rows:,} rows "
+                                  "(one per token; transformers refuses the size mismatch when it loads)")
+        if positions and POSITION_TABLE.search(info.name) and rows - positions[1] not in POSITION_OFFSETS:
+            raise LayerscopeError(f"{_config_file(where)}: {positions[0]} = {positions[1]:,} but {info.name} has "
+                                  f"{rows:,} rows (one per position; transformers refuses the size mismatch when it "
+                                  "loads)")
+
+
+def _config_file(where: str | Path) -> str:
+    return str(Path(where) / "config.json") if Path(where).is_dir() else f"{where} (its config)"
 
 
 def absent_block_linears(classified: list, tree: ModelTree) -> list[str]:
@@ -130,8 +164,10 @@ def _far_side(role: str, config: dict, hidden: int) -> tuple[tuple[int, ...], st
         fields = [(name, config[name]) for name in INTERMEDIATE_FIELDS if type(config.get(name)) is int]
         if not fields:
             return None
-        widths = tuple(sorted({value for _, value in fields} | {4 * hidden}))
-        return widths, ", ".join(f"{name} = {value}" for name, value in fields) + f", or 4 × {hidden}"
+        four_times = config.get("model_type") in FOUR_TIMES_HIDDEN
+        widths = tuple(sorted({value for _, value in fields} | ({4 * hidden} if four_times else set())))
+        return widths, ", ".join(f"{name} = {value}" for name, value in fields) + (f", or 4 × {hidden}" if four_times
+                                                                                 else "")
     if role not in ("q", "k", "v", "o"):
         return None
     heads = _field(config, HEAD_FIELDS)

@@ -37,11 +37,12 @@ from layerscope.outputs import check_writable, write_files
               "base model.")
 @click.option("--threads", type=int, help="CPU threads (default: $LAYERSCOPE_THREADS, else this process's share "
               "of its CPUs: all of them, or cores / ranks on this node under torchrun).")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar, no summary.")
+@click.option("--quiet", "-q", count=True, help="No progress bar, no summary; warnings about the data (missing "
+              "weights, non-finite values, weights not analysed) stay on stderr.  Twice (-qq): those too are silenced.")
 def scan_command(path: Path, out: Path | None, estimators: tuple[str, ...], device: str, precision: str,
                  include: str | None, exclude: str | None, split_fused: bool, architecture: str | None,
                  revision: str | None, cache: Path | None, base: Path | None, threads: int | None,
-                 quiet: bool) -> None:
+                 quiet: int) -> None:
     """Per-matrix heavy-tailed spectral metrics of a safetensors checkpoint."""
     from layerscope.adapters import scan
     from layerscope.spectral import distributed
@@ -67,6 +68,40 @@ def scan_command(path: Path, out: Path | None, estimators: tuple[str, ...], devi
     written = write_scan(matrices, layers, out) if out is not None else []
     if not quiet:
         _print_summary(matrices, layers, time.perf_counter() - started, written)
+    elif quiet == 1:
+        for line in data_warnings(matrices):
+            click.echo(line, err=True)
+
+
+def data_warnings(matrices) -> list[str]:
+    """What a reader must not miss about the data, even under --quiet: a layout guessed by the generic rule,
+    weights absent or not analysed, non-finite values, block Linears of no known role."""
+    from layerscope.spectral.coverage import not_analysed_line
+
+    attrs, lines = matrices.attrs, []
+    if attrs["naming"] == "generic":
+        lines.append(f"WARNING: {attrs.get('model_type') or 'this architecture'} is not in layerscope's naming table: "
+                     "layers were found with the generic '.N.' rule and every block matrix is treated as a "
+                     "projection; check the table (or pass --architecture) before planning")
+    skipped = not_analysed_line(attrs)
+    if skipped:
+        lines.append(f"WARNING: {skipped} (listed in the table's model facts, not_analysed)")
+    nonfinite = matrices.loc[matrices["status"] == "nonfinite_weights", "name"].tolist()
+    if nonfinite:
+        lines.append(f"WARNING: {len(nonfinite)} matri{'ces' if len(nonfinite) > 1 else 'x'} with NaN or infinite "
+                     f"values, not analysed: {', '.join(nonfinite[:3])}{' ...' if len(nonfinite) > 3 else ''}")
+    missing = attrs.get("missing") or []
+    if missing:
+        shown = ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "")
+        lines.append(f"WARNING: {len(missing)} weight matri{'ces' if len(missing) > 1 else 'x'} that the architecture "
+                     f"expects {'are' if len(missing) > 1 else 'is'} absent (transformers would initialise "
+                     f"{'them' if len(missing) > 1 else 'it'} at random; listed in the model facts, missing): {shown}")
+    unmapped = attrs.get("unmapped") or []
+    if unmapped:
+        shown = ", ".join(one_line(m) for m in unmapped[:5]) + (" ..." if len(unmapped) > 5 else "")
+        lines.append(f"WARNING: {len(unmapped)} Linear layers inside the blocks have no known role (kind 'other', "
+                     f"left out of the layer means; plan refuses them without --allow-unmapped): {shown}")
+    return lines
 
 
 def _print_summary(matrices, layers, seconds: float, written: list[Path]) -> None:
@@ -79,27 +114,8 @@ def _print_summary(matrices, layers, seconds: float, written: list[Path]) -> Non
         f"naming={attrs['naming']}, {depth_description(attrs)}, {len(matrices)} matrices "
         f"({not_analysed(matrices)}) in {seconds:.1f} s on {attrs['device']}"
     )
-    if attrs["naming"] == "generic":
-        click.echo(f"WARNING: {attrs.get('model_type') or 'this architecture'} is not in layerscope's naming table: "
-                   "layers were found with the generic '.N.' rule and every block matrix is treated as a "
-                   "projection; check the table (or pass --architecture) before planning", err=True)
-    from layerscope.spectral.coverage import not_analysed_line
-
-    skipped = not_analysed_line(attrs)
-    if skipped:
-        click.echo(f"{skipped} (listed in the table's model facts, not_analysed)")
-    missing = attrs.get("missing") or []
-    if missing:
-        shown = ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "")
-        click.echo(f"WARNING: {len(missing)} weight matri{'ces' if len(missing) > 1 else 'x'} that the architecture "
-                   f"expects {'are' if len(missing) > 1 else 'is'} absent (transformers would initialise "
-                   f"{'them' if len(missing) > 1 else 'it'} at random; listed in the model facts, missing): {shown}",
-                   err=True)
-    unmapped = attrs.get("unmapped") or []
-    if unmapped:
-        shown = ", ".join(one_line(m) for m in unmapped[:5]) + (" ..." if len(unmapped) > 5 else "")
-        click.echo(f"WARNING: {len(unmapped)} Linear layers inside the blocks have no known role (kind 'other', left "
-                   f"out of the layer means; plan refuses them without --allow-unmapped): {shown}", err=True)
+    for line in data_warnings(matrices):
+        click.echo(line, err=True)
     if attrs.get("towers"):
         click.echo(f"towers (own stacks, not planned unless --include-towers): {', '.join(attrs['towers'])}")
     for rank in attrs.get("ranks") or []:  # torchrun: is any rank's share much heavier than the others?

@@ -23,11 +23,15 @@ LAYER_COUNT_FIELDS = ("num_hidden_layers", "n_layer", "num_layers")
 EXTRA_LAYER_FIELDS = ("num_nextn_predict_layers",)  # DeepSeek V3, GLM-4.5: multi-token-prediction blocks after the rest
 
 
-def require_config_depth(ckpt: Checkpoint, classified: list[tuple[LogicalTensor, TensorRole]]) -> None:
-    """A config that counts fewer blocks than the checkpoint's one language stack holds is refused: plans would be
-    made for blocks the model transformers builds from that config does not have."""
+def config_depth(ckpt: Checkpoint, classified: list[tuple[LogicalTensor, TensorRole]]) -> tuple[list[str], int | None]:
+    """The config's block count against the blocks the checkpoint's one language stack holds.
+
+    More blocks in the file than the config counts is refused: plans would be made for blocks the model
+    transformers builds from that config does not have.  Fewer: returns the weights of the absent blocks, named
+    from the config's arithmetic (the deepest present block's weights at every absent index), and the number of
+    blocks present; otherwise ``([], None)``."""
     if not ckpt.files or ckpt.config.get("is_encoder_decoder") is True:
-        return
+        return [], None
     field = next((key for key in LAYER_COUNT_FIELDS if type(ckpt.config.get(key)) is int), None)
     blocks: dict[str, tuple[int, str]] = {}
     for info, role in classified:
@@ -36,14 +40,30 @@ def require_config_depth(ckpt: Checkpoint, classified: list[tuple[LogicalTensor,
             if deepest is None or role.stack_layer > deepest[0]:
                 blocks[role.stack] = (role.stack_layer, info.name)
     if field is None or len(blocks) != 1:
-        return
-    deepest, example = next(iter(blocks.values()))
+        return [], None
+    (stack, (deepest, example)), = blocks.items()
     extra = sum(v for key in EXTRA_LAYER_FIELDS if type(v := ckpt.config.get(key)) is int and v > 0)
     claimed = ckpt.config[field]
+    where = Path(ckpt.path) / "config.json" if Path(ckpt.path).is_dir() else f"{ckpt.path} (its metadata)"
     if deepest + 1 > claimed + extra:
-        where = Path(ckpt.path) / "config.json" if Path(ckpt.path).is_dir() else f"{ckpt.path} (its metadata)"
         raise LayerscopeError(f"{where}: {field} = {claimed} but the checkpoint holds {deepest + 1} blocks "
                               f"({example}); the model built from this config would have {claimed}")
+    if deepest + 1 >= claimed:
+        return [], None
+    template = [info.name for info, role in classified
+                if role.stack == stack and role.tower is None and role.stack_layer == deepest and len(info.shape) >= 2]
+    absent = [_at_block(name, deepest, index) for index in range(deepest + 1, claimed) for name in template]
+    return [name for name in absent if name], deepest + 1
+
+
+def _at_block(name: str, present: int, index: int) -> str | None:
+    """``name`` of block ``present`` as block ``index`` would call it (its block number, as a dotted segment)."""
+    parts = name.split(".")
+    at = [i for i, part in enumerate(parts) if part == str(present)]
+    if not at:
+        return None
+    parts[at[0]] = str(index)
+    return ".".join(parts)
 
 
 def not_analysed(classified: list[tuple[LogicalTensor, TensorRole]], include: str | None,
@@ -64,6 +84,10 @@ def depth_description(attrs: dict) -> str:
     """``6 layers``; with towers ``8 blocks (language_model 4, vision_tower 4: tower)``, so a reader never takes
     the checkpoint's block count for the language model's depth."""
     stacks = attrs.get("stack_depths") or []
+    claimed = attrs.get("config_num_layers")
+    if claimed:  # the config counts more blocks than the file holds
+        return f"{attrs.get('num_layers')} layers (the config counts {claimed}: blocks {attrs.get('num_layers')}–" \
+               f"{claimed - 1} are absent)"
     if len(stacks) < 2:
         return f"{attrs.get('num_layers')} layers"
     parts = ", ".join(f"{s['name']} {s['depth']}" + (": tower" if s.get("tower") else "") for s in stacks)

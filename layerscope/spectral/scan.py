@@ -26,7 +26,7 @@ from layerscope.spectral import distributed, esd, threads
 from layerscope.spectral.analysis import Matrix, analyse_batch
 from layerscope.spectral.cache import ScanCache
 from layerscope.spectral.columns import ALL_ESTIMATORS, layer_summary, scan_columns
-from layerscope.spectral.coverage import not_analysed, require_config_depth, wanted
+from layerscope.spectral.coverage import config_depth, not_analysed, wanted
 
 __all__ = ["ScanOptions", "layer_summary", "scan", "scan_checkpoint"]
 from layerscope.tables import integer_columns
@@ -125,14 +125,14 @@ def scan_checkpoint(ckpt: Checkpoint, opts: ScanOptions) -> pd.DataFrame:
     device = esd.resolve_device(distributed.rank_device(opts.device, distributed.current(opts.device)))
     dtype = esd.working_dtype(opts.precision, device)
     classified = [(t, scheme.classify(t.name, t.shape, t.analysable_dtype)) for t in logical]
-    require_config_depth(ckpt, classified)
+    absent_blocks, blocks_present = config_depth(ckpt, classified)
     missing = list(ckpt.missing)  # a GGUF file's, against the model its metadata builds
     if ckpt.files:  # a model in memory is its own architecture
-        missing += [name for name in check_shapes(ckpt.path, ckpt.config, classified, tree) if name not in missing]
+        missing = _once(missing, check_shapes(ckpt.path, ckpt.config, classified, tree), absent_blocks)
         if tree is None and no_tree == TABLE_VERIFIED and has_block_gaps(classified):
             built, _ = tree_for_checkpoint(ckpt.config, ckpt.path, force=True)  # let the architecture decide
             if built is not None:
-                missing += [name for name in tree_gaps(classified, built) if name not in missing]
+                missing = _once(missing, tree_gaps(classified, built))
     selected = [(info, role) for info, role in classified if wanted(info, role, opts.include, opts.exclude)]
     if not selected:
         raise LayerscopeError(f"{ckpt.path}: no weight matrix to analyse"
@@ -161,7 +161,9 @@ def scan_checkpoint(ckpt: Checkpoint, opts: ScanOptions) -> pd.DataFrame:
         not_analysed=not_analysed(classified, opts.include, opts.exclude),
         missing=missing,
         quantization=sorted({t.quantization for t in logical if t.quantization}),
-        num_layers=max(filter(None, (scheme.num_layers or ckpt.num_layers, _layers_seen(table))), default=None),
+        num_layers=blocks_present or max(filter(None, (scheme.num_layers or ckpt.num_layers, _layers_seen(table))),
+                                         default=None),
+        config_num_layers=scheme.num_layers or ckpt.num_layers if blocks_present else None,
         fingerprint=ckpt.fingerprint(),
         estimators=list(opts.estimators),
         device=str(device),
@@ -376,6 +378,18 @@ def _working_bytes(weight: torch.Tensor, dtype: torch.dtype) -> int:
     """What one matrix costs in a batch: its stored bytes plus its Gram and the eigensolver's copy."""
     m = min(weight.shape)
     return weight.numel() * weight.element_size() + 2 * m * m * torch.finfo(dtype).bits // 8
+
+
+def _once(missing: list[str], *more: list[str]) -> list[str]:
+    """``missing`` with ``more`` added, each weight once (a GGUF entry reads ``name (gguf name)``)."""
+    out = list(missing)
+    seen = {entry.split(" (", 1)[0] for entry in out}
+    for names in more:
+        for name in names:
+            if name.split(" (", 1)[0] not in seen:
+                seen.add(name.split(" (", 1)[0])
+                out.append(name)
+    return out
 
 
 def _layers_seen(table: pd.DataFrame) -> int | None:
