@@ -16,7 +16,7 @@ _LAZY = {
     "LoraSettings": "layerscope.planning", "Plan": "layerscope.planning", "plan": "layerscope.planning",
     "compare": "layerscope.spectral.compare", "compare_layers": "layerscope.spectral.compare",
     "layer_summary": "layerscope.spectral.scan", "scan": "layerscope.adapters",
-    "read_scan": "layerscope.tables", "write_scan": "layerscope.tables",
+    "read_scan": "layerscope.tables", "write_scan": "layerscope.tables", "summary": "layerscope.spectral.rank",
 }
 
 # Subpackages a user reaches as attributes (``layerscope.experiments.compare_plans(...)`` after a bare

@@ -26,6 +26,8 @@ from layerscope.outputs import check_writable, write_files
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
               help="Eigenvalue precision policy (docs/commands/scan.md).")
+@click.option("--tolerance", type=float, default=1e-6, show_default=True,
+              help="--estimators rank: weak_rank_loss counts the eigenvalues below it (WeightWatcher's default).")
 @click.option("--include", metavar="REGEX", help="Only tensors whose name matches.")
 @click.option("--exclude", metavar="REGEX", help="Skip tensors whose name matches.")
 @click.option("--split-fused", is_flag=True, help="Also report the parts of fused qkv / gate_up matrices.")
@@ -40,7 +42,7 @@ from layerscope.outputs import check_writable, write_files
 @click.option("--quiet", "-q", count=True, help="No progress bar, no summary; warnings about the data (missing "
               "weights, non-finite values, weights not analysed) stay on stderr.  Twice (-qq): those too are silenced.")
 def scan_command(path: Path, out: Path | None, estimators: tuple[str, ...], device: str, precision: str,
-                 include: str | None, exclude: str | None, split_fused: bool, architecture: str | None,
+                 tolerance: float, include: str | None, exclude: str | None, split_fused: bool, architecture: str | None,
                  revision: str | None, cache: Path | None, base: Path | None, threads: int | None,
                  quiet: int) -> None:
     """Per-matrix heavy-tailed spectral metrics of a safetensors checkpoint."""
@@ -60,7 +62,8 @@ def scan_command(path: Path, out: Path | None, estimators: tuple[str, ...], devi
     started = time.perf_counter()
     options = ScanOptions(estimators=estimators, device=device, precision=precision, include=include,
                           exclude=exclude, split_fused=split_fused, architecture=architecture,
-                          revision=revision, cache=cache, base=base, progress=not quiet, threads=threads)
+                          revision=revision, cache=cache, base=base, progress=not quiet, threads=threads,
+                          tolerance=tolerance)
     matrices = scan(path, **options.__dict__)
     if not writer:
         return  # rank 0 writes and reports the gathered table
@@ -104,6 +107,15 @@ def data_warnings(matrices) -> list[str]:
     return lines
 
 
+def _warning_counts(matrices) -> str:
+    """``; 2 over-trained, 1 under-trained`` (WeightWatcher's per-row verdicts), or nothing."""
+    if "warning" not in matrices.columns:
+        return ""
+    counts = matrices["warning"].value_counts()
+    shown = [f"{int(counts[verdict])} {verdict}" for verdict in ("over-trained", "under-trained") if verdict in counts]
+    return f"; {', '.join(shown)} (warning column)" if shown else ""
+
+
 def _print_summary(matrices, layers, seconds: float, written: list[Path]) -> None:
     from layerscope.spectral.columns import not_analysed
     from layerscope.spectral.coverage import depth_description
@@ -116,6 +128,12 @@ def _print_summary(matrices, layers, seconds: float, written: list[Path]) -> Non
     )
     for line in data_warnings(matrices):
         click.echo(line, err=True)
+    from layerscope.spectral.rank import summary
+
+    means = summary(matrices)
+    if means:
+        click.echo("model means: " + ", ".join(f"{name} {value:.3f}" for name, value in means.items())
+                   + _warning_counts(matrices))
     if attrs.get("towers"):
         click.echo(f"towers (own stacks, not planned unless --include-towers): {', '.join(attrs['towers'])}")
     for rank in attrs.get("ranks") or []:  # torchrun: is any rank's share much heavier than the others?

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from layerscope.spectral import esd, rmt
+from layerscope.spectral import esd, rank, rmt
 from layerscope.spectral.columns import MATRIX_ESTIMATORS
 from layerscope.spectral.estimators import ESTIMATORS, MIN_EVALS, TailFit
 from layerscope.spectral.metrics import norm_metrics
@@ -25,7 +25,7 @@ class Matrix:
 
 
 def analyse_batch(matrices: list[Matrix], device: torch.device, dtype: torch.dtype, estimators: tuple[str, ...],
-                  bar: tqdm) -> list[dict]:
+                  bar: tqdm, tolerance: float = rank.WEAK_RANK_TOLERANCE) -> list[dict]:
     """Rows for matrices of one shape: their Gram eigenvalues in one batched call, then each row's fits."""
     rows: list[dict] = []
     good = [m for m in matrices if min(m.weight.shape) >= MIN_EVALS]
@@ -43,13 +43,13 @@ def analyse_batch(matrices: list[Matrix], device: torch.device, dtype: torch.dty
         else:
             eigs, is_finite, exponent = next(eig_iter), next(finite_iter), next(exponent_iter)
             eigs, status = (eigs, "ok") if is_finite else (None, "nonfinite_weights")
-        rows.append(analyse_matrix(matrix, eigs, estimators, status, exponent))
+        rows.append(analyse_matrix(matrix, eigs, estimators, status, exponent, tolerance))
         bar.update(1)
     return rows
 
 
 def analyse_matrix(matrix: Matrix, eigs: torch.Tensor | None, estimators: tuple[str, ...], status: str,
-                    exponent: int = 0) -> dict:
+                    exponent: int = 0, tolerance: float = rank.WEAK_RANK_TOLERANCE) -> dict:
     """One table row; ``eigs × 2^exponent`` are the Gram eigenvalues (exponent ≠ 0 only for extreme weights)."""
     rows_, cols_ = matrix.weight.shape
     n_rows, m_cols = max(rows_, cols_), min(rows_, cols_)
@@ -81,8 +81,10 @@ def analyse_matrix(matrix: Matrix, eigs: torch.Tensor | None, estimators: tuple[
     row.update(fit_columns(fits))
     alpha = fits["alpha"].alpha if "alpha" in fits else math.nan
     row.update(norm_metrics(eigs64, n_rows, alpha))
+    if "alpha" in fits:
+        row["warning"] = rank.warning(alpha)
     notes = [f.note for f in fits.values() if f.note]
-    notes += _matrix_estimates(row, matrix, eigs64, estimators, extreme)
+    notes += _matrix_estimates(row, matrix, eigs64, estimators, extreme, tolerance)
     if extreme:
         _rescale_extreme(row, exponent, alpha)
         notes.append(EXTREME_NOTE)
@@ -91,8 +93,9 @@ def analyse_matrix(matrix: Matrix, eigs: torch.Tensor | None, estimators: tuple[
 
 
 def _matrix_estimates(row: dict, matrix: Matrix, eigs: np.ndarray, estimators: tuple[str, ...],
-                      extreme: bool) -> list[str]:
-    """FARMS, MP fit and randomized ESD columns (layerscope.spectral.rmt); returns notes."""
+                      extreme: bool, tolerance: float) -> list[str]:
+    """FARMS, MP fit and randomized ESD columns (layerscope.spectral.rmt), rank diagnostics
+    (layerscope.spectral.rank); returns notes."""
     wanted = [e for e in MATRIX_ESTIMATORS if e in estimators]
     if not wanted:
         return []
@@ -110,6 +113,8 @@ def _matrix_estimates(row: dict, matrix: Matrix, eigs: np.ndarray, estimators: t
         row.update(rmt.mp_fit(eigs, n_rows, m_cols))
     if "rand" in wanted:
         row.update(rmt.randomized_esd(matrix.weight, eigs, row["name"]))
+    if "rank" in wanted:
+        row.update(rank.rank_diagnostics(matrix.weight, tolerance))
     return notes
 
 

@@ -18,11 +18,12 @@ FIT_COLUMNS = {
     "alpha_farms": ["alpha_farms", "xmin_farms", "num_evals_farms"],
     "mp": ["num_spikes", "sigma_mp", "mp_softrank", "bulk_max"],
     "rand": ["rand_distance", "num_rand_spikes", "max_rand_eval"],
+    "rank": ["matrix_rank", "rank_loss", "weak_rank_loss", "sv_max", "sv_min"],
 }
 
 
 METRIC_COLUMNS = ["lambda_max", "log_norm", "log_spectral_norm", "alpha_weighted", "log_alpha_norm",
-                  "stable_rank", "entropy"]
+                  "stable_rank", "entropy", "warning"]
 
 
 SUMMARY_COLUMNS = ["alpha", "alpha_hill", "alpha_peak", "alpha_farms", "mp_softrank", "num_spikes", "rand_distance",
@@ -31,7 +32,7 @@ SUMMARY_COLUMNS = ["alpha", "alpha_hill", "alpha_peak", "alpha_farms", "mp_softr
 
 
 # Norm metrics built on WeightWatcher's alpha: only written when that estimator runs.
-ALPHA_NORM_COLUMNS = ("alpha_weighted", "log_alpha_norm")
+ALPHA_NORM_COLUMNS = ("alpha_weighted", "log_alpha_norm", "warning")
 
 
 def scan_columns(estimators: tuple[str, ...]) -> list[str]:

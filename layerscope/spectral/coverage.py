@@ -66,6 +66,18 @@ def _at_block(name: str, present: int, index: int) -> str | None:
     return ".".join(parts)
 
 
+def listed_once(missing: list[str], *more: list[str]) -> list[str]:
+    """``missing`` with ``more`` added, each weight once (a GGUF entry reads ``name (gguf name)``)."""
+    out = list(missing)
+    seen = {entry.split(" (", 1)[0] for entry in out}
+    for names in more:
+        for name in names:
+            if name.split(" (", 1)[0] not in seen:
+                seen.add(name.split(" (", 1)[0])
+                out.append(name)
+    return out
+
+
 def not_analysed(classified: list[tuple[LogicalTensor, TensorRole]], include: str | None,
                  exclude: str | None) -> list[dict]:
     """Every weight (a floating tensor of two or more dimensions) that has no row, with the reason: the scan

@@ -26,7 +26,8 @@ from layerscope.spectral import distributed, esd, threads
 from layerscope.spectral.analysis import Matrix, analyse_batch
 from layerscope.spectral.cache import ScanCache
 from layerscope.spectral.columns import ALL_ESTIMATORS, layer_summary, scan_columns
-from layerscope.spectral.coverage import config_depth, not_analysed, wanted
+from layerscope.spectral.coverage import config_depth, listed_once, not_analysed, wanted
+from layerscope.spectral.rank import WEAK_RANK_TOLERANCE
 
 __all__ = ["ScanOptions", "layer_summary", "scan", "scan_checkpoint"]
 from layerscope.tables import integer_columns
@@ -44,7 +45,8 @@ class ScanOptions:
     estimators: tuple[str, ...] = ("alpha", "alpha_hill", "alpha_peak")
     """Estimators per matrix: ``alpha`` (WeightWatcher's KS-chosen power-law fit), ``alpha_hill`` (PL_Alpha_Hill,
     AlphaLoRA's layer quality), ``alpha_peak``, and those that need the matrix itself: ``alpha_farms``, ``mp``
-    (the Marchenko–Pastur fit) and ``rand`` (the randomized ESD)."""
+    (the Marchenko–Pastur fit), ``rand`` (the randomized ESD) and ``rank`` (matrix_rank, rank_loss, weak_rank_loss,
+    sv_max, sv_min from an SVD)."""
     device: str = "auto"
     """``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
     precision: str = "auto"
@@ -72,9 +74,13 @@ class ScanOptions:
     """Name modules as the model transformers builds has them (when it can build it)."""
     threads: int | None = None
     """CPU threads (default: ``$LAYERSCOPE_THREADS``, else this process's share of the cores)."""
+    tolerance: float = WEAK_RANK_TOLERANCE
+    """The ``rank`` estimator: ``weak_rank_loss`` counts the eigenvalues σ² below it (WeightWatcher's default)."""
 
     def validate(self) -> None:
         esd.check_precision(self.precision)
+        if not (self.tolerance > 0 and math.isfinite(self.tolerance)):
+            raise LayerscopeError(f"--tolerance {self.tolerance}: must be a finite number > 0")
         unknown = [e for e in self.estimators if e not in ALL_ESTIMATORS]
         if unknown or not self.estimators:
             raise LayerscopeError(f"--estimators: unknown {', '.join(unknown)} (known: {', '.join(ALL_ESTIMATORS)})"
@@ -128,11 +134,11 @@ def scan_checkpoint(ckpt: Checkpoint, opts: ScanOptions) -> pd.DataFrame:
     absent_blocks, blocks_present = config_depth(ckpt, classified)
     missing = list(ckpt.missing)  # a GGUF file's, against the model its metadata builds
     if ckpt.files:  # a model in memory is its own architecture
-        missing = _once(missing, check_shapes(ckpt.path, ckpt.config, classified, tree), absent_blocks)
+        missing = listed_once(missing, check_shapes(ckpt.path, ckpt.config, classified, tree), absent_blocks)
         if tree is None and no_tree == TABLE_VERIFIED and has_block_gaps(classified):
             built, _ = tree_for_checkpoint(ckpt.config, ckpt.path, force=True)  # let the architecture decide
             if built is not None:
-                missing = _once(missing, tree_gaps(classified, built))
+                missing = listed_once(missing, tree_gaps(classified, built))
     selected = [(info, role) for info, role in classified if wanted(info, role, opts.include, opts.exclude)]
     if not selected:
         raise LayerscopeError(f"{ckpt.path}: no weight matrix to analyse"
@@ -213,7 +219,8 @@ class _RankWork:
         analyser = None
         try:
             with tqdm(total=total, unit="matrix", desc="scan", disable=(not show) or None) as bar:
-                analyser = _Analyser(device, dtype, opts.estimators, bar, progress, threads.cores(opts.threads))
+                analyser = _Analyser(device, dtype, opts.estimators, bar, progress, threads.cores(opts.threads),
+                                     opts.tolerance)
                 to_compute = []
                 for index in self.mine:
                     info, role = self.selected[index]
@@ -259,8 +266,9 @@ class _Analyser:
     Rows are collected here, in submission order, so the cache and the table see one writer."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype, estimators: tuple[str, ...], bar: tqdm,
-                 progress: _Progress, total_threads: int):
+                 progress: _Progress, total_threads: int, tolerance: float = WEAK_RANK_TOLERANCE):
         self.device, self.dtype, self.estimators, self.bar, self.progress = device, dtype, estimators, bar, progress
+        self.tolerance = tolerance
         self.total = total_threads
         parallel = device.type == "cpu" and total_threads > 1
         self.pool = ThreadPoolExecutor(total_threads, thread_name_prefix="layerscope-esd") if parallel else None
@@ -273,13 +281,14 @@ class _Analyser:
             self.drain()
             count = plan.intra_op if self.device.type == "cpu" else torch.get_num_threads()
             with threads.compute_threads(count):
-                self.progress.collect(items, analyse_batch(items, self.device, self.dtype, self.estimators, self.bar))
+                self.progress.collect(items, analyse_batch(items, self.device, self.dtype, self.estimators, self.bar,
+                                                           self.tolerance))
             return
         if self.single is None:
             self.single = threads.compute_threads(1)
             self.single.__enter__()
         self.inflight.append((items, self.pool.submit(analyse_batch, items, self.device, self.dtype,
-                                                      self.estimators, self.bar)))
+                                                      self.estimators, self.bar, self.tolerance)))
         while len(self.inflight) > plan.workers:  # bounded: about one batch per worker in memory
             self._collect_oldest()
 
@@ -355,7 +364,8 @@ class _Progress:
 
 def _cache_settings(opts: ScanOptions, device: torch.device, dtype: torch.dtype) -> dict:
     return {"estimators": list(opts.estimators), "precision": opts.precision, "dtype": str(dtype),
-            "device": device.type, "split_fused": opts.split_fused}
+            "device": device.type, "split_fused": opts.split_fused,
+            **({"tolerance": opts.tolerance} if "rank" in opts.estimators else {})}
 
 
 def _prefetched(ckpt: Checkpoint, selected: list[tuple[LogicalTensor, TensorRole]]
@@ -378,18 +388,6 @@ def _working_bytes(weight: torch.Tensor, dtype: torch.dtype) -> int:
     """What one matrix costs in a batch: its stored bytes plus its Gram and the eigensolver's copy."""
     m = min(weight.shape)
     return weight.numel() * weight.element_size() + 2 * m * m * torch.finfo(dtype).bits // 8
-
-
-def _once(missing: list[str], *more: list[str]) -> list[str]:
-    """``missing`` with ``more`` added, each weight once (a GGUF entry reads ``name (gguf name)``)."""
-    out = list(missing)
-    seen = {entry.split(" (", 1)[0] for entry in out}
-    for names in more:
-        for name in names:
-            if name.split(" (", 1)[0] not in seen:
-                seen.add(name.split(" (", 1)[0])
-                out.append(name)
-    return out
 
 
 def _layers_seen(table: pd.DataFrame) -> int | None:
