@@ -17,6 +17,7 @@ _LAZY = {
     "compare": "layerscope.spectral.compare", "compare_layers": "layerscope.spectral.compare",
     "layer_summary": "layerscope.spectral.scan", "scan": "layerscope.adapters",
     "read_scan": "layerscope.tables", "write_scan": "layerscope.tables", "summary": "layerscope.spectral.rank",
+    "esd": "layerscope.spectral.single",
 }
 
 # Subpackages a user reaches as attributes (``layerscope.experiments.compare_plans(...)`` after a bare

@@ -89,3 +89,48 @@ def test_the_tolerance_sets_the_weak_rank_count(minilm_pair):
     assert loose["weak_rank_loss"].sum() > ours["weak_rank_loss"].sum()
     with pytest.raises(layerscope.LayerscopeError, match="--tolerance"):
         layerscope.scan(minilm.get_model_path(), estimators=("rank",), tolerance=0.0, progress=False)
+
+
+def test_a_state_dict_in_memory_gives_the_rows_of_the_file_and_weightwatchers_alpha():
+    path = minilm.get_model_path()
+    state = transformers.AutoModel.from_pretrained(path, local_files_only=True).state_dict()
+    ours = layerscope.scan(state, progress=False)
+    from_file = layerscope.scan(path, progress=False)
+    assert sorted(ours["name"]) == sorted(from_file["name"]) and ours.attrs["naming"] == "bert"
+    by_name = from_file.set_index("name").loc[ours["name"]]
+    np.testing.assert_allclose(ours["alpha"], by_name["alpha"], rtol=1e-12)
+    assert list(ours["layer"].astype(float).fillna(-1)) == list(by_name["layer"].astype(float).fillna(-1))
+    nested = layerscope.scan({"state_dict": {k: v.numpy() for k, v in state.items()}}, progress=False)
+    np.testing.assert_allclose(nested["alpha"], ours["alpha"], rtol=1e-12)  # WeightWatcher's nested form, arrays
+    details, _ = _analyze(state)
+    joined = _joined(ours, details)
+    np.testing.assert_allclose(joined["alpha"], joined["alpha_ww"], rtol=1e-9)
+    with pytest.raises(layerscope.LayerscopeError, match="holds no tensor"):
+        layerscope.scan({"step": 3}, progress=False)
+
+
+def test_one_matrix_esd_equals_weightwatchers_and_plots_from_a_name_a_row_or_the_matrix():
+    path = minilm.get_model_path()
+    model = transformers.AutoModel.from_pretrained(path, local_files_only=True)
+    logging.getLogger("weightwatcher").setLevel(logging.ERROR)
+    watcher = weightwatcher.WeightWatcher(model=model)
+    details, _ = _analyze(model)
+    layer_id = int(details.loc["encoder.layer.0.attention.self.query", "layer_id"])
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        theirs = np.sort(watcher.get_ESD(layer=layer_id))
+    name = "encoder.layer.0.attention.self.query.weight"
+    ours = layerscope.esd(path, name)
+    assert len(ours) == len(theirs) == 384
+    np.testing.assert_allclose(ours, theirs, rtol=1e-9, atol=1e-12 * theirs.max())
+    weight = model.encoder.layer[0].attention.self.query.weight
+    np.testing.assert_allclose(layerscope.esd(weight), ours, rtol=1e-12)
+    shuffled = layerscope.esd(path, name, randomize=True)
+    assert np.allclose(shuffled, layerscope.esd(path, name, randomize=True))  # seeded
+    assert shuffled.sum() == pytest.approx(ours.sum(), rel=1e-9) and shuffled.max() < ours.max()  # same Frobenius norm
+    from layerscope.viz import plot_esd
+
+    table = layerscope.scan(path, progress=False)
+    for figure in (plot_esd(weight.detach()), plot_esd(name, model=path), plot_esd(table.iloc[3], model=path)):
+        assert len(figure.axes) == 4
+    with pytest.raises(layerscope.LayerscopeError, match="needs model="):
+        plot_esd(name)

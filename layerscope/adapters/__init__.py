@@ -7,6 +7,8 @@ plan: reading one needs both.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -22,14 +24,22 @@ __all__ = ["merge", "scan", "scan_adapter"]
 
 
 def scan(path, **options) -> pd.DataFrame:
-    """Per-matrix spectral metrics of a checkpoint (folder, file, GGUF), an adapter folder's updates, or a model
-    in memory (``torch.nn.Module``: transformers, PEFT-wrapped, plain torch; see layerscope.adapters.memory).
+    """Per-matrix spectral metrics of a checkpoint (folder, file, GGUF), an adapter folder's updates, a model
+    in memory (``torch.nn.Module``: transformers, PEFT-wrapped, plain torch; see layerscope.adapters.memory), or a
+    state dict (a mapping of names to tensors or arrays, as WeightWatcher takes one).
 
     Keyword options are the fields of :class:`layerscope.spectral.ScanOptions`; ``base`` (adapters
     only) also analyses W + ΔW of that base model.  Model facts are in ``df.attrs``.
     """
     opts = ScanOptions(**options)
     opts.validate()  # option errors before any file is opened
+    if isinstance(path, Mapping):  # a state dict, as WeightWatcher takes one
+        from layerscope.checkpoint.memory import checkpoint_of_state_dict
+        from layerscope.spectral.scan import scan_checkpoint
+
+        if opts.base is not None:
+            raise LayerscopeError("base= applies to adapter folders, not to a state dict")
+        return scan_checkpoint(checkpoint_of_state_dict(path), replace(opts, live_names=False))
     if not isinstance(path, (str, Path)):
         import torch
 

@@ -6,11 +6,15 @@ the model itself — nothing is built on the meta device.  A parameter shared by
 head) is one tensor under its first name, as ``save_pretrained`` stores it once.  Quantized modules go
 through the same recognition as stored checkpoints: bitsandbytes int8 layers (their state dict holds the
 int8 ``weight`` and ``SCB``) are dequantized exactly; any other integer or packed weight is refused by name.
+
+A state dict (a mapping of names to tensors or NumPy arrays, as WeightWatcher takes it; one nested under a
+``state_dict`` key is unwrapped) is a checkpoint too: its names, an optional config, and no module tree, so
+layers and roles come from the names alone, as for a file without its model class.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 
@@ -53,6 +57,40 @@ def checkpoint_of_module(model: torch.nn.Module, label: str | None = None,
     if rename is not None:  # the tree speaks the scanned names too: wrapped Linears under their own names
         checkpoint.tree = renamed_tree(checkpoint.tree, rename)
     return checkpoint
+
+
+def checkpoint_of_state_dict(state: Mapping, label: str | None = None, config: dict | None = None) -> Checkpoint:
+    """The checkpoint view of a state dict (see the module docstring)."""
+    if "state_dict" in state and isinstance(state["state_dict"], Mapping):
+        state = state["state_dict"]
+    tensors: dict[str, TensorInfo] = {}
+    for name, value in state.items():
+        if not isinstance(name, str):
+            raise LayerscopeError(f"state dict key {name!r}: expected a tensor name (str)")
+        tensor = _as_tensor(name, value)
+        if tensor is None:
+            continue
+        dtype = SAFETENSORS_DTYPE.get(tensor.dtype)
+        if dtype is None:
+            raise LayerscopeError(f"{name}: dtype {tensor.dtype} is not one layerscope reads")
+        tensors[name] = TensorInfo(name=name, file=MEMORY_FILE, dtype=dtype, shape=tuple(tensor.shape), begin=0,
+                                   end=0, container="memory", value=tensor)
+    if not tensors:
+        raise LayerscopeError("the state dict holds no tensor")
+    return Checkpoint(path=Path(label or "<state dict in memory>"), files=[], tensors=tensors, config=dict(config or {}))
+
+
+def _as_tensor(name: str, value) -> torch.Tensor | None:
+    """A tensor (NumPy arrays become tensors; optimizer steps and other scalars that are not tensors are skipped)."""
+    if isinstance(value, torch.Tensor):
+        if value.device.type == "meta":
+            raise LayerscopeError(f"{name}: on the meta device (no values); load the weights first")
+        return value.detach()
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy ships with torch
+        return None
+    return torch.from_numpy(np.ascontiguousarray(value)) if isinstance(value, np.ndarray) else None
 
 
 def renamed_tree(tree: ModelTree, rename: Callable[[str], str | None]) -> ModelTree:

@@ -52,13 +52,31 @@ def powerlaw_pdf_line(alpha: float, xmin: float, xmax: float, tail_share: float,
     return x, tail_share * (alpha - 1) / xmin * (x / xmin) ** (-alpha)
 
 
-def plot_esd(eigs: torch.Tensor | np.ndarray, name: str = "") -> Figure:
-    """WeightWatcher-style diagnostics for one matrix's eigenvalues.
+def plot_esd(eigs, name: str = "", model=None) -> Figure:
+    """WeightWatcher-style diagnostics for one matrix, as a matplotlib Figure (shown inline in a notebook).
 
-    Panels: log-log ESD (log-spaced bins, density) with the fitted power law drawn from xmin
+    ``eigs``: its eigenvalues (1-D), the matrix itself (2-D tensor or array), a scan table row, or the matrix's
+    name with ``model`` (a checkpoint path, a model in memory or a state dict), e.g.
+    ``plot_esd("encoder.layer.0.attention.self.query.weight", model=path)`` or ``plot_esd(table.iloc[3],
+    model=path)``.  Panels: log-log ESD (log-spaced bins, density) with the fitted power law drawn from xmin
     and markers at xmin and the Hill xmin; lin-lin ESD; D vs xmin; alpha vs xmin.
     """
+    from layerscope.spectral.single import esd
+
+    if isinstance(eigs, pd.Series):  # a scan table row
+        name = name or str(eigs["name"])
+        eigs = esd(model, str(eigs["name"])) if model is not None else None
+        if eigs is None:
+            raise LayerscopeError(f"plot_esd: a table row needs model= (the checkpoint or model of {name})")
+    elif isinstance(eigs, str):
+        if model is None:
+            raise LayerscopeError(f"plot_esd({eigs!r}): a matrix name needs model= (a checkpoint path or a model)")
+        name, eigs = name or eigs, esd(model, eigs)
+    elif getattr(eigs, "ndim", 1) == 2:
+        eigs = esd(eigs)
     e = np.sort(as_eigenvalues(eigs))
+    if e.ndim != 1 or not (e > 0).any():
+        raise LayerscopeError(f"plot_esd{f' {name}' if name else ''}: no positive eigenvalue to draw")
     fit, hill = alpha_ww(e), alpha_hill(e)
     positive = e[e > 0]
     fig, axes = plt.subplots(2, 2, figsize=(10, 7.5))
