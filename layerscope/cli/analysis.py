@@ -222,6 +222,10 @@ def plot_command(scan_file: Path, layer: tuple[int, ...], matrix: str | None, mo
         return
     figures = {out / "alphas_by_layer.png": plots.plot_alphas_by_layer(table),
                out / "norms_by_layer.png": plots.plot_norms_by_layer(table)}
+    from layerscope.viz.experts import has_experts, plot_expert_heatmap
+
+    if has_experts(table):
+        figures[out / "experts_alpha.png"] = plot_expert_heatmap(table)
     chosen = table[table["status"] == "ok"]
     if layer or matrix:
         mask = chosen["layer"].isin(layer) if layer else False

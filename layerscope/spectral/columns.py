@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pandas as pd
 
 from layerscope import names
@@ -60,6 +62,9 @@ def layer_summary(table: pd.DataFrame) -> pd.DataFrame:
     per-layer ``metric``) averages only the modules the plan adapts (its target roles), so on a mixture-of-experts
     model, whose expert matrices are not planned, the two differ.  Failed matrices (NaN metrics) are left out of the means and counted in ``num_failed``.
     An adapter scan with its base (ΔW and W + ΔW rows) gets one row per kind and layer, with a ``kind`` column.
+    A mixture-of-experts layer also gets the spread of alpha over its experts' matrices (``expert_alpha_min``,
+    ``_q1``, ``_median``, ``_q3``, ``_max``, and ``expert_alpha_outliers`` by Tukey's fences); per projection,
+    and for log_norm too, see :func:`expert_spread`.
     """
     targets = table[table["kind"].isin(TARGET_KINDS | ADAPTER_KINDS) & table["layer"].notna()]
     present = [c for c in SUMMARY_COLUMNS if c in targets.columns]
@@ -76,8 +81,55 @@ def layer_summary(table: pd.DataFrame) -> pd.DataFrame:
     summary.insert(3, "num_matrices", grouped.size())
     summary.insert(4, "num_failed", grouped["status"].apply(lambda s: int((s != "ok").sum())))
     summary = summary.reset_index()
+    if not apart and "alpha" in targets.columns and (targets["kind"] == "expert").any():
+        summary = summary.merge(_expert_columns(targets), on="layer", how="left")
     summary.attrs.update(table.attrs)
     return summary
+
+
+EXPERT_SPREAD_METRICS = ("alpha", "log_norm")
+TUKEY = 1.5  # an outlier lies beyond 1.5 interquartile ranges from the quartiles
+
+
+def expert_spread(table: pd.DataFrame) -> pd.DataFrame:
+    """For every MoE layer and projection (``gate``, ``up``, ``down`` …): how its experts spread — the number of
+    experts, then per metric (alpha, log_norm) the min, quartiles, median and max, and the experts outside
+    Tukey's fences (q1 − 1.5·IQR, q3 + 1.5·IQR) as a count and, for alpha, by name."""
+    experts = table[(table["kind"] == "expert") & table["layer"].notna()]
+    rows = []
+    projection = experts["role"].astype(str).str.replace(r"^expert\.\d+\.", "", regex=True)
+    for (layer, role), group in experts.groupby([experts["layer"].astype(int), projection], sort=True):
+        row: dict = {"layer": layer, "role": role, "experts": len(group)}
+        for metric in (m for m in EXPERT_SPREAD_METRICS if m in group.columns):
+            stats, outliers = _spread(group, metric)
+            row.update({f"{metric}_{key}": value for key, value in stats.items()})
+            row[f"{metric}_outliers"] = len(outliers)
+            if metric == "alpha":
+                row["outlier_experts"] = list(outliers)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _spread(group: pd.DataFrame, metric: str) -> tuple[dict, list[str]]:
+    values = group[metric].astype(float)
+    finite = values.dropna()
+    if finite.empty:
+        return {k: math.nan for k in ("min", "q1", "median", "q3", "max")}, []
+    q1, median, q3 = (float(v) for v in finite.quantile([0.25, 0.5, 0.75]))
+    low, high = q1 - TUKEY * (q3 - q1), q3 + TUKEY * (q3 - q1)
+    outside = group.loc[(values < low) | (values > high), "name"]
+    return {"min": float(finite.min()), "q1": q1, "median": median, "q3": q3, "max": float(finite.max())}, list(outside)
+
+
+def _expert_columns(targets: pd.DataFrame) -> pd.DataFrame:
+    """Per MoE layer, the spread of alpha over all its expert matrices (every projection together)."""
+    experts = targets[targets["kind"] == "expert"]
+    rows = []
+    for layer, group in experts.groupby(experts["layer"].astype(int)):
+        stats, outliers = _spread(group, "alpha")
+        rows.append({"layer": layer, **{f"expert_alpha_{k}": v for k, v in stats.items()},
+                     "expert_alpha_outliers": len(outliers)})
+    return pd.DataFrame(rows)
 
 
 # Estimators that need the matrix itself (layerscope.spectral.rmt), not only its eigenvalues.

@@ -19,6 +19,7 @@ from layerscope.outputs import write_files
 from layerscope.planning.explain import explain_table
 from layerscope.spectral.esd import gram_eigenvalues
 from layerscope.spectral.coverage import depth_description
+from layerscope.viz.experts import has_experts, outlier_html, plot_expert_heatmap
 from layerscope.spectral.scan import layer_summary
 from layerscope.viz import plots
 
@@ -137,6 +138,12 @@ def _write(table: pd.DataFrame, files: _ReportFiles, *, title: str | None, sourc
                     "<img src='img/alphas_by_layer.png' alt='alphas by layer'>"
                     "<img src='img/norms_by_layer.png' alt='norm metrics by layer'>"
                     + _table_html(layers))
+
+    if has_experts(table):
+        files.figure(plot_expert_heatmap(table), "experts_alpha")
+        sections.append("<h2>Experts</h2><p>Each cell is one expert of one layer: its α, the mean over its "
+                        "projections.  An expert that stands out from its siblings is listed below.</p>"
+                        "<img src='img/experts_alpha.png' alt='alpha per layer and expert'>" + outlier_html(table))
 
     if esd_names:
         figures = []
