@@ -239,7 +239,7 @@ def test_counts_agree_with_their_nouns_and_refusals_list_the_choices(model):
     plan = layerscope.plan(model, "uniform", rank=4, reference_experts=1, progress=False)
     assert "1 experts" not in explain_text(plan) and "uniform 1 expert " in explain_text(plan)
     settings = PlanSettings(target_roles=None, expert_type="lora", options={}, budget_params=None, tolerance=0.1)
-    for plans, needle in ((["uniform"], "name strategies (alphalora, mola, hilo, adaptive-lora, sensitivity, adalora)"),
+    for plans, needle in ((["uniform"], "name strategies (alphalora, mola, hilo, adaptive-lora, sensitivity, value:FILE, adalora)"),
                           (["foo"], "--plans foo: neither a strategy (alphalora, mola, hilo, adaptive-lora")):
         with pytest.raises(LayerscopeError, match=re.escape(needle)):
             build_arms(str(model), plans, settings)

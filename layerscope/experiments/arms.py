@@ -77,7 +77,8 @@ class PlanSettings:
     peft_rank_arms: bool = False  # one-expert plans train through PEFT (set where an adalora arm is asked for)
 
 
-_COMPARED = ", ".join([*(name for name in STRATEGIES if name != "uniform"), ADALORA])
+_COMPARED = ", ".join([*(name if name != "value" else "value:FILE" for name in STRATEGIES if name != "uniform"),
+                       ADALORA])
 
 
 def build_arms(model: str, items: list[str | Path], settings: PlanSettings, progress: bool = False) -> list[Arm]:
