@@ -39,11 +39,17 @@ def model_path():
     return minilm.get_model_path()
 
 
-def test_a_loaded_transformers_model_scans_like_its_checkpoint(model_path):
+def test_a_loaded_transformers_model_scans_like_its_checkpoint(model_path, tmp_path):
     model = transformers.AutoModel.from_pretrained(model_path)
     ours = layerscope.scan(model, progress=False)
     reference = layerscope.scan(model_path, progress=False)
     _same_rows(ours, reference)
+    assert list(ours["name"]) == list(reference["name"])  # in the same order, so a report picks the same matrices
+    from layerscope.viz import build_report
+
+    page = build_report(ours, tmp_path / "memory", model=model).read_text()
+    assert page.count("img/esd_") == build_report(reference, tmp_path / "file").read_text().count("img/esd_") > 0
+    assert "Not drawn: this table was scanned from a model in memory" in build_report(ours, tmp_path / "no").read_text()
     # (the fingerprints differ: this old checkpoint also stores the position_ids buffer, which the live model
     # no longer persists)
     assert ours.attrs["num_layers"] == 6 and ours.attrs["live_names"]

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from layerscope.checkpoint.modeltree import ModelTree, tree_of_model
-from layerscope.checkpoint.reader import SAFETENSORS_DTYPE, Checkpoint, TensorInfo
+from layerscope.checkpoint.reader import SAFETENSORS_DTYPE, Checkpoint, TensorInfo, natural_key
 from layerscope.errors import LayerscopeError
 
 MEMORY_FILE = Path("<memory>")
@@ -51,8 +51,8 @@ def checkpoint_of_module(model: torch.nn.Module, label: str | None = None,
         tensors[name] = TensorInfo(name=name, file=MEMORY_FILE, dtype=dtype, shape=tuple(tensor.shape), begin=0,
                                    end=0, container="memory", value=tensor)
     config = _config_of(model)
-    checkpoint = Checkpoint(path=Path(label or f"<{type(model).__name__} in memory>"), files=[], tensors=tensors,
-                            config=config)
+    checkpoint = Checkpoint(path=Path(label or f"<{type(model).__name__} in memory>"), files=[],
+                            tensors=_in_file_order(tensors), config=config)
     checkpoint.tree = tree_of_model(model)
     if rename is not None:  # the tree speaks the scanned names too: wrapped Linears under their own names
         checkpoint.tree = renamed_tree(checkpoint.tree, rename)
@@ -77,7 +77,14 @@ def checkpoint_of_state_dict(state: Mapping, label: str | None = None, config: d
                                    end=0, container="memory", value=tensor)
     if not tensors:
         raise LayerscopeError("the state dict holds no tensor")
-    return Checkpoint(path=Path(label or "<state dict in memory>"), files=[], tensors=tensors, config=dict(config or {}))
+    return Checkpoint(path=Path(label or "<state dict in memory>"), files=[], tensors=_in_file_order(tensors),
+                      config=dict(config or {}))
+
+
+def _in_file_order(tensors: dict[str, TensorInfo]) -> dict[str, TensorInfo]:
+    """Tensors in the order a checkpoint's are read (natural name order), so a model in memory gives the rows of
+    its saved folder in the same order (and a report picks the same matrices)."""
+    return {name: tensors[name] for name in sorted(tensors, key=natural_key)}
 
 
 def _as_tensor(name: str, value) -> torch.Tensor | None:

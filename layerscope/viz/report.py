@@ -12,7 +12,6 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from layerscope.checkpoint.reader import open_checkpoint
 from layerscope.errors import LayerscopeError
 from layerscope.export import export_plan
 from layerscope.outputs import write_files
@@ -83,31 +82,40 @@ def _esd_choices(table: pd.DataFrame) -> list[str]:
     return unique[:MAX_ESD_PLOTS]
 
 
-def esd_eigenvalues(model_path: str | Path, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, Gram eigenvalues in float64) of the named matrices, read from the checkpoint again, one at a time."""
-    ckpt = open_checkpoint(model_path)
+def esd_eigenvalues(source, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, Gram eigenvalues in float64) of the named matrices of ``source`` (a checkpoint path, a model in
+    memory or a state dict), read one at a time."""
+    from layerscope.spectral.single import named_matrix
+
     for name in names:
-        tensor_name, _, index = name.partition("[")
-        weight = ckpt.load(tensor_name.split(":")[0])
-        if index:
-            weight = weight.reshape(-1, *weight.shape[-2:])[int(index.rstrip("]"))]
+        weight = named_matrix(source, name.split(":")[0] if "[" not in name else name)
         yield name, gram_eigenvalues(weight[None], torch.float64)[0][0]
+
+
+def _in_memory(source) -> bool:
+    from collections.abc import Mapping
+
+    return isinstance(source, (torch.nn.Module, Mapping))
 
 
 def build_report(table: pd.DataFrame, out: str | Path, *, model_path: str | Path | None = None,
                  activations: pd.DataFrame | None = None, plans: dict | None = None,
                  comparison: pd.DataFrame | None = None, title: str | None = None,
-                 plan_comparison: dict | None = None, progress: bool = False) -> Path:
+                 plan_comparison: dict | None = None, progress: bool = False, model=None) -> Path:
     """Write ``index.html`` with its PNGs and CSVs into ``out``; returns the index path.
 
-    ``plan_comparison``: a ``layerscope.plan-comparison/2`` document (``compare-plans``) to show.  ``progress``: a
-    bar on stderr over the figures, each counted when drawn and when written."""
+    The ESD section reads its matrices from ``model`` (a model in memory or a state dict), else ``model_path``,
+    else the path the scan recorded; a table scanned from a model in memory draws them from ``model=`` only, and
+    says so when it is not given.  ``plan_comparison``: a ``layerscope.plan-comparison/2`` document
+    (``compare-plans``) to show.  ``progress``: a bar on stderr over the figures, each counted when drawn and when
+    written."""
     out = Path(out)
     plans = plans or {}
     attrs = table.attrs
     title = title or default_title(table, model_path)
-    source = model_path or attrs.get("path")
-    esd_names = _esd_choices(table) if source and Path(str(source)).exists() else []
+    source = model if model is not None else model_path or attrs.get("path")
+    readable = source is not None and (_in_memory(source) or Path(str(source)).exists())
+    esd_names = _esd_choices(table) if readable else []
     figures = (2 + len(esd_names) + (activations is not None) + (comparison is not None) + bool(plans)
                + (plan_comparison is not None) * (1 + bool((plan_comparison or {}).get("budgets"))))
     with tqdm(total=2 * figures, unit="step", desc="report", disable=(not progress) or None) as bar:
@@ -145,6 +153,12 @@ def _write(table: pd.DataFrame, files: _ReportFiles, *, title: str | None, sourc
                         "projections.  An expert that stands out from its siblings is listed below.</p>"
                         "<img src='img/experts_alpha.png' alt='alpha per layer and expert'>" + outlier_html(table))
 
+    if not esd_names:
+        why = ("this table was scanned from a model in memory: pass it as build_report(..., model=MODEL) to draw "
+               "them" if str(source or "").startswith("<") else
+               f"the matrices cannot be read again ({html.escape(str(source))} is not there); pass model_path= or "
+               "model=")
+        sections.append(f"<h2>Empirical spectral densities</h2><p class='muted'>Not drawn: {why}.</p>")
     if esd_names:
         figures = []
         for name, eigs in esd_eigenvalues(source, esd_names):
