@@ -225,10 +225,10 @@ def test_weights_held_as_bare_parameters_get_the_kind_of_what_they_are(tmp_path)
     experts = model.config.num_local_experts
     for j in range(experts):
         assert table.loc[f"model.layers.0.mlp.input_linear.weight[{j}]", ["kind", "role"]].tolist() == [
-            "expert", f"expert.{j}.gate_up"]
-        assert table.loc[f"model.layers.0.mlp.output_linear.weight[{j}]", "role"] == f"expert.{j}.down"
-        assert table.loc[f"model.layers.0.self_attention.experts.input_linear.weight[{j}]", "role"] == f"expert.{j}.q"
-        assert table.loc[f"model.layers.0.self_attention.experts.output_linear.weight[{j}]", "role"] == f"expert.{j}.o"
+            "expert", "gate_up"]
+        assert table.loc[f"model.layers.0.mlp.output_linear.weight[{j}]", "role"] == "down"
+        assert table.loc[f"model.layers.0.self_attention.experts.input_linear.weight[{j}]", "role"] == "q"
+        assert table.loc[f"model.layers.0.self_attention.experts.output_linear.weight[{j}]", "role"] == "o"
     assert "param" not in set(table["kind"])
 
 

@@ -51,7 +51,7 @@ LAYOUTS = {
               "mlp.gate_up_proj": ((2 * F, H), "gate_up"), "mlp.down_proj": ((H, F), "down")}, {}),
     "mixtral": ({"model_type": "mixtral"}, "model.layers",
                 {"self_attn.q_proj": ((H, H), "q"), "block_sparse_moe.gate": ((4, H), "router"),
-                 **{f"block_sparse_moe.experts.{j}.w{w}": (((F, H) if w != 2 else (H, F)), f"expert.{j}.{role}")
+                 **{f"block_sparse_moe.experts.{j}.w{w}": (((F, H) if w != 2 else (H, F)), role)
                     for j in range(4) for w, role in ((1, "gate"), (2, "down"), (3, "up"))}}, {}),
 }
 
@@ -159,7 +159,7 @@ def test_mixtral_stacked_3d_experts_are_split_per_expert(tmp_path):
     experts_rows = table[table.kind == "expert"].set_index("name")
     assert len(experts_rows) == 2 * experts
     row = experts_rows.loc["model.layers.0.mlp.experts.gate_up_proj[2]"]
-    assert (row.role, row.expert, row.layer, row["shape"]) == ("expert.2.gate_up", 2, 0, f"{2 * F}x{H}")
+    assert (row.role, row.expert, row.layer, row["shape"]) == ("gate_up", 2, 0, f"{2 * F}x{H}")
     eigs = torch.linalg.eigvalsh(gate_up[2].double().T @ gate_up[2].double())
     assert row.lambda_max == pytest.approx(float(eigs[-1]), rel=1e-9)
     router = table.set_index("name").loc["model.layers.0.mlp.gate.weight"]

@@ -20,7 +20,8 @@ module path inside a block plays which role.
 Roles: q k v o | qkv (fused) | kv (fused k|v) | q_a q_b kv_a kv_b (MLA low-rank projections) |
 cross_q cross_k cross_v cross_o (encoder-decoder attention) | gate up down | gate_up (fused) |
 shared_gate shared_up shared_down (always-on shared expert) | router | shared_router.
-A role inside ``{expert}`` becomes ``expert.{j}.{role}`` with kind ``expert``.
+A role inside ``{expert}`` keeps its projection name (``gate``, ``up``, ``down``) with kind ``expert``; the expert's
+index is the ``expert`` column.
 """
 
 from __future__ import annotations

@@ -211,7 +211,7 @@ class NamingScheme:
         if stacked or (len(shape) >= 3 and expert is None):
             return TensorRole(name, "expert_stack", role=role, conv1d=conv1d, **place)
         if expert is not None:
-            return TensorRole(name, "expert", role=f"expert.{expert}.{role}", expert=expert, conv1d=conv1d, **place)
+            return TensorRole(name, "expert", role=role, expert=expert, conv1d=conv1d, **place)
         if module in self.tree.grouped:  # DeepSeek V4's o_a_proj: a projection applied per head group
             return TensorRole(name, "grouped", role=role, **place)
         if not linear:  # a weight of no Linear layer (an SSM's A_log, a scale matrix): never an adapter target
@@ -269,7 +269,7 @@ class NamingScheme:
         elif rule.stacked:
             kind, role = "expert_stack", rule.role
         elif expert is not None:
-            kind, role = "expert", f"expert.{expert}.{rule.role}"
+            kind, role = "expert", rule.role
         else:
             kind, role = "projection", rule.role
         stack_layer = int(match["layer"])

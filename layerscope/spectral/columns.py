@@ -97,8 +97,7 @@ def expert_spread(table: pd.DataFrame) -> pd.DataFrame:
     Tukey's fences (q1 − 1.5·IQR, q3 + 1.5·IQR) as a count and, for alpha, by name."""
     experts = table[(table["kind"] == "expert") & table["layer"].notna()]
     rows = []
-    projection = experts["role"].astype(str).str.replace(r"^expert\.\d+\.", "", regex=True)
-    for (layer, role), group in experts.groupby([experts["layer"].astype(int), projection], sort=True):
+    for (layer, role), group in experts.groupby([experts["layer"].astype(int), experts["role"].astype(str)], sort=True):
         row: dict = {"layer": layer, "role": role, "experts": len(group)}
         for metric in (m for m in EXPERT_SPREAD_METRICS if m in group.columns):
             stats, outliers = _spread(group, metric)

@@ -425,8 +425,7 @@ def _matrices(
         experts = weight.reshape(math.prod(weight.shape[:-2]), *weight.shape[-2:])
         for j, matrix in enumerate(experts):
             kind = "expert" if role.kind == "expert_stack" else role.kind
-            expert_role = f"expert.{j}.{role.role}" if role.kind == "expert_stack" else role.role
-            yield Matrix({**base, "name": f"{info.name}[{j}]", "kind": kind, "role": expert_role, "expert": j}, matrix)
+            yield Matrix({**base, "name": f"{info.name}[{j}]", "kind": kind, "role": role.role, "expert": j}, matrix)
         return
     yield Matrix(dict(base), weight)
     if split_fused and role.role:
