@@ -141,7 +141,8 @@ def _write(table: pd.DataFrame, files: _ReportFiles, *, title: str | None, sourc
     files.figure(plots.plot_alphas_by_layer(table), "alphas_by_layer")
     files.figure(plots.plot_norms_by_layer(table), "norms_by_layer")
     sections.append("<h2>Spectral metrics by layer</h2>"
-                    "<p>Each dot is one projection; the black line is the layer mean (AlphaLoRA's layer quality). "
+                    "<p>Each dot is one projection; the black line is the layer mean over its projections and "
+                    "experts (layer_summary; a plan's v_i averages only the modules the plan adapts, see explain). "
                     "Dashed lines mark α = 2 and α = 6.</p>"
                     "<img src='img/alphas_by_layer.png' alt='alphas by layer'>"
                     "<img src='img/norms_by_layer.png' alt='norm metrics by layer'>"
