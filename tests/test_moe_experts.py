@@ -75,3 +75,13 @@ def test_the_report_and_plot_draw_the_heatmap_and_name_the_outliers(table, tmp_p
                            str(tmp_path / "plots")], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "plots" / "experts_alpha.png").is_file()
+
+
+def test_a_report_keeps_a_plan_file_s_own_name(table, tmp_path):
+    import layerscope
+    from layerscope.viz import build_report
+
+    plan = layerscope.plan(table, "uniform", progress=False)
+    build_report(table, tmp_path / "r", plans={"plan": plan, "alphalora": plan})
+    assert (tmp_path / "r" / "plan.json").is_file() and (tmp_path / "r" / "plan_alphalora.json").is_file()
+    assert not (tmp_path / "r" / "plan_plan.json").exists()

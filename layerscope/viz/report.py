@@ -205,7 +205,8 @@ def _write(table: pd.DataFrame, files: _ReportFiles, *, title: str | None, sourc
         files.figure(plots.plot_allocations(plans), "allocations")
         parts = ["<h2>Allocation plans</h2><img src='img/allocations.png' alt='allocations by layer'>"]
         for name, plan in plans.items():
-            stem = f"plan_{plots.safe_stem(name)}"
+            stem = plots.safe_stem(name)  # plan.json stays plan.json; alphalora becomes plan_alphalora.json
+            stem = stem if stem.startswith("plan") else f"plan_{stem}"
             files.text(f"{stem}.json", plan.to_json())
             links = [f"<a href='{stem}.json'>{stem}.json</a>"]
             for fmt, suffix in _export_formats(plan):
