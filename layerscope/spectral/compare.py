@@ -27,8 +27,8 @@ from layerscope.errors import LayerscopeError
 from layerscope.spectral import esd
 from layerscope.spectral.analysis import analyse_matrix
 from layerscope.spectral.columns import IDENTITY_COLUMNS, SUMMARY_COLUMNS
-from layerscope.spectral.estimators import MIN_EVALS
 from layerscope.spectral.coverage import wanted
+from layerscope.spectral.estimators import MIN_EVALS
 from layerscope.spectral.scan import ScanOptions, _matrices, scan
 
 COMPARE_SCHEMA = "layerscope.compare/1"
@@ -90,7 +90,7 @@ def _difference_rows(base, other, opts: ScanOptions, progress: bool) -> pd.DataF
     scheme = (scheme_by_name(opts.architecture, left.config, names) if opts.architecture
               else detect_scheme(left.config, names))
     selected = [(t, scheme.classify(t.name, t.shape, t.analysable_dtype)) for t in left_tensors]
-    selected = [(t, role) for t, role in selected if wanted(t, role, opts.include, opts.exclude)]
+    selected = [(t, role) for t, role in selected if wanted(t, role, opts.selection())]
     device = esd.resolve_device(opts.device)
     dtype = esd.working_dtype(opts.precision, device)
     rows = []

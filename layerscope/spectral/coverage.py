@@ -3,7 +3,9 @@ that gets no row, with the reason (a scan never drops a weight without saying so
 
 from __future__ import annotations
 
+import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from layerscope.checkpoint.naming import TensorRole
@@ -78,17 +80,16 @@ def listed_once(missing: list[str], *more: list[str]) -> list[str]:
     return out
 
 
-def not_analysed(classified: list[tuple[LogicalTensor, TensorRole]], include: str | None,
-                 exclude: str | None) -> list[dict]:
+def not_analysed(classified: list[tuple[LogicalTensor, TensorRole]], selection: Selection) -> list[dict]:
     """Every weight (a floating tensor of two or more dimensions) that has no row, with the reason: the scan
     never drops one without saying so."""
     out = []
     for info, role in classified:
-        if len(info.shape) < 2 or role.kind == "buffer" or wanted(info, role, include, exclude):
+        if len(info.shape) < 2 or role.kind == "buffer":
             continue
-        reason = NOT_ANALYSED_REASONS["filtered"] if role.kind in ANALYSED_KINDS else \
-            NOT_ANALYSED_REASONS.get(role.kind, f"kind {role.kind}")
-        out.append({"tensor": info.name, "shape": "x".join(map(str, info.shape)), "reason": reason})
+        reason = selection.reason(info, role)
+        if reason is not None:
+            out.append({"tensor": info.name, "shape": "x".join(map(str, info.shape)), "reason": reason})
     return out
 
 
@@ -119,9 +120,63 @@ def not_analysed_line(attrs: dict) -> str | None:
     return f"{len(skipped)} weight{'s' if len(skipped) > 1 else ''} not analysed: {parts}"
 
 
-def wanted(info: LogicalTensor, role: TensorRole, include: str | None, exclude: str | None) -> bool:
-    if role.kind not in ANALYSED_KINDS or len(info.shape) < 2:
-        return False
-    if include and not re.search(include, info.name):
-        return False
-    return not (exclude and re.search(exclude, info.name))
+def wanted(info: LogicalTensor, role: TensorRole, selection: Selection) -> bool:
+    return selection.reason(info, role) is None
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which weights a scan analyses: by name (regular expressions), kind, role, block, and size (WeightWatcher's
+    ``min_evals``, ``max_evals`` and ``max_N``).  By default every weight matrix is analysed."""
+
+    include: str | None = None
+    exclude: str | None = None
+    kinds: tuple[str, ...] = ()
+    roles: tuple[str, ...] = ()
+    layers: tuple[int, ...] = ()
+    min_evals: int | None = None
+    max_evals: int | None = None
+    max_n: int | None = None
+
+    @property
+    def narrowed(self) -> bool:
+        return any(value not in (None, ()) for value in vars(self).values())
+
+    def reason(self, info: LogicalTensor, role: TensorRole) -> str | None:
+        """Why the weight gets no row, or None when it is analysed."""
+        if role.kind not in ANALYSED_KINDS or len(info.shape) < 2:
+            return NOT_ANALYSED_REASONS.get(role.kind, f"kind {role.kind}")
+        if (self.include and not re.search(self.include, info.name)) or \
+                (self.exclude and re.search(self.exclude, info.name)):
+            return NOT_ANALYSED_REASONS["filtered"]
+        kind = "expert" if role.kind == "expert_stack" else role.kind
+        if self.kinds and kind not in self.kinds:
+            return "left out by --kinds"
+        if self.roles and role.role not in self.roles:
+            return "left out by --roles"
+        if self.layers and role.layer not in self.layers:
+            return "left out by --layers"
+        n_rows, m_cols = max(info.shape[-2:]), min(info.shape[-2:])
+        if self.min_evals is not None and m_cols < self.min_evals:
+            return "fewer eigenvalues than --min-evals"
+        if self.max_evals is not None and m_cols > self.max_evals:
+            return "more eigenvalues than --max-evals"
+        if self.max_n is not None and n_rows > self.max_n:
+            return "larger side above --max-n"
+        return None
+
+
+def described(selected: list[tuple[LogicalTensor, TensorRole]]) -> list[dict]:
+    """The rows a scan of ``selected`` would have, without their numbers: name, kind, layer, role, shape, N, M
+    (a stack of experts listed expert by expert)."""
+    rows = []
+    for info, role in selected:
+        count = math.prod(info.shape[:-2]) if len(info.shape) > 2 else 1
+        rows_, cols_ = info.shape[-2:]
+        for j in range(count):
+            stacked = len(info.shape) > 2
+            rows.append({"name": f"{info.name}[{j}]" if stacked else info.name, "tensor": info.name,
+                         "kind": "expert" if role.kind == "expert_stack" else role.kind, "layer": role.layer,
+                         "role": role.role, "expert": j if stacked else role.expert, "dtype": info.dtype,
+                         "shape": f"{rows_}x{cols_}", "N": max(rows_, cols_), "M": min(rows_, cols_)})
+    return rows

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -25,8 +24,9 @@ from layerscope.errors import LayerscopeError
 from layerscope.spectral import distributed, esd, threads
 from layerscope.spectral.analysis import Matrix, analyse_batch
 from layerscope.spectral.cache import ScanCache
-from layerscope.spectral.columns import ALL_ESTIMATORS, layer_summary, scan_columns
-from layerscope.spectral.coverage import config_depth, listed_once, not_analysed, wanted
+from layerscope.spectral.columns import layer_summary, scan_columns
+from layerscope.spectral.coverage import config_depth, described, listed_once, not_analysed, wanted
+from layerscope.spectral.options import ScanOptions
 from layerscope.spectral.rank import WEAK_RANK_TOLERANCE
 
 __all__ = ["ScanOptions", "layer_summary", "scan", "scan_checkpoint"]
@@ -36,61 +36,6 @@ from layerscope.tables import integer_columns
 # their Gram matrices in the working dtype).
 # Batching pays on GPUs; on CPU it buys little, so memory wins there.
 DEFAULT_BATCH_BYTES = {"cpu": 32 << 20, "cuda": 1 << 30}
-
-
-@dataclass(frozen=True)
-class ScanOptions:
-    """The options of a scan: the keyword arguments of ``layerscope.scan`` and the flags of ``layerscope scan``."""
-
-    estimators: tuple[str, ...] = ("alpha", "alpha_hill", "alpha_peak")
-    """Estimators per matrix: ``alpha`` (WeightWatcher's KS-chosen power-law fit), ``alpha_hill`` (PL_Alpha_Hill,
-    AlphaLoRA's layer quality), ``alpha_peak``, and those that need the matrix itself: ``alpha_farms``, ``mp``
-    (the Marchenko–Pastur fit), ``rand`` (the randomized ESD) and ``rank`` (matrix_rank, rank_loss, weak_rank_loss,
-    sv_max, sv_min from an SVD)."""
-    device: str = "auto"
-    """``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
-    precision: str = "auto"
-    """``auto`` (float64 where the device runs it at full rate: CPUs, H100/H200; else float32 with a conditioning
-    guard), ``f64`` or ``f32``."""
-    include: str | None = None
-    """Regular expression: analyse only the tensors whose names match."""
-    exclude: str | None = None
-    """Regular expression: leave out the tensors whose names match."""
-    split_fused: bool = False
-    """Analyse fused projections (q|k|v, gate|up) part by part instead of as one matrix."""
-    architecture: str | None = None
-    """A naming-table entry to use instead of the one detected from config.json (``layerscope architectures``)."""
-    revision: str | None = None
-    """The snapshot to read when the path is a Hugging Face hub cache folder (``models--org--name``)."""
-    batch_bytes: int | None = None
-    """Bytes of matrices analysed in one batched call (None: the device's default)."""
-    progress: bool = True
-    """A progress bar on stderr (shown on terminals)."""
-    cache: str | Path | None = None
-    """A folder where each finished tensor's rows are kept, so an interrupted scan resumes."""
-    base: str | Path | None = None
-    """Adapter folders only: also analyse W + ΔW of this base model."""
-    live_names: bool = True
-    """Name modules as the model transformers builds has them (when it can build it)."""
-    threads: int | None = None
-    """CPU threads (default: ``$LAYERSCOPE_THREADS``, else this process's share of the cores)."""
-    tolerance: float = WEAK_RANK_TOLERANCE
-    """The ``rank`` estimator: ``weak_rank_loss`` counts the eigenvalues σ² below it (WeightWatcher's default)."""
-
-    def validate(self) -> None:
-        esd.check_precision(self.precision)
-        if not (self.tolerance > 0 and math.isfinite(self.tolerance)):
-            raise LayerscopeError(f"--tolerance {self.tolerance}: must be a finite number > 0")
-        unknown = [e for e in self.estimators if e not in ALL_ESTIMATORS]
-        if unknown or not self.estimators:
-            raise LayerscopeError(f"--estimators: unknown {', '.join(unknown)} (known: {', '.join(ALL_ESTIMATORS)})"
-                                  if unknown else f"--estimators: give one or more of {', '.join(ALL_ESTIMATORS)}")
-        for flag, rx in (("--include", self.include), ("--exclude", self.exclude)):
-            if rx is not None:
-                try:
-                    re.compile(rx)
-                except re.error as exc:
-                    raise LayerscopeError(f"{flag} {rx!r}: invalid regular expression ({exc})") from None
 
 
 @dataclass
@@ -139,10 +84,13 @@ def scan_checkpoint(ckpt: Checkpoint, opts: ScanOptions) -> pd.DataFrame:
             built, _ = tree_for_checkpoint(ckpt.config, ckpt.path, force=True)  # let the architecture decide
             if built is not None:
                 missing = listed_once(missing, tree_gaps(classified, built))
-    selected = [(info, role) for info, role in classified if wanted(info, role, opts.include, opts.exclude)]
+    selection = opts.selection()
+    selected = [(info, role) for info, role in classified if wanted(info, role, selection)]
     if not selected:
         raise LayerscopeError(f"{ckpt.path}: no weight matrix to analyse"
-                              + (" (--include/--exclude left none)" if opts.include or opts.exclude else ""))
+                              + (" (the selection options left none)" if selection.narrowed else ""))
+    if opts.describe:
+        return _described(ckpt, scheme, tree, selected, classified, selection, missing)
     group = distributed.current(opts.device)
     mine = list(range(len(selected))) if group is None else group.share(
         [distributed.matrix_cost(info.shape) for info, _ in selected])
@@ -164,7 +112,7 @@ def scan_checkpoint(ckpt: Checkpoint, opts: ScanOptions) -> pd.DataFrame:
         live_names=tree is not None or no_tree == TABLE_VERIFIED,
         live_names_note=no_tree,
         unmapped=sorted({str(r.module) for _, r in classified if r.kind == "other" and r.layer is not None}),
-        not_analysed=not_analysed(classified, opts.include, opts.exclude),
+        not_analysed=not_analysed(classified, selection),
         missing=missing,
         quantization=sorted({t.quantization for t in logical if t.quantization}),
         num_layers=blocks_present or max(filter(None, (scheme.num_layers or ckpt.num_layers, _layers_seen(table))),
@@ -180,6 +128,15 @@ def scan_checkpoint(ckpt: Checkpoint, opts: ScanOptions) -> pd.DataFrame:
         table.attrs["cache"] = {"folder": str(opts.cache), "reused": reused, "computed": len(selected) - reused}
     if group is not None:  # per rank: its share, time and peak memory (an unbalanced share shows here)
         table.attrs["ranks"] = [share for _, _, share in outcomes]
+    return table
+
+
+def _described(ckpt: Checkpoint, scheme: NamingScheme, tree, selected, classified, selection, missing) -> pd.DataFrame:
+    """``describe``: the rows without their numbers (see layerscope.spectral.coverage.described)."""
+    table = integer_columns(pd.DataFrame(described(selected)))
+    table.attrs.update(path=str(ckpt.path), architecture=ckpt.architecture, model_type=ckpt.config.get("model_type"),
+                       **model_facts(scheme, tree, ckpt.config), not_analysed=not_analysed(classified, selection),
+                       missing=missing, described=True)
     return table
 
 
@@ -323,7 +280,7 @@ def _is_rank0() -> bool:
 
 def _require_layer_matrices(ckpt: Checkpoint, table: pd.DataFrame, opts: ScanOptions) -> None:
     """A scan whose layer table would be empty is an error, not an empty success."""
-    if opts.include or opts.exclude or not ckpt.files:
+    if opts.selection().narrowed or not ckpt.files:
         return  # the user narrowed the scan on purpose, or passed a module in memory (any layout is welcome)
     targets = table[table["kind"].isin(TARGET_KINDS) & table["layer"].notna()]
     if targets.empty:

@@ -16,11 +16,11 @@ from layerscope.errors import LayerscopeError
 from layerscope.export import export_plan
 from layerscope.outputs import write_files
 from layerscope.planning.explain import explain_table
-from layerscope.spectral.esd import gram_eigenvalues
 from layerscope.spectral.coverage import depth_description
-from layerscope.viz.experts import has_experts, outlier_html, plot_expert_heatmap
+from layerscope.spectral.esd import gram_eigenvalues
 from layerscope.spectral.scan import layer_summary
 from layerscope.viz import plots
+from layerscope.viz.experts import has_experts, outlier_html, plot_expert_heatmap
 
 LOW_ALPHA, HIGH_ALPHA = plots.REFERENCE_ALPHAS
 MAX_ESD_PLOTS = 8
