@@ -108,16 +108,32 @@ def verdict(document: dict) -> str:
         head = (f"No difference between groups is detectable (add: F = {differ['F']:.2f}, p = {differ['p']:.3g}; "
                 f"spread {differ['spread_ratio']:.1f}× seed noise): at this budget the layers look interchangeable, "
                 "and no signal can be expected to beat uniform.")
+    dropped = document["differ"].get("drop") or {}
+    if math.isfinite(dropped.get("p", math.nan)):
+        head += (f" The independent drop estimate: F = {dropped['F']:.2f}, p = {dropped['p']:.3g}"
+                 f"{' (the groups differ)' if dropped['differ'] else ''}.")
     gains = (f" Doubling group {best['group']} (layers {_span(best['layers'])}) gained most per parameter; "
              + (f"groups {clear} gained with 95 % confidence." if clear else "no group's gain is clear of zero."))
-    tracking = [s["signal"] for s in document.get("signals", [])
-                if s.get("direction") and s["add"]["ci95_low"] * s["direction"] > 0
-                and s["add"]["ci95_high"] * s["direction"] > 0]
-    signals = (f" Signals whose correlation with value has the sign their strategy assumes, with 95 % confidence: "
-               f"{', '.join(tracking)}." if tracking else
-               " No signal's correlation with value is clear of zero in the direction its strategy assumes."
-               if document.get("signals") else "")
+    signals = ""
+    if document.get("signals"):
+        tracking = {estimate: [s["signal"] for s in document["signals"] if _tracks(s, estimate)]
+                    for estimate in ("add", "drop")}
+        found = [f"{estimate}: {', '.join(names)}" for estimate, names in tracking.items() if names]
+        signals = (" Signals whose rank correlation with value has the sign their strategy assumes, its 95 % "
+                   f"interval clear of zero: {'; '.join(found)}." if found else
+                   " No signal's rank correlation with value is clear of zero in the direction its strategy assumes.")
+        if seeds < 5:
+            signals += (f" (With {seeds} seeds a bootstrap over seeds has few distinct resamples: read these intervals "
+                        "as rough, and a correlation with values the groups do not differ in as noise.)")
     return head + gains + signals
+
+
+def _tracks(signal: dict, estimate: str) -> bool:
+    direction, value = signal.get("direction"), signal.get(estimate) or {}
+    low, high = value.get("ci95_low"), value.get("ci95_high")
+    if not direction or low is None or high is None or not (math.isfinite(low) and math.isfinite(high)):
+        return False
+    return low * direction > 0 and high * direction > 0
 
 
 def _span(layers: list[int]) -> str:
