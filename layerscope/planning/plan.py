@@ -84,9 +84,11 @@ class Plan:
 
     # ---- serialisation
     def to_json(self) -> str:
+        """The document as deterministic, strict JSON text (NaN refused), as ``save`` writes it."""
         return json.dumps(self.document, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
 
     def save(self, path: str | Path) -> Path:
+        """Write the plan to ``path`` atomically (whole or not at all); returns the path."""
         path = Path(path)
         text = self.to_json()
         atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
@@ -94,10 +96,12 @@ class Plan:
 
     @classmethod
     def loads(cls, text: str, source: str = "plan") -> Plan:
+        """A plan from JSON text, validated (schema, then the facts a schema cannot say: accounting, ranks)."""
         return cls(strict_json(text.encode("utf-8", "surrogatepass"), source), source)
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
+        """A plan file, validated; a missing file, non-UTF-8 text or an invalid document is one LayerscopeError."""
         path = Path(path)
         if not path.is_file():
             raise LayerscopeError(f"{path}: no such plan file")
