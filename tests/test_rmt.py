@@ -96,6 +96,8 @@ def test_mp_fit_equals_weightwatcher(joined):
     assert (joined["num_spikes"].astype(int) == joined["num_spikes_ww"].astype(int)).all()
     np.testing.assert_allclose(joined["sigma_mp"], joined["sigma_mp_ww"].astype(float), rtol=1e-6)
     np.testing.assert_allclose(joined["mp_softrank"], joined["mp_softrank_ww"].astype(float), rtol=1e-6)
+    for column in ("bulk_max", "bulk_min", "W_scale"):  # raw eigenvalue units, as WeightWatcher's
+        np.testing.assert_allclose(joined[column], joined[f"{column}_ww"].astype(float), rtol=1e-6, err_msg=column)
 
 
 def test_randomized_esd_matches_weightwatcher_in_distribution(joined):
@@ -103,6 +105,9 @@ def test_randomized_esd_matches_weightwatcher_in_distribution(joined):
     np.testing.assert_allclose(joined["rand_distance"], joined["rand_distance_ww"].astype(float), atol=0.01)
     ratio = joined["max_rand_eval"] / joined["max_rand_eval_ww"].astype(float)
     assert ((ratio > 0.85) & (ratio < 1.15)).all()
+    for column in ("rand_mp_softrank", "ww_softrank"):  # unseeded in WeightWatcher: equal in distribution
+        ratio = joined[column] / joined[f"{column}_ww"].astype(float)
+        assert ((ratio > 0.8) & (ratio < 1.25)).all(), column
 
 
 def test_the_planner_can_use_the_new_metrics(tmp_path):

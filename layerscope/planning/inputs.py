@@ -165,8 +165,10 @@ def inventory(path: str | Path, include_towers: bool = False, allow_unmapped: bo
 ESTIMATOR_OF = {"xmin": "alpha", "D": "alpha", "D_peak": "alpha_peak", "xmin_peak": "alpha_peak",
                 "xmin_hill": "alpha_hill", "alpha_farms": "alpha_farms", "xmin_farms": "alpha_farms",
                 "num_spikes": "mp", "sigma_mp": "mp", "mp_softrank": "mp", "bulk_max": "mp",
+                "bulk_min": "mp", "W_scale": "mp", "rand_mp_softrank": "rand", "ww_softrank": "rand",
                 "rand_distance": "rand", "num_rand_spikes": "rand", "max_rand_eval": "rand",
-                "alpha_hill": "alpha_hill", "alpha_peak": "alpha_peak"}
+                "alpha_hill": "alpha_hill", "alpha_peak": "alpha_peak", "matrix_rank": "rank", "rank_loss": "rank",
+                "weak_rank_loss": "rank", "sv_max": "rank", "sv_min": "rank"}
 
 
 def load_inputs(source, metric: str | None = None, progress: bool = True, also: tuple[str, ...] = (),

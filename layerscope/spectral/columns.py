@@ -18,8 +18,8 @@ FIT_COLUMNS = {
     "alpha_hill": ["alpha_hill", "xmin_hill"],
     "alpha_peak": ["alpha_peak", "xmin_peak", "D_peak"],
     "alpha_farms": ["alpha_farms", "xmin_farms", "num_evals_farms"],
-    "mp": ["num_spikes", "sigma_mp", "mp_softrank", "bulk_max"],
-    "rand": ["rand_distance", "num_rand_spikes", "max_rand_eval"],
+    "mp": ["num_spikes", "sigma_mp", "mp_softrank", "bulk_max", "bulk_min", "W_scale"],
+    "rand": ["rand_distance", "num_rand_spikes", "max_rand_eval", "rand_mp_softrank", "ww_softrank"],
     "rank": ["matrix_rank", "rank_loss", "weak_rank_loss", "sv_max", "sv_min"],
 }
 

@@ -15,8 +15,9 @@ Marchenko–Pastur density (the quarter-circle law of the singular values when Q
 linear-kernel density estimate (bandwidth 0.1) of the ESD on 1000 points of [0, λ_max + 0.5],
 where the estimate exceeds 0.01; a fit whose bulk edge lies left of the density's peak or past the
 grid scores 1000 per point.  Bulk edge λ₊ = (σ(1 + 1/√Q))²; ``num_spikes`` counts eigenvalues above
-λ₊ + √(λ₊^(2/3) / (√Q · M^(2/3))) (a Tracy–Widom margin); ``mp_softrank`` = λ₊ / λ_max.  ``sigma_mp``
-and ``bulk_max`` are in the rescaled units.
+λ₊ + √(λ₊^(2/3) / (√Q · M^(2/3))) (a Tracy–Widom margin); ``mp_softrank`` = λ₊ / λ_max.  ``sigma_mp`` is
+in the rescaled units; ``bulk_max`` and ``bulk_min`` ((σ(1 ∓ 1/√Q))²) are returned in raw eigenvalue units, as
+WeightWatcher returns them, and ``W_scale`` is the rescaling factor √(len / Σλ).
 
 ``rand`` (WeightWatcher's randomized ESD).  The weight's entries are shuffled (a seeded permutation
 per matrix) and its ESD recomputed: ``rand_distance`` is the Jensen–Shannon distance between the
@@ -133,7 +134,8 @@ class _Residual:
 
 
 def mp_fit(eigs: np.ndarray, n_rows: int, m_cols: int) -> dict[str, float]:
-    """num_spikes, sigma_mp, mp_softrank, bulk_max (rescaled units) of an ESD, as WeightWatcher fits it."""
+    """num_spikes, sigma_mp (rescaled units), mp_softrank, bulk_max and bulk_min (raw eigenvalue units, as
+    WeightWatcher returns them) and W_scale (the rescaling factor) of an ESD, as WeightWatcher fits it."""
     eigs = np.asarray(eigs, dtype=np.float64)
     q = n_rows / m_cols
     scale = math.sqrt(len(eigs)) / math.sqrt(float(np.sum(eigs)))
@@ -148,7 +150,9 @@ def mp_fit(eigs: np.ndarray, n_rows: int, m_cols: int) -> dict[str, float]:
     bulk_max = (sigma * (1 + 1 / math.sqrt(q))) ** 2
     tracy_widom = 1 / math.sqrt(q) * bulk_max ** (2 / 3) * m_cols ** (-2 / 3)
     spikes = int(np.sum(scaled > bulk_max + math.sqrt(tracy_widom)))
-    return {"num_spikes": spikes, "sigma_mp": sigma, "mp_softrank": bulk_max / lambda_max, "bulk_max": bulk_max}
+    bulk_min = (sigma * (1 - 1 / math.sqrt(q))) ** 2
+    return {"num_spikes": spikes, "sigma_mp": sigma, "mp_softrank": bulk_max / lambda_max,
+            "bulk_max": bulk_max / (scale * scale), "bulk_min": bulk_min / (scale * scale), "W_scale": scale}
 
 
 # ---- randomized ESD ----------------------------------------------------------------------------
@@ -166,12 +170,15 @@ def jensen_shannon_distance(p: np.ndarray, q: np.ndarray) -> float:
 
 
 def randomized_esd(weight: torch.Tensor, eigs: np.ndarray, name: str, seed: int = 0) -> dict[str, float]:
-    """rand_distance, num_rand_spikes and max_rand_eval of one matrix (``eigs``: its sorted ESD)."""
+    """rand_distance, num_rand_spikes, max_rand_eval, rand_mp_softrank (the MP fit of the pooled shuffles) and
+    ww_softrank (the largest shuffled eigenvalue over the largest eigenvalue) of one matrix (``eigs``: its sorted
+    ESD)."""
     rng = np.random.default_rng([seed, zlib.crc32(name.encode("utf-8", "surrogatepass"))])
     n_rows, m_cols = max(weight.shape), min(weight.shape)
     replicas = 5 if m_cols < 100 else 1
     pooled = np.concatenate([shuffled_eigenvalues(weight, rng) for _ in range(replicas)])
     single = shuffled_eigenvalues(weight, rng)
+    fit = mp_fit(pooled, n_rows, m_cols)
     return {"rand_distance": jensen_shannon_distance(np.asarray(eigs, dtype=np.float64), single),
-            "num_rand_spikes": mp_fit(pooled, n_rows, m_cols)["num_spikes"],
-            "max_rand_eval": float(np.max(pooled))}
+            "num_rand_spikes": fit["num_spikes"], "max_rand_eval": float(np.max(pooled)),
+            "rand_mp_softrank": fit["mp_softrank"], "ww_softrank": float(np.max(single) / np.max(eigs))}
