@@ -159,3 +159,23 @@ def test_selection_by_kind_role_layer_and_size_and_a_dry_describe(tmp_path):
     refused = subprocess.run([sys.executable, "-m", "layerscope", "scan", path, "--max-evals", "0"],
                              capture_output=True, text=True)
     assert refused.returncode == 2 and "--max-evals 0: must be a whole number >= 1" in refused.stderr
+
+
+def test_the_finger_fix_equals_weightwatchers_clip_xmax(minilm_pair):
+    path = minilm.get_model_path()
+    model = transformers.AutoModel.from_pretrained(path, local_files_only=True)
+    logging.getLogger("weightwatcher").setLevel(logging.ERROR)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        details = weightwatcher.WeightWatcher(model=model).analyze(fix_fingers="clip_xmax").set_index("longname")
+    ours = layerscope.scan(path, fix_fingers="clip_xmax", progress=False)
+    joined = _joined(ours, details)
+    np.testing.assert_array_equal(joined["num_fingers"].astype(int), joined["num_fingers_ww"].astype(int))
+    np.testing.assert_allclose(joined["alpha"], joined["alpha_ww"], rtol=1e-9)
+    np.testing.assert_allclose(joined["raw_alpha"], joined["raw_alpha_ww"], rtol=1e-9)
+    np.testing.assert_allclose(joined["xmin"], joined["xmin_ww"], rtol=1e-9)
+    assert (joined["num_pl_spikes"].astype(int) == joined["num_pl_spikes_ww"].astype(int)).all()
+    assert (joined["num_fingers"] > 0).sum() >= 3  # MiniLM has fingers: the clipped path is exercised
+    unclipped = minilm_pair[2].set_index("name")["alpha"]
+    assert (ours.set_index("name")["raw_alpha"].dropna() - unclipped.loc[ours["name"]].dropna()).abs().max() < 1e-12
+    with pytest.raises(layerscope.LayerscopeError, match="--fix-fingers"):
+        layerscope.scan(path, fix_fingers="xmin_peak", progress=False)

@@ -26,6 +26,11 @@ from layerscope.outputs import check_writable, write_files
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
               help="Eigenvalue precision policy (docs/commands/scan.md).")
+@click.option("--fix-fingers", type=click.Choice(["clip_xmax"]), help="WeightWatcher's finger fix: alpha is the fit "
+              "with the largest eigenvalues clipped (raw_alpha, num_fingers columns).")
+@click.option("--max-fingers", type=int, default=10, show_default=True, help="--fix-fingers: most eigenvalues clipped.")
+@click.option("--finger-thresh", type=float, default=1.0, show_default=True,
+              help="--fix-fingers: how far alpha must drop below the raw fit.")
 @click.option("--tolerance", type=float, default=1e-6, show_default=True,
               help="--estimators rank: weak_rank_loss counts the eigenvalues below it (WeightWatcher's default).")
 @click.option("--include", metavar="REGEX", help="Only tensors whose name matches.")
@@ -51,7 +56,7 @@ from layerscope.outputs import check_writable, write_files
 @click.option("--quiet", "-q", count=True, help="No progress bar, no summary; warnings about the data (missing "
               "weights, non-finite values, weights not analysed) stay on stderr.  Twice (-qq): those too are silenced.")
 def scan_command(path: Path, out: Path | None, estimators: tuple[str, ...], device: str, precision: str,
-                 tolerance: float, include: str | None, exclude: str | None, kinds: str | None, roles: str | None,
+                 fix_fingers: str | None, max_fingers: int, finger_thresh: float, tolerance: float, include: str | None, exclude: str | None, kinds: str | None, roles: str | None,
                  layers: tuple[int, ...] | None, min_evals: int | None, max_evals: int | None, max_n: int | None,
                  describe: bool, split_fused: bool, architecture: str | None,
                  revision: str | None, cache: Path | None, base: Path | None, threads: int | None,
@@ -75,7 +80,8 @@ def scan_command(path: Path, out: Path | None, estimators: tuple[str, ...], devi
                           exclude=exclude, split_fused=split_fused, architecture=architecture,
                           revision=revision, cache=cache, base=base, progress=not quiet, threads=threads,
                           tolerance=tolerance, kinds=_names(kinds), roles=_names(roles), layers=tuple(layers or ()),
-                          min_evals=min_evals, max_evals=max_evals, max_n=max_n, describe=describe)
+                          min_evals=min_evals, max_evals=max_evals, max_n=max_n, describe=describe,
+                          fix_fingers=fix_fingers, max_fingers=max_fingers, finger_thresh=finger_thresh)
     matrices = scan(path, **options.__dict__)
     if describe:
         if writer:

@@ -9,10 +9,20 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from layerscope.spectral import esd, rank, rmt
+from layerscope.spectral import esd, fingers, rank, rmt
 from layerscope.spectral.columns import MATRIX_ESTIMATORS
 from layerscope.spectral.estimators import ESTIMATORS, MIN_EVALS, TailFit
 from layerscope.spectral.metrics import norm_metrics
+
+
+@dataclass(frozen=True)
+class RowOptions:
+    """What a row's fits take beyond the estimators: the rank estimator's tolerance and WeightWatcher's finger fix."""
+
+    tolerance: float = rank.WEAK_RANK_TOLERANCE
+    fix_fingers: str | None = None  # "clip_xmax": see layerscope.spectral.fingers
+    max_fingers: int = fingers.DEFAULT_MAX_FINGERS
+    finger_thresh: float = fingers.DEFAULT_FINGER_THRESH
 
 
 @dataclass
@@ -25,7 +35,7 @@ class Matrix:
 
 
 def analyse_batch(matrices: list[Matrix], device: torch.device, dtype: torch.dtype, estimators: tuple[str, ...],
-                  bar: tqdm, tolerance: float = rank.WEAK_RANK_TOLERANCE) -> list[dict]:
+                  bar: tqdm, options: RowOptions = RowOptions()) -> list[dict]:
     """Rows for matrices of one shape: their Gram eigenvalues in one batched call, then each row's fits."""
     rows: list[dict] = []
     good = [m for m in matrices if min(m.weight.shape) >= MIN_EVALS]
@@ -43,13 +53,13 @@ def analyse_batch(matrices: list[Matrix], device: torch.device, dtype: torch.dty
         else:
             eigs, is_finite, exponent = next(eig_iter), next(finite_iter), next(exponent_iter)
             eigs, status = (eigs, "ok") if is_finite else (None, "nonfinite_weights")
-        rows.append(analyse_matrix(matrix, eigs, estimators, status, exponent, tolerance))
+        rows.append(analyse_matrix(matrix, eigs, estimators, status, exponent, options))
         bar.update(1)
     return rows
 
 
 def analyse_matrix(matrix: Matrix, eigs: torch.Tensor | None, estimators: tuple[str, ...], status: str,
-                    exponent: int = 0, tolerance: float = rank.WEAK_RANK_TOLERANCE) -> dict:
+                    exponent: int = 0, options: RowOptions = RowOptions()) -> dict:
     """One table row; ``eigs × 2^exponent`` are the Gram eigenvalues (exponent ≠ 0 only for extreme weights)."""
     rows_, cols_ = matrix.weight.shape
     n_rows, m_cols = max(rows_, cols_), min(rows_, cols_)
@@ -68,14 +78,14 @@ def analyse_matrix(matrix: Matrix, eigs: torch.Tensor | None, estimators: tuple[
     if float(eigs64[-1]) <= 0:
         row["status"], row["note"] = "zero_matrix", "every weight is zero: no spectrum to fit"
         return row
-    fits = fit_all(eigs64, estimators)
+    fits = _fits(row, eigs64, estimators, options)
     if used == torch.float32 and not esd.f32_fit_is_trustworthy(
         [fits[k].xmin for k in ("alpha", "alpha_peak") if k in fits], float(eigs64[-1]), n_rows
     ):
         eigs, _, exponents = esd.scaled_gram_eigenvalues(matrix.weight.to(eigs.device)[None], torch.float64)
         exponent = int(exponents[0])
         eigs64, extreme = unscaled(eigs[0], exponent)
-        fits = fit_all(eigs64, estimators)
+        fits = _fits(row, eigs64, estimators, options)
         used = "f64 (f32 guard)"
     row["precision"] = {torch.float32: "f32", torch.float64: "f64"}.get(used, used)
     row.update(fit_columns(fits))
@@ -84,7 +94,7 @@ def analyse_matrix(matrix: Matrix, eigs: torch.Tensor | None, estimators: tuple[
     if "alpha" in fits:
         row["warning"] = rank.warning(alpha)
     notes = [f.note for f in fits.values() if f.note]
-    notes += _matrix_estimates(row, matrix, eigs64, estimators, extreme, tolerance)
+    notes += _matrix_estimates(row, matrix, eigs64, estimators, extreme, options.tolerance)
     if extreme:
         _rescale_extreme(row, exponent, alpha)
         notes.append(EXTREME_NOTE)
@@ -146,6 +156,16 @@ def _rescale_extreme(row: dict, exponent: int, alpha: float) -> None:
     for column in ("lambda_max", "xmin", "xmin_hill", "xmin_peak", "alpha_peak", "D_peak"):
         if column in row:
             row[column] = math.nan
+
+
+def _fits(row: dict, eigs: np.ndarray, estimators: tuple[str, ...], options: RowOptions) -> dict[str, TailFit]:
+    """The tail fits; with the finger fix, ``alpha`` is the clipped fit and the row gets raw_alpha, num_fingers."""
+    if not (options.fix_fingers and "alpha" in estimators):
+        return fit_all(eigs, estimators)
+    fits = fit_all(eigs, tuple(name for name in estimators if name != "alpha"))
+    fits["alpha"], raw, count = fingers.clipped_fit(eigs, options.max_fingers, options.finger_thresh)
+    row.update(raw_alpha=raw.alpha, num_fingers=count)
+    return fits
 
 
 def fit_all(eigs: torch.Tensor, estimators: tuple[str, ...]) -> dict[str, TailFit]:

@@ -37,11 +37,13 @@ SUMMARY_COLUMNS = ["alpha", "alpha_hill", "alpha_peak", "alpha_farms", "mp_softr
 ALPHA_NORM_COLUMNS = ("alpha_weighted", "log_alpha_norm", "warning")
 
 
-def scan_columns(estimators: tuple[str, ...]) -> list[str]:
+def scan_columns(estimators: tuple[str, ...], fix_fingers: bool = False) -> list[str]:
     cols = IDENTITY_COLUMNS + ["N", "M", "num_evals"]
     for name in ALL_ESTIMATORS:
         if name in estimators:
             cols += FIT_COLUMNS[name]
+            if name == "alpha" and fix_fingers:
+                cols += ["num_fingers", "raw_alpha"]
     metrics = [c for c in METRIC_COLUMNS if "alpha" in estimators or c not in ALPHA_NORM_COLUMNS]
     return cols + metrics + ["status", "precision", "note"]
 

@@ -9,8 +9,10 @@ from pathlib import Path
 
 from layerscope.errors import LayerscopeError
 from layerscope.spectral import esd
+from layerscope.spectral.analysis import RowOptions
 from layerscope.spectral.columns import ALL_ESTIMATORS
 from layerscope.spectral.coverage import Selection
+from layerscope.spectral.fingers import DEFAULT_FINGER_THRESH, DEFAULT_MAX_FINGERS, FIX_FINGERS
 from layerscope.spectral.rank import WEAK_RANK_TOLERANCE
 
 
@@ -64,8 +66,18 @@ class ScanOptions:
     """Leave out matrices with more eigenvalues than this (WeightWatcher's ``max_evals``)."""
     max_n: int | None = None
     """Leave out matrices whose larger side exceeds this (WeightWatcher's ``max_N``, 50,000 there by default)."""
+    fix_fingers: str | None = None
+    """``clip_xmax``: WeightWatcher's finger fix — ``alpha`` is the fit with up to ``max_fingers`` of the largest
+    eigenvalues clipped off, ``raw_alpha`` the unclipped fit, ``num_fingers`` how many (layerscope.spectral.fingers)."""
+    max_fingers: int = DEFAULT_MAX_FINGERS
+    """With ``fix_fingers``: the most eigenvalues clipped (WeightWatcher's default 10)."""
+    finger_thresh: float = DEFAULT_FINGER_THRESH
+    """With ``fix_fingers``: how far α must drop below the raw fit for a clipped fit to be taken."""
     describe: bool = False
     """List the matrices the scan would analyse (name, kind, layer, role, shape, N, M) and compute nothing."""
+
+    def row_options(self) -> RowOptions:
+        return RowOptions(self.tolerance, self.fix_fingers, self.max_fingers, self.finger_thresh)
 
     def selection(self) -> Selection:
         return Selection(self.include, self.exclude, tuple(self.kinds), tuple(self.roles),
@@ -79,6 +91,12 @@ class ScanOptions:
         if unknown or not self.estimators:
             raise LayerscopeError(f"--estimators: unknown {', '.join(unknown)} (known: {', '.join(ALL_ESTIMATORS)})"
                                   if unknown else f"--estimators: give one or more of {', '.join(ALL_ESTIMATORS)}")
+        if self.fix_fingers is not None and self.fix_fingers not in FIX_FINGERS:
+            raise LayerscopeError(f"--fix-fingers {self.fix_fingers!r}: expected one of {', '.join(FIX_FINGERS)}")
+        if type(self.max_fingers) is not int or self.max_fingers < 3:
+            raise LayerscopeError(f"--max-fingers {self.max_fingers}: must be a whole number >= 3 (clipping starts at 2)")
+        if not (self.finger_thresh > 0 and math.isfinite(self.finger_thresh)):
+            raise LayerscopeError(f"--finger-thresh {self.finger_thresh}: must be a finite number > 0")
         for flag, value in (("--min-evals", self.min_evals), ("--max-evals", self.max_evals), ("--max-n", self.max_n)):
             if value is not None and (type(value) is not int or value < 1):
                 raise LayerscopeError(f"{flag} {value}: must be a whole number >= 1")

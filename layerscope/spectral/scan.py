@@ -22,12 +22,11 @@ from layerscope.checkpoint.reader import Checkpoint, open_checkpoint
 from layerscope.checkpoint.shapecheck import check_shapes, has_block_gaps, tree_gaps
 from layerscope.errors import LayerscopeError
 from layerscope.spectral import distributed, esd, threads
-from layerscope.spectral.analysis import Matrix, analyse_batch
+from layerscope.spectral.analysis import Matrix, RowOptions, analyse_batch
 from layerscope.spectral.cache import ScanCache
 from layerscope.spectral.columns import layer_summary, scan_columns
 from layerscope.spectral.coverage import config_depth, described, listed_once, not_analysed, wanted
 from layerscope.spectral.options import ScanOptions
-from layerscope.spectral.rank import WEAK_RANK_TOLERANCE
 
 __all__ = ["ScanOptions", "layer_summary", "scan", "scan_checkpoint"]
 from layerscope.tables import integer_columns
@@ -102,7 +101,7 @@ def scan_checkpoint(ckpt: Checkpoint, opts: ScanOptions) -> pd.DataFrame:
     reused = sum(count for _, count, _ in outcomes)
     rows = [row for index in range(len(selected)) for row in results[index]]
 
-    table = integer_columns(pd.DataFrame(rows, columns=scan_columns(opts.estimators)))
+    table = integer_columns(pd.DataFrame(rows, columns=scan_columns(opts.estimators, opts.fix_fingers is not None)))
     _require_layer_matrices(ckpt, table, opts)
     table.attrs.update(
         path=str(ckpt.path) if ckpt.tree is not None else str(Path(ckpt.path).resolve()),  # valid from any folder
@@ -177,7 +176,7 @@ class _RankWork:
         try:
             with tqdm(total=total, unit="matrix", desc="scan", disable=(not show) or None) as bar:
                 analyser = _Analyser(device, dtype, opts.estimators, bar, progress, threads.cores(opts.threads),
-                                     opts.tolerance)
+                                     opts.row_options())
                 to_compute = []
                 for index in self.mine:
                     info, role = self.selected[index]
@@ -223,9 +222,9 @@ class _Analyser:
     Rows are collected here, in submission order, so the cache and the table see one writer."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype, estimators: tuple[str, ...], bar: tqdm,
-                 progress: _Progress, total_threads: int, tolerance: float = WEAK_RANK_TOLERANCE):
+                 progress: _Progress, total_threads: int, options: RowOptions):
         self.device, self.dtype, self.estimators, self.bar, self.progress = device, dtype, estimators, bar, progress
-        self.tolerance = tolerance
+        self.options = options
         self.total = total_threads
         parallel = device.type == "cpu" and total_threads > 1
         self.pool = ThreadPoolExecutor(total_threads, thread_name_prefix="layerscope-esd") if parallel else None
@@ -239,13 +238,13 @@ class _Analyser:
             count = plan.intra_op if self.device.type == "cpu" else torch.get_num_threads()
             with threads.compute_threads(count):
                 self.progress.collect(items, analyse_batch(items, self.device, self.dtype, self.estimators, self.bar,
-                                                           self.tolerance))
+                                                           self.options))
             return
         if self.single is None:
             self.single = threads.compute_threads(1)
             self.single.__enter__()
         self.inflight.append((items, self.pool.submit(analyse_batch, items, self.device, self.dtype,
-                                                      self.estimators, self.bar, self.tolerance)))
+                                                      self.estimators, self.bar, self.options)))
         while len(self.inflight) > plan.workers:  # bounded: about one batch per worker in memory
             self._collect_oldest()
 
@@ -322,7 +321,8 @@ class _Progress:
 def _cache_settings(opts: ScanOptions, device: torch.device, dtype: torch.dtype) -> dict:
     return {"estimators": list(opts.estimators), "precision": opts.precision, "dtype": str(dtype),
             "device": device.type, "split_fused": opts.split_fused,
-            **({"tolerance": opts.tolerance} if "rank" in opts.estimators else {})}
+            **({"tolerance": opts.tolerance} if "rank" in opts.estimators else {}),
+            **({"fingers": [opts.fix_fingers, opts.max_fingers, opts.finger_thresh]} if opts.fix_fingers else {})}
 
 
 def _prefetched(ckpt: Checkpoint, selected: list[tuple[LogicalTensor, TensorRole]]
