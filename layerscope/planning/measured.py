@@ -20,6 +20,7 @@ from layerscope.planning.strategies import EXPERTS_PER_LAYER, LayerAllocation, S
 
 VALUE_SCHEMA = "layerscope.layer-value/1"
 VALUE_ESTIMATES = ("add", "drop")
+PER_MILLION = 1e6
 
 
 SENSITIVITY_UNITS = ("experts", "ranks")
@@ -117,7 +118,7 @@ def value(inputs: PlanInputs, value=None, estimate: str = "add", unit: str | Non
         raise LayerscopeError(f"--unit {unit!r}: expected experts or ranks")
     layers = inputs.layers
     per_layer = _value_by_layer(table, layers, estimate, str(value) if isinstance(value, (str, Path)) else "value")
-    v = [per_layer[layer] for layer in layers]
+    v = [per_layer[layer] * PER_MILLION for layer in layers]  # the plan's v_i: value per million parameters
     weights = [max(0.0, x) for x in v]
     if not any(weights):
         raise LayerscopeError(f"{value}: no group of layers gained from capacity ({estimate} values all <= 0); "
@@ -138,7 +139,7 @@ def value(inputs: PlanInputs, value=None, estimate: str = "add", unit: str | Non
 
         params.update(total_experts=total, rank=rank, top_k=top_k, min_experts=min_experts)
         scale = Scale("experts", total, max(1, min_experts) * len(layers), allocate, weights, "total_experts")
-        return StrategyResult("value", params, allocate(total), scale, metric=f"value_{estimate}")
+        return StrategyResult("value", params, allocate(total), scale, metric=f"value_{estimate}_per_million")
     base = base_rank if base_rank is not None else int(uniform["rank"]) if table["unit"] == "ranks" else 8
 
     def allocate_ranks(base_value: int) -> list[LayerAllocation]:
@@ -147,7 +148,7 @@ def value(inputs: PlanInputs, value=None, estimate: str = "add", unit: str | Non
 
     params.update(base_rank=base, min_rank=min_rank)
     scale = Scale("rank", base, max(1, min_rank), allocate_ranks, weights, "base_rank")
-    return StrategyResult("value", params, allocate_ranks(base), scale, metric=f"value_{estimate}")
+    return StrategyResult("value", params, allocate_ranks(base), scale, metric=f"value_{estimate}_per_million")
 
 
 def read_value_table(source, fingerprint: str | None) -> dict:
