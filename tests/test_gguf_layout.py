@@ -296,7 +296,7 @@ def test_a_dequantization_failure_names_the_file_and_the_tensor(tmp_path, monkey
     """Whatever gguf.quants raises on a tensor's bytes becomes one line naming the file, the tensor, its type and
     shape (gguf's own messages — 'cannot reshape array of size ...' — name neither)."""
     pytest.importorskip("transformers")
-    from layerscope.checkpoint import ggufread
+    from layerscope.checkpoint import ggufquant
     from layerscope.checkpoint.reader import open_checkpoint
 
     path = _llama_file(tmp_path / "model.gguf")
@@ -305,7 +305,7 @@ def test_a_dequantization_failure_names_the_file_and_the_tensor(tmp_path, monkey
     def broken(*_args, **_kwargs):
         raise ValueError("cannot reshape array of size 66784 into shape (576,360)")
 
-    monkeypatch.setattr(ggufread, "dequantize", broken)
+    monkeypatch.setattr(ggufquant, "dequantize", broken)
     with pytest.raises(LayerscopeError) as info:
         checkpoint.load("model.layers.0.mlp.up_proj.weight")
     assert str(info.value) == (f"{path}: tensor 'model.layers.0.mlp.up_proj.weight' (F32, shape [128, 64]) cannot be "
