@@ -45,25 +45,11 @@ def sensitivity(inputs: PlanInputs, scores=None, unit: str = "experts", beta: fl
     v = [values[layer] for layer in layers]
     powered = [x**beta for x in v]
     params = dict(unit=unit, beta=beta)
+    shares = _Shares("sensitivity", layers, powered, v, params, "sensitivity")
     if unit == "experts":
-        total_experts = total_experts if total_experts is not None else EXPERTS_PER_LAYER * len(layers)
-
-        def allocate(total: int) -> list[LayerAllocation]:
-            counts = largest_remainder(powered, total, min_experts)
-            return [LayerAllocation(layer, c, rank, _top_k(c, top_k), metric=val)
-                    for layer, c, val in zip(layers, counts, v)]
-
-        params.update(total_experts=total_experts, rank=rank, top_k=top_k, min_experts=min_experts)
-        scale = Scale("experts", total_experts, max(1, min_experts) * len(layers), allocate, powered, "total_experts")
-        return StrategyResult("sensitivity", params, allocate(total_experts), scale, metric="sensitivity")
-
-    def allocate_ranks(base: int) -> list[LayerAllocation]:
-        ranks = largest_remainder(powered, base * len(layers), min_rank)
-        return [LayerAllocation(layer, 1, r, 1, metric=val) for layer, r, val in zip(layers, ranks, v)]
-
-    params.update(base_rank=base_rank, min_rank=min_rank)
-    scale = Scale("rank", base_rank, max(1, min_rank), allocate_ranks, powered, "base_rank")
-    return StrategyResult("sensitivity", params, allocate_ranks(base_rank), scale, metric="sensitivity")
+        total = total_experts if total_experts is not None else EXPERTS_PER_LAYER * len(layers)
+        return shares.experts(total, rank, top_k, min_experts)
+    return shares.ranks(base_rank, min_rank)
 
 
 def _sensitivity_by_layer(scores, layers: list[int], fingerprint: str) -> dict[int, float]:
@@ -126,29 +112,44 @@ def value(inputs: PlanInputs, value=None, estimate: str = "add", unit: str | Non
     uniform = table["uniform"]
     params = dict(value=str(value) if isinstance(value, (str, Path)) else "in-memory table", estimate=estimate,
                   unit=unit)
+    shares = _Shares("value", layers, weights, v, params, f"value_{estimate}_per_million")
     if unit == "experts":
-        rank = rank if rank is not None else int(uniform["rank"])
-        top_k = top_k if top_k is not None else int(uniform["top_k"])
         measured_experts = int(uniform["experts"]) if table["unit"] == "experts" else EXPERTS_PER_LAYER
         total = total_experts if total_experts is not None else measured_experts * len(layers)
-
-        def allocate(count: int) -> list[LayerAllocation]:
-            counts = largest_remainder(weights, count, min_experts)
-            return [LayerAllocation(layer, c, rank, _top_k(c, top_k), metric=val)
-                    for layer, c, val in zip(layers, counts, v)]
-
-        params.update(total_experts=total, rank=rank, top_k=top_k, min_experts=min_experts)
-        scale = Scale("experts", total, max(1, min_experts) * len(layers), allocate, weights, "total_experts")
-        return StrategyResult("value", params, allocate(total), scale, metric=f"value_{estimate}_per_million")
+        return shares.experts(total, rank if rank is not None else int(uniform["rank"]),
+                              top_k if top_k is not None else int(uniform["top_k"]), min_experts)
     base = base_rank if base_rank is not None else int(uniform["rank"]) if table["unit"] == "ranks" else 8
+    return shares.ranks(base, min_rank)
 
-    def allocate_ranks(base_value: int) -> list[LayerAllocation]:
-        ranks = largest_remainder(weights, base_value * len(layers), min_rank)
-        return [LayerAllocation(layer, 1, r, 1, metric=val) for layer, r, val in zip(layers, ranks, v)]
 
-    params.update(base_rank=base, min_rank=min_rank)
-    scale = Scale("rank", base, max(1, min_rank), allocate_ranks, weights, "base_rank")
-    return StrategyResult("value", params, allocate_ranks(base), scale, metric=f"value_{estimate}_per_million")
+class _Shares:
+    """Capacity in proportion to per-layer ``weights``: experts at one rank, or ranks of one expert per module,
+    each layer keeping its minimum, the shares rounded by largest remainder; ``values`` are the plan's v_i."""
+
+    def __init__(self, name: str, layers: list[int], weights: list[float], values: list[float], params: dict,
+                 metric: str):
+        self.name, self.layers, self.weights, self.values = name, layers, weights, values
+        self.params, self.metric = params, metric
+
+    def experts(self, total: int, rank: int, top_k: int, min_experts: int) -> StrategyResult:
+        def allocate(count: int) -> list[LayerAllocation]:
+            counts = largest_remainder(self.weights, count, min_experts)
+            return [LayerAllocation(layer, c, rank, _top_k(c, top_k), metric=val)
+                    for layer, c, val in zip(self.layers, counts, self.values)]
+
+        params = {**self.params, "total_experts": total, "rank": rank, "top_k": top_k, "min_experts": min_experts}
+        scale = Scale("experts", total, max(1, min_experts) * len(self.layers), allocate, self.weights,
+                      "total_experts")
+        return StrategyResult(self.name, params, allocate(total), scale, metric=self.metric)
+
+    def ranks(self, base: int, min_rank: int) -> StrategyResult:
+        def allocate(base_value: int) -> list[LayerAllocation]:
+            ranks = largest_remainder(self.weights, base_value * len(self.layers), min_rank)
+            return [LayerAllocation(layer, 1, r, 1, metric=val) for layer, r, val in zip(self.layers, ranks, self.values)]
+
+        params = {**self.params, "base_rank": base, "min_rank": min_rank}
+        scale = Scale("rank", base, max(1, min_rank), allocate, self.weights, "base_rank")
+        return StrategyResult(self.name, params, allocate(base), scale, metric=self.metric)
 
 
 def read_value_table(source, fingerprint: str | None) -> dict:
