@@ -1,6 +1,6 @@
 """One model type through the whole pipeline, as transformers builds it: the zoo's assertions.
 
-:func:`check` builds the tiny model, saves it, scans it and asserts that every Linear inside a block
+:func:`check` builds the tiny model, saves it, scans it (in memory too: the same rows) and asserts that every Linear inside a block
 maps to its stack, layer and live module name with a role; plans it (one expert per module and a
 mixture), exports the one-expert plan to PEFT and builds it with real PEFT (exactly the planned
 modules adapted), and applies the mixture with the runtime (output unchanged at initialisation,
@@ -87,6 +87,29 @@ def inconsistent_roles(table) -> dict[str, list[str]]:
     return {path: sorted(found) for path, found in roles.items() if len(found) > 1}
 
 
+IDENTITY = ["name", "tensor", "kind", "stack", "layer", "stack_layer", "role", "module", "expert", "part", "N", "M"]
+
+
+def same_rows_in_memory(model, folder_table) -> None:
+    """The model in memory scans to its saved folder's rows: the same names, roles and values, in the same order
+    (a model transformers fused on load is seen in its stored layout)."""
+    import numpy as np
+
+    from layerscope import scan
+
+    memory = scan(model, estimators=("alpha_hill",), progress=False)
+    ours, theirs = (t[IDENTITY].astype(object).where(t[IDENTITY].notna(), "").astype(str).reset_index(drop=True)
+                    for t in (memory, folder_table))
+    assert list(ours["name"]) == list(theirs["name"]), \
+        f"in memory {sorted(set(ours['name']) ^ set(theirs['name']))[:4]} differ from the folder's rows"
+    for column in IDENTITY:
+        differ = ours[column] != theirs[column]
+        assert not differ.any(), f"{column} of {ours['name'][differ].iloc[0]}: {ours[column][differ].iloc[0]!r} in " \
+                                 f"memory, {theirs[column][differ].iloc[0]!r} from the folder"
+    np.testing.assert_allclose(memory["alpha_hill"].to_numpy(float), folder_table["alpha_hill"].to_numpy(float),
+                               rtol=1e-9, equal_nan=True)
+
+
 def check(entry: ZooEntry, folder: Path) -> dict:
     from peft import LoraConfig, get_peft_model
 
@@ -101,6 +124,7 @@ def check(entry: ZooEntry, folder: Path) -> dict:
         warnings.simplefilter("ignore")
         model.save_pretrained(folder)
     table = scan(folder, estimators=("alpha_hill",), progress=False)
+    same_rows_in_memory(model, table)
     facts = {"naming": table.attrs["naming"], "stacks": table.attrs["stacks"], "towers": table.attrs["towers"],
              "live_names": table.attrs["live_names"]}
     assert table.attrs["live_names"], table.attrs.get("live_names_note")

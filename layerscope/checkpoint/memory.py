@@ -1,9 +1,13 @@
 """A model already in memory (``torch.nn.Module``) as a checkpoint: its parameters are the tensors.
 
-Tensor names are the module's own parameter names (for a transformers model, the names its checkpoint
-loads under), the config is the model's ``config`` (none for a plain torch module), and the module tree is
-the model itself — nothing is built on the meta device.  A parameter shared by two modules (a tied LM
-head) is one tensor under its first name, as ``save_pretrained`` stores it once.  Quantized modules go
+Tensor names are the ones ``save_pretrained`` writes: a transformers model that fused weights on load (the
+experts of Qwen3-MoE or Mixtral become one 3-D ``experts.gate_up_proj``) is seen in its stored layout, each
+expert's ``gate_proj`` / ``up_proj`` / ``down_proj`` apart, by transformers' own reverse conversion, one fused
+parameter at a time and only when read.  The config is the model's ``config`` (none for a plain torch module).
+The module tree is the model itself (nothing is built on the meta device), except for the model types the
+naming tables verify: those are named by the tables, as their saved folders are.  So a model in memory gives
+the rows of its saved folder, with the same names in the same order.  A parameter shared by two modules (a
+tied LM head) is one tensor under its first name, as ``save_pretrained`` stores it once.  Quantized modules go
 through the same recognition as stored checkpoints: bitsandbytes int8 layers (their state dict holds the
 int8 ``weight`` and ``SCB``) are dequantized exactly; any other integer or packed weight is refused by name.
 
@@ -20,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from layerscope.checkpoint.modeltree import ModelTree, tree_of_model
+from layerscope.checkpoint.modeltree import ModelTree, live_renamer, table_verified, tree_of_model
 from layerscope.checkpoint.reader import SAFETENSORS_DTYPE, Checkpoint, TensorInfo, natural_key
 from layerscope.errors import LayerscopeError
 
@@ -34,26 +38,36 @@ def checkpoint_of_module(model: torch.nn.Module, label: str | None = None,
     if not isinstance(model, torch.nn.Module):
         raise LayerscopeError(f"expected a path or a torch.nn.Module, got {type(model).__name__}")
     tensors: dict[str, TensorInfo] = {}
-    seen: dict[int, str] = {}
+    seen: dict[tuple, str] = {}
+    stored_layout = _stored_layout(model) if rename is None else None
     for stored, tensor in _named_weights(model):
         name = rename(stored) if rename is not None else stored
         if name is None:
             continue
         if tensor.device.type == "meta":
             raise LayerscopeError(f"{name}: on the meta device (no values); load the weights first")
-        key = id(tensor)
+        key = _storage_key(name, tensor)
         if key in seen:  # tied: stored once
             continue
         seen[key] = name
         dtype = SAFETENSORS_DTYPE.get(tensor.dtype)
         if dtype is None:
             raise LayerscopeError(f"{name}: dtype {tensor.dtype} is not one layerscope reads")
-        tensors[name] = TensorInfo(name=name, file=MEMORY_FILE, dtype=dtype, shape=tuple(tensor.shape), begin=0,
-                                   end=0, container="memory", value=tensor)
+        parts = stored_layout(name, tensor) if stored_layout is not None else None
+        if parts is None:
+            tensors[name] = TensorInfo(name=name, file=MEMORY_FILE, dtype=dtype, shape=tuple(tensor.shape), begin=0,
+                                       end=0, container="memory", value=tensor)
+            continue
+        for part, (shape, load) in parts.items():
+            tensors[part] = TensorInfo(name=part, file=MEMORY_FILE, dtype=dtype, shape=shape, begin=0, end=0,
+                                       container="memory", value=load)
     config = _config_of(model)
     checkpoint = Checkpoint(path=Path(label or f"<{type(model).__name__} in memory>"), files=[],
                             tensors=_in_file_order(tensors), config=config)
-    checkpoint.tree = tree_of_model(model)
+    if stored_layout is not None and table_verified(config):
+        checkpoint.tree = None  # named by the naming tables, as its saved folder is (rows, names and order alike)
+    else:
+        checkpoint.tree = tree_of_model(model, live_renamer(model) if stored_layout is not None else None)
     if rename is not None:  # the tree speaks the scanned names too: wrapped Linears under their own names
         checkpoint.tree = renamed_tree(checkpoint.tree, rename)
     return checkpoint
@@ -110,6 +124,55 @@ def renamed_tree(tree: ModelTree, rename: Callable[[str], str | None]) -> ModelT
     modules = frozenset(filter(None, (module_name(p) for p in tree.modules)))
     conv1d = frozenset(filter(None, (module_name(p) for p in tree.conv1d)))
     return replace(tree, linears=linears, modules=modules | frozenset(s.path for s in tree.stacks), conv1d=conv1d)
+
+
+StoredLayout = Callable[[str, torch.Tensor], "dict[str, tuple[tuple[int, ...], Callable[[], torch.Tensor]]] | None"]
+
+
+def _stored_layout(model: torch.nn.Module) -> StoredLayout | None:
+    """live parameter → {stored name: (shape, loader)} where transformers converted it on load (None where it
+    did not), or None for a model transformers does not convert.  Shapes come from reverting a meta-device
+    stand-in; the values are reverted when first read, and the last few conversions are kept, so a layer's
+    experts are split once and a large model is never held twice."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:
+        return None
+    if not hasattr(model, "config") or not hasattr(model, "base_model_prefix"):
+        return None
+    recent: dict[str, dict[str, torch.Tensor]] = {}
+
+    def reverted(live: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        if live not in recent:
+            while len(recent) >= 4:
+                recent.pop(next(iter(recent)))
+            recent[live] = {k: v.detach() for k, v in revert_weight_conversion(model, {live: tensor}).items()}
+        return recent[live]
+
+    def layout(live: str, tensor: torch.Tensor):
+        try:
+            stand_in = revert_weight_conversion(model, {live: torch.empty(tensor.shape, dtype=tensor.dtype,
+                                                                          device="meta")})
+        except Exception:  # noqa: BLE001 - a parameter transformers cannot revert is seen under its live name
+            return None
+        if list(stand_in) == [live]:
+            return None
+        return {name: (tuple(value.shape), _loader(reverted, live, tensor, name))
+                for name, value in stand_in.items()}
+
+    return layout
+
+
+def _loader(reverted, live: str, tensor: torch.Tensor, name: str) -> Callable[[], torch.Tensor]:
+    return lambda: reverted(live, tensor)[name]
+
+
+def _storage_key(name: str, tensor: torch.Tensor) -> tuple:
+    """Tensors with one key are one weight (tied parameters share storage; each ``detach()`` is a new object)."""
+    if tensor.numel() == 0:
+        return (name,)
+    return (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()),
+            tensor.dtype)
 
 
 def _named_weights(model: torch.nn.Module):

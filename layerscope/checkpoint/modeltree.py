@@ -289,7 +289,7 @@ def _build_tree(config: dict, config_file: Path | None) -> tuple[ModelTree | Non
         model = _meta_model(config, config_file)
     except Exception as exc:  # noqa: BLE001 - any failure means "use the naming tables"
         return None, f"transformers cannot build {config.get('model_type')}: {type(exc).__name__}"
-    return tree_of_model(model, _renamer(model)), None
+    return tree_of_model(model, live_renamer(model)), None
 
 
 def _meta_model(config_dict: dict, config_file: Path | None):
@@ -327,7 +327,7 @@ def _build_on_meta(transformers, torch, config_dict: dict, config_file: Path | N
     raise ValueError("no auto class builds this config")
 
 
-def _renamer(model) -> Callable[[str], tuple[str, bool]]:
+def live_renamer(model) -> Callable[[str], tuple[str, bool]]:
     """checkpoint key → (live parameter name, converted), by transformers' own conversion mapping."""
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,7 +47,8 @@ class TensorInfo:
     end: int
     container: str = "safetensors"  # or "torch" (pytorch_model.bin, read through torch.load) or "gguf"
     gguf_heads: int | None = None  # GGUF Q/K: the head count of llama.cpp's row permutation, undone on read
-    value: torch.Tensor | None = field(default=None, compare=False, repr=False)  # container "memory": the tensor
+    # container "memory": the tensor, or a function that makes it when read (a weight fused in memory)
+    value: torch.Tensor | Callable[[], torch.Tensor] | None = field(default=None, compare=False, repr=False)
 
     @property
     def nbytes(self) -> int:
@@ -370,7 +372,7 @@ def read_raw(info: TensorInfo) -> bytearray:
 def read_tensor(info: TensorInfo, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Read exactly one tensor's bytes from disk; optionally upcast (e.g. BF16 → float32)."""
     if info.container == "memory":
-        tensor = info.value
+        tensor = info.value() if callable(info.value) else info.value
         return tensor if dtype is None else tensor.to(dtype)
     if info.container == "torch":
         tensor = _torch_load(info.file)[info.name].clone()  # the mapping is dropped; only this tensor stays

@@ -104,7 +104,7 @@ def scan_checkpoint(ckpt: Checkpoint, opts: ScanOptions) -> pd.DataFrame:
     table = integer_columns(pd.DataFrame(rows, columns=scan_columns(opts.estimators, opts.fix_fingers is not None)))
     _require_layer_matrices(ckpt, table, opts)
     table.attrs.update(
-        path=str(ckpt.path) if ckpt.tree is not None else str(Path(ckpt.path).resolve()),  # valid from any folder
+        path=str(ckpt.path) if not ckpt.files else str(Path(ckpt.path).resolve()),  # valid from any folder
         architecture=ckpt.architecture,
         model_type=ckpt.config.get("model_type"),
         **model_facts(scheme, tree, ckpt.config),
