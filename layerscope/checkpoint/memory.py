@@ -39,6 +39,7 @@ def checkpoint_of_module(model: torch.nn.Module, label: str | None = None,
         raise LayerscopeError(f"expected a path or a torch.nn.Module, got {type(model).__name__}")
     tensors: dict[str, TensorInfo] = {}
     seen: dict[tuple, str] = {}
+    fused_into: dict[str, str] = {}
     stored_layout = _stored_layout(model) if rename is None else None
     for stored, tensor in _named_weights(model):
         name = rename(stored) if rename is not None else stored
@@ -61,9 +62,11 @@ def checkpoint_of_module(model: torch.nn.Module, label: str | None = None,
         for part, (shape, load) in parts.items():
             tensors[part] = TensorInfo(name=part, file=MEMORY_FILE, dtype=dtype, shape=shape, begin=0, end=0,
                                        container="memory", value=load)
+            if len(parts) > 1:
+                fused_into[part] = name
     config = _config_of(model)
     checkpoint = Checkpoint(path=Path(label or f"<{type(model).__name__} in memory>"), files=[],
-                            tensors=_in_file_order(tensors), config=config)
+                            tensors=_in_file_order(tensors), config=config, fused_into=fused_into)
     if stored_layout is not None and table_verified(config):
         checkpoint.tree = None  # named by the naming tables, as its saved folder is (rows, names and order alike)
     else:

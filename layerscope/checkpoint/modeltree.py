@@ -55,9 +55,9 @@ class ModelTree:
     is_encoder_decoder: bool = False
     conv1d: frozenset[str] = frozenset()  # modules stored (in, out), like GPT-2's Conv1D
     modules: frozenset[str] = frozenset()  # every module path
-    # checkpoint key → (live key, converted): converted keys were fused or split on load, so the
-    # live key is not the stored tensor's own; the key after the plain renamings is returned then.
-    rename: Callable[[str], tuple[str, bool]] = field(default=lambda key: (key, False), repr=False)
+    # checkpoint key → (live key, fused parameter): a key fused or split on load has no live parameter of its
+    # own; its live key is then the key after the plain renamings, and the second item names the parameter.
+    rename: Callable[[str], tuple[str, str | None]] = field(default=lambda key: (key, None), repr=False)
     expert_stacks: frozenset[str] = frozenset()  # non-Linear modules holding one weight matrix per expert
     grouped: frozenset[str] = frozenset()  # Linear subclasses that apply their weight in groups (not y = Wx)
 
@@ -86,6 +86,10 @@ class ModelTree:
     def live_name(self, checkpoint_name: str) -> str:
         """The live parameter name of a stored tensor (after transformers' renamings, before any fusing)."""
         return self.rename(checkpoint_name)[0]
+
+    def fused_parameter(self, checkpoint_name: str) -> str | None:
+        """The live parameter transformers merges a stored tensor into on load (its fused experts), else None."""
+        return self.rename(checkpoint_name)[1]
 
     def is_linear(self, module: str) -> bool:
         """A plain Linear in the live model; a block beyond the configured depth (the tensors have more
@@ -130,7 +134,7 @@ def model_facts(scheme, tree: ModelTree | None, config: dict | None = None) -> d
     return facts
 
 
-def tree_of_model(model, rename: Callable[[str], tuple[str, bool]] | None = None) -> ModelTree:
+def tree_of_model(model, rename: Callable[[str], tuple[str, str | None]] | None = None) -> ModelTree:
     """The tree of a built torch model (a live one, or one on the meta device)."""
     from torch import nn
 
@@ -166,7 +170,7 @@ def tree_of_model(model, rename: Callable[[str], tuple[str, bool]] | None = None
             stacks.add(name)
     return ModelTree(named, linears, type(model).__name__, bool(getattr(config, "is_encoder_decoder", False)),
                      frozenset(conv1d), frozenset(name for name, _ in model.named_modules()),
-                     rename or (lambda key: (key, False)), frozenset(stacks), frozenset(grouped))
+                     rename or (lambda key: (key, None)), frozenset(stacks), frozenset(grouped))
 
 
 def _holds_expert_stack(module, experts: int | None) -> bool:
@@ -327,13 +331,17 @@ def _build_on_meta(transformers, torch, config_dict: dict, config_file: Path | N
     raise ValueError("no auto class builds this config")
 
 
-def live_renamer(model) -> Callable[[str], tuple[str, bool]]:
-    """checkpoint key → (live parameter name, converted), by transformers' own conversion mapping."""
+def live_renamer(model) -> Callable[[str], tuple[str, str | None]]:
+    """checkpoint key → (live parameter name, fused parameter), by transformers' own conversion mapping.
+
+    The live name is the key after the plain renamings; the fused parameter is the live parameter a converter
+    merges the key into on load (``model.layers.0.mlp.experts.gate_up_proj`` for expert 3's ``up_proj``), else
+    None."""
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
     except ImportError:  # transformers 4.x: keys load under their stored names
-        return lambda key: (key, False)
+        return lambda key: (key, None)
     transforms = get_model_conversion_mapping(model)
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
@@ -342,14 +350,14 @@ def live_renamer(model) -> Callable[[str], tuple[str, bool]]:
     prefix = getattr(model, "base_model_prefix", None) or None
 
     @cache
-    def rename(key: str) -> tuple[str, bool]:
+    def rename(key: str) -> tuple[str, str | None]:
         try:
             renamed, converter = rename_source_key(key, renamings, converters, prefix, live)
             if converter is None:
-                return renamed, False
-            return rename_source_key(key, renamings, [], prefix, live)[0], True
+                return renamed, None
+            return rename_source_key(key, renamings, [], prefix, live)[0], renamed
         except Exception:  # noqa: BLE001 - a key transformers cannot place keeps its stored name
-            return key, False
+            return key, None
 
     return rename
 

@@ -71,6 +71,7 @@ class Checkpoint:
     config: dict = field(default_factory=dict)
     tree: object | None = None  # a model in memory: its own module tree (checkpoint.modeltree.ModelTree)
     missing: list[str] = field(default_factory=list)  # weight matrices the architecture expects and the file lacks
+    fused_into: dict[str, str] = field(default_factory=dict)  # a model in memory: stored name → its fused parameter
 
     @property
     def names(self) -> list[str]:

@@ -9,8 +9,9 @@ import pandas as pd
 from layerscope import names
 from layerscope.checkpoint.naming import TARGET_KINDS
 
+# parameter: for an expert matrix, the live 3-D parameter holding it (what PEFT's target_parameters names)
 IDENTITY_COLUMNS = ["name", "tensor", "file", "kind", "stack", "layer", "stack_layer", "role", "mixer", "module", "expert",
-                    "part", "dtype", "quantization", "shape", "out_features", "in_features"]
+                    "parameter", "part", "dtype", "quantization", "shape", "out_features", "in_features"]
 
 
 FIT_COLUMNS = {

@@ -15,6 +15,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from layerscope.checkpoint.fusion import expert_parameters
 from layerscope.checkpoint.modeltree import TABLE_VERIFIED, model_facts, tree_for_checkpoint
 from layerscope.checkpoint.naming import TARGET_KINDS, NamingScheme, TensorRole, detect_scheme, scheme_by_name
 from layerscope.checkpoint.quantization import LogicalTensor, load_logical, logical_tensors
@@ -103,6 +104,9 @@ def scan_checkpoint(ckpt: Checkpoint, opts: ScanOptions) -> pd.DataFrame:
 
     table = integer_columns(pd.DataFrame(rows, columns=scan_columns(opts.estimators, opts.fix_fingers is not None)))
     _require_layer_matrices(ckpt, table, opts)
+    parameters = expert_parameters(ckpt, tree, selected)
+    if parameters:
+        table["parameter"] = table["tensor"].map(parameters).where(table["kind"] == "expert")
     table.attrs.update(
         path=str(ckpt.path) if not ckpt.files else str(Path(ckpt.path).resolve()),  # valid from any folder
         architecture=ckpt.architecture,
