@@ -50,7 +50,7 @@ def test_peft_key_check_catches_a_wrong_module_name(hilo, folder):
     broken = layerscope.Plan(document, source="broken.json")
     with pytest.raises(LayerscopeError, match="planned module model.layers.1.self_attn.qq_proj is not in"):
         export_plan(broken, "peft", check_model=folder)  # the model check names it first
-    with pytest.raises(LayerscopeError, match=r"rank_pattern key 'model\\\\.layers\\\\.1\\\\.self_attn\\\\.qq_proj' "
+    with pytest.raises(LayerscopeError, match=r"target_modules entry 'model\.layers\.1\.self_attn\.qq_proj' "
                                               r"matches 0 modules"):
         export_plan(broken, "peft", check_model=folder, allow_other_model=True)  # and the key check still does
     export_plan(hilo, "peft", check_model=folder)  # the real plan passes

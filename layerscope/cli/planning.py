@@ -59,12 +59,14 @@ from layerscope.outputs import check_writable
 @click.option("--budget-ratio", type=float, help="Budget as a multiple of one rank-r LoRA on every target module.")
 @click.option("--reference-rank", type=int, default=8, show_default=True, help="r of the uniform baselines.")
 @click.option("--reference-experts", type=int, default=8, show_default=True, help="Experts of the uniform MoE baseline.")
-@click.option("--target-roles", help="Comma-separated roles to adapt (default: every projection).")
+@click.option("--target-roles", help="Comma-separated roles to adapt (default: every projection; a MoE model's "
+              "expert MLPs only when gate,up,down are named: PEFT adapts them as target_parameters).")
 @click.option("--expert-type", type=click.Choice(["lora", "mor"]), default="lora", show_default=True)
 @click.option("--lora-alpha", type=float, default=16.0, show_default=True,
               help="lora_alpha of every module (MoLA/AlphaLoRA train with 16).")
 @click.option("--alpha-scale", type=float, help="Instead: lora_alpha = scale x rank (constant alpha/r).")
-@click.option("--dropout", type=float, default=0.05, show_default=True)
+@click.option("--dropout", type=float, help="LoRA dropout [default: 0.05; 0 for a plan of fused expert MLPs, "
+              "which PEFT trains without dropout].")
 @click.option("--init", type=click.Choice(["kaiming-uniform", "gaussian"]), default="kaiming-uniform",
               show_default=True, help="Initialisation of A (B starts at zero).")
 @click.option("--aux-loss-coef", type=float, default=0.0, show_default=True,

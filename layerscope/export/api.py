@@ -17,6 +17,7 @@ from layerscope.export.formats import (
 from layerscope.export.trainers import (
     check_peft_keys,
     checkpoint_module_names,
+    checkpoint_parameter_names,
     export_modules,
     mixlora_json,
     to_axolotl_yaml,
@@ -42,13 +43,18 @@ def export_plan(plan: Plan, fmt: str, out: Path | None = None, *, round_ranks: s
         require_same_model(plan_difference(plan, shapes, num_layers, fingerprint, str(check_model)),
                            plan.source, allow_other_model)
     modules = export_modules(plan, round_ranks)
+    fused = [m["name"] for m in modules if "model_experts" in m]
+    if fused and fmt not in ("peft", "csv"):
+        raise LayerscopeError(f"{plan.source}: --format {fmt} cannot target the model's fused expert MLPs "
+                              f"({fused[0]}); export --format peft (target_parameters)")
     base = base_model(plan, check_model)
     if round_ranks is not None and fmt == "mola":
         raise LayerscopeError("--round-ranks applies to the peft, axolotl, mixlora and csv exports")
     if fmt == "peft":
         config = to_peft_config(plan, base, modules=modules)
         if check_model is not None:
-            check_peft_keys(config, checkpoint_module_names(str(check_model)), str(check_model))
+            check_peft_keys(config, checkpoint_module_names(str(check_model)), str(check_model),
+                            checkpoint_parameter_names(str(check_model)))
         text = json.dumps(config, indent=2) + "\n"
     elif fmt == "mola":
         args = to_mola_args(plan)
@@ -65,7 +71,8 @@ def export_plan(plan: Plan, fmt: str, out: Path | None = None, *, round_ranks: s
         text = to_axolotl_yaml(plan, modules, base)
         if check_model is not None:
             config = to_peft_config(plan, base, modules=modules)
-            check_peft_keys(config, checkpoint_module_names(str(check_model)), str(check_model))
+            check_peft_keys(config, checkpoint_module_names(str(check_model)), str(check_model),
+                            checkpoint_parameter_names(str(check_model)))
     elif fmt == "mixlora":
         text = mixlora_json(plan, modules, base)
     else:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from layerscope.errors import LayerscopeError
-from layerscope.planning.accounting import module_params
+from layerscope.planning.accounting import planned_module_params
 from layerscope.planning.plan import Plan
 
 
@@ -39,7 +39,9 @@ def to_peft_config(plan: Plan, base_model_name_or_path: str | None = None, modul
     """A LoraConfig-compatible dict; every planned module is named in rank/alpha patterns.
 
     Pattern keys are escaped full module paths (``model\\.layers\\.3\\.self_attn\\.q_proj``):
-    PEFT matches them as ``(.*\\.)?(key)$``, so ``layers.1`` can never match ``layers.11``.
+    PEFT matches them as ``(.*\\.)?(key)$``, so ``layers.1`` can never match ``layers.11``.  A model's fused
+    expert MLPs (``model.layers.3.mlp.experts.gate_up_proj``) go in ``target_parameters``; PEFT keys their
+    patterns by the same full path and trains one LoRA per expert, without dropout.
     """
     if plan.document["expert_type"] != "lora":
         raise LayerscopeError(f"{plan.source}: expert_type {plan.document['expert_type']!r} has no PEFT equivalent; "
@@ -54,17 +56,22 @@ def to_peft_config(plan: Plan, base_model_name_or_path: str | None = None, modul
     modules = plan.modules() if modules is None else modules
     if not modules:
         raise LayerscopeError(f"{plan.source}: no module has an adapter")
-    _check_peft_moe_renames(plan, modules)
-    _check_peft_mamba(plan, modules)
+    linears = [m for m in modules if "model_experts" not in m]
+    parameters = [m for m in modules if "model_experts" in m]
+    _check_peft_moe_renames(plan, linears)
+    _check_peft_mamba(plan, linears)
     lora = plan.document["lora"]
-    return {
+    if parameters and lora["dropout"]:
+        raise LayerscopeError(f"{plan.source}: lora.dropout is {lora['dropout']}, but PEFT adapts fused expert "
+                              f"parameters ({parameters[0]['name']}) without dropout; plan with --dropout 0")
+    config = {
         "peft_type": "LORA",
         "task_type": plan.model.get("task"),
         "base_model_name_or_path": base_model_name_or_path or base_model(plan),
         "r": _most_common([m["rank"] for m in modules]),
         "lora_alpha": _most_common([m["lora_alpha"] for m in modules]),
         "lora_dropout": lora["dropout"],
-        "target_modules": sorted(m["name"] for m in modules),
+        "target_modules": sorted(m["name"] for m in linears),
         "rank_pattern": {re.escape(m["name"]): m["rank"] for m in modules},
         "alpha_pattern": {re.escape(m["name"]): m["lora_alpha"] for m in modules},
         "fan_in_fan_out": plan.model["conv1d"],
@@ -72,6 +79,9 @@ def to_peft_config(plan: Plan, base_model_name_or_path: str | None = None, modul
         "init_lora_weights": "gaussian" if lora["init"] == "gaussian" else True,
         "inference_mode": False,
     }
+    if parameters:  # PEFT >= 0.17: one LoRA per expert of each named 3-D parameter; same pattern keys
+        config["target_parameters"] = sorted(m["name"] for m in parameters)
+    return config
 
 
 def _peft_moe_renames(model_type: str | None) -> set[str]:
@@ -212,10 +222,10 @@ def to_table(plan: Plan, modules: list[dict] | None = None) -> pd.DataFrame:
     """One row per planned module, with its parameter counts."""
     rows = []
     for m in plan.modules() if modules is None else modules:
-        counts = module_params(m["in_features"], m["out_features"], m["experts"], m["rank"], m["top_k"],
-                               plan.document["expert_type"])
+        counts = planned_module_params(m, plan.document["expert_type"])
         rows.append({"layer": m["layer"], "module": m["name"], "role": m["role"], "experts": m["experts"],
                      "rank": m["rank"], "top_k": m["top_k"], "lora_alpha": m["lora_alpha"],
                      "in_features": m["in_features"], "out_features": m["out_features"],
+                     "model_experts": m.get("model_experts"),
                      "trainable": counts.trainable_total, "active_per_token": counts.active_total})
     return pd.DataFrame(rows)

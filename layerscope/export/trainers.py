@@ -22,7 +22,7 @@ from collections.abc import Iterable
 
 from layerscope.errors import LayerscopeError
 from layerscope.export.formats import _most_common, base_model
-from layerscope.planning.accounting import module_params
+from layerscope.planning.accounting import planned_module_params
 from layerscope.planning.plan import Plan
 
 VLLM_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
@@ -52,8 +52,7 @@ def export_modules(plan: Plan, round_ranks: str | None = None) -> list[dict]:
 
 
 def trainable_params(plan: Plan, modules: Iterable[dict]) -> int:
-    return sum(module_params(m["in_features"], m["out_features"], m["experts"], m["rank"], m["top_k"],
-                             plan.document["expert_type"]).trainable_total for m in modules)
+    return sum(planned_module_params(m, plan.document["expert_type"]).trainable_total for m in modules)
 
 
 def rounding_report(plan: Plan, modules: list[dict], round_ranks: str) -> str:
@@ -65,21 +64,35 @@ def rounding_report(plan: Plan, modules: list[dict], round_ranks: str) -> str:
 
 # ---- PEFT key check ----------------------------------------------------------------------------
 
-def check_peft_keys(config: dict, module_names: list[str], model: str) -> None:
-    """Every rank/alpha pattern key and target module must name exactly one module of the model
-    (PEFT silently ignores a key that matches nothing, and a loose one adapts several)."""
+def check_peft_keys(config: dict, module_names: list[str], model: str, parameter_names: list[str] = ()) -> None:
+    """Every rank/alpha pattern key, target module and target parameter must name exactly one module (or fused
+    expert parameter) of the model (PEFT silently ignores a key that matches nothing, and a loose one adapts
+    several)."""
+    names = [*module_names, *parameter_names]
+    for field, pool in (("target_modules", module_names), ("target_parameters", parameter_names)):
+        for target in config.get(field) or []:
+            hits = [name for name in pool if name == target or name.endswith("." + target)]
+            if len(hits) != 1:
+                raise LayerscopeError(f"PEFT {field} entry {target!r} matches {len(hits)} "
+                                      f"{'modules' if field == 'target_modules' else 'expert parameters'} of {model} "
+                                      "(expected exactly 1)")
     for field in ("rank_pattern", "alpha_pattern"):
         for key in config.get(field) or {}:
             pattern = re.compile(rf"(.*\.)?({key})$")
-            hits = [name for name in module_names if pattern.match(name)]
+            hits = [name for name in names if pattern.match(name)]
             if len(hits) != 1:
                 raise LayerscopeError(f"PEFT {field} key {key!r} matches {len(hits)} modules of {model} (expected "
                                       f"exactly 1{': ' + ', '.join(hits[:3]) if hits else ''})")
-    for target in config.get("target_modules") or []:
-        hits = [name for name in module_names if name == target or name.endswith("." + target)]
-        if len(hits) != 1:
-            raise LayerscopeError(f"PEFT target_modules entry {target!r} matches {len(hits)} modules of {model} "
-                                  "(expected exactly 1)")
+
+
+def checkpoint_parameter_names(path: str) -> list[str]:
+    """The fused expert parameters of the model a checkpoint builds (``model.layers.0.mlp.experts.down_proj``)."""
+    from layerscope.checkpoint.reader import open_checkpoint
+    from layerscope.planning.inputs import expert_parameter_modules, header_rows
+
+    rows, _, _ = header_rows(open_checkpoint(path))
+    fused = expert_parameter_modules(rows)
+    return sorted(fused["module"]) if not fused.empty else []
 
 
 def checkpoint_module_names(path: str) -> list[str]:

@@ -7,6 +7,9 @@ Per target module with E experts of rank r, in → out features, top-k routing:
       trainable adapters  r · (in + out) + E · (r + out)
       active adapters     r · (in + out) + min(k, E) · (r + out)
   router                  E · in when E > 1 (linear, no bias), trainable and active
+A fused expert parameter of the model (``mlp.experts.gate_up_proj``, PEFT's target_parameters) holding n experts
+trains one rank-r LoRA per expert: n · r · (in + out), all counted as active too (an upper bound: a token passes
+through its routed experts only).
 Ratios are reported on adapter parameters (routers excluded, as HILO and MoLA count them)
 and, separately, with routers.
 """
@@ -36,14 +39,21 @@ class Accounting:
 
 
 def module_params(in_features: int, out_features: int, experts: int, rank: int, top_k: int,
-                  expert_type: str = "lora") -> Accounting:
+                  expert_type: str = "lora", copies: int = 1) -> Accounting:
+    """``copies``: the model experts a fused expert parameter holds, each with its own adapter."""
     router = in_features * experts if experts > 1 else 0
     routed = min(top_k, experts)
     shared = rank * (in_features + out_features)
     if expert_type == "mor":
         scales = rank + out_features
-        return Accounting(shared + experts * scales, router, shared + routed * scales, router)
-    return Accounting(experts * shared, router, routed * shared, router)
+        return Accounting(copies * (shared + experts * scales), router, copies * (shared + routed * scales), router)
+    return Accounting(copies * experts * shared, router, copies * routed * shared, router)
+
+
+def planned_module_params(module: dict, expert_type: str) -> Accounting:
+    """The counts of one module of a plan (``Plan.modules()``: with its layer's experts and top-k)."""
+    return module_params(module["in_features"], module["out_features"], module["experts"], module["rank"],
+                         module["top_k"], expert_type, module.get("model_experts", 1))
 
 
 def account(inputs: PlanInputs, allocations) -> Accounting:
@@ -53,9 +63,9 @@ def account(inputs: PlanInputs, allocations) -> Accounting:
     for alloc in allocations:
         if alloc.experts <= 0:
             continue
-        for role, in_f, out_f in shapes.get(alloc.layer, []):
+        for role, in_f, out_f, copies in shapes.get(alloc.layer, []):
             part = module_params(in_f, out_f, alloc.experts, alloc.rank_for(role, in_f, out_f), alloc.top_k,
-                                 alloc.expert_type)
+                                 alloc.expert_type, copies)
             totals = [t + p for t, p in zip(totals, (part.trainable_adapters, part.trainable_routers,
                                                      part.active_adapters, part.active_routers))]
     return Accounting(*totals)
@@ -63,15 +73,15 @@ def account(inputs: PlanInputs, allocations) -> Accounting:
 
 def baselines(inputs: PlanInputs, reference_rank: int, reference_experts: int, reference_top_k: int = 2) -> dict:
     """The two uniform references every ratio is stated against."""
-    shapes = [(int(m.in_features), int(m.out_features)) for m in inputs.modules.itertuples()]
+    shapes = [shape[1:] for layer in inputs.shapes_by_layer.values() for shape in layer]
     return baselines_of(shapes, reference_rank, reference_experts, reference_top_k)
 
 
-def baselines_of(shapes: list[tuple[int, int]], reference_rank: int, reference_experts: int,
+def baselines_of(shapes: list[tuple[int, int, int]], reference_rank: int, reference_experts: int,
                  reference_top_k: int = 2) -> dict:
-    """The uniform references over target modules of these (in_features, out_features)."""
-    single = sum(reference_rank * (in_f + out_f) for in_f, out_f in shapes)
-    moe_routers = sum(in_f for in_f, _ in shapes) * reference_experts if reference_experts > 1 else 0
+    """The uniform references over target modules of these (in_features, out_features, copies)."""
+    single = sum(copies * reference_rank * (in_f + out_f) for in_f, out_f, copies in shapes)
+    moe_routers = sum(in_f for in_f, _, _ in shapes) * reference_experts if reference_experts > 1 else 0
     return {
         "single_lora": {"description": f"one rank-{reference_rank} LoRA per target module",
                         "rank": reference_rank, "trainable": single, "active": single},

@@ -138,8 +138,8 @@ def _for_expert_type(result: StrategyResult, expert_type: str) -> StrategyResult
 def largest_sensible_budget(inputs, experts: int = 8) -> int:
     """What ``experts`` full-rank LoRA experts on every target module would train (rank = the matrix's smaller
     side): no allocation can use more, so a bigger budget (millions of experts per layer) is a typo, not a plan."""
-    return int(experts * sum(min(int(m.in_features), int(m.out_features)) * (int(m.in_features) + int(m.out_features))
-                             for m in inputs.modules.itertuples()))
+    return int(experts * sum(copies * min(in_f, out_f) * (in_f + out_f)
+                             for layer in inputs.shapes_by_layer.values() for _, in_f, out_f, copies in layer))
 
 
 def _budget(inputs, result, budget_params, budget_ratio, reference_rank,

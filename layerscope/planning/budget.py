@@ -68,7 +68,7 @@ def fit_budget(inputs: PlanInputs, result: StrategyResult, budget: int) -> Budge
 def ranks_fit(inputs: PlanInputs, allocations: list[LayerAllocation]) -> bool:
     """No module gets a rank above its matrix's smaller dimension."""
     shapes = inputs.shapes_by_layer
-    return all(a.rank_of(role) <= min(in_f, out_f) for a in allocations for role, in_f, out_f in shapes[a.layer])
+    return all(a.rank_of(role) <= min(in_f, out_f) for a in allocations for role, in_f, out_f, _ in shapes[a.layer])
 
 
 def fitted_params(result: StrategyResult, fit: BudgetFit) -> dict:

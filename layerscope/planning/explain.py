@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 
 from layerscope.names import counted
-from layerscope.planning.accounting import module_params
+from layerscope.planning.accounting import planned_module_params
 from layerscope.planning.plan import Plan
 
 _UNIT_NAMES = {"experts": "expert", "experts_per_layer": "expert in every layer", "rank": "rank unit"}
@@ -39,8 +39,8 @@ def explain_table(plan: Plan) -> pd.DataFrame:
         trainable = active = 0
         for m in layer["modules"]:
             if layer["experts"] > 0:
-                counts = module_params(m["in_features"], m["out_features"], layer["experts"], m["rank"], layer["top_k"],
-                                       plan.document["expert_type"])
+                counts = planned_module_params({**m, "experts": layer["experts"], "top_k": layer["top_k"]},
+                                               plan.document["expert_type"])
                 trainable, active = trainable + counts.trainable_total, active + counts.active_total
         ranks = sorted({m["rank"] for m in layer["modules"]})
         rows.append({"layer": layer["layer"], **({"stack": stack_of.get(layer["layer"], "")} if stack_of else {}),

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from layerscope.checkpoint.modeltree import model_facts, tree_for_checkpoint
-from layerscope.checkpoint.naming import detect_scheme
+from layerscope.checkpoint.fusion import EXPERT_KINDS, expert_parameters
+from layerscope.checkpoint.modeltree import ModelTree, model_facts, tree_for_checkpoint
+from layerscope.checkpoint.naming import NamingScheme, detect_scheme
 from layerscope.checkpoint.quantization import logical_tensors
 from layerscope.checkpoint.reader import open_checkpoint
 from layerscope.errors import LayerscopeError
@@ -23,7 +24,11 @@ from layerscope.tables import FORMATS, read_scan
 
 MODULE_COLUMNS = ["layer", "role", "module", "in_features", "out_features"]
 # Numeric scan columns that say where a matrix is, not how it is: never a planning metric.
-NOT_METRICS = frozenset({"layer", "stack_layer", "expert", "in_features", "out_features", "N", "M", "num_evals"})
+NOT_METRICS = frozenset({"layer", "stack_layer", "expert", "in_features", "out_features", "N", "M", "num_evals",
+                         "model_experts"})
+# A fused expert parameter's role from the projections it holds (gate and up are one parameter in memory).
+FUSED_ROLES = {("gate", "up"): "gate_up"}
+PARTS_OF_ROLE = {"gate_up": ("gate", "up")}
 
 
 @dataclass(frozen=True)
@@ -50,7 +55,9 @@ class ModelIdentity:
 @dataclass
 class PlanInputs:
     model: ModelIdentity
-    modules: pd.DataFrame  # one row per target module: MODULE_COLUMNS (+ metric columns from a scan)
+    # one row per target module: MODULE_COLUMNS (+ metric columns from a scan); model_experts > 0 marks a fused
+    # expert parameter (PEFT target_parameters) holding that many experts, each trained with its own LoRA
+    modules: pd.DataFrame
 
     @property
     def layers(self) -> list[int]:
@@ -69,12 +76,18 @@ class PlanInputs:
         return list(groups.values())
 
     @cached_property
-    def shapes_by_layer(self) -> dict[int, list[tuple[str, int, int]]]:
-        """layer → [(role, in_features, out_features)] of its target modules."""
-        out: dict[int, list[tuple[str, int, int]]] = {}
+    def shapes_by_layer(self) -> dict[int, list[tuple[str, int, int, int]]]:
+        """layer → [(role, in_features, out_features, copies)] of its target modules; copies is the number of
+        experts a fused expert parameter holds (one LoRA each), 1 for a module."""
+        out: dict[int, list[tuple[str, int, int, int]]] = {}
         for m in self.modules.itertuples(index=False):
-            out.setdefault(int(m.layer), []).append((m.role, int(m.in_features), int(m.out_features)))
+            out.setdefault(int(m.layer), []).append((m.role, int(m.in_features), int(m.out_features), copies_of(m)))
         return out
+
+    @property
+    def expert_parameters(self) -> pd.DataFrame:
+        """The target rows that are fused expert parameters."""
+        return self.modules[self.modules["model_experts"] > 0]
 
     def layer_metric(self, column: str) -> dict[int, float]:
         """Mean of a metric over each layer's target modules (AlphaLoRA's v_i)."""
@@ -91,12 +104,59 @@ class PlanInputs:
         return {int(layer): float(v) for layer, v in means.items()}
 
     def restrict_roles(self, roles: list[str] | None) -> PlanInputs:
+        """The target modules of these roles.  Without roles: every projection, and no expert MLP (a model's
+        experts are adapted only when asked, e.g. ``--target-roles q,k,v,o,gate,up,down``).  gate and up are one
+        fused parameter in memory, so they are asked for together."""
+        modules = self.modules
+        fused = modules["model_experts"] > 0
         if not roles:
-            return self
-        unknown = sorted(set(roles) - set(self.modules["role"]))
+            return PlanInputs(self.model, modules[~fused].reset_index(drop=True))
+        known = set(modules["role"]) | {p for role in modules.loc[fused, "role"] for p in PARTS_OF_ROLE.get(role, ())}
+        unknown = sorted(set(roles) - known)
         if unknown:
-            raise LayerscopeError(f"--target-roles: {unknown} not in this model (has {sorted(set(self.modules['role']))})")
-        return PlanInputs(self.model, self.modules[self.modules["role"].isin(roles)].reset_index(drop=True))
+            raise LayerscopeError(f"--target-roles: {unknown} not in this model (has {sorted(known)})")
+        for role in sorted(set(modules.loc[fused, "role"])):
+            parts = PARTS_OF_ROLE.get(role, ())
+            asked = [p for p in parts if p in roles]
+            if asked and len(asked) < len(parts) and role not in roles:
+                example = modules.loc[fused & (modules["role"] == role), "module"].iloc[0]
+                raise LayerscopeError(f"--target-roles: {'/'.join(parts)} of the experts are one parameter in memory "
+                                      f"({example}); name {' and '.join(parts)} together, or neither")
+        chosen = modules["role"].isin(roles) | (fused & modules["role"].map(
+            lambda role: bool(PARTS_OF_ROLE.get(role)) and set(PARTS_OF_ROLE[role]) <= set(roles)))
+        return PlanInputs(self.model, modules[chosen].reset_index(drop=True))
+
+
+def copies_of(module) -> int:
+    """How many LoRAs one target row trains: the experts of a fused expert parameter, else 1."""
+    experts = getattr(module, "model_experts", 0)
+    return int(experts) if experts and experts > 0 else 1
+
+
+def expert_parameter_modules(rows: pd.DataFrame) -> pd.DataFrame:
+    """One target row per fused expert parameter of each layer (from its experts' scan rows): the projections it
+    holds side by side (gate and up: out_features adds up), one expert's shape, its expert count, and each
+    numeric metric averaged over its matrices."""
+    if "parameter" not in rows.columns:
+        return pd.DataFrame()
+    experts = rows[(rows["kind"] == "expert") & rows["parameter"].notna() & rows["part"].isna()]
+    out = []
+    for (layer, parameter), group in experts.groupby(["layer", "parameter"], sort=False):
+        one = group[group["expert"] == group["expert"].min()]
+        roles = tuple(one["role"].astype(str))
+        inputs = set(one["in_features"].astype(int))
+        if len(inputs) != 1:
+            raise LayerscopeError(f"{parameter}: its projections read inputs of different widths {sorted(inputs)}")
+        row = {"kind": "expert", "stack": group["stack"].iloc[0], "layer": int(layer),
+               "role": FUSED_ROLES.get(tuple(sorted(roles)), "+".join(roles)), "module": str(parameter),
+               "in_features": inputs.pop(), "out_features": int(one["out_features"].astype(int).sum()),
+               "model_experts": int(group["expert"].nunique())}
+        for column in group.columns:
+            if column not in row and column not in NOT_METRICS and pd.api.types.is_numeric_dtype(group[column]) \
+                    and not pd.api.types.is_bool_dtype(group[column]):
+                row[column] = float(group[column].mean())
+        out.append(row)
+    return pd.DataFrame(out)
 
 
 def inputs_from_table(table: pd.DataFrame, source: str = "scan table", include_towers: bool = False,
@@ -128,7 +188,12 @@ def inputs_from_table(table: pd.DataFrame, source: str = "scan table", include_t
     modules = in_blocks[in_blocks["kind"] == "projection"].copy()
     if modules.empty:
         raise LayerscopeError(f"{source}: no projection matrices inside layers to plan for")
+    modules["model_experts"] = 0
+    experts = expert_parameter_modules(in_blocks)
+    if not experts.empty:
+        modules = pd.concat([modules, experts], ignore_index=True)
     modules["layer"] = modules["layer"].astype(int)
+    modules["model_experts"] = modules["model_experts"].fillna(0).astype(int)
     modules = modules.sort_values(["layer", "module"], kind="stable").reset_index(drop=True)
     num_layers = attrs.get("num_layers") or int(modules["layer"].max()) + 1
     identity = ModelIdentity(
@@ -143,22 +208,35 @@ def inputs_from_table(table: pd.DataFrame, source: str = "scan table", include_t
 def inventory(path: str | Path, include_towers: bool = False, allow_unmapped: bool = False) -> PlanInputs:
     """Target modules and their shapes from the safetensors headers alone (no tensor is read)."""
     ckpt = open_checkpoint(path)
-    tensors = logical_tensors(ckpt)
-    tree, _ = tree_for_checkpoint(ckpt.config, ckpt.path)
-    scheme = detect_scheme(ckpt.config, [t.name for t in tensors], tree)
-    rows = []
-    for info in tensors:
-        role = scheme.classify(info.name, info.shape, info.analysable_dtype)
-        if role.kind not in ("projection", "other") or len(info.shape) != 2 or role.layer is None:
-            continue
-        out_f, in_f = (info.shape[1], info.shape[0]) if role.conv1d else info.shape
-        rows.append({"kind": role.kind, "stack": role.stack, "layer": role.layer, "role": role.role,
-                     "module": role.module, "in_features": in_f, "out_features": out_f})
-    table = pd.DataFrame(rows, columns=["kind", "stack", *MODULE_COLUMNS])
+    table, scheme, tree = header_rows(ckpt)
     table.attrs.update(path=str(Path(path).resolve()), architecture=ckpt.architecture, model_type=ckpt.config.get("model_type"),
                        num_layers=scheme.num_layers or ckpt.num_layers, fingerprint=ckpt.fingerprint(),
                        **model_facts(scheme, tree, ckpt.config))
     return inputs_from_table(table, str(path), include_towers, allow_unmapped)
+
+
+def header_rows(ckpt) -> tuple[pd.DataFrame, NamingScheme, ModelTree | None]:
+    """The block matrices a scan would give rows for (projections, unmapped Linears, experts: one row per expert),
+    with their shapes and, for experts, the live parameter holding them; from the headers alone."""
+    tensors = logical_tensors(ckpt)
+    tree, _ = tree_for_checkpoint(ckpt.config, ckpt.path)
+    scheme = detect_scheme(ckpt.config, [t.name for t in tensors], tree)
+    classified = [(info, scheme.classify(info.name, info.shape, info.analysable_dtype)) for info in tensors]
+    parameters = expert_parameters(ckpt, tree, classified)
+    rows = []
+    for info, role in classified:
+        if role.layer is None or role.kind not in ("projection", "other", *EXPERT_KINDS):
+            continue
+        place = {"stack": role.stack, "layer": role.layer, "role": role.role, "module": role.module, "part": None,
+                 "parameter": parameters.get(info.name)}
+        if role.kind == "expert_stack" and len(info.shape) == 3:  # one row per expert of a stored 3-D parameter
+            out_f, in_f = (info.shape[2], info.shape[1]) if role.conv1d else info.shape[1:]
+            rows += [{**place, "kind": "expert", "expert": j, "in_features": in_f, "out_features": out_f}
+                     for j in range(info.shape[0])]
+        elif len(info.shape) == 2:
+            out_f, in_f = (info.shape[1], info.shape[0]) if role.conv1d else info.shape
+            rows.append({**place, "kind": role.kind, "expert": role.expert, "in_features": in_f, "out_features": out_f})
+    return pd.DataFrame(rows, columns=["kind", "stack", *MODULE_COLUMNS, "expert", "parameter", "part"]), scheme, tree
 
 
 # Scan columns → the estimator that produces them (norm metrics come with every estimator).

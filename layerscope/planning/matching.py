@@ -64,22 +64,18 @@ def table_shapes(table: pd.DataFrame) -> dict[str, tuple[int, int]]:
 
 
 def checkpoint_shapes(path: str | Path) -> tuple[dict[str, tuple[int, int]], int | None, str]:
-    """(live module → (in, out), layer count, fingerprint) of a checkpoint, from its headers alone."""
-    from layerscope.checkpoint.modeltree import tree_for_checkpoint
-    from layerscope.checkpoint.naming import detect_scheme
-    from layerscope.checkpoint.quantization import logical_tensors
+    """(live module or fused expert parameter → (in, out), layer count, fingerprint) of a checkpoint, from its
+    headers alone; a fused expert parameter has one expert's shape, as plans record it."""
     from layerscope.checkpoint.reader import open_checkpoint
+    from layerscope.planning.inputs import expert_parameter_modules, header_rows
 
     ckpt = open_checkpoint(path)
-    tensors = logical_tensors(ckpt)
-    tree, _ = tree_for_checkpoint(ckpt.config, ckpt.path)
-    scheme = detect_scheme(ckpt.config, [t.name for t in tensors], tree)
-    shapes = {}
-    for info in tensors:
-        role = scheme.classify(info.name, info.shape, info.analysable_dtype)
-        if role.module is not None and len(info.shape) == 2:
-            out_f, in_f = (info.shape[1], info.shape[0]) if role.conv1d else info.shape
-            shapes[role.module] = (int(in_f), int(out_f))
+    rows, scheme, _ = header_rows(ckpt)
+    plain = rows[rows["kind"] != "expert"]
+    shapes = {str(r.module): (int(r.in_features), int(r.out_features)) for r in plain.itertuples(index=False)
+              if r.module is not None}
+    for r in expert_parameter_modules(rows).itertuples(index=False):
+        shapes[r.module] = (int(r.in_features), int(r.out_features))
     return shapes, scheme.num_layers or ckpt.num_layers, ckpt.fingerprint()
 
 

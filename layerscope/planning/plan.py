@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -34,7 +34,7 @@ class LoraSettings:
 
     alpha_scale: float | None = None
     fixed_alpha: float | None = 16.0
-    dropout: float = 0.05
+    dropout: float | None = None  # None: 0.05, or 0 for a plan of fused expert parameters (PEFT takes none there)
     init: str = "kaiming-uniform"
     router_aux_loss_coef: float = 0.0
 
@@ -45,10 +45,21 @@ class LoraSettings:
             raise LayerscopeError("lora settings need fixed_alpha or alpha_scale")
         return float(self.fixed_alpha)
 
+    def for_targets(self, fused_experts: bool) -> LoraSettings:
+        """The settings with the dropout decided: PEFT trains a fused expert parameter (target_parameters)
+        without dropout and refuses any other value, so such a plan defaults to 0 and refuses an explicit one."""
+        if not fused_experts:
+            return replace(self, dropout=0.05 if self.dropout is None else self.dropout)
+        if self.dropout:
+            raise LayerscopeError(f"--dropout {self.dropout}: PEFT adapts the model's fused expert MLPs without "
+                                  "dropout (target_parameters); use --dropout 0 or leave it unset")
+        return replace(self, dropout=0.0)
+
     def as_dict(self) -> dict:
         scaled = self.alpha_scale is not None
         return {"alpha_scale": self.alpha_scale if scaled else None,
-                "fixed_alpha": None if scaled else self.fixed_alpha, "dropout": self.dropout, "init": self.init,
+                "fixed_alpha": None if scaled else self.fixed_alpha,
+                "dropout": 0.05 if self.dropout is None else self.dropout, "init": self.init,
                 "router_aux_loss_coef": self.router_aux_loss_coef}
 
 
@@ -189,7 +200,8 @@ def recount(document: dict, source: str = "plan") -> tuple[Plan, list[str]]:
     old = plan.accounting
     counts = _recount(plan)
     base = old["baselines"]
-    shapes = [(m["in_features"], m["out_features"]) for layer in plan.layers for m in layer["modules"]]
+    shapes = [(m["in_features"], m["out_features"], m.get("model_experts", 1))
+              for layer in plan.layers for m in layer["modules"]]
     new = report_of(Accounting(counts["trainable"]["adapters"], counts["trainable"]["routers"],
                                counts["active_per_token"]["adapters"], counts["active_per_token"]["routers"]),
                     baselines_of(shapes, base["single_lora"]["rank"], base["uniform_moe"]["experts"],
@@ -221,12 +233,11 @@ def _validator():
 
 
 def _recount(plan: Plan) -> dict:
-    from layerscope.planning.accounting import module_params
+    from layerscope.planning.accounting import planned_module_params
 
     totals = {"trainable": [0, 0], "active_per_token": [0, 0]}
     for m in plan.modules():
-        part = module_params(m["in_features"], m["out_features"], m["experts"], m["rank"], m["top_k"],
-                             plan.document["expert_type"])
+        part = planned_module_params(m, plan.document["expert_type"])
         totals["trainable"][0] += part.trainable_adapters
         totals["trainable"][1] += part.trainable_routers
         totals["active_per_token"][0] += part.active_adapters
@@ -243,12 +254,22 @@ def build_plan(inputs: PlanInputs, strategy: str, params: dict, allocations, *, 
         raise LayerscopeError(f"--expert-type {expert_type!r}: expected one of {', '.join(EXPERT_TYPES)}")
     if lora.init not in INITS:
         raise LayerscopeError(f"--init {lora.init!r}: expected one of {', '.join(INITS)}")
+    fused = inputs.expert_parameters
+    lora = lora.for_targets(fused_experts=not fused.empty)
     layers = []
     for alloc in allocations:
+        if alloc.experts > 1 and alloc.layer in set(fused["layer"]):
+            example = fused[fused["layer"] == alloc.layer]["module"].iloc[0]
+            raise LayerscopeError(
+                f"layer {alloc.layer}: {alloc.experts} LoRA experts planned on the model's fused expert MLP "
+                f"({example}); a mixture cannot wrap a 3-D expert parameter. Plan its ranks with one expert per "
+                "module (adaptive-lora, hilo --experts-mode fixed --experts 1, uniform --experts 1), or leave "
+                "gate/up/down out of --target-roles")
         modules = [
             {"name": module, "role": role, "in_features": in_f, "out_features": out_f,
-             "rank": alloc.rank_for(role, in_f, out_f), "lora_alpha": lora.alpha_for(alloc.rank_for(role, in_f, out_f))}
-            for role, module, in_f, out_f in _modules_of(inputs, alloc.layer)
+             "rank": alloc.rank_for(role, in_f, out_f), "lora_alpha": lora.alpha_for(alloc.rank_for(role, in_f, out_f)),
+             **({"model_experts": copies} if copies else {})}
+            for role, module, in_f, out_f, copies in _modules_of(inputs, alloc.layer)
         ]
         layers.append({"layer": alloc.layer, "metric": _finite(alloc.metric), "experts": alloc.experts,
                        "rank": alloc.rank, "top_k": alloc.top_k, "modules": modules})
@@ -268,7 +289,8 @@ def build_plan(inputs: PlanInputs, strategy: str, params: dict, allocations, *, 
 
 def _modules_of(inputs: PlanInputs, layer: int):
     rows = inputs.modules[inputs.modules["layer"] == layer]
-    return [(r.role, r.module, int(r.in_features), int(r.out_features)) for r in rows.itertuples(index=False)]
+    return [(r.role, r.module, int(r.in_features), int(r.out_features), int(r.model_experts))
+            for r in rows.itertuples(index=False)]
 
 
 def _finite(value):

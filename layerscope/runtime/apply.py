@@ -63,6 +63,11 @@ def apply_plan(model: nn.Module, plan: Plan, verbose: bool = True) -> nn.Module:
     """
     if getattr(model, "_layerscope", None) is not None:
         raise LayerscopeError("this model already has a layerscope plan applied")
+    fused = [m["name"] for m in plan.modules() if "model_experts" in m]
+    if fused:
+        raise LayerscopeError(f"{plan.source}: {fused[0]} (and {len(fused) - 1} more) is a fused expert parameter, "
+                              "which layerscope.runtime does not wrap; train this plan with PEFT (layerscope export "
+                              "--format peft)")
     layers = _model_layer_count(model)
     if layers is not None:
         plan.check_model(layers)
