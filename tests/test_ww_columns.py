@@ -1,5 +1,6 @@
 """WeightWatcher's columns beyond alpha, against WeightWatcher 0.7.7 run on the same weights (CPU): the rank
-diagnostics (``--estimators rank``), the per-row ``warning`` and the model means of ``get_summary()``."""
+diagnostics (``--estimators rank``), the detX constraint (``detx``), eigenvector localization (``vectors``), the
+per-row ``warning`` and the model means of ``get_summary()``."""
 
 from __future__ import annotations
 
@@ -21,11 +22,11 @@ import layerscope  # noqa: E402
 RANK_COLUMNS = ["matrix_rank", "rank_loss", "weak_rank_loss"]
 
 
-def _analyze(model):
+def _analyze(model, **options):
     logging.getLogger("weightwatcher").setLevel(logging.ERROR)
     watcher = weightwatcher.WeightWatcher(model=model)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        details = watcher.analyze()
+        details = watcher.analyze(**options)
     return details.set_index("longname"), watcher.get_summary(details)
 
 
@@ -40,8 +41,8 @@ def _joined(ours, details):
 def minilm_pair():
     path = minilm.get_model_path()
     model = transformers.AutoModel.from_pretrained(path, local_files_only=True)
-    details, summary = _analyze(model)
-    ours = layerscope.scan(path, estimators=("alpha", "rank"), progress=False)
+    details, summary = _analyze(model, detX=True, vectors=True, plot=False)
+    ours = layerscope.scan(path, estimators=("alpha", "rank", "detx", "vectors"), progress=False)
     return _joined(ours, details), summary, ours
 
 
@@ -52,6 +53,46 @@ def test_rank_columns_equal_weightwatcher_on_minilm(minilm_pair):
     np.testing.assert_allclose(joined["sv_max"], joined["sv_max_ww"], rtol=1e-9)
     np.testing.assert_allclose(joined["sv_min"], joined["sv_min_ww"], rtol=1e-9)
     assert joined["weak_rank_loss"].sum() > 0  # MiniLM has eigenvalues under 1e-6: the count is exercised
+
+
+def test_detx_columns_equal_weightwatcher_on_minilm(minilm_pair):
+    joined, _, _ = minilm_pair
+    for column in ("detX_num", "num_ERG_spikes", "ERG_gap"):
+        np.testing.assert_array_equal(joined[column].astype(float), joined[f"{column}_ww"].astype(float), err_msg=column)
+    for column in ("detX_val", "detX_val_unrescaled"):
+        np.testing.assert_allclose(joined[column].astype(float), joined[f"{column}_ww"].astype(float), rtol=1e-9)
+    assert joined["detX_num"].nunique() > 10 and (joined["ERG_gap"] < 0).any() and (joined["ERG_gap"] > 0).any()
+
+
+def test_vector_localization_equals_weightwatcher_where_its_split_is_the_fits(minilm_pair):
+    """WeightWatcher splits bulk and tail by comparing its general eigensolver's eigenvalues with xmin, itself an
+    eigenvalue, so rounding can move the xmin eigenvector to the bulk; ours keeps the fit's num_pl_spikes in the
+    tail.  Where the two splits agree, every column is equal; where they do not, moving that one eigenvector
+    reproduces WeightWatcher's numbers."""
+    import scipy.linalg
+    from safetensors.torch import load_file
+
+    from layerscope.spectral.vectors import VECTOR_COLUMNS, discrete_entropy
+
+    joined, _, _ = minilm_pair
+    weights = load_file(str(minilm.get_model_path() / "model.safetensors"))
+    agreed = moved = 0
+    for name, row in joined.iterrows():
+        w = weights[f"{name}.weight"].numpy().astype(float)
+        gram = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
+        ww_tail = int((scipy.linalg.eig(gram)[0].real >= row["xmin_ww"]).sum())
+        if ww_tail == int(row["num_pl_spikes"]):
+            agreed += 1
+            for column in VECTOR_COLUMNS:
+                assert row[column] == pytest.approx(row[f"{column}_ww"], rel=1e-9), (name, column)
+            continue
+        moved += 1
+        assert ww_tail == int(row["num_pl_spikes"]) - 1, name
+        _, vectors = np.linalg.eigh(gram)
+        entropies = np.array([discrete_entropy(vectors[:, j]) for j in range(vectors.shape[1])])
+        tail = entropies[len(entropies) - ww_tail:]
+        assert tail.mean() == pytest.approx(row["tail_mean_vec_entropy_ww"], rel=1e-9), name
+    assert agreed >= 10 and moved >= 1
 
 
 def test_warning_and_model_means_equal_weightwatcher_on_minilm(minilm_pair):

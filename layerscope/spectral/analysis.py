@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from layerscope.spectral import esd, fingers, rank, rmt
+from layerscope.spectral import detx, esd, fingers, rank, rmt, vectors
 from layerscope.spectral.columns import MATRIX_ESTIMATORS
 from layerscope.spectral.estimators import ESTIMATORS, MIN_EVALS, TailFit
 from layerscope.spectral.metrics import norm_metrics
@@ -105,7 +105,8 @@ def analyse_matrix(matrix: Matrix, eigs: torch.Tensor | None, estimators: tuple[
 def _matrix_estimates(row: dict, matrix: Matrix, eigs: np.ndarray, estimators: tuple[str, ...],
                       extreme: bool, tolerance: float) -> list[str]:
     """FARMS, MP fit and randomized ESD columns (layerscope.spectral.rmt), rank diagnostics
-    (layerscope.spectral.rank); returns notes."""
+    (layerscope.spectral.rank), the detX constraint (layerscope.spectral.detx), eigenvector localization
+    (layerscope.spectral.vectors); returns notes."""
     wanted = [e for e in MATRIX_ESTIMATORS if e in estimators]
     if not wanted:
         return []
@@ -125,6 +126,10 @@ def _matrix_estimates(row: dict, matrix: Matrix, eigs: np.ndarray, estimators: t
         row.update(rmt.randomized_esd(matrix.weight, eigs, row["name"]))
     if "rank" in wanted:
         row.update(rank.rank_diagnostics(matrix.weight, tolerance))
+    if "detx" in wanted:
+        row.update(detx.detx_constraint(eigs, row.get("num_pl_spikes")))
+    if "vectors" in wanted:
+        row.update(vectors.localization(matrix.weight, row.get("num_pl_spikes", math.nan)))
     return notes
 
 

@@ -22,6 +22,9 @@ FIT_COLUMNS = {
     "mp": ["num_spikes", "sigma_mp", "mp_softrank", "bulk_max", "bulk_min", "W_scale"],
     "rand": ["rand_distance", "num_rand_spikes", "max_rand_eval", "rand_mp_softrank", "ww_softrank"],
     "rank": ["matrix_rank", "rank_loss", "weak_rank_loss", "sv_max", "sv_min"],
+    "detx": ["detX_num", "detX_val", "detX_val_unrescaled", "num_ERG_spikes", "ERG_gap"],
+    "vectors": [f"{side}_{stat}_{metric}" for metric in ("vec_entropy", "loc_ratio", "part_ratio")
+                for side in ("bulk", "tail") for stat in ("mean", "var")],
 }
 
 

@@ -91,6 +91,9 @@ class ScanOptions:
         if unknown or not self.estimators:
             raise LayerscopeError(f"--estimators: unknown {', '.join(unknown)} (known: {', '.join(ALL_ESTIMATORS)})"
                                   if unknown else f"--estimators: give one or more of {', '.join(ALL_ESTIMATORS)}")
+        if "vectors" in self.estimators and "alpha" not in self.estimators:
+            raise LayerscopeError("--estimators vectors splits the eigenvectors into bulk and tail at alpha's xmin; "
+                                  "add alpha")
         if self.fix_fingers is not None and self.fix_fingers not in FIX_FINGERS:
             raise LayerscopeError(f"--fix-fingers {self.fix_fingers!r}: expected one of {', '.join(FIX_FINGERS)}")
         if type(self.max_fingers) is not int or self.max_fingers < 3:
