@@ -5,7 +5,7 @@ these choices take their names from here (and a test checks the registries match
 """
 
 SPECTRAL_ESTIMATORS = ("alpha", "alpha_hill", "alpha_peak")  # fits of the eigenvalues alone (the default set)
-MATRIX_ESTIMATORS = ("alpha_farms", "mp", "rand", "rank", "detx", "vectors")  # need the matrix itself (or the whole ESD)
+MATRIX_ESTIMATORS = ("alpha_farms", "mp", "rand", "rank", "detx", "vectors", "tpl", "e_tpl")  # need the matrix itself (or the whole ESD)
 ALL_ESTIMATORS = (*SPECTRAL_ESTIMATORS, *MATRIX_ESTIMATORS)
 PRECISIONS = ("auto", "f64", "f32")
 STRATEGIES = ("alphalora", "mola", "hilo", "adaptive-lora", "sensitivity", "value", "uniform")

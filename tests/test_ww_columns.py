@@ -220,3 +220,29 @@ def test_the_finger_fix_equals_weightwatchers_clip_xmax(minilm_pair):
     assert (ours.set_index("name")["raw_alpha"].dropna() - unclipped.loc[ours["name"]].dropna()).abs().max() < 1e-12
     with pytest.raises(layerscope.LayerscopeError, match="--fix-fingers"):
         layerscope.scan(path, fix_fingers="xmin_peak", progress=False)
+
+
+def test_truncated_power_laws_equal_powerlaw_on_minilm():
+    """The reference is what WeightWatcher's TPL / E_TPL code asks powerlaw 2.0 for (its own call fails there):
+    powerlaw.Fit on the squared singular values above 1e-5 (xmin free, or in the ESD's peak window) and the fit's
+    truncated_power_law."""
+    import powerlaw
+    from safetensors.torch import load_file
+
+    path = minilm.get_model_path()
+    chosen = r"encoder\.layer\.[03]\."
+    ours = layerscope.scan(path, estimators=("alpha", "tpl", "e_tpl"), include=chosen, progress=False)
+    weights = load_file(str(path / "model.safetensors"))
+    assert len(ours) == 12
+    for row in ours.itertuples(index=False):
+        evals = np.linalg.svd(weights[row.name].numpy().astype(float), compute_uv=False) ** 2
+        evals = evals[evals > 1e-5]
+        counts, edges = np.histogram(np.log10(evals), bins=100)
+        peak = 10 ** edges[np.argmax(counts)]
+        for suffix, xmin in (("tpl", None), ("e_tpl", (np.log10(0.95 * peak), 1.5 * peak))):
+            fit = powerlaw.Fit(evals, xmin=xmin, verbose=False)
+            lam = getattr(row, "Lambda" if suffix == "tpl" else "Lambda_e_tpl")
+            assert lam == pytest.approx(fit.truncated_power_law.Lambda, rel=1e-3), (row.name, suffix)
+            assert getattr(row, f"alpha_{suffix}") == pytest.approx(fit.truncated_power_law.alpha, rel=1e-3, abs=1e-3)
+            assert getattr(row, f"xmin_{suffix}") == pytest.approx(fit.xmin, rel=1e-9)
+    assert ours["Lambda"].notna().all() and (ours["Lambda"] != ours["Lambda_e_tpl"]).any()

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from layerscope.spectral import detx, esd, fingers, rank, rmt, vectors
+from layerscope.spectral import detx, esd, fingers, rank, rmt, tpl, vectors
 from layerscope.spectral.columns import MATRIX_ESTIMATORS
 from layerscope.spectral.estimators import ESTIMATORS, MIN_EVALS, TailFit
 from layerscope.spectral.metrics import norm_metrics
@@ -106,7 +106,7 @@ def _matrix_estimates(row: dict, matrix: Matrix, eigs: np.ndarray, estimators: t
                       extreme: bool, tolerance: float) -> list[str]:
     """FARMS, MP fit and randomized ESD columns (layerscope.spectral.rmt), rank diagnostics
     (layerscope.spectral.rank), the detX constraint (layerscope.spectral.detx), eigenvector localization
-    (layerscope.spectral.vectors); returns notes."""
+    (layerscope.spectral.vectors), truncated power laws (layerscope.spectral.tpl); returns notes."""
     wanted = [e for e in MATRIX_ESTIMATORS if e in estimators]
     if not wanted:
         return []
@@ -130,6 +130,11 @@ def _matrix_estimates(row: dict, matrix: Matrix, eigs: np.ndarray, estimators: t
         row.update(detx.detx_constraint(eigs, row.get("num_pl_spikes")))
     if "vectors" in wanted:
         row.update(vectors.localization(matrix.weight, row.get("num_pl_spikes", math.nan)))
+    for name in ("tpl", "e_tpl"):
+        if name in wanted:
+            columns, note = tpl.truncated_power_law(eigs, name)
+            row.update(columns)
+            notes += [note] if note else []
     return notes
 
 

@@ -25,6 +25,8 @@ FIT_COLUMNS = {
     "detx": ["detX_num", "detX_val", "detX_val_unrescaled", "num_ERG_spikes", "ERG_gap"],
     "vectors": [f"{side}_{stat}_{metric}" for metric in ("vec_entropy", "loc_ratio", "part_ratio")
                 for side in ("bulk", "tail") for stat in ("mean", "var")],
+    "tpl": ["alpha_tpl", "Lambda", "xmin_tpl"],
+    "e_tpl": ["alpha_e_tpl", "Lambda_e_tpl", "xmin_e_tpl"],
 }
 
 
