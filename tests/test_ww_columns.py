@@ -246,3 +246,10 @@ def test_truncated_power_laws_equal_powerlaw_on_minilm():
             assert getattr(row, f"alpha_{suffix}") == pytest.approx(fit.truncated_power_law.alpha, rel=1e-3, abs=1e-3)
             assert getattr(row, f"xmin_{suffix}") == pytest.approx(fit.xmin, rel=1e-9)
     assert ours["Lambda"].notna().all() and (ours["Lambda"] != ours["Lambda_e_tpl"]).any()
+
+
+def test_vectors_without_alpha_is_refused_before_any_work(tmp_path):
+    from layerscope.errors import LayerscopeError
+
+    with pytest.raises(LayerscopeError, match="--estimators vectors splits the eigenvectors .* add alpha"):
+        layerscope.scan(tmp_path / "absent", estimators=("alpha_hill", "vectors"))
