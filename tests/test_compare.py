@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
+import layerscope
 from layerscope.errors import LayerscopeError
 from layerscope.spectral.compare import compare, compare_layers
 from layerscope.spectral.scan import scan
@@ -45,6 +46,11 @@ def test_only_the_perturbed_matrix_changes(pair):
     assert row["alpha_hill_other"] == direct["alpha_hill"]
     layers = compare_layers(table.reset_index())
     assert layers.set_index("layer")["changed_matrices"].to_dict() == {0: 0, 1: 1, 2: 0}
+    change = table.attrs["summary"]  # WeightWatcher's model means of both models, and their change
+    before, after = (layerscope.summary(scan(path, progress=False)) for path in (base, other))
+    assert list(change) == list(before) and change["alpha"]["base"] == pytest.approx(before["alpha"], rel=1e-12)
+    assert change["log_norm"]["change"] == pytest.approx(after["log_norm"] - before["log_norm"], rel=1e-9)
+    assert change["log_norm"]["change"] != 0
 
 
 def test_mismatched_layouts_are_refused(pair, tmp_path):
@@ -63,6 +69,7 @@ def test_cli_writes_tables_and_the_before_after_plot(pair, tmp_path):
                              "--plot", str(plot)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "1 of 23 matrices changed" in result.stdout
+    assert "model means (WeightWatcher's get_summary): log_norm " in result.stdout
     assert len(pd.read_csv(out)) == 23 and len(pd.read_csv(tmp_path / "cmp.layers.csv")) == 3
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -220,8 +220,19 @@ def compare_command(base: Path, other: Path, out: Path | None, plot: Path | None
         shown = [c for c in ("changed_matrices", "alpha_base", "alpha_other", "delta_alpha", "delta_alpha_hill",
                              "relative_error") if c in layers.columns]
         click.echo(layers[["layer", *shown]].to_string(index=False, float_format="%.3f"))
+        click.echo(summary_change_line(table.attrs.get("summary") or {}))
         for path in written:
             click.echo(f"wrote {path}")
+
+
+def summary_change_line(change: dict) -> str:
+    """``model means: alpha 3.912 -> 3.870 (-0.042), ...``: WeightWatcher's get_summary() of both models."""
+    def shown(value, sign: str = "") -> str:
+        return "n/a" if value is None else format(value, f"{sign}.3f")
+
+    parts = [f"{metric} {shown(v['base'])} -> {shown(v['other'])} ({shown(v['change'], '+')})"
+             for metric, v in change.items()]
+    return "model means (WeightWatcher's get_summary): " + (", ".join(parts) if parts else "none")
 
 
 @cli.command("plot")

@@ -15,6 +15,7 @@ Either side may be a GGUF file (``layerscope requantize`` writes a second one fr
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -29,6 +30,7 @@ from layerscope.spectral.analysis import analyse_matrix
 from layerscope.spectral.columns import IDENTITY_COLUMNS, SUMMARY_COLUMNS
 from layerscope.spectral.coverage import wanted
 from layerscope.spectral.estimators import MIN_EVALS
+from layerscope.spectral.rank import summary
 from layerscope.spectral.scan import ScanOptions, _matrices, scan
 
 COMPARE_SCHEMA = "layerscope.compare/1"
@@ -55,10 +57,22 @@ def compare(base: str | Path, other: str | Path, **options) -> pd.DataFrame:
     table = merged.merge(diff, on="name", how="left", validate="one_to_one")
     table["note"] = [_joined_notes(b, o, d) for b, o, d in zip(base_table["note"], other_table["note"], table["diff_note"])]
     table = table.drop(columns=["diff_note"])
-    table.attrs.update(schema=COMPARE_SCHEMA, base=str(base), other=str(other),
+    table.attrs.update(schema=COMPARE_SCHEMA, base=str(base), other=str(other), summary=summary_change(base_table, other_table),
                        naming=base_table.attrs.get("naming"), num_layers=base_table.attrs.get("num_layers"),
                        estimators=base_table.attrs.get("estimators"), precision=base_table.attrs.get("precision"))
     return table
+
+
+def summary_change(base_table: pd.DataFrame, other_table: pd.DataFrame) -> dict[str, dict[str, float | None]]:
+    """WeightWatcher's model means (``get_summary()``) of both models and their change, metric by metric (None where
+    a model has no finite value)."""
+    before, after = summary(base_table), summary(other_table)
+
+    def finite(value: float) -> float | None:
+        return value if math.isfinite(value) else None
+
+    return {metric: {"base": finite(before[metric]), "other": finite(after[metric]),
+                     "change": finite(after[metric] - before[metric])} for metric in before if metric in after}
 
 
 def _joined_notes(base, other, diff) -> str | None:
