@@ -253,3 +253,25 @@ def test_vectors_without_alpha_is_refused_before_any_work(tmp_path):
 
     with pytest.raises(LayerscopeError, match="--estimators vectors splits the eigenvectors .* add alpha"):
         layerscope.scan(tmp_path / "absent", estimators=("alpha_hill", "vectors"))
+
+
+def test_xmax_equals_weightwatcher_and_xmin_max_bounds_the_peak_window():
+    path = minilm.get_model_path()
+    model = transformers.AutoModel.from_pretrained(path, local_files_only=True)
+    details, _ = _analyze(model, xmax=5)
+    joined = _joined(layerscope.scan(path, estimators=("alpha", "alpha_peak"), xmax=5, progress=False), details)
+    for column in ("alpha", "xmin", "D"):
+        np.testing.assert_allclose(joined[column], joined[f"{column}_ww"], rtol=1e-9, err_msg=column)
+    np.testing.assert_array_equal(joined["num_pl_spikes"], joined["num_pl_spikes_ww"].astype(int))
+    plain = layerscope.scan(path, estimators=("alpha",), include=r"layer\.0\.", progress=False)
+    assert (plain["alpha"].to_numpy() != joined.loc[plain["name"].str.removesuffix(".weight"), "alpha"]).any()
+
+    from layerscope.spectral.estimators import alpha_peak
+
+    narrow = layerscope.scan(path, estimators=("alpha_peak",), include=r"layer\.0\.", xmin_max=4.0, progress=False)
+    assert (narrow["xmin_peak"].dropna() <= 4.0).all() and narrow["alpha_peak"].notna().all()
+    eigs = np.asarray(layerscope.esd(path, "encoder.layer.0.attention.self.query.weight"))
+    default = alpha_peak(eigs)
+    assert alpha_peak(eigs, xmin_max=default.xmin).alpha == default.alpha  # the winner still in its window
+    below = alpha_peak(eigs, xmin_max=0.999 * default.xmin)
+    assert below.xmin < default.xmin and below.alpha != default.alpha

@@ -31,6 +31,10 @@ from layerscope.outputs import check_writable, write_files
 @click.option("--max-fingers", type=int, default=10, show_default=True, help="--fix-fingers: most eigenvalues clipped.")
 @click.option("--finger-thresh", type=float, default=1.0, show_default=True,
               help="--fix-fingers: how far alpha must drop below the raw fit.")
+@click.option("--xmax", type=int, help="WeightWatcher's integer xmax: the alpha fit leaves out this many of the "
+              "largest eigenvalues.")
+@click.option("--xmin-max", type=float, help="WeightWatcher's xmin_max: the top of alpha_peak's xmin window (raw "
+              "eigenvalue units; default 1.5 x the ESD's peak).")
 @click.option("--tolerance", type=float, default=1e-6, show_default=True,
               help="--estimators rank: weak_rank_loss counts the eigenvalues below it (WeightWatcher's default).")
 @click.option("--include", metavar="REGEX", help="Only tensors whose name matches.")
@@ -56,7 +60,9 @@ from layerscope.outputs import check_writable, write_files
 @click.option("--quiet", "-q", count=True, help="No progress bar, no summary; warnings about the data (missing "
               "weights, non-finite values, weights not analysed) stay on stderr.  Twice (-qq): those too are silenced.")
 def scan_command(path: Path, out: Path | None, estimators: tuple[str, ...], device: str, precision: str,
-                 fix_fingers: str | None, max_fingers: int, finger_thresh: float, tolerance: float, include: str | None, exclude: str | None, kinds: str | None, roles: str | None,
+                 fix_fingers: str | None, max_fingers: int, finger_thresh: float, xmax: int | None,
+                 xmin_max: float | None, tolerance: float, include: str | None, exclude: str | None,
+                 kinds: str | None, roles: str | None,
                  layers: tuple[int, ...] | None, min_evals: int | None, max_evals: int | None, max_n: int | None,
                  describe: bool, split_fused: bool, architecture: str | None,
                  revision: str | None, cache: Path | None, base: Path | None, threads: int | None,
@@ -81,7 +87,8 @@ def scan_command(path: Path, out: Path | None, estimators: tuple[str, ...], devi
                           revision=revision, cache=cache, base=base, progress=not quiet, threads=threads,
                           tolerance=tolerance, kinds=_names(kinds), roles=_names(roles), layers=tuple(layers or ()),
                           min_evals=min_evals, max_evals=max_evals, max_n=max_n, describe=describe,
-                          fix_fingers=fix_fingers, max_fingers=max_fingers, finger_thresh=finger_thresh)
+                          fix_fingers=fix_fingers, max_fingers=max_fingers, finger_thresh=finger_thresh, xmax=xmax,
+                          xmin_max=xmin_max)
     matrices = scan(path, **options.__dict__)
     if describe:
         if writer:

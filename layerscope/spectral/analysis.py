@@ -11,18 +11,21 @@ from tqdm.auto import tqdm
 
 from layerscope.spectral import detx, esd, fingers, rank, rmt, tpl, vectors
 from layerscope.spectral.columns import MATRIX_ESTIMATORS
-from layerscope.spectral.estimators import ESTIMATORS, MIN_EVALS, TailFit
+from layerscope.spectral.estimators import ESTIMATORS, MIN_EVALS, TailFit, alpha_peak
 from layerscope.spectral.metrics import norm_metrics
 
 
 @dataclass(frozen=True)
 class RowOptions:
-    """What a row's fits take beyond the estimators: the rank estimator's tolerance and WeightWatcher's finger fix."""
+    """What a row's fits take beyond the estimators: the rank estimator's tolerance, WeightWatcher's finger fix and
+    its xmax / xmin_max."""
 
     tolerance: float = rank.WEAK_RANK_TOLERANCE
     fix_fingers: str | None = None  # "clip_xmax": see layerscope.spectral.fingers
     max_fingers: int = fingers.DEFAULT_MAX_FINGERS
     finger_thresh: float = fingers.DEFAULT_FINGER_THRESH
+    xmax: int | None = None  # WeightWatcher's integer xmax: the alpha fit leaves out this many largest eigenvalues
+    xmin_max: float | None = None  # WeightWatcher's xmin_max: the top of alpha_peak's xmin window (raw units)
 
 
 @dataclass
@@ -169,12 +172,29 @@ def _rescale_extreme(row: dict, exponent: int, alpha: float) -> None:
 
 
 def _fits(row: dict, eigs: np.ndarray, estimators: tuple[str, ...], options: RowOptions) -> dict[str, TailFit]:
-    """The tail fits; with the finger fix, ``alpha`` is the clipped fit and the row gets raw_alpha, num_fingers."""
-    if not (options.fix_fingers and "alpha" in estimators):
-        return fit_all(eigs, estimators)
-    fits = fit_all(eigs, tuple(name for name in estimators if name != "alpha"))
-    fits["alpha"], raw, count = fingers.clipped_fit(eigs, options.max_fingers, options.finger_thresh)
-    row.update(raw_alpha=raw.alpha, num_fingers=count)
+    """The tail fits.  ``alpha`` sees the eigenvalues without the ``xmax`` largest (WeightWatcher's integer xmax);
+    with the finger fix it is the clipped fit, and the row gets raw_alpha, num_fingers.  ``alpha_peak``'s window
+    ends at ``xmin_max`` when given."""
+    plain = tuple(name for name in estimators if name not in ("alpha", "alpha_peak"))
+    fits = fit_all(eigs, plain)
+    if "alpha_peak" in estimators:
+        fits["alpha_peak"] = alpha_peak(eigs, xmin_max=options.xmin_max)
+    if "alpha" not in estimators:
+        return fits
+    clipped = eigs
+    if options.xmax:
+        if options.xmax > len(eigs) / 2:
+            fits["alpha"] = TailFit.failed(f"alpha: xmax {options.xmax} leaves out more than half of the "
+                                           f"{len(eigs)} eigenvalues")
+            if options.fix_fingers:
+                row.update(raw_alpha=math.nan, num_fingers=math.nan)
+            return fits
+        clipped = eigs[: len(eigs) - options.xmax]
+    if options.fix_fingers:
+        fits["alpha"], raw, count = fingers.clipped_fit(clipped, options.max_fingers, options.finger_thresh)
+        row.update(raw_alpha=raw.alpha, num_fingers=count)
+    else:
+        fits["alpha"] = ESTIMATORS["alpha"](clipped)
     return fits
 
 

@@ -185,14 +185,15 @@ def alpha_hill(eigs) -> TailFit:
     return TailFit(alpha=float(alphas[0]), xmin=float(x[i]), D=D, num_pl_spikes=n - i)
 
 
-def alpha_peak(eigs, bins: int = PEAK_BINS) -> TailFit:
+def alpha_peak(eigs, bins: int = PEAK_BINS, xmin_max: float | None = None) -> TailFit:
     """AlphaLoRA ``fix_finger`` (TempBalance ``xmin_peak``).
 
     xmin2 = 10 ** (left edge of the fullest of ``bins`` log10-histogram bins); candidate
     xmins are the eigenvalues (all but the largest) in [log10(0.95*xmin2), 1.5*xmin2].
     The lower bound is a log10 value compared with raw eigenvalues: that is what the
     reference code does, so it is reproduced here (it makes the lower bound vacuous
-    whenever xmin2 < ~1.05).  Among the candidates the alpha with the smallest KS
+    whenever xmin2 < ~1.05).  ``xmin_max`` replaces the upper bound (WeightWatcher's
+    ``xmin_max``, raw eigenvalue units).  Among the candidates the alpha with the smallest KS
     distance wins.  Where the reference would return a placeholder (no candidate in the
     window, or none with alpha > 1) we return NaN and say why.
     """
@@ -207,7 +208,7 @@ def alpha_peak(eigs, bins: int = PEAK_BINS) -> TailFit:
         return TailFit.failed("alpha_peak: all eigenvalues are equal")
     xmin2 = 10 ** np.linspace(lo, hi, bins + 1)[int(np.argmax(_histc(log10_x, bins, lo, hi)))]
     window_low = math.log10(0.95 * xmin2)  # reference quirk: log10 units, compared with raw eigenvalues
-    window_high = 1.5 * xmin2
+    window_high = 1.5 * xmin2 if xmin_max is None else xmin_max
     candidates = x[:-1]
     starts = np.nonzero((candidates >= window_low) & (candidates <= window_high))[0]
     if starts.size == 0:

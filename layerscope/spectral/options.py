@@ -73,11 +73,18 @@ class ScanOptions:
     """With ``fix_fingers``: the most eigenvalues clipped (WeightWatcher's default 10)."""
     finger_thresh: float = DEFAULT_FINGER_THRESH
     """With ``fix_fingers``: how far α must drop below the raw fit for a clipped fit to be taken."""
+    xmax: int | None = None
+    """WeightWatcher's integer ``xmax``: the ``alpha`` fit leaves out this many of the largest eigenvalues (at most
+    half of them); the norm metrics keep every eigenvalue."""
+    xmin_max: float | None = None
+    """WeightWatcher's ``xmin_max``: the top of ``alpha_peak``'s xmin window, in raw eigenvalue units (default
+    1.5 × the ESD's peak)."""
     describe: bool = False
     """List the matrices the scan would analyse (name, kind, layer, role, shape, N, M) and compute nothing."""
 
     def row_options(self) -> RowOptions:
-        return RowOptions(self.tolerance, self.fix_fingers, self.max_fingers, self.finger_thresh)
+        return RowOptions(self.tolerance, self.fix_fingers, self.max_fingers, self.finger_thresh, self.xmax,
+                          self.xmin_max)
 
     def selection(self) -> Selection:
         return Selection(self.include, self.exclude, tuple(self.kinds), tuple(self.roles),
@@ -100,6 +107,11 @@ class ScanOptions:
             raise LayerscopeError(f"--max-fingers {self.max_fingers}: must be a whole number >= 3 (clipping starts at 2)")
         if not (self.finger_thresh > 0 and math.isfinite(self.finger_thresh)):
             raise LayerscopeError(f"--finger-thresh {self.finger_thresh}: must be a finite number > 0")
+        if self.xmax is not None and (type(self.xmax) is not int or self.xmax < 1):
+            raise LayerscopeError(f"--xmax {self.xmax}: must be a whole number >= 1 (the largest eigenvalues to leave "
+                                  "out of the alpha fit)")
+        if self.xmin_max is not None and not (self.xmin_max > 0 and math.isfinite(self.xmin_max)):
+            raise LayerscopeError(f"--xmin-max {self.xmin_max}: must be a finite number > 0")
         for flag, value in (("--min-evals", self.min_evals), ("--max-evals", self.max_evals), ("--max-n", self.max_n)):
             if value is not None and (type(value) is not int or value < 1):
                 raise LayerscopeError(f"{flag} {value}: must be a whole number >= 1")

@@ -326,7 +326,8 @@ def _cache_settings(opts: ScanOptions, device: torch.device, dtype: torch.dtype)
     return {"estimators": list(opts.estimators), "precision": opts.precision, "dtype": str(dtype),
             "device": device.type, "split_fused": opts.split_fused,
             **({"tolerance": opts.tolerance} if "rank" in opts.estimators else {}),
-            **({"fingers": [opts.fix_fingers, opts.max_fingers, opts.finger_thresh]} if opts.fix_fingers else {})}
+            **({"fingers": [opts.fix_fingers, opts.max_fingers, opts.finger_thresh]} if opts.fix_fingers else {}),
+            **({"xmax": opts.xmax} if opts.xmax else {}), **({"xmin_max": opts.xmin_max} if opts.xmin_max else {})}
 
 
 def _prefetched(ckpt: Checkpoint, selected: list[tuple[LogicalTensor, TensorRole]]
