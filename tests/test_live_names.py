@@ -234,9 +234,24 @@ def test_weights_held_as_bare_parameters_get_the_kind_of_what_they_are(tmp_path)
 
 def test_deepseek_v4_grouped_output_projection_is_kind_grouped(saved):
     """DeepSeek V4's o_a_proj applies its weight per head group (not y = Wx): kind 'grouped', with the
-    attention's role, analysed and never planned (it used to be kind 'param')."""
-    _, table = saved("deepseek_v4")
+    attention's role, one row per head group (group g's block of rows, the matrix the model applies to that
+    group's input), analysed and never planned (it used to be kind 'param')."""
+    folder, table = saved("deepseek_v4")
     grouped = table[table["module"].astype(str).str.endswith("self_attn.o_a_proj")]
     assert len(grouped) and set(grouped["kind"]) == {"grouped"} and set(grouped["mixer"]) == {"attention"}
+    config = json.loads((folder / "config.json").read_text())
+    groups = config["o_groups"]
+    first = grouped[grouped["layer"] == 0]
+    assert list(first["part"]) == [f"group.{g}" for g in range(groups)] and groups > 1
+    from safetensors.torch import load_file
+
+    stored = {k: v for f in folder.glob("*.safetensors") for k, v in load_file(f).items()}
+    weight = stored[first["tensor"].iloc[0]].double()
+    block = weight.shape[0] // groups
+    for g, row in enumerate(first.itertuples(index=False)):
+        part = weight[g * block:(g + 1) * block]
+        assert (row.out_features, row.in_features) == tuple(part.shape)
+        eigs = torch.linalg.eigvalsh(part @ part.T if part.shape[0] <= part.shape[1] else part.T @ part)
+        assert row.lambda_max == pytest.approx(float(eigs[-1]), rel=1e-9)
     plan = layerscope.plan(table, "uniform", progress=False)
     assert not any(m["name"].endswith("o_a_proj") for m in plan.modules())

@@ -110,6 +110,19 @@ def same_rows_in_memory(model, folder_table) -> None:
                                rtol=1e-9, equal_nan=True)
 
 
+def peft_targets(peft_model) -> set[str]:
+    """What PEFT adapted: each LoRA-wrapped module, and each wrapped fused parameter (target_parameters) by its
+    parameter name (``…mlp.experts.down_proj``)."""
+    out = set()
+    for name, module in peft_model.named_modules():
+        if not (hasattr(module, "lora_A") and isinstance(getattr(module, "r", None), dict)):
+            continue
+        name = name.removeprefix("base_model.model.")
+        parameter = getattr(module, "parameter_name", None)
+        out.add(f"{name.replace('.base_layer', '')}.{parameter}" if parameter else name)
+    return out
+
+
 def check(entry: ZooEntry, folder: Path) -> dict:
     from peft import LoraConfig, get_peft_model
 
@@ -180,8 +193,7 @@ def check(entry: ZooEntry, folder: Path) -> dict:
     peft_config = _peft_config(single)
     _, fresh = build(entry)
     peft_model = get_peft_model(fresh, LoraConfig(**peft_config))
-    adapted = {name.removeprefix("base_model.model.") for name, m in peft_model.named_modules()
-               if hasattr(m, "lora_A") and isinstance(getattr(m, "r", None), dict)}
+    adapted = peft_targets(peft_model)
     assert adapted == planned, f"PEFT adapted {sorted(adapted ^ planned)[:4]} beyond/short of the plan"
     facts["planned_modules"] = len(planned)
 

@@ -59,7 +59,8 @@ class ModelTree:
     # own; its live key is then the key after the plain renamings, and the second item names the parameter.
     rename: Callable[[str], tuple[str, str | None]] = field(default=lambda key: (key, None), repr=False)
     expert_stacks: frozenset[str] = frozenset()  # non-Linear modules holding one weight matrix per expert
-    grouped: frozenset[str] = frozenset()  # Linear subclasses that apply their weight in groups (not y = Wx)
+    # Linear subclasses that apply their weight in groups (not y = Wx) → their group count (None: unknown)
+    grouped: dict[str, int | None] = field(default_factory=dict)
 
     def offset(self, stack: BlockStack) -> int:
         return sum(s.depth for s in self.stacks[: self.stacks.index(stack)])
@@ -155,12 +156,13 @@ def tree_of_model(model, rename: Callable[[str], tuple[str, str | None]] | None 
         named.append(BlockStack(name, path, len(blocks), tower))
     linears, conv1d = {}, set()
     experts = next((v for key in EXPERT_FIELDS if type(v := getattr(config, key, None)) is int and v > 1), None)
-    stacks, grouped = set(), set()
+    stacks, grouped = set(), {}
     for name, module in model.named_modules():
         # Some Linear subclasses compute something else from their weight (DeepSeek V4's grouped o_a_proj):
         # wrapping them as y = Wx + BAx would be wrong, so they are no projections.
         if isinstance(module, nn.Linear) and re.search(NOT_PROJECTION_CLASSES, type(module).__name__):
-            grouped.add(name)
+            count = getattr(module, "n_groups", None)
+            grouped[name] = count if type(count) is int and count > 0 else None
         elif isinstance(module, nn.Linear):
             linears[name] = (module.in_features, module.out_features)
         elif type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:
@@ -170,7 +172,7 @@ def tree_of_model(model, rename: Callable[[str], tuple[str, str | None]] | None 
             stacks.add(name)
     return ModelTree(named, linears, type(model).__name__, bool(getattr(config, "is_encoder_decoder", False)),
                      frozenset(conv1d), frozenset(name for name, _ in model.named_modules()),
-                     rename or (lambda key: (key, None)), frozenset(stacks), frozenset(grouped))
+                     rename or (lambda key: (key, None)), frozenset(stacks), grouped)
 
 
 def _holds_expert_stack(module, experts: int | None) -> bool:

@@ -167,7 +167,7 @@ class _RankWork:
     def __call__(self) -> tuple[dict[int, list[dict]], int, dict]:
         started = time.perf_counter()
         opts, device, dtype = self.opts, self.device, self.dtype
-        total = sum(_matrix_count(*self.selected[i]) for i in self.mine)
+        total = sum(_matrix_count(*self.selected[i], self.scheme) for i in self.mine)
         batch_bytes = opts.batch_bytes if opts.batch_bytes is not None else DEFAULT_BATCH_BYTES.get(device.type,
                                                                                                    32 << 20)
         if device.type == "cpu":  # batches run side by side: the budget is for all of them together
@@ -357,9 +357,11 @@ def _layers_seen(table: pd.DataFrame) -> int | None:
     return int(layers.max()) + 1 if len(layers) else None
 
 
-def _matrix_count(info: LogicalTensor, role: TensorRole) -> int:
+def _matrix_count(info: LogicalTensor, role: TensorRole, scheme: NamingScheme) -> int:
     if role.kind == "expert_stack" or len(info.shape) > 2:
         return math.prod(info.shape[:-2])
+    if role.kind == "grouped":
+        return _matrix_count_of_groups(scheme, role, info.shape[0])
     return 1
 
 
@@ -372,6 +374,19 @@ def _identity(info: LogicalTensor, role: TensorRole) -> dict:
         "expert": role.expert, "part": role.adapter_factor, "dtype": info.dtype, "quantization": info.quantization,
         "conv1d": role.conv1d,
     }
+
+
+def _group_count(scheme: NamingScheme, role: TensorRole, weight: torch.Tensor) -> int | None:
+    """The head groups of a grouped projection whose rows split evenly among them, else None (one matrix)."""
+    if role.kind != "grouped" or weight.dim() != 2:
+        return None
+    count = _matrix_count_of_groups(scheme, role, weight.shape[0])
+    return count if count > 1 else None
+
+
+def _matrix_count_of_groups(scheme: NamingScheme, role: TensorRole, rows: int) -> int:
+    count = scheme.tree.grouped.get(role.module) if scheme.tree is not None else None
+    return count if count and count > 1 and rows % count == 0 else 1
 
 
 def _matrices(
@@ -388,6 +403,11 @@ def _matrices(
         for j, matrix in enumerate(experts):
             kind = "expert" if role.kind == "expert_stack" else role.kind
             yield Matrix({**base, "name": f"{info.name}[{j}]", "kind": kind, "role": role.role, "expert": j}, matrix)
+        return
+    groups = _group_count(scheme, role, weight)
+    if groups:  # DeepSeek V4's o_a_proj: group g's block of rows is the matrix applied to head group g's input
+        for g, block in enumerate(torch.chunk(weight, groups, dim=0)):
+            yield Matrix({**base, "name": f"{info.name}[group {g}]", "part": f"group.{g}"}, block.contiguous())
         return
     yield Matrix(dict(base), weight)
     if split_fused and role.role:
