@@ -26,8 +26,9 @@ demo: install
 example-report: install
 	$(VENV)/bin/layerscope demo --out reports/minilm -q
 
+# Two workers (one per core on the 2-core CI machine), each test file on one worker so its module fixtures run once.
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadfile
 
 # The documentation site (docs/, mkdocs.yml) into site/; strict: a broken link or missing page fails.
 docs: install
