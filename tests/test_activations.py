@@ -13,6 +13,7 @@ from torch import nn
 
 from layerscope.activations import layer_fractions, measure, profile, read_documents
 from layerscope.errors import LayerscopeError
+from tests.cli_runner import run_cli
 
 
 class _Block(nn.Module):
@@ -167,7 +168,7 @@ def test_bad_calibration_files(tmp_path):
 
 
 def run(*args):
-    return subprocess.run([sys.executable, "-m", "layerscope", *args], capture_output=True, text=True)
+    return run_cli(*args)
 
 
 def _one_line_error(result, fragment):

@@ -24,13 +24,14 @@ from layerscope.experiments import PlanSettings, Settings, build_arms, compare_p
 from layerscope.experiments.budgets import resolve  # noqa: E402
 from layerscope.experiments.peft_arms import adalora_schedule  # noqa: E402
 from layerscope.planning import plan  # noqa: E402
+from tests.cli_runner import run_cli  # noqa: E402
 from tests.test_compare_plans import model, task_file  # noqa: E402,F401 - the tiny BERT and its task
 
 SETTINGS = Settings(steps=4, learning_rate=5e-3, batch_size=8, eval_every=4, max_length=16, device="cpu")
 
 
 def _cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "layerscope", *args], capture_output=True, text=True, env=env)
+    return run_cli(*args, env=env)
 
 
 def _arms(document) -> dict:

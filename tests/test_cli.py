@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pandas as pd
 import pytest
 
 from tests.builders import LLAMA_CONFIG, llama_tensors, write_checkpoint, write_raw_safetensors
+from tests.cli_runner import run_cli  # noqa: E402
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "layerscope", *args], capture_output=True, text=True)
+    return run_cli(*args)
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,6 @@ import html
 import json
 import random
 import shutil
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -26,6 +24,7 @@ from layerscope.experiments import (  # noqa: E402
     load_task,
     planned_runs,
 )
+from tests.cli_runner import run_cli  # noqa: E402
 
 SETTINGS = Settings(steps=4, learning_rate=5e-3, batch_size=8, eval_every=2, max_length=16, device="cpu")
 
@@ -62,7 +61,7 @@ def task_file(tmp_path_factory):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "layerscope", *args], capture_output=True, text=True)
+    return run_cli(*args)
 
 
 def _arms(document) -> dict:

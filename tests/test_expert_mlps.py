@@ -6,8 +6,6 @@ fused) models, built and saved by transformers; the user starts from the saved f
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import warnings
 
 import pytest
@@ -20,6 +18,7 @@ import layerscope  # noqa: E402
 from layerscope.errors import LayerscopeError  # noqa: E402
 from layerscope.export import export_plan  # noqa: E402
 from layerscope.runtime import apply_plan  # noqa: E402
+from tests.cli_runner import run_cli  # noqa: E402
 
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
             vocab_size=256, pad_token_id=0, max_position_embeddings=128)
@@ -49,7 +48,7 @@ def saved(tmp_path_factory):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "layerscope", *args], capture_output=True, text=True)
+    return run_cli(*args)
 
 
 def _expected_trainable(model, plan) -> int:

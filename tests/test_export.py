@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
@@ -12,6 +10,7 @@ import layerscope
 from layerscope.errors import LayerscopeError
 from layerscope.export import export_plan, to_mola_args, to_peft_config
 from tests.builders import save_tiny_llama
+from tests.cli_runner import run_cli  # noqa: E402
 from tests.planning_fixtures import scan_table
 
 transformers = pytest.importorskip("transformers")
@@ -123,7 +122,7 @@ def test_csv_export_rows(tmp_path):
 
 
 def run(*args):
-    return subprocess.run([sys.executable, "-m", "layerscope", *args], capture_output=True, text=True)
+    return run_cli(*args)
 
 
 def test_cli_plan_export_explain_on_minilm(tmp_path):

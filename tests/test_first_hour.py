@@ -18,12 +18,13 @@ import layerscope
 from layerscope.errors import LayerscopeError
 from layerscope.planning import Plan
 from tests.builders import LLAMA_CONFIG, llama_tensors, write_checkpoint
+from tests.cli_runner import run_cli  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "layerscope", *args], capture_output=True, text=True)
+    return run_cli(*args)
 
 
 def one_line_error(result: subprocess.CompletedProcess, *needles: str) -> str:

@@ -6,8 +6,6 @@ loads from the same file (the converted folder); ``gguf.quants`` for quantize/de
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +18,7 @@ gguf = pytest.importorskip("gguf")
 import layerscope  # noqa: E402
 from layerscope.checkpoint.reader import open_checkpoint  # noqa: E402
 from layerscope.errors import LayerscopeError  # noqa: E402
+from tests.cli_runner import run_cli  # noqa: E402
 from tests.test_smollm2 import GGUF, folder  # noqa: E402,F401 - the converted folder: transformers' own load
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -109,7 +108,7 @@ def _tiny_gguf(path: Path, rows: int = 64, cols: int = 64, qtype=None) -> Path:
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "layerscope", *args], capture_output=True, text=True)
+    return run_cli(*args)
 
 
 def test_damaged_files_are_one_line_errors(tmp_path):

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +23,7 @@ from layerscope.experiments import (  # noqa: E402
 from layerscope.experiments.arms import PlanSettings, refuse_value_seeds  # noqa: E402
 from layerscope.experiments.value import layer_value, planned_value_runs  # noqa: E402
 from layerscope.planning import plan  # noqa: E402
+from tests.cli_runner import run_cli  # noqa: E402
 from tests.test_compare_plans import _tiny_bert  # noqa: E402
 
 SETTINGS = Settings(steps=2, learning_rate=5e-3, batch_size=8, eval_every=2, max_length=16, device="cpu")
@@ -55,7 +54,7 @@ def measured(model, task_file, tmp_path_factory):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "layerscope", *map(str, args)], capture_output=True, text=True)
+    return run_cli(*args)
 
 
 # ---------------------------------------------------------------- statistics against independent references

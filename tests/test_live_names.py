@@ -7,8 +7,6 @@ and read back, so the stored names are what transformers writes and the live nam
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import warnings
 
 import pytest
@@ -21,6 +19,7 @@ pytest.importorskip("peft")
 import layerscope  # noqa: E402
 from layerscope.errors import LayerscopeError  # noqa: E402
 from layerscope.runtime import apply_plan, save_adapters  # noqa: E402
+from tests.cli_runner import run_cli  # noqa: E402
 from tests.zoo_models import build, registry  # noqa: E402
 
 ENTRIES = {e.model_type: e for e in registry()}
@@ -44,7 +43,7 @@ def saved(tmp_path_factory):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "layerscope", *args], capture_output=True, text=True)
+    return run_cli(*args)
 
 
 def test_gemma3_keeps_stored_names_and_plans_live_ones(saved):

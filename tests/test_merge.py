@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,6 +10,7 @@ from safetensors import safe_open
 
 import layerscope
 from layerscope.runtime import apply_plan, save_adapters
+from tests.cli_runner import run_cli  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -37,7 +36,7 @@ def sharded_base(tmp_path_factory):
 
 
 def _run(*args):
-    return subprocess.run([sys.executable, "-m", "layerscope", *args], capture_output=True, text=True)
+    return run_cli(*args)
 
 
 def test_merged_model_equals_the_adapted_model(sharded_base, tmp_path):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -20,6 +19,7 @@ from layerscope.errors import LayerscopeError
 from layerscope.spectral.estimators import ESTIMATORS
 from layerscope.spectral.scan import scan
 from tests.builders import random_matrix
+from tests.cli_runner import run_cli  # noqa: E402
 
 OUT, IN = 160, 272  # not multiples of 128: partial FP8 blocks are exercised
 Q_PROJ = "model.layers.0.self_attn.q_proj"
@@ -292,7 +292,7 @@ def test_bitsandbytes_int8(tmp_path):
 # ---- refusals -------------------------------------------------------------------------------
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "layerscope", *args], capture_output=True, text=True)
+    return run_cli(*args)
 
 
 REFUSED = {

@@ -20,6 +20,7 @@ gguf = pytest.importorskip("gguf")
 
 import layerscope  # noqa: E402
 from layerscope.checkpoint.gguf import materialize_gguf  # noqa: E402
+from tests.cli_runner import run_cli  # noqa: E402
 
 
 def _gguf_file() -> Path | None:
@@ -134,8 +135,6 @@ def test_compare_plans_trains_it_as_a_causal_lm_with_prompts(folder, tmp_path):
 
 
 def test_convert_gguf_from_the_command_line(folder, tmp_path):
-    import subprocess
-    import sys
 
     result = subprocess.run([sys.executable, "-m", "layerscope", "convert-gguf", str(GGUF), str(folder)],
                             capture_output=True, text=True)
@@ -165,4 +164,4 @@ def test_a_plan_of_the_file_checks_against_the_folder_converted_from_it(folder, 
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "layerscope", *args], capture_output=True, text=True)
+    return run_cli(*args)

@@ -19,6 +19,8 @@ from layerscope.checkpoint.fusion import expert_parameters
 from layerscope.checkpoint.modeltree import TABLE_VERIFIED, model_facts, tree_for_checkpoint
 from layerscope.checkpoint.naming import TARGET_KINDS, NamingScheme, TensorRole, detect_scheme, scheme_by_name
 from layerscope.checkpoint.quantization import LogicalTensor, load_logical, logical_tensors
+from layerscope.checkpoint.quantization.logical import load_stack
+from layerscope.checkpoint.quantization.mxfp4 import ExpertStack
 from layerscope.checkpoint.reader import Checkpoint, open_checkpoint
 from layerscope.checkpoint.shapecheck import check_shapes, has_block_gaps, tree_gaps
 from layerscope.errors import LayerscopeError
@@ -337,11 +339,15 @@ def _prefetched(ckpt: Checkpoint, selected: list[tuple[LogicalTensor, TensorRole
     Reading releases the GIL, so disk time hides behind eigensolver time; at most two tensors
     are in memory at once.
     """
+    def load(item: tuple[LogicalTensor, TensorRole]):
+        info, role = item
+        return load_stack(ckpt, info) if role.kind == "expert_stack" else load_logical(ckpt, info)
+
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="layerscope-read") as reader:
-        pending = reader.submit(load_logical, ckpt, selected[0][0]) if selected else None
+        pending = reader.submit(load, selected[0]) if selected else None
         for k in range(len(selected)):
             weight = pending.result()
-            pending = reader.submit(load_logical, ckpt, selected[k + 1][0]) if k + 1 < len(selected) else None
+            pending = reader.submit(load, selected[k + 1]) if k + 1 < len(selected) else None
             yield weight
             del weight
 
@@ -398,6 +404,11 @@ def _matrices(
     Weights stay in their stored dtype; the Gram computation converts them chunk by chunk.
     """
     base = _identity(info, role)
+    if isinstance(weight, ExpertStack):  # packed experts, decoded one by one as the batches take them
+        for j in range(weight.count):
+            yield Matrix({**base, "name": f"{info.name}[{j}]", "kind": "expert", "role": role.role, "expert": j},
+                         weight.expert(j))
+        return
     if weight.dim() > 2:
         experts = weight.reshape(math.prod(weight.shape[:-2]), *weight.shape[-2:])
         for j, matrix in enumerate(experts):

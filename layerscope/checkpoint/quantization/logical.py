@@ -48,7 +48,7 @@ import torch
 from layerscope.checkpoint.dtypes import FLOATING
 from layerscope.checkpoint.quantization.bnb import _bnb_int8, dequantize_bnb_int8
 from layerscope.checkpoint.quantization.common import FP8, LogicalTensor, group_count, group_size_of
-from layerscope.checkpoint.quantization.mxfp4 import _mxfp4, dequantize_mxfp4
+from layerscope.checkpoint.quantization.mxfp4 import ExpertStack, _mxfp4, dequantize_mxfp4
 from layerscope.checkpoint.quantization.packed import (
     _ct_packed,
     _packed_int,
@@ -166,6 +166,14 @@ def _recognise(name: str, info: TensorInfo, tensors: dict[str, TensorInfo], qcon
         if f"{base}.SCB" in tensors:
             return _bnb_int8(name, info, tensors[f"{base}.SCB"])
     return None
+
+
+def load_stack(ckpt: Checkpoint, tensor: LogicalTensor) -> torch.Tensor | ExpertStack:
+    """A stack of experts as :func:`load_logical` gives it, except MXFP4 stacks, which stay packed and decode one
+    expert at a time (:class:`ExpertStack`)."""
+    if tensor.quantization == "mxfp4" and len(tensor.shape) == 3:
+        return ExpertStack(read_tensor(tensor.parts["blocks"]), read_tensor(tensor.parts["scales"]))
+    return load_logical(ckpt, tensor)
 
 
 def load_logical(ckpt: Checkpoint, tensor: LogicalTensor) -> torch.Tensor:
