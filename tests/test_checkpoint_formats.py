@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
@@ -17,6 +15,7 @@ from layerscope.checkpoint.reader import open_checkpoint, read_tensor
 from layerscope.errors import LayerscopeError
 from layerscope.spectral.scan import scan
 from tests.builders import LLAMA_CONFIG, llama_tensors, write_checkpoint, write_raw_safetensors
+from tests.cli_runner import run_cli  # noqa: E402
 
 # dtype → (shape, bytes): every dtype the safetensors format defines.
 ALL_DTYPES = {
@@ -119,8 +118,7 @@ def test_corrupt_bin_and_gguf_give_one_line_errors(tmp_path):
     gguf = only_gguf / "model-Q4_K_M.gguf"
     gguf.write_bytes(b"GGUF\x03\x00\x00\x00")
     for target, needle in ((gguf, "shorter than a GGUF header"), (only_gguf, "scan the file itself")):
-        result = subprocess.run([sys.executable, "-m", "layerscope", "scan", str(target), "--quiet"],
-                                capture_output=True, text=True)
+        result = run_cli("scan", str(target), "--quiet")
         assert result.returncode == 2
         assert len(result.stderr.strip().splitlines()) == 1 and needle in result.stderr, result.stderr
 

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -15,6 +12,7 @@ from layerscope.errors import LayerscopeError
 from layerscope.spectral.compare import compare, compare_layers
 from layerscope.spectral.scan import scan
 from tests.builders import LLAMA_CONFIG, llama_tensors, write_checkpoint
+from tests.cli_runner import run_cli
 
 CHANGED = "model.layers.1.self_attn.q_proj.weight"
 
@@ -65,8 +63,7 @@ def test_mismatched_layouts_are_refused(pair, tmp_path):
 def test_cli_writes_tables_and_the_before_after_plot(pair, tmp_path):
     base, other, _ = pair
     out, plot = tmp_path / "cmp.csv", tmp_path / "alpha.png"
-    result = subprocess.run([sys.executable, "-m", "layerscope", "compare", str(base), str(other), "--out", str(out),
-                             "--plot", str(plot)], capture_output=True, text=True)
+    result = run_cli("compare", str(base), str(other), "--out", str(out), "--plot", str(plot))
     assert result.returncode == 0, result.stderr
     assert "1 of 23 matrices changed" in result.stdout
     assert "model means (WeightWatcher's get_summary): log_norm " in result.stdout
@@ -77,11 +74,9 @@ def test_cli_writes_tables_and_the_before_after_plot(pair, tmp_path):
 def test_report_shows_the_comparison_panel(pair, tmp_path):
     base, other, _ = pair
     out = tmp_path / "cmp.json"
-    subprocess.run([sys.executable, "-m", "layerscope", "compare", str(base), str(other), "--out", str(out), "-q"],
-                   check=True)
+    assert run_cli("compare", str(base), str(other), "--out", str(out), "-q").returncode == 0
     report = tmp_path / "report"
-    result = subprocess.run([sys.executable, "-m", "layerscope", "report", str(base), "--out", str(report),
-                             "--compare", str(out), "-q"], capture_output=True, text=True)
+    result = run_cli("report", str(base), "--out", str(report), "--compare", str(out), "-q")
     assert result.returncode == 0, result.stderr
     page = (report / "index.html").read_text()
     assert "Fine-tune comparison" in page and "1 of 23 matrices changed" in page

@@ -15,6 +15,7 @@ import pytest
 transformers = pytest.importorskip("transformers")
 
 from layerscope.checkpoint.configguard import bound, clamp_for_build, stored_counts  # noqa: E402
+from tests.cli_runner import run_cli  # noqa: E402
 from tests.zoo_models import ZooEntry, build  # noqa: E402
 
 LIMIT_S = 120  # a generous wall-clock cap for the subprocess; an unguarded build of 1e6 layers runs far past it
@@ -243,8 +244,7 @@ def test_a_config_counting_more_blocks_names_the_absent_ones_even_under_quiet(tm
     assert "encoder.layer.11.output.dense.weight" in missing
     assert table.attrs["num_layers"] == 6 and table.attrs["config_num_layers"] == 12
     assert isinstance(table, pd.DataFrame)
-    loud = subprocess.run([sys.executable, "-m", "layerscope", "scan", str(folder)], capture_output=True, text=True)
+    loud = run_cli("scan", str(folder))
     assert "6 layers (the config counts 12: blocks 6–11 are absent)" in loud.stdout
-    silent = subprocess.run([sys.executable, "-m", "layerscope", "scan", str(folder), "-qq"], capture_output=True,
-                            text=True)
+    silent = run_cli("scan", str(folder), "-qq")
     assert silent.returncode == 0 and silent.stderr == "" and silent.stdout == ""

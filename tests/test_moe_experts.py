@@ -8,6 +8,7 @@ import pytest
 from layerscope import layer_summary, scan
 from layerscope.spectral.columns import expert_spread
 from tests.builders import matrix_with_spectrum, pareto_eigenvalues, random_matrix, write_checkpoint
+from tests.cli_runner import run_cli  # noqa: E402
 
 HIDDEN, FFN, EXPERTS = 64, 96, 8
 PLANTED = 5  # layer 1's expert 5: a much heavier tail in its w1 than its siblings
@@ -60,8 +61,6 @@ def test_layer_summary_carries_each_moe_layer_s_expert_spread(table):
 
 
 def test_the_report_and_plot_draw_the_heatmap_and_name_the_outliers(table, tmp_path):
-    import subprocess
-    import sys
 
     from layerscope.tables import write_scan
     from layerscope.viz import build_report
@@ -71,8 +70,8 @@ def test_the_report_and_plot_draw_the_heatmap_and_name_the_outliers(table, tmp_p
     assert "img/experts_alpha.png" in page and (tmp_path / "report" / "img" / "experts_alpha.png").stat().st_size > 5000
     assert f"model.layers.1.block_sparse_moe.experts.{PLANTED}.w1.weight</code>: α" in page
     write_scan(table, layer_summary(table), tmp_path / "scan.parquet")
-    done = subprocess.run([sys.executable, "-m", "layerscope", "plot", str(tmp_path / "scan.parquet"), "--out",
-                           str(tmp_path / "plots")], capture_output=True, text=True)
+    done = run_cli("plot", str(tmp_path / "scan.parquet"), "--out",
+                           str(tmp_path / "plots"))
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "plots" / "experts_alpha.png").is_file()
 

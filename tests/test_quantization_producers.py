@@ -11,8 +11,6 @@ twice, so there the bound is 2 ulp).
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -57,6 +55,8 @@ from compressed_tensors.quantization import (  # noqa: E402
     QuantizationScheme,
     apply_quantization_config,
 )
+
+from tests.cli_runner import run_cli  # noqa: E402
 
 GROUP = 16
 STRATEGIES = {
@@ -151,8 +151,7 @@ def test_compressed_tensors_packed_bits_must_come_from_the_config(tmp_path):
     config = json.loads((folder / "config.json").read_text())
     config["quantization_config"]["config_groups"]["group_0"]["weights"]["num_bits"] = 6
     (folder / "config.json").write_text(json.dumps(config))
-    result = subprocess.run([sys.executable, "-m", "layerscope", "scan", str(folder), "--out", str(tmp_path / "s.csv")],
-                            capture_output=True, text=True)
+    result = run_cli("scan", str(folder), "--out", str(tmp_path / "s.csv"))
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "weight_packed" in result.stderr and "num_bits" in result.stderr
     assert not (tmp_path / "s.csv").exists()
@@ -187,7 +186,6 @@ def test_bitsandbytes_int8_equals_the_library_dequantization(tmp_path):
 
 def test_bitsandbytes_nf4_is_refused_by_name(tmp_path):
     _, _, folder = _bnb_folders(tmp_path, load_in_4bit=True, bnb_4bit_quant_type="nf4")
-    result = subprocess.run([sys.executable, "-m", "layerscope", "scan", str(folder), "--out", str(tmp_path / "s.csv")],
-                            capture_output=True, text=True)
+    result = run_cli("scan", str(folder), "--out", str(tmp_path / "s.csv"))
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "bitsandbytes 4-bit" in result.stderr

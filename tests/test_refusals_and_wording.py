@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.builders import LLAMA_CONFIG, llama_tensors, write_checkpoint
+from tests.cli_runner import run_cli  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -67,12 +68,11 @@ def test_a_scan_of_another_model_is_refused_by_report_and_plot(model, tmp_path):
     other = write_checkpoint(tmp_path / "other", llama_tensors(layers=3, hidden=32, inter=48),
                              config={**LLAMA_CONFIG, "num_hidden_layers": 3, "hidden_size": 32})
     table = tmp_path / "other.scan.parquet"
-    scanned = subprocess.run([sys.executable, "-m", "layerscope", "scan", str(other), "-q", "--out", str(table)],
-                             capture_output=True, text=True)
+    scanned = run_cli("scan", str(other), "-q", "--out", str(table))
     assert scanned.returncode == 0, scanned.stderr
     for args in (["report", str(model), "--scan", str(table), "--out", str(tmp_path / "r"), "-q"],
                  ["plot", str(table), "--model", str(model), "--layer", "0", "--out", str(tmp_path / "p")]):
-        result = subprocess.run([sys.executable, "-m", "layerscope", *args], capture_output=True, text=True)
+        result = run_cli(*args)
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and "made for another model" in lines[0], result.stderr
 
@@ -82,19 +82,17 @@ def test_plans_store_a_resolved_model_path_and_say_when_an_export_goes_unchecked
     import os
 
     plan_file = tmp_path / "p.json"
-    result = subprocess.run([sys.executable, "-m", "layerscope", "plan", os.path.relpath(model, tmp_path), "-q",
-                             "--strategy", "uniform", "--out", str(plan_file)], capture_output=True, text=True,
-                            cwd=tmp_path)
+    result = run_cli("plan", os.path.relpath(model, tmp_path), "-q",
+                             "--strategy", "uniform", "--out", str(plan_file), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     document = json.loads(plan_file.read_text())
     assert Path(document["model"]["path"]).is_absolute() and Path(document["model"]["path"]) == Path(model).resolve()
     document["model"]["path"] = str(tmp_path / "moved-away")
     plan_file.write_text(json.dumps(document))
-    result = subprocess.run([sys.executable, "-m", "layerscope", "export", str(plan_file), "--format", "peft"],
-                            capture_output=True, text=True)
+    result = run_cli("export", str(plan_file), "--format", "peft")
     assert result.returncode == 0 and "exported unchecked" in result.stderr
-    result = subprocess.run([sys.executable, "-m", "layerscope", "export", str(plan_file), "--format", "peft",
-                             "--check-model", str(tmp_path / "moved-away")], capture_output=True, text=True)
+    result = run_cli("export", str(plan_file), "--format", "peft",
+                             "--check-model", str(tmp_path / "moved-away"))
     assert result.returncode == 2 and "moved-away" in result.stderr
 
 

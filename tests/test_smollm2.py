@@ -8,8 +8,6 @@ plans against the module tree transformers builds, and a plan applied to it stil
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -136,13 +134,11 @@ def test_compare_plans_trains_it_as_a_causal_lm_with_prompts(folder, tmp_path):
 
 def test_convert_gguf_from_the_command_line(folder, tmp_path):
 
-    result = subprocess.run([sys.executable, "-m", "layerscope", "convert-gguf", str(GGUF), str(folder)],
-                            capture_output=True, text=True)
+    result = run_cli("convert-gguf", str(GGUF), str(folder))
     assert result.returncode == 0 and f"wrote {folder}" in result.stdout  # already converted: a no-op
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
-    result = subprocess.run([sys.executable, "-m", "layerscope", "convert-gguf", str(GGUF), str(tmp_path / "busy")],
-                            capture_output=True, text=True)
+    result = run_cli("convert-gguf", str(GGUF), str(tmp_path / "busy"))
     assert result.returncode == 2 and "is not a folder converted from GGUF" in result.stderr
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
 

