@@ -35,7 +35,6 @@ import zlib
 
 import numpy as np
 import torch
-from scipy import optimize, stats
 
 from layerscope.spectral import esd
 
@@ -145,6 +144,8 @@ def mp_fit(eigs: np.ndarray, n_rows: int, m_cols: int) -> dict[str, float]:
     to_fit = np.sqrt(scaled) if q == 1 else scaled
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
+        from scipy import optimize  # 0.8 s to import: only where an MP fit runs
+
         best = optimize.brute(_Residual(to_fit, q), (slice(0.05 * s, 2.0 * s, 0.01 * s),), full_output=True)
     sigma = float(np.asarray(best[0]).reshape(-1)[0])
     bulk_max = (sigma * (1 + 1 / math.sqrt(q))) ** 2
@@ -166,6 +167,8 @@ def shuffled_eigenvalues(weight: torch.Tensor, rng: np.random.Generator) -> np.n
 
 def jensen_shannon_distance(p: np.ndarray, q: np.ndarray) -> float:
     middle = (p + q) / 2
+    from scipy import stats
+
     return float(math.sqrt((stats.entropy(p, middle) + stats.entropy(q, middle)) / 2))
 
 
