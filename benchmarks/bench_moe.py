@@ -2,6 +2,7 @@
 
     python benchmarks/bench_moe.py qwen3-30b-a3b [--layers 48] [--dir /tmp/bench-moe] [--ww] [--keep]
     python benchmarks/bench_moe.py gpt-oss-20b   [--layers 24] [--dir /tmp/bench-moe] [--ww] [--keep]
+    python benchmarks/bench_moe.py --refloor RESULT.json   # the floor measured again for an earlier result
 
 The files have the real shapes and Hugging Face's on-disk layout, with random weights (the timing and memory of a
 scan do not depend on the values):
@@ -14,8 +15,8 @@ scan do not depend on the values):
   201,088-row embeddings.
 
 One shard per layer.  The scan runs in a child process (``layerscope scan DIR -q``), whose peak RSS is read from
-/proc; the floor is the same process's Gram (float64, from the stored dtype) + ``eigvalsh`` of one matrix of each
-shape the scan analyses, times the number of such matrices, with the scan's thread count.  ``--ww`` also loads the
+/proc; the floor is Gram (float64, from the stored dtype) + ``eigvalsh`` of the matrices the scan analyses, in
+batches of one shape, with the scan's thread count (``floor_seconds``).  ``--ww`` also loads the
 cut model with transformers and runs WeightWatcher's ``analyze()`` on it in memory, recording which matrices it
 analyses and which it skips.  ``--layers`` cuts the depth (the full models take about 58 GB and 12 GB of disk).
 """
@@ -137,7 +138,7 @@ seconds = time.perf_counter() - started
 shapes = [tuple(int(x) for x in s.split("x")) for s in table["shape"]]
 print(json.dumps({{"seconds": seconds, "peak_rss_mib": peak_rss_mib(), "rows": len(table), "threads": threads.cores(None),
                   "shapes": shapes, "dtypes": list(table["dtype"].astype(str)),
-                  "kinds": dict(table["kind"].value_counts())}}))
+                  "kinds": {{k: int(v) for k, v in table["kind"].value_counts().items()}}}}))
 """
 
 
@@ -148,20 +149,35 @@ def scan_in_child(folder: Path) -> dict:
 
 
 def floor_seconds(shapes: list[tuple[int, int]], dtypes: list[str], threads: int) -> tuple[float, list[dict]]:
-    """Gram (float64, from the stored dtype) + eigvalsh of one matrix per (shape, dtype), times their count."""
+    """The least any scan can spend: per (shape, dtype), a batch of up to 8 such matrices converted to float64, their
+    Grams by one batched matmul and their eigenvalues by one batched ``eigvalsh``, per matrix, times the count.  No
+    reading, decoding, fitting or bookkeeping."""
     torch.set_num_threads(threads)
     stored = {"BF16": torch.bfloat16, "F32": torch.float32, "U8": torch.float64}  # MXFP4 experts decode to float64
     parts, total = [], 0.0
     for (shape, dtype), count in Counter(zip(shapes, dtypes)).items():
-        weight = torch.randn(*shape).to(stored.get(dtype, torch.bfloat16))
+        batch = min(count, 8 if shape[0] * shape[1] < 50_000_000 else 1)
+        weights = torch.randn(batch, *shape).to(stored.get(dtype, torch.bfloat16))
         started = time.perf_counter()
-        tall = weight if shape[0] >= shape[1] else weight.T
-        gram = tall.to(torch.float64).T @ tall.to(torch.float64)
-        torch.linalg.eigvalsh(gram)
-        each = time.perf_counter() - started
+        tall = (weights if shape[0] >= shape[1] else weights.mT).to(torch.float64)
+        torch.linalg.eigvalsh(tall.mT @ tall)
+        each = (time.perf_counter() - started) / batch
         parts.append({"shape": list(shape), "dtype": dtype, "count": count, "seconds_each": each})
         total += each * count
     return total, parts
+
+
+def refloor(result_file: Path) -> dict:
+    """An earlier result with its floor measured again (this machine, now) from the shapes it recorded."""
+    result = json.loads(result_file.read_text())
+    shapes = [tuple(p["shape"]) for p in result["floor_parts"] for _ in range(p["count"])]
+    dtypes = [p["dtype"] for p in result["floor_parts"] for _ in range(p["count"])]
+    floor, parts = floor_seconds(shapes, dtypes, result["threads"])
+    edge = sum(p["seconds_each"] * p["count"] for p in parts if p["shape"][0] >= 100_000)
+    result.update(floor_seconds=round(floor, 1), floor_parts=parts, scan_over_floor=round(result["scan_seconds"] / floor, 3),
+                  floor_seconds_per_layer_excluding_edges=round((floor - edge) / result["layers"], 1),
+                  floor_measured=today())
+    return result
 
 
 WW_CHILD = """
@@ -195,12 +211,16 @@ def weightwatcher_in_child(folder: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("model", choices=sorted(MODELS))
+    parser.add_argument("model", choices=sorted(MODELS), nargs="?", default="qwen3-30b-a3b")
     parser.add_argument("--layers", type=int, help="depth to write (default: the model's)")
     parser.add_argument("--dir", type=Path, default=Path("/tmp/bench-moe"))
     parser.add_argument("--ww", action="store_true", help="also run WeightWatcher on the model in memory")
     parser.add_argument("--keep", action="store_true", help="keep the written checkpoint")
+    parser.add_argument("--refloor", type=Path, help="measure the floor again for an earlier result file; no scan")
     args = parser.parse_args()
+    if args.refloor is not None:
+        print(json.dumps(refloor(args.refloor), indent=1))
+        return
     layers = args.layers or MODELS[args.model]["num_hidden_layers"]
     folder = args.dir / f"{args.model}-{layers}L"
     started = time.perf_counter()
@@ -218,6 +238,7 @@ def main() -> None:
               "machine": machine(), "date": today()}
     edge = sum(p["seconds_each"] * p["count"] for p in parts if p["shape"][0] >= 100_000)
     result["scan_seconds_per_layer_excluding_edges"] = round((scan["seconds"] - edge) / layers, 1)
+    result["floor_seconds_per_layer_excluding_edges"] = round((floor - edge) / layers, 1)
     if args.ww:
         result["weightwatcher"] = weightwatcher_in_child(folder)
     if not args.keep:

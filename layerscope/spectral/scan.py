@@ -332,22 +332,30 @@ def _cache_settings(opts: ScanOptions, device: torch.device, dtype: torch.dtype)
             **({"xmax": opts.xmax} if opts.xmax else {}), **({"xmin_max": opts.xmin_max} if opts.xmin_max else {})}
 
 
+PREFETCH_LIMIT_BYTES = 256 << 20
+
+
 def _prefetched(ckpt: Checkpoint, selected: list[tuple[LogicalTensor, TensorRole]]
                 ) -> Iterator[torch.Tensor]:
     """Each selected tensor with its weights, the next one read from disk while this one is analysed.
 
     Reading releases the GIL, so disk time hides behind eigensolver time; at most two tensors
-    are in memory at once.
+    are in memory at once, and only one when either is larger than ``PREFETCH_LIMIT_BYTES`` (two
+    201,088-row embeddings would double the peak for a read that takes a fraction of their analysis).
     """
     def load(item: tuple[LogicalTensor, TensorRole]):
         info, role = item
         return load_stack(ckpt, info) if role.kind == "expert_stack" else load_logical(ckpt, info)
 
+    def large(item: tuple[LogicalTensor, TensorRole]) -> bool:
+        return sum(part.nbytes for part in item[0].parts.values()) > PREFETCH_LIMIT_BYTES
+
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="layerscope-read") as reader:
         pending = reader.submit(load, selected[0]) if selected else None
         for k in range(len(selected)):
-            weight = pending.result()
-            pending = reader.submit(load, selected[k + 1]) if k + 1 < len(selected) else None
+            weight = pending.result() if pending is not None else load(selected[k])
+            ahead = k + 1 < len(selected) and not (large(selected[k]) or large(selected[k + 1]))
+            pending = reader.submit(load, selected[k + 1]) if ahead else None
             yield weight
             del weight
 
