@@ -375,7 +375,7 @@ def _matrix_count(info: LogicalTensor, role: TensorRole, scheme: NamingScheme) -
     if role.kind == "expert_stack" or len(info.shape) > 2:
         return math.prod(info.shape[:-2])
     if role.kind == "grouped":
-        return _matrix_count_of_groups(scheme, role, info.shape[0])
+        return _head_groups(scheme, role, info.shape[0])
     return 1
 
 
@@ -390,15 +390,8 @@ def _identity(info: LogicalTensor, role: TensorRole) -> dict:
     }
 
 
-def _group_count(scheme: NamingScheme, role: TensorRole, weight: torch.Tensor) -> int | None:
-    """The head groups of a grouped projection whose rows split evenly among them, else None (one matrix)."""
-    if role.kind != "grouped" or weight.dim() != 2:
-        return None
-    count = _matrix_count_of_groups(scheme, role, weight.shape[0])
-    return count if count > 1 else None
-
-
-def _matrix_count_of_groups(scheme: NamingScheme, role: TensorRole, rows: int) -> int:
+def _head_groups(scheme: NamingScheme, role: TensorRole, rows: int) -> int:
+    """The head groups of a grouped projection whose rows split evenly among them, else 1 (one matrix)."""
     count = scheme.tree.grouped.get(role.module) if scheme.tree is not None else None
     return count if count and count > 1 and rows % count == 0 else 1
 
@@ -423,8 +416,8 @@ def _matrices(
             kind = "expert" if role.kind == "expert_stack" else role.kind
             yield Matrix({**base, "name": f"{info.name}[{j}]", "kind": kind, "role": role.role, "expert": j}, matrix)
         return
-    groups = _group_count(scheme, role, weight)
-    if groups:  # DeepSeek V4's o_a_proj: group g's block of rows is the matrix applied to head group g's input
+    groups = _head_groups(scheme, role, weight.shape[0]) if role.kind == "grouped" else 1
+    if groups > 1:  # DeepSeek V4's o_a_proj: group g's block of rows is the matrix applied to head group g's input
         for g, block in enumerate(torch.chunk(weight, groups, dim=0)):
             yield Matrix({**base, "name": f"{info.name}[group {g}]", "part": f"group.{g}"}, block.contiguous())
         return
