@@ -104,7 +104,7 @@ def read_scan(path: str | Path, schema: str = SCAN_SCHEMA) -> pd.DataFrame:
 
 
 # Index-like columns: whole numbers or missing (pandas' nullable Int64), never 1.0 in a CSV or 0.000 in a print.
-INTEGER_COLUMNS = ("layer", "stack_layer", "expert", "matrix_rank", "rank_loss", "weak_rank_loss")
+INTEGER_COLUMNS = ("layer", "stack_layer", "expert", "matrix_rank", "rank_loss", "weak_rank_loss", "rf")
 
 
 def integer_columns(table: pd.DataFrame) -> pd.DataFrame:

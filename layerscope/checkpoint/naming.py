@@ -160,6 +160,8 @@ class NamingScheme:
             match = rule.pattern.match(base)
             if match:
                 return self._block_role(name, match, rule, factor)
+        if is_kernel(shape):
+            return TensorRole(name, "conv", module=base.removesuffix(".weight"), adapter_factor=factor)
         for kind, pattern in self._non_layer:
             if pattern.search(base):
                 return TensorRole(name, kind, adapter_factor=factor)
@@ -202,7 +204,7 @@ class NamingScheme:
         if found is None:
             if linear:
                 return TensorRole(name, "other", **place)  # a Linear nothing names: reported as unmapped
-            kind = "conv" if "conv" in relative.rsplit(".", 1)[-1] else "param"
+            kind = "conv" if "conv" in relative.rsplit(".", 1)[-1] or is_kernel(shape) else "param"
             return TensorRole(name, kind, **place)
         role, expert, stacked, transposed = found
         conv1d = transposed or module in self.tree.conv1d
@@ -319,6 +321,15 @@ def _qkv_sizes(config: dict, tensor: str) -> list[int]:
     kv_heads = kv_heads or heads
     head_dim = _config_int(config, ("head_dim",)) or hidden // heads
     return [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
+
+
+MAX_KERNEL = 31  # a stored 3-D weight whose last side is at most this (and below its first) is read as a Conv1d
+
+
+def is_kernel(shape: tuple[int, ...]) -> bool:
+    """Whether a weight nothing else names is a convolution kernel: 4-D ``(out, in, kh, kw)``, or 3-D ``(out, in,
+    k)`` with a short last side (a stack of experts ends in a hidden size)."""
+    return len(shape) == 4 or (len(shape) == 3 and shape[-1] <= MAX_KERNEL and shape[-1] < shape[0])
 
 
 def _is_bias(base: str) -> bool:

@@ -46,6 +46,10 @@ from layerscope.outputs import check_writable, write_files
 @click.option("--max-evals", type=int, help="Leave out matrices with more eigenvalues (WeightWatcher's max_evals).")
 @click.option("--max-n", type=int, help="Leave out matrices whose larger side exceeds this (WeightWatcher's max_N, "
               "50,000 there by default: it drops a 128k-vocabulary embedding; layerscope keeps every matrix).")
+@click.option("--pool/--no-pool", default=True, show_default=True, help="Convolution kernels: one row with the "
+              "kernel positions' eigenvalues pooled (WeightWatcher's pool), or one row per position.")
+@click.option("--conv2d-norm/--no-conv2d-norm", default=True, show_default=True, help="WeightWatcher's conv2d_norm: "
+              "a Conv2d's eigenvalues times 1/2 pooled, rf/2 per position.")
 @click.option("--describe", is_flag=True, help="List the matrices a scan would analyse (name, kind, layer, role, "
               "shape); compute nothing.")
 @click.option("--split-fused", is_flag=True, help="Also report the parts of fused qkv / gate_up matrices.")
@@ -64,7 +68,7 @@ def scan_command(path: Path, out: Path | None, estimators: tuple[str, ...], devi
                  xmin_max: float | None, tolerance: float, include: str | None, exclude: str | None,
                  kinds: str | None, roles: str | None,
                  layers: tuple[int, ...] | None, min_evals: int | None, max_evals: int | None, max_n: int | None,
-                 describe: bool, split_fused: bool, architecture: str | None,
+                 pool: bool, conv2d_norm: bool, describe: bool, split_fused: bool, architecture: str | None,
                  revision: str | None, cache: Path | None, base: Path | None, threads: int | None,
                  quiet: int) -> None:
     """Per-matrix heavy-tailed spectral metrics of a safetensors checkpoint."""
@@ -88,7 +92,7 @@ def scan_command(path: Path, out: Path | None, estimators: tuple[str, ...], devi
                           tolerance=tolerance, kinds=_names(kinds), roles=_names(roles), layers=tuple(layers or ()),
                           min_evals=min_evals, max_evals=max_evals, max_n=max_n, describe=describe,
                           fix_fingers=fix_fingers, max_fingers=max_fingers, finger_thresh=finger_thresh, xmax=xmax,
-                          xmin_max=xmin_max)
+                          xmin_max=xmin_max, pool=pool, conv2d_norm=conv2d_norm)
     matrices = scan(path, **options.__dict__)
     if describe:
         if writer:

@@ -30,16 +30,24 @@ class RowOptions:
 
 @dataclass
 class Matrix:
-    """One matrix to analyse: its table identity and its weights (2-D, as stored)."""
+    """One matrix to analyse: its table identity and its weights (2-D, as stored), or a convolution kernel's
+    matrices ``(rf, out, in)`` whose eigenvalues are pooled into one ESD (layerscope.spectral.conv)."""
 
     row: dict
     weight: torch.Tensor
     owner: int = -1  # index of the selected tensor it comes from
+    scale: float = 1.0  # what the eigenvalues are multiplied by (WeightWatcher's conv2d_norm)
+
+    @property
+    def pooled(self) -> bool:
+        return self.weight.dim() == 3
 
 
 def analyse_batch(matrices: list[Matrix], device: torch.device, dtype: torch.dtype, estimators: tuple[str, ...],
                   bar: tqdm, options: RowOptions = RowOptions()) -> list[dict]:
     """Rows for matrices of one shape: their Gram eigenvalues in one batched call, then each row's fits."""
+    if matrices and matrices[0].pooled:
+        return [_pooled_row(matrix, device, dtype, estimators, bar, options) for matrix in matrices]
     rows: list[dict] = []
     good = [m for m in matrices if min(m.weight.shape) >= MIN_EVALS]
     eig_iter, finite_iter, exponent_iter = iter([]), iter([]), iter([])
@@ -61,23 +69,48 @@ def analyse_batch(matrices: list[Matrix], device: torch.device, dtype: torch.dty
     return rows
 
 
+def _pooled_row(matrix: Matrix, device: torch.device, dtype: torch.dtype, estimators: tuple[str, ...], bar: tqdm,
+                options: RowOptions) -> dict:
+    """A convolution kernel's row: the eigenvalues of its position matrices, pooled (their count is M·rf)."""
+    if min(matrix.weight.shape[-2:]) * len(matrix.weight) < MIN_EVALS:
+        row = analyse_matrix(matrix, None, estimators, "too_few_evals", 0, options)
+    else:
+        eigs = pooled_eigenvalues(matrix.weight.to(device), dtype)
+        row = analyse_matrix(matrix, eigs, estimators, "ok" if eigs is not None else "nonfinite_weights", 0, options)
+    bar.update(1)
+    return row
+
+
+def pooled_eigenvalues(positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """The Gram eigenvalues of every matrix of ``(rf, out, in)``, in true units, in one ascending float64 vector;
+    None when a weight is not finite (or beyond float64's range)."""
+    eigs, finite, exponents = esd.scaled_gram_eigenvalues(positions, dtype)
+    if not bool(finite.all()):
+        return None
+    pooled = torch.ldexp(eigs.to(torch.float64), exponents.to(torch.float64)[:, None].to(eigs.device)).flatten()
+    return pooled.sort().values if bool(torch.isfinite(pooled).all()) else None
+
+
 def analyse_matrix(matrix: Matrix, eigs: torch.Tensor | None, estimators: tuple[str, ...], status: str,
                     exponent: int = 0, options: RowOptions = RowOptions()) -> dict:
     """One table row; ``eigs × 2^exponent`` are the Gram eigenvalues (exponent ≠ 0 only for extreme weights)."""
-    rows_, cols_ = matrix.weight.shape
+    rows_, cols_ = matrix.weight.shape[-2:]
     n_rows, m_cols = max(rows_, cols_), min(rows_, cols_)
     out_features, in_features = (cols_, rows_) if matrix.row.pop("conv1d") else (rows_, cols_)
-    row = {**matrix.row, "shape": f"{rows_}x{cols_}", "out_features": out_features, "in_features": in_features,
-           "N": n_rows, "M": m_cols, "num_evals": m_cols,
+    shape = matrix.row.pop("shape", None) or f"{rows_}x{cols_}"
+    row = {**matrix.row, "shape": shape, "out_features": out_features, "in_features": in_features,
+           "N": n_rows, "M": m_cols, "num_evals": m_cols * (len(matrix.weight) if matrix.pooled else 1),
            "status": status, "precision": None, "note": None}
     if eigs is None:
         if status == "too_few_evals":
-            row["note"] = f"{m_cols} eigenvalues (the smaller side); a power-law fit needs at least {MIN_EVALS}"
+            row["note"] = (f"{row['num_evals']} eigenvalues ({'pooled over the kernel' if matrix.pooled else 'the smaller side'}); "
+                           f"a power-law fit needs at least {MIN_EVALS}")
         elif status == "nonfinite_weights":
             row["note"] = "the weights hold NaN or infinity"
         return row
     used = eigs.dtype
     eigs64, extreme = unscaled(eigs, exponent)
+    eigs64 = eigs64 * matrix.scale if matrix.scale != 1 else eigs64
     if float(eigs64[-1]) <= 0:
         row["status"], row["note"] = "zero_matrix", "every weight is zero: no spectrum to fit"
         return row
@@ -85,9 +118,13 @@ def analyse_matrix(matrix: Matrix, eigs: torch.Tensor | None, estimators: tuple[
     if used == torch.float32 and not esd.f32_fit_is_trustworthy(
         [fits[k].xmin for k in ("alpha", "alpha_peak") if k in fits], float(eigs64[-1]), n_rows
     ):
-        eigs, _, exponents = esd.scaled_gram_eigenvalues(matrix.weight.to(eigs.device)[None], torch.float64)
-        exponent = int(exponents[0])
-        eigs64, extreme = unscaled(eigs[0], exponent)
+        if matrix.pooled:
+            eigs64, extreme = unscaled(pooled_eigenvalues(matrix.weight.to(eigs.device), torch.float64), 0)
+        else:
+            eigs, _, exponents = esd.scaled_gram_eigenvalues(matrix.weight.to(eigs.device)[None], torch.float64)
+            exponent = int(exponents[0])
+            eigs64, extreme = unscaled(eigs[0], exponent)
+        eigs64 = eigs64 * matrix.scale if matrix.scale != 1 else eigs64
         fits = _fits(row, eigs64, estimators, options)
         used = "f64 (f32 guard)"
     row["precision"] = {torch.float32: "f32", torch.float64: "f64"}.get(used, used)
@@ -116,9 +153,14 @@ def _matrix_estimates(row: dict, matrix: Matrix, eigs: np.ndarray, estimators: t
     if extreme:
         return [f"{', '.join(wanted)}: not computed for weights beyond float64's range"]
     notes = []
-    n_rows, m_cols = max(matrix.weight.shape), min(matrix.weight.shape)
+    n_rows, m_cols = max(matrix.weight.shape[-2:]), min(matrix.weight.shape[-2:])
+    if matrix.pooled and (skipped := [e for e in ("alpha_farms", "rand", "vectors") if e in wanted]):
+        notes.append(f"{', '.join(skipped)}: not computed for a pooled convolution kernel (pool=False gives a row "
+                     "per kernel position)")
+        wanted = [e for e in wanted if e not in skipped]
+    weight = matrix.weight.double() * math.sqrt(matrix.scale) if matrix.scale != 1 else matrix.weight  # as its eigs
     if "alpha_farms" in wanted:
-        pooled = rmt.farms_eigenvalues(matrix.weight)
+        pooled = rmt.farms_eigenvalues(weight)
         fit = ESTIMATORS["alpha_peak"](np.clip(pooled, 0, None))
         row.update(alpha_farms=fit.alpha, xmin_farms=fit.xmin, num_evals_farms=len(pooled))
         if fit.note:
@@ -126,13 +168,13 @@ def _matrix_estimates(row: dict, matrix: Matrix, eigs: np.ndarray, estimators: t
     if "mp" in wanted:
         row.update(rmt.mp_fit(eigs, n_rows, m_cols))
     if "rand" in wanted:
-        row.update(rmt.randomized_esd(matrix.weight, eigs, row["name"]))
+        row.update(rmt.randomized_esd(weight, eigs, row["name"]))
     if "rank" in wanted:
-        row.update(rank.rank_diagnostics(matrix.weight, tolerance))
+        row.update(rank.rank_diagnostics(weight, tolerance))
     if "detx" in wanted:
         row.update(detx.detx_constraint(eigs, row.get("num_pl_spikes")))
     if "vectors" in wanted:
-        row.update(vectors.localization(matrix.weight, row.get("num_pl_spikes", math.nan)))
+        row.update(vectors.localization(weight, row.get("num_pl_spikes", math.nan)))
     for name in ("tpl", "e_tpl"):
         if name in wanted:
             columns, note = tpl.truncated_power_law(eigs, name)

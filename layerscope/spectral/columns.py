@@ -43,8 +43,9 @@ SUMMARY_COLUMNS = ["alpha", "alpha_hill", "alpha_peak", "alpha_farms", "mp_softr
 ALPHA_NORM_COLUMNS = ("alpha_weighted", "log_alpha_norm", "warning")
 
 
-def scan_columns(estimators: tuple[str, ...], fix_fingers: bool = False) -> list[str]:
-    cols = IDENTITY_COLUMNS + ["N", "M", "num_evals"]
+def scan_columns(estimators: tuple[str, ...], fix_fingers: bool = False, kernels: bool = False) -> list[str]:
+    """The table's columns; ``kernels``: it has convolution rows, which carry their receptive field ``rf``."""
+    cols = IDENTITY_COLUMNS + ["N", "M", "num_evals"] + (["rf"] if kernels else [])
     for name in ALL_ESTIMATORS:
         if name in estimators:
             cols += FIT_COLUMNS[name]

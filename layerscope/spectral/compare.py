@@ -26,7 +26,7 @@ from layerscope.checkpoint.quantization import load_logical, logical_tensors
 from layerscope.checkpoint.reader import open_checkpoint
 from layerscope.errors import LayerscopeError
 from layerscope.spectral import esd
-from layerscope.spectral.analysis import analyse_matrix
+from layerscope.spectral.analysis import analyse_batch, analyse_matrix
 from layerscope.spectral.columns import IDENTITY_COLUMNS, SUMMARY_COLUMNS
 from layerscope.spectral.coverage import wanted
 from layerscope.spectral.estimators import MIN_EVALS
@@ -111,13 +111,19 @@ def _difference_rows(base, other, opts: ScanOptions, progress: bool) -> pd.DataF
     for info, role in tqdm(selected, desc="difference", unit="tensor", disable=(not progress) or None):
         base_weight = load_logical(left, info).to(torch.float64)
         weight = load_logical(right, right_tensors[info.name]).to(torch.float64) - base_weight
-        base_parts = list(_matrices(left, info, role, base_weight, scheme, opts.split_fused))
-        for matrix, base_part in zip(_matrices(left, info, role, weight, scheme, opts.split_fused), base_parts,
+        base_parts = list(_matrices(left, info, role, base_weight, scheme, opts))
+        for matrix, base_part in zip(_matrices(left, info, role, weight, scheme, opts), base_parts,
                                      strict=True):
-            eigs, finite, exponent = esd.scaled_gram_eigenvalues(matrix.weight.to(device)[None], dtype)
-            row = analyse_matrix(matrix, eigs[0] if bool(finite[0]) else None, opts.estimators,
-                                  "ok" if bool(finite[0]) else "nonfinite_weights", int(exponent[0]))
-            row["rank"] = _numerical_rank(eigs[0], matrix.weight.shape) if bool(finite[0]) else None
+            if matrix.pooled:  # a convolution kernel: its positions' eigenvalues pooled; the rank is theirs summed
+                row = analyse_batch([matrix], device, dtype, opts.estimators, tqdm(disable=True))[0]
+                eigs, finite, _ = esd.scaled_gram_eigenvalues(matrix.weight.to(device), dtype)
+                row["rank"] = sum(_numerical_rank(e, matrix.weight.shape[-2:]) for e in eigs) \
+                    if bool(finite.all()) else None
+            else:
+                eigs, finite, exponent = esd.scaled_gram_eigenvalues(matrix.weight.to(device)[None], dtype)
+                row = analyse_matrix(matrix, eigs[0] if bool(finite[0]) else None, opts.estimators,
+                                     "ok" if bool(finite[0]) else "nonfinite_weights", int(exponent[0]))
+                row["rank"] = _numerical_rank(eigs[0], matrix.weight.shape) if bool(finite[0]) else None
             if row["status"] == "ok" and row["rank"] is not None and row["rank"] < MIN_EVALS:
                 row["status"] = "low_rank"  # e.g. a LoRA update: too few nonzero eigenvalues for a tail fit
                 row["note"] = (f"the difference has rank {row['rank']}: power-law fits need {MIN_EVALS} nonzero "
@@ -129,8 +135,8 @@ def _difference_rows(base, other, opts: ScanOptions, progress: bool) -> pd.DataF
 
 def _relative_error(difference: torch.Tensor, base: torch.Tensor) -> float:
     """‖W_other − W_base‖_F / ‖W_base‖_F: how far OTHER moved (a quantization's damage); NaN for a zero base."""
-    norm = float(torch.linalg.matrix_norm(base.double()))
-    return float(torch.linalg.matrix_norm(difference.double())) / norm if norm > 0 else float("nan")
+    norm = float(torch.linalg.vector_norm(base.double()))
+    return float(torch.linalg.vector_norm(difference.double())) / norm if norm > 0 else float("nan")
 
 
 def _numerical_rank(eigs: torch.Tensor, shape) -> int:

@@ -12,12 +12,13 @@ from layerscope.checkpoint.naming import TensorRole
 from layerscope.checkpoint.quantization import LogicalTensor
 from layerscope.checkpoint.reader import Checkpoint
 from layerscope.errors import LayerscopeError
+from layerscope.spectral import conv
 
 # Every matrix is analysed, planned or not: weights of no Linear layer (param), projections applied per group
 # (grouped), adaptive-norm Linears (norm).
 ANALYSED_KINDS = frozenset({"projection", "expert", "expert_stack", "grouped", "router", "embedding", "lm_head", "other",
-                            "param", "norm"})
-NOT_ANALYSED_REASONS = {"conv": "convolution kernel", "filtered": "left out by --include/--exclude"}
+                            "param", "norm", "conv"})
+NOT_ANALYSED_REASONS = {"filtered": "left out by --include/--exclude"}
 
 
 
@@ -137,15 +138,19 @@ class Selection:
     min_evals: int | None = None
     max_evals: int | None = None
     max_n: int | None = None
+    pool: bool = True  # a convolution kernel is one row (its positions' eigenvalues pooled), else one per position
 
     @property
     def narrowed(self) -> bool:
-        return any(value not in (None, ()) for value in vars(self).values())
+        return any(value not in (None, ()) for key, value in vars(self).items() if key != "pool")
 
     def reason(self, info: LogicalTensor, role: TensorRole) -> str | None:
         """Why the weight gets no row, or None when it is analysed."""
         if role.kind not in ANALYSED_KINDS or len(info.shape) < 2:
             return NOT_ANALYSED_REASONS.get(role.kind, f"kind {role.kind}")
+        if role.kind == "conv" and not conv.has_matrix(info.shape):
+            return ("depthwise convolution kernel (one input channel: no matrix)" if len(info.shape) in (3, 4)
+                    else "convolution kernel of 3 or more spatial sides")
         if (self.include and not re.search(self.include, info.name)) or \
                 (self.exclude and re.search(self.exclude, info.name)):
             return NOT_ANALYSED_REASONS["filtered"]
@@ -157,6 +162,9 @@ class Selection:
         if self.layers and role.layer not in self.layers:
             return "left out by --layers"
         n_rows, m_cols = max(info.shape[-2:]), min(info.shape[-2:])
+        if role.kind == "conv":  # WeightWatcher counts a pooled kernel's eigenvalues over its receptive field
+            n_rows, m_cols = max(info.shape[:2]), min(info.shape[:2]) * (conv.receptive_field(info.shape)
+                                                                          if self.pool else 1)
         if self.min_evals is not None and m_cols < self.min_evals:
             return "fewer eigenvalues than --min-evals"
         if self.max_evals is not None and m_cols > self.max_evals:
@@ -166,11 +174,14 @@ class Selection:
         return None
 
 
-def described(selected: list[tuple[LogicalTensor, TensorRole]]) -> list[dict]:
+def described(selected: list[tuple[LogicalTensor, TensorRole]], pool: bool = True) -> list[dict]:
     """The rows a scan of ``selected`` would have, without their numbers: name, kind, layer, role, shape, N, M
-    (a stack of experts listed expert by expert)."""
+    (a stack of experts listed expert by expert; a convolution kernel as one row, or one per position)."""
     rows = []
     for info, role in selected:
+        if role.kind == "conv":
+            rows += _described_kernel(info, role, pool)
+            continue
         count = math.prod(info.shape[:-2]) if len(info.shape) > 2 else 1
         rows_, cols_ = info.shape[-2:]
         for j in range(count):
@@ -178,5 +189,18 @@ def described(selected: list[tuple[LogicalTensor, TensorRole]]) -> list[dict]:
             rows.append({"name": f"{info.name}[{j}]" if stacked else info.name, "tensor": info.name,
                          "kind": "expert" if role.kind == "expert_stack" else role.kind, "layer": role.layer,
                          "role": role.role, "expert": j if stacked else role.expert, "dtype": info.dtype,
-                         "shape": f"{rows_}x{cols_}", "N": max(rows_, cols_), "M": min(rows_, cols_)})
+                         "shape": f"{rows_}x{cols_}", "N": max(rows_, cols_), "M": min(rows_, cols_),
+                         "num_evals": min(rows_, cols_)})
     return rows
+
+
+def _described_kernel(info: LogicalTensor, role: TensorRole, pool: bool) -> list[dict]:
+    shape = tuple(info.shape)
+    rf = conv.receptive_field(shape)
+    n_rows, m_cols = max(shape[:2]), min(shape[:2])
+    common = {"tensor": info.name, "kind": "conv", "layer": role.layer, "role": role.role, "expert": None,
+              "dtype": info.dtype, "N": n_rows, "M": m_cols}
+    if pool:
+        return [{"name": info.name, **common, "shape": "x".join(map(str, shape)), "num_evals": m_cols * rf, "rf": rf}]
+    return [{"name": f"{info.name}[{conv.position_label(shape, k)}]", **common, "shape": f"{shape[0]}x{shape[1]}",
+             "num_evals": m_cols, "rf": rf} for k in range(rf)]

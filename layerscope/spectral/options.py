@@ -79,6 +79,11 @@ class ScanOptions:
     xmin_max: float | None = None
     """WeightWatcher's ``xmin_max``: the top of ``alpha_peak``'s xmin window, in raw eigenvalue units (default
     1.5 × the ESD's peak)."""
+    pool: bool = True
+    """A convolution kernel is one row, its kernel positions' eigenvalues pooled into one ESD (WeightWatcher's
+    ``pool=True``); False: one row per position (``name[i,j]``)."""
+    conv2d_norm: bool = True
+    """WeightWatcher's ``conv2d_norm``: a Conv2d's eigenvalues are scaled by 1/2 pooled, rf/2 per position."""
     describe: bool = False
     """List the matrices the scan would analyse (name, kind, layer, role, shape, N, M) and compute nothing."""
 
@@ -88,7 +93,8 @@ class ScanOptions:
 
     def selection(self) -> Selection:
         return Selection(self.include, self.exclude, tuple(self.kinds), tuple(self.roles),
-                         tuple(int(layer) for layer in self.layers), self.min_evals, self.max_evals, self.max_n)
+                         tuple(int(layer) for layer in self.layers), self.min_evals, self.max_evals, self.max_n,
+                         self.pool)
 
     def validate(self) -> None:
         esd.check_precision(self.precision)

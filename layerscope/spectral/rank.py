@@ -30,13 +30,15 @@ SUMMARY_METRICS = ("log_norm", "alpha", "alpha_weighted", "log_alpha_norm", "log
 
 
 def rank_diagnostics(weight: torch.Tensor, tolerance: float = WEAK_RANK_TOLERANCE) -> dict:
-    """The ``rank`` estimator's columns for one 2-D weight (see the module docstring)."""
+    """The ``rank`` estimator's columns for one 2-D weight (see the module docstring).  A convolution kernel's
+    matrices ``(rf, out, in)`` count together: ranks and losses summed over them, sv_max and sv_min over all."""
     sv = torch.linalg.svdvals(weight.detach().to(torch.float64)).cpu().numpy()
-    n_rows = max(weight.shape)
-    largest = float(sv.max()) if len(sv) else 0.0
-    rank = int(np.count_nonzero(sv > largest * n_rows * np.finfo(np.float64).eps))
-    return {"matrix_rank": rank, "rank_loss": len(sv) - rank, "weak_rank_loss": int(np.count_nonzero(sv * sv < tolerance)),
-            "sv_max": largest, "sv_min": float(sv.min()) if len(sv) else math.nan}
+    sv = sv.reshape(-1, sv.shape[-1])
+    n_rows = max(weight.shape[-2:])
+    largest = sv.max(axis=1, initial=0.0)
+    rank = int(np.count_nonzero(sv > (largest * n_rows * np.finfo(np.float64).eps)[:, None]))
+    return {"matrix_rank": rank, "rank_loss": sv.size - rank, "weak_rank_loss": int(np.count_nonzero(sv * sv < tolerance)),
+            "sv_max": float(sv.max()) if sv.size else 0.0, "sv_min": float(sv.min()) if sv.size else math.nan}
 
 
 def warning(alpha: float) -> str | None:

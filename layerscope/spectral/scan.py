@@ -24,7 +24,7 @@ from layerscope.checkpoint.quantization.mxfp4 import ExpertStack
 from layerscope.checkpoint.reader import Checkpoint, open_checkpoint
 from layerscope.checkpoint.shapecheck import check_shapes, has_block_gaps, tree_gaps
 from layerscope.errors import LayerscopeError
-from layerscope.spectral import distributed, esd, threads
+from layerscope.spectral import conv, distributed, esd, threads
 from layerscope.spectral.analysis import Matrix, RowOptions, analyse_batch
 from layerscope.spectral.cache import ScanCache
 from layerscope.spectral.columns import layer_summary, scan_columns
@@ -92,7 +92,7 @@ def scan_checkpoint(ckpt: Checkpoint, opts: ScanOptions) -> pd.DataFrame:
         raise LayerscopeError(f"{ckpt.path}: no weight matrix to analyse"
                               + (" (the selection options left none)" if selection.narrowed else ""))
     if opts.describe:
-        return _described(ckpt, scheme, tree, selected, classified, selection, missing)
+        return _described(ckpt, scheme, tree, selected, classified, selection, missing, opts.pool)
     group = distributed.current(opts.device)
     mine = list(range(len(selected))) if group is None else group.share(
         [distributed.matrix_cost(info.shape) for info, _ in selected])
@@ -104,7 +104,8 @@ def scan_checkpoint(ckpt: Checkpoint, opts: ScanOptions) -> pd.DataFrame:
     reused = sum(count for _, count, _ in outcomes)
     rows = [row for index in range(len(selected)) for row in results[index]]
 
-    table = integer_columns(pd.DataFrame(rows, columns=scan_columns(opts.estimators, opts.fix_fingers is not None)))
+    columns = scan_columns(opts.estimators, opts.fix_fingers is not None, kernels=any("rf" in row for row in rows))
+    table = integer_columns(pd.DataFrame(rows, columns=columns))
     _require_layer_matrices(ckpt, table, opts)
     parameters = expert_parameters(ckpt, tree, selected)
     if parameters:
@@ -136,9 +137,10 @@ def scan_checkpoint(ckpt: Checkpoint, opts: ScanOptions) -> pd.DataFrame:
     return table
 
 
-def _described(ckpt: Checkpoint, scheme: NamingScheme, tree, selected, classified, selection, missing) -> pd.DataFrame:
+def _described(ckpt: Checkpoint, scheme: NamingScheme, tree, selected, classified, selection, missing,
+               pool: bool) -> pd.DataFrame:
     """``describe``: the rows without their numbers (see layerscope.spectral.coverage.described)."""
-    table = integer_columns(pd.DataFrame(described(selected)))
+    table = integer_columns(pd.DataFrame(described(selected, pool)))
     table.attrs.update(path=str(ckpt.path), architecture=ckpt.architecture, model_type=ckpt.config.get("model_type"),
                        **model_facts(scheme, tree, ckpt.config), not_analysed=not_analysed(classified, selection),
                        missing=missing, described=True)
@@ -169,7 +171,7 @@ class _RankWork:
     def __call__(self) -> tuple[dict[int, list[dict]], int, dict]:
         started = time.perf_counter()
         opts, device, dtype = self.opts, self.device, self.dtype
-        total = sum(_matrix_count(*self.selected[i], self.scheme) for i in self.mine)
+        total = sum(_matrix_count(*self.selected[i], self.scheme, opts.pool) for i in self.mine)
         batch_bytes = opts.batch_bytes if opts.batch_bytes is not None else DEFAULT_BATCH_BYTES.get(device.type,
                                                                                                    32 << 20)
         if device.type == "cpu":  # batches run side by side: the budget is for all of them together
@@ -197,7 +199,7 @@ class _RankWork:
                 for (index, key, info, role), weight in zip(to_compute, reads):
                     progress.keys[index] = key
                     count = 0
-                    for matrix in _matrices(self.ckpt, info, role, weight, self.scheme, opts.split_fused):
+                    for matrix in _matrices(self.ckpt, info, role, weight, self.scheme, opts):
                         matrix.owner = index
                         count += 1
                         shape_key = (tuple(matrix.weight.shape), matrix.weight.dtype)
@@ -288,7 +290,8 @@ def _require_layer_matrices(ckpt: Checkpoint, table: pd.DataFrame, opts: ScanOpt
     if opts.selection().narrowed or not ckpt.files:
         return  # the user narrowed the scan on purpose, or passed a module in memory (any layout is welcome)
     targets = table[table["kind"].isin(TARGET_KINDS) & table["layer"].notna()]
-    if targets.empty:
+    if targets.empty and (table[table["kind"] == "conv"]["status"] == "ok").any():
+        return  # a convolutional network: its kernels are its matrices
         raise LayerscopeError(f"{ckpt.path}: no projection or expert matrix inside the model's blocks was found "
                               "(unknown layout? try --architecture)")
     if (targets["status"] != "ok").all():
@@ -327,6 +330,7 @@ class _Progress:
 def _cache_settings(opts: ScanOptions, device: torch.device, dtype: torch.dtype) -> dict:
     return {"estimators": list(opts.estimators), "precision": opts.precision, "dtype": str(dtype),
             "device": device.type, "split_fused": opts.split_fused,
+            **({"pool": False} if not opts.pool else {}), **({"conv2d_norm": False} if not opts.conv2d_norm else {}),
             **({"tolerance": opts.tolerance} if "rank" in opts.estimators else {}),
             **({"fingers": [opts.fix_fingers, opts.max_fingers, opts.finger_thresh]} if opts.fix_fingers else {}),
             **({"xmax": opts.xmax} if opts.xmax else {}), **({"xmin_max": opts.xmin_max} if opts.xmin_max else {})}
@@ -371,7 +375,9 @@ def _layers_seen(table: pd.DataFrame) -> int | None:
     return int(layers.max()) + 1 if len(layers) else None
 
 
-def _matrix_count(info: LogicalTensor, role: TensorRole, scheme: NamingScheme) -> int:
+def _matrix_count(info: LogicalTensor, role: TensorRole, scheme: NamingScheme, pool: bool) -> int:
+    if role.kind == "conv":
+        return 1 if pool else conv.receptive_field(info.shape)
     if role.kind == "expert_stack" or len(info.shape) > 2:
         return math.prod(info.shape[:-2])
     if role.kind == "grouped":
@@ -398,13 +404,17 @@ def _head_groups(scheme: NamingScheme, role: TensorRole, rows: int) -> int:
 
 def _matrices(
     ckpt: Checkpoint, info: LogicalTensor, role: TensorRole, weight: torch.Tensor, scheme: NamingScheme,
-    split_fused: bool,
+    opts: ScanOptions,
 ) -> Iterator[Matrix]:
-    """The 2-D matrices one tensor contributes: itself, its experts, or itself plus its fused parts.
+    """The 2-D matrices one tensor contributes: itself, its experts, itself plus its fused parts, or a
+    convolution kernel's positions (pooled into one row by default: layerscope.spectral.conv).
 
     Weights stay in their stored dtype; the Gram computation converts them chunk by chunk.
     """
     base = _identity(info, role)
+    if role.kind == "conv":
+        yield from _kernel_matrices(base, weight, opts.pool, opts.conv2d_norm)
+        return
     if isinstance(weight, ExpertStack):  # packed experts, decoded one by one as the batches take them
         for j in range(weight.count):
             yield Matrix({**base, "name": f"{info.name}[{j}]", "kind": "expert", "role": role.role, "expert": j},
@@ -422,7 +432,7 @@ def _matrices(
             yield Matrix({**base, "name": f"{info.name}[group {g}]", "part": f"group.{g}"}, block.contiguous())
         return
     yield Matrix(dict(base), weight)
-    if split_fused and role.role:
+    if opts.split_fused and role.role:
         out_dim = 1 if role.conv1d else 0
         parts = scheme.fused_parts(role.role, weight.shape[out_dim], ckpt.config, info.name)
         if not parts:
@@ -430,3 +440,16 @@ def _matrices(
         for (part, _), chunk in zip(parts, torch.split(weight, [s for _, s in parts], dim=out_dim)):
             row = {**base, "name": f"{info.name}:{part}", "kind": "part", "role": part, "part": part}
             yield Matrix(row, chunk.contiguous())
+
+
+def _kernel_matrices(base: dict, weight: torch.Tensor, pool: bool, conv2d_norm: bool) -> Iterator[Matrix]:
+    shape = tuple(weight.shape)
+    positions = conv.kernel_matrices(weight)
+    scale = conv.eigenvalue_scale(shape, pool, conv2d_norm)
+    rf = len(positions)
+    if pool:
+        yield Matrix({**base, "shape": "x".join(map(str, shape)), "rf": rf}, positions, scale=scale)
+        return
+    for k, matrix in enumerate(positions):
+        yield Matrix({**base, "name": f"{base['name']}[{conv.position_label(shape, k)}]", "rf": rf}, matrix,
+                     scale=scale)
