@@ -30,8 +30,9 @@ from layerscope.spectral.analysis import analyse_batch, analyse_matrix
 from layerscope.spectral.columns import IDENTITY_COLUMNS, SUMMARY_COLUMNS
 from layerscope.spectral.coverage import wanted
 from layerscope.spectral.estimators import MIN_EVALS
+from layerscope.spectral.matrices import tensor_matrices
 from layerscope.spectral.rank import summary
-from layerscope.spectral.scan import ScanOptions, _matrices, scan
+from layerscope.spectral.scan import ScanOptions, scan
 
 COMPARE_SCHEMA = "layerscope.compare/1"
 DIFF_COLUMNS = ["alpha", "alpha_hill", "alpha_peak", "lambda_max", "log_norm", "log_spectral_norm", "stable_rank",
@@ -111,8 +112,8 @@ def _difference_rows(base, other, opts: ScanOptions, progress: bool) -> pd.DataF
     for info, role in tqdm(selected, desc="difference", unit="tensor", disable=(not progress) or None):
         base_weight = load_logical(left, info).to(torch.float64)
         weight = load_logical(right, right_tensors[info.name]).to(torch.float64) - base_weight
-        base_parts = list(_matrices(left, info, role, base_weight, scheme, opts))
-        for matrix, base_part in zip(_matrices(left, info, role, weight, scheme, opts), base_parts,
+        base_parts = list(tensor_matrices(left, info, role, base_weight, scheme, opts))
+        for matrix, base_part in zip(tensor_matrices(left, info, role, weight, scheme, opts), base_parts,
                                      strict=True):
             if matrix.pooled:  # a convolution kernel: its positions' eigenvalues pooled; the rank is theirs summed
                 row = analyse_batch([matrix], device, dtype, opts.estimators, tqdm(disable=True))[0]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections import deque
@@ -20,15 +19,15 @@ from layerscope.checkpoint.modeltree import TABLE_VERIFIED, model_facts, tree_fo
 from layerscope.checkpoint.naming import TARGET_KINDS, NamingScheme, TensorRole, detect_scheme, scheme_by_name
 from layerscope.checkpoint.quantization import LogicalTensor, load_logical, logical_tensors
 from layerscope.checkpoint.quantization.logical import load_stack
-from layerscope.checkpoint.quantization.mxfp4 import ExpertStack
 from layerscope.checkpoint.reader import Checkpoint, open_checkpoint
 from layerscope.checkpoint.shapecheck import check_shapes, has_block_gaps, tree_gaps
 from layerscope.errors import LayerscopeError
-from layerscope.spectral import conv, distributed, esd, threads
+from layerscope.spectral import distributed, esd, threads
 from layerscope.spectral.analysis import Matrix, RowOptions, analyse_batch
 from layerscope.spectral.cache import ScanCache
 from layerscope.spectral.columns import layer_summary, scan_columns
 from layerscope.spectral.coverage import config_depth, described, listed_once, not_analysed, wanted
+from layerscope.spectral.matrices import identity, matrix_count, tensor_matrices
 from layerscope.spectral.options import ScanOptions
 
 __all__ = ["ScanOptions", "layer_summary", "scan", "scan_checkpoint"]
@@ -171,7 +170,7 @@ class _RankWork:
     def __call__(self) -> tuple[dict[int, list[dict]], int, dict]:
         started = time.perf_counter()
         opts, device, dtype = self.opts, self.device, self.dtype
-        total = sum(_matrix_count(*self.selected[i], self.scheme, opts.pool) for i in self.mine)
+        total = sum(matrix_count(*self.selected[i], self.scheme, opts.pool) for i in self.mine)
         batch_bytes = opts.batch_bytes if opts.batch_bytes is not None else DEFAULT_BATCH_BYTES.get(device.type,
                                                                                                    32 << 20)
         if device.type == "cpu":  # batches run side by side: the budget is for all of them together
@@ -188,7 +187,7 @@ class _RankWork:
                 to_compute = []
                 for index in self.mine:
                     info, role = self.selected[index]
-                    key = cache.key(list(info.parts.values()), _identity(info, role), info.quantization) if cache else None
+                    key = cache.key(list(info.parts.values()), identity(info, role), info.quantization) if cache else None
                     cached = cache.get(key) if cache else None
                     if cached is not None:
                         progress.results[index] = cached
@@ -199,7 +198,7 @@ class _RankWork:
                 for (index, key, info, role), weight in zip(to_compute, reads):
                     progress.keys[index] = key
                     count = 0
-                    for matrix in _matrices(self.ckpt, info, role, weight, self.scheme, opts):
+                    for matrix in tensor_matrices(self.ckpt, info, role, weight, self.scheme, opts):
                         matrix.owner = index
                         count += 1
                         shape_key = (tuple(matrix.weight.shape), matrix.weight.dtype)
@@ -373,83 +372,3 @@ def _working_bytes(weight: torch.Tensor, dtype: torch.dtype) -> int:
 def _layers_seen(table: pd.DataFrame) -> int | None:
     layers = table["layer"].dropna()
     return int(layers.max()) + 1 if len(layers) else None
-
-
-def _matrix_count(info: LogicalTensor, role: TensorRole, scheme: NamingScheme, pool: bool) -> int:
-    if role.kind == "conv":
-        return 1 if pool else conv.receptive_field(info.shape)
-    if role.kind == "expert_stack" or len(info.shape) > 2:
-        return math.prod(info.shape[:-2])
-    if role.kind == "grouped":
-        return _head_groups(scheme, role, info.shape[0])
-    return 1
-
-
-def _identity(info: LogicalTensor, role: TensorRole) -> dict:
-    """The table columns that say which tensor a row is and what the naming scheme made of it."""
-    return {
-        "name": info.name, "tensor": info.name, "file": info.file.name, "kind": role.kind, "stack": role.stack,
-        "layer": role.layer, "stack_layer": role.stack_layer, "role": role.role, "mixer": role.mixer,
-        "module": role.module,
-        "expert": role.expert, "part": role.adapter_factor, "dtype": info.dtype, "quantization": info.quantization,
-        "conv1d": role.conv1d,
-    }
-
-
-def _head_groups(scheme: NamingScheme, role: TensorRole, rows: int) -> int:
-    """The head groups of a grouped projection whose rows split evenly among them, else 1 (one matrix)."""
-    count = scheme.tree.grouped.get(role.module) if scheme.tree is not None else None
-    return count if count and count > 1 and rows % count == 0 else 1
-
-
-def _matrices(
-    ckpt: Checkpoint, info: LogicalTensor, role: TensorRole, weight: torch.Tensor, scheme: NamingScheme,
-    opts: ScanOptions,
-) -> Iterator[Matrix]:
-    """The 2-D matrices one tensor contributes: itself, its experts, itself plus its fused parts, or a
-    convolution kernel's positions (pooled into one row by default: layerscope.spectral.conv).
-
-    Weights stay in their stored dtype; the Gram computation converts them chunk by chunk.
-    """
-    base = _identity(info, role)
-    if role.kind == "conv":
-        yield from _kernel_matrices(base, weight, opts.pool, opts.conv2d_norm)
-        return
-    if isinstance(weight, ExpertStack):  # packed experts, decoded one by one as the batches take them
-        for j in range(weight.count):
-            yield Matrix({**base, "name": f"{info.name}[{j}]", "kind": "expert", "role": role.role, "expert": j},
-                         weight.expert(j))
-        return
-    if weight.dim() > 2:
-        experts = weight.reshape(math.prod(weight.shape[:-2]), *weight.shape[-2:])
-        for j, matrix in enumerate(experts):
-            kind = "expert" if role.kind == "expert_stack" else role.kind
-            yield Matrix({**base, "name": f"{info.name}[{j}]", "kind": kind, "role": role.role, "expert": j}, matrix)
-        return
-    groups = _head_groups(scheme, role, weight.shape[0]) if role.kind == "grouped" else 1
-    if groups > 1:  # DeepSeek V4's o_a_proj: group g's block of rows is the matrix applied to head group g's input
-        for g, block in enumerate(torch.chunk(weight, groups, dim=0)):
-            yield Matrix({**base, "name": f"{info.name}[group {g}]", "part": f"group.{g}"}, block.contiguous())
-        return
-    yield Matrix(dict(base), weight)
-    if opts.split_fused and role.role:
-        out_dim = 1 if role.conv1d else 0
-        parts = scheme.fused_parts(role.role, weight.shape[out_dim], ckpt.config, info.name)
-        if not parts:
-            return
-        for (part, _), chunk in zip(parts, torch.split(weight, [s for _, s in parts], dim=out_dim)):
-            row = {**base, "name": f"{info.name}:{part}", "kind": "part", "role": part, "part": part}
-            yield Matrix(row, chunk.contiguous())
-
-
-def _kernel_matrices(base: dict, weight: torch.Tensor, pool: bool, conv2d_norm: bool) -> Iterator[Matrix]:
-    shape = tuple(weight.shape)
-    positions = conv.kernel_matrices(weight)
-    scale = conv.eigenvalue_scale(shape, pool, conv2d_norm)
-    rf = len(positions)
-    if pool:
-        yield Matrix({**base, "shape": "x".join(map(str, shape)), "rf": rf}, positions, scale=scale)
-        return
-    for k, matrix in enumerate(positions):
-        yield Matrix({**base, "name": f"{base['name']}[{conv.position_label(shape, k)}]", "rf": rf}, matrix,
-                     scale=scale)
