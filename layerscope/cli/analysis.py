@@ -375,22 +375,6 @@ def demo_command(out: Path, quiet: bool) -> None:
             click.echo(line)
 
 
-@cli.command("merge")
-@click.argument("base", type=click.Path(path_type=Path))
-@click.argument("adapter", type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for the merged model.")
-@click.option("--quiet", "-q", is_flag=True)
-def merge_command(base: Path, adapter: Path, out: Path, quiet: bool) -> None:
-    """Write BASE with a one-expert ADAPTER merged in (W + s·B·A), in BASE's shard layout."""
-    from layerscope.adapters import merge
-
-    if out.exists() and not out.is_dir():
-        raise LayerscopeError(f"--out {out}: is a file, not a folder")
-    written = merge(base, adapter, out, progress=not quiet)
-    if not quiet:
-        click.echo(f"wrote {len(written)} files to {out}")
-
-
 @cli.command("architectures")
 def architectures_command() -> None:
     """Print the table of supported architectures (Markdown, as in the README)."""

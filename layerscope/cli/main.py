@@ -12,7 +12,7 @@ import click
 # torch; the user's own setting wins; see layerscope.spectral.threads).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from layerscope.cli import analysis, experiments, planning  # noqa: F401  (registers the commands)
+from layerscope.cli import analysis, experiments, planning, rewrite  # noqa: F401  (registers the commands)
 from layerscope.cli.group import cli, one_line
 from layerscope.errors import LayerscopeError
 
