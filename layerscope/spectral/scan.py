@@ -195,20 +195,25 @@ class _RankWork:
                     else:
                         to_compute.append((index, key, info, role))
                 reads = _prefetched(self.ckpt, [(i, r) for _, _, i, r in to_compute])
-                for (index, key, info, role), weight in zip(to_compute, reads):
+                for index, key, info, role in to_compute:  # not zip: its reused tuple holds the last tensor
+                    weight = next(reads)  # while the next one is read
                     progress.keys[index] = key
                     count = 0
                     for matrix in tensor_matrices(self.ckpt, info, role, weight, self.scheme, opts):
                         matrix.owner = index
                         count += 1
                         shape_key = (tuple(matrix.weight.shape), matrix.weight.dtype)
-                        if batch.items and (shape_key != batch.key or batch.nbytes >= batch_bytes):
+                        if batch.items and shape_key != batch.key:
                             analyser.submit(batch.items)
                             batch = _Batch()
                         batch.key = shape_key
                         batch.items.append(matrix)
                         batch.nbytes += _working_bytes(matrix.weight, dtype)
+                        if batch.nbytes >= batch_bytes:  # full: analysed now, before the next tensor is read
+                            analyser.submit(batch.items)
+                            batch = _Batch()
                     progress.expect(index, count)
+                    weight = matrix = None  # not held while the next tensor is read
                 if batch.items:
                     analyser.submit(batch.items)
                 analyser.drain()
@@ -239,8 +244,9 @@ class _Analyser:
         self.single = None  # the single-threaded setting while batches run side by side
 
     def submit(self, items: list[Matrix]) -> None:
-        plan = threads.plan_for(min(items[0].weight.shape), len(items), self.total)
-        if self.pool is None or plan.workers == 1:
+        plan = threads.plan_for(min(items[0].weight.shape[-2:]), len(items), self.total)
+        stored = sum(m.weight.numel() * m.weight.element_size() for m in items)
+        if self.pool is None or plan.workers == 1 or stored > PREFETCH_LIMIT_BYTES:  # a large one is never in flight
             self.drain()
             count = plan.intra_op if self.device.type == "cpu" else torch.get_num_threads()
             with threads.compute_threads(count):
