@@ -297,6 +297,7 @@ def _require_layer_matrices(ckpt: Checkpoint, table: pd.DataFrame, opts: ScanOpt
     targets = table[table["kind"].isin(TARGET_KINDS) & table["layer"].notna()]
     if targets.empty and (table[table["kind"] == "conv"]["status"] == "ok").any():
         return  # a convolutional network: its kernels are its matrices
+    if targets.empty:
         raise LayerscopeError(f"{ckpt.path}: no projection or expert matrix inside the model's blocks was found "
                               "(unknown layout? try --architecture)")
     if (targets["status"] != "ok").all():
