@@ -53,7 +53,7 @@ def deepseek_v3_shapes() -> dict[tuple[int, int], int]:
 EIGVALSH_SECONDS: dict[int, float] = {}  # the eigensolve depends on the Gram's width only: measured once per width
 
 
-def measure(rows: int, cols: int, threads: int, long_cap: int = 32768) -> dict:
+def measure(rows: int, cols: int, threads: int, long_cap: int = 8192) -> dict:
     """Seconds for one bf16 matrix's float64 Gram and eigvalsh; the long side is measured up to ``long_cap`` and
     the Gram time scaled linearly beyond it (it is a sum over row chunks)."""
     torch.set_num_threads(threads)
