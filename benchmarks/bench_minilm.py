@@ -29,7 +29,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, today  # noqa: E402
 
-
 DEFAULT = ("alpha", "alpha_hill", "alpha_peak")
 EXTRAS = ("alpha", "mp", "rand", "rank", "detx", "vectors")
 WW_EXTRAS = {"mp_fit": True, "randomize": True, "detX": True, "vectors": True}

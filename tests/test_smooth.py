@@ -165,3 +165,28 @@ def test_an_out_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "out").write_text("x")
     result = run_cli("smooth", str(source), "--out", str(tmp_path / "out"))
     assert result.returncode == 2 and "is a file, not a folder" in result.stderr
+
+
+def test_a_stack_of_experts_is_smoothed_expert_by_expert(tmp_path):
+    import warnings
+
+    from tests.test_expert_mlps import MODELS, TINY
+
+    config = transformers.AutoConfig.for_model("gpt_oss", **TINY, **MODELS["gpt_oss"])
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "src")
+    report = smooth(tmp_path / "src", tmp_path / "out", "svd", 0.5, kinds=("expert",), progress=False)
+    before, after = load_file(str(tmp_path / "src" / "model.safetensors")), \
+        load_file(str(tmp_path / "out" / "model.safetensors"))
+    stacked = next(name for name in before if name.endswith("mlp.experts.down_proj") and before[name].dim() == 3)
+    rows = report[report["tensor"] == stacked]
+    assert len(rows) == before[stacked].shape[0] == 4  # one row per expert
+    for j in range(4):
+        k = int(rows["kept"].iloc[j])
+        expected = torch.linalg.svd(before[stacked][j].double(), full_matrices=False)
+        truncated = (expected.U[:, :k] * expected.S[:k]) @ expected.Vh[:k]
+        torch.testing.assert_close(after[stacked][j].double(), truncated.to(before[stacked].dtype).double())
+    untouched = [name for name in before if "self_attn" in name]
+    assert untouched and all(torch.equal(before[name], after[name]) for name in untouched)

@@ -29,7 +29,6 @@ import torch
 from layerscope.adapters.rewrite import require_safetensors, write_like
 from layerscope.checkpoint.reader import TensorInfo, open_checkpoint, read_tensor
 from layerscope.errors import LayerscopeError
-from layerscope.spectral import conv
 from layerscope.spectral.scan import ScanOptions, scan_checkpoint
 
 METHODS = {"svd": None, "detX": "detX_num", "alpha_min": "num_pl_spikes"}  # the column that gives k
@@ -100,27 +99,26 @@ def _smoothed(info: TensorInfo, rows: list[dict], changes: dict[str, float]) -> 
     weight = read_tensor(info).to(torch.float64)
     new = weight.clone()
     for row in rows:
-        k = _kept(row["num_smooth"], row["rf"], row["M"])
-        if row["kind"] == "conv":
-            positions = conv.kernel_matrices(weight)
-            smoothed = _truncated(positions, k)
-            new = smoothed.permute(1, 2, 0).reshape(weight.shape)
-            before, after = weight, new
-        elif weight.dim() > 2:  # one expert of a stack
-            flat, flat_new = weight.reshape(-1, *weight.shape[-2:]), new.view(-1, *weight.shape[-2:])
-            before = flat[int(row["expert"])]
-            flat_new[int(row["expert"])] = after = _truncated(before, k)
-        elif isinstance(row.get("part"), str) and row["part"].startswith("group."):  # one head group's rows
-            g = int(row["part"].split(".")[1])
-            size = weight.shape[0] // int(row["groups"])
-            before = weight[g * size:(g + 1) * size]
-            new[g * size:(g + 1) * size] = after = _truncated(before, k)
-        else:
-            before, new = weight, _truncated(weight, k)
-            after = new
+        before, target = _region(weight, row), _region(new, row)
+        target[...] = after = _truncated(before, _kept(row["num_smooth"], row["rf"], row["M"]))
         norm = float(torch.linalg.vector_norm(before))
         changes[row["name"]] = float(torch.linalg.vector_norm(after - before)) / norm if norm > 0 else 0.0
     return new
+
+
+def _region(tensor: torch.Tensor, row: dict) -> torch.Tensor:
+    """The matrix one row is, as a view of its stored tensor (writing it writes the tensor): the tensor, one expert
+    of a stack, one head group's rows, or a kernel's position matrices ``(rf, out, in)``."""
+    if row["kind"] == "conv":
+        return tensor.reshape(*tensor.shape[:2], -1).permute(2, 0, 1)
+    if tensor.dim() > 2:
+        return tensor.view(-1, *tensor.shape[-2:])[int(row["expert"])]
+    part = row.get("part")
+    if isinstance(part, str) and part.startswith("group."):
+        size = tensor.shape[0] // int(row["groups"])
+        g = int(part.split(".")[1])
+        return tensor[g * size:(g + 1) * size]
+    return tensor
 
 
 def _truncated(matrices: torch.Tensor, k: int) -> torch.Tensor:
