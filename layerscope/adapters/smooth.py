@@ -29,6 +29,7 @@ import torch
 from layerscope.adapters.rewrite import require_safetensors, write_like
 from layerscope.checkpoint.reader import TensorInfo, open_checkpoint, read_tensor
 from layerscope.errors import LayerscopeError
+from layerscope.spectral import conv
 from layerscope.spectral.scan import ScanOptions, scan_checkpoint
 
 METHODS = {"svd": None, "detX": "detX_num", "alpha_min": "num_pl_spikes"}  # the column that gives k
@@ -110,7 +111,7 @@ def _region(tensor: torch.Tensor, row: dict) -> torch.Tensor:
     """The matrix one row is, as a view of its stored tensor (writing it writes the tensor): the tensor, one expert
     of a stack, one head group's rows, or a kernel's position matrices ``(rf, out, in)``."""
     if row["kind"] == "conv":
-        return tensor.reshape(*tensor.shape[:2], -1).permute(2, 0, 1)
+        return conv.kernel_matrices(tensor)
     if tensor.dim() > 2:
         return tensor.view(-1, *tensor.shape[-2:])[int(row["expert"])]
     part = row.get("part")

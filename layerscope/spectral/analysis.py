@@ -84,11 +84,16 @@ def _pooled_row(matrix: Matrix, device: torch.device, dtype: torch.dtype, estima
 def pooled_eigenvalues(positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
     """The Gram eigenvalues of every matrix of ``(rf, out, in)``, in true units, in one ascending float64 vector;
     None when a weight is not finite (or beyond float64's range)."""
-    eigs, finite, exponents = esd.scaled_gram_eigenvalues(positions, dtype)
+    return pooled(*esd.scaled_gram_eigenvalues(positions, dtype))
+
+
+def pooled(eigs: torch.Tensor, finite: torch.Tensor, exponents: torch.Tensor) -> torch.Tensor | None:
+    """:func:`esd.scaled_gram_eigenvalues`' output for several matrices as one ascending float64 vector in true
+    units, or None (see :func:`pooled_eigenvalues`)."""
     if not bool(finite.all()):
         return None
-    pooled = torch.ldexp(eigs.to(torch.float64), exponents.to(torch.float64)[:, None].to(eigs.device)).flatten()
-    return pooled.sort().values if bool(torch.isfinite(pooled).all()) else None
+    values = torch.ldexp(eigs.to(torch.float64), exponents.to(torch.float64)[:, None].to(eigs.device)).flatten()
+    return values.sort().values if bool(torch.isfinite(values).all()) else None
 
 
 def analyse_matrix(matrix: Matrix, eigs: torch.Tensor | None, estimators: tuple[str, ...], status: str,

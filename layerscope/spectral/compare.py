@@ -26,7 +26,7 @@ from layerscope.checkpoint.quantization import load_logical, logical_tensors
 from layerscope.checkpoint.reader import open_checkpoint
 from layerscope.errors import LayerscopeError
 from layerscope.spectral import esd
-from layerscope.spectral.analysis import analyse_batch, analyse_matrix
+from layerscope.spectral.analysis import analyse_matrix, pooled
 from layerscope.spectral.columns import IDENTITY_COLUMNS, SUMMARY_COLUMNS
 from layerscope.spectral.coverage import wanted
 from layerscope.spectral.estimators import MIN_EVALS
@@ -116,10 +116,14 @@ def _difference_rows(base, other, opts: ScanOptions, progress: bool) -> pd.DataF
         for matrix, base_part in zip(tensor_matrices(left, info, role, weight, scheme, opts), base_parts,
                                      strict=True):
             if matrix.pooled:  # a convolution kernel: its positions' eigenvalues pooled; the rank is theirs summed
-                row = analyse_batch([matrix], device, dtype, opts.estimators, tqdm(disable=True))[0]
-                eigs, finite, _ = esd.scaled_gram_eigenvalues(matrix.weight.to(device), dtype)
+                eigs, finite, exponents = esd.scaled_gram_eigenvalues(matrix.weight.to(device), dtype)
+                together = pooled(eigs, finite, exponents)
+                status = "ok" if together is not None else "nonfinite_weights"
+                if min(matrix.weight.shape[-2:]) * len(matrix.weight) < MIN_EVALS:
+                    together, status = None, "too_few_evals"
+                row = analyse_matrix(matrix, together, opts.estimators, status)
                 row["rank"] = sum(_numerical_rank(e, matrix.weight.shape[-2:]) for e in eigs) \
-                    if bool(finite.all()) else None
+                    if together is not None else None
             else:
                 eigs, finite, exponent = esd.scaled_gram_eigenvalues(matrix.weight.to(device)[None], dtype)
                 row = analyse_matrix(matrix, eigs[0] if bool(finite[0]) else None, opts.estimators,

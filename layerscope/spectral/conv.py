@@ -37,9 +37,9 @@ def receptive_field(shape: tuple[int, ...]) -> int:
 
 
 def kernel_matrices(weight: torch.Tensor) -> torch.Tensor:
-    """``(rf, out, in)``: the matrix at each kernel position, in WeightWatcher's order (row-major over the kernel)."""
-    out_channels, in_channels = weight.shape[:2]
-    return weight.reshape(out_channels, in_channels, -1).permute(2, 0, 1).contiguous()
+    """``(rf, out, in)``: the matrix at each kernel position, in WeightWatcher's order (row-major over the kernel);
+    a view of a contiguous ``weight`` (writing it writes the kernel)."""
+    return weight.reshape(*weight.shape[:2], -1).permute(2, 0, 1)
 
 
 def eigenvalue_scale(shape: tuple[int, ...], pooled: bool, conv2d_norm: bool) -> float:

@@ -86,7 +86,7 @@ def tensor_matrices(
 
 def kernel_matrices(base: dict, weight: torch.Tensor, pool: bool, conv2d_norm: bool) -> Iterator[Matrix]:
     shape = tuple(weight.shape)
-    positions = conv.kernel_matrices(weight)
+    positions = conv.kernel_matrices(weight).contiguous()
     scale = conv.eigenvalue_scale(shape, pool, conv2d_norm)
     rf = len(positions)
     if pool:
