@@ -6,7 +6,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -256,9 +256,13 @@ class _Analyser:
         if self.single is None:
             self.single = threads.compute_threads(1)
             self.single.__enter__()
-        self.inflight.append((items, self.pool.submit(analyse_batch, items, self.device, self.dtype,
+        self.inflight.append((items, self.pool.submit(_analysed_and_released, items, self.device, self.dtype,
                                                       self.estimators, self.bar, self.options)))
-        while len(self.inflight) > plan.workers:  # bounded: about one batch per worker in memory
+        # Bounded: one running batch per worker holds weights.  A finished batch holds only its rows, so a
+        # long one at the head (a word embedding's Gram) does not idle the other workers while it runs.
+        while sum(not future.done() for _, future in self.inflight) > plan.workers:
+            wait([future for _, future in self.inflight if not future.done()], return_when=FIRST_COMPLETED)
+        while self.inflight and self.inflight[0][1].done():  # rows are collected in submission order
             self._collect_oldest()
 
     def _collect_oldest(self) -> None:
@@ -284,6 +288,14 @@ class _Analyser:
             if self.pool is not None:
                 self.pool.shutdown(wait=True, cancel_futures=True)
             self._leave_single()
+
+
+def _analysed_and_released(items: list[Matrix], *args) -> list[dict]:
+    """A worker's batch: its rows, with the weights let go as soon as they are analysed."""
+    rows = analyse_batch(items, *args)
+    for matrix in items:
+        matrix.weight = None
+    return rows
 
 
 def _is_rank0() -> bool:
