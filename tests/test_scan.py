@@ -196,3 +196,33 @@ def test_what_is_not_analysed_is_named_with_a_reason(tmp_path):
     assert rows.loc[k, "status"] == "too_few_evals" and "4 eigenvalues" in rows.loc[k, "note"]
     assert rows.loc[v, "status"] == "zero_matrix" and "zero" in rows.loc[v, "note"]
     assert not_analysed(table) == f"2 not analysable — too_few_evals: {k}; zero_matrix: {v}"
+
+
+def test_a_slow_batch_at_the_head_does_not_idle_the_other_worker(tmp_path, monkeypatch):
+    """While the first batch runs, the other worker goes on with the next ones; rows keep the file's order."""
+    import importlib
+    import threading
+    import time
+
+    scan_module = importlib.import_module("layerscope.spectral.scan")
+    tensors = {f"layers.{i}.p.weight": random_matrix(48 + i, 32, i) for i in range(8)}  # eight shapes: eight batches
+    folder = write_checkpoint(tmp_path, tensors)
+    expected = scan(folder, threads=2, progress=False)
+    first_done = threading.Event()
+    finished_meanwhile = []
+    analyse = scan_module.analyse_batch
+
+    def slow_first(items, *args):
+        rows = analyse(items, *args)
+        if items[0].row["tensor"] == "layers.0.p.weight":
+            time.sleep(1.0)
+            first_done.set()
+        elif not first_done.is_set():
+            finished_meanwhile.append(items[0].row["tensor"])
+        return rows
+
+    monkeypatch.setattr(scan_module, "analyse_batch", slow_first)
+    table = scan(folder, threads=2, batch_bytes=1, progress=False)
+    assert len(finished_meanwhile) >= 5, finished_meanwhile  # waiting on the oldest let two through
+    assert list(table["tensor"]) == list(expected["tensor"])
+    np.testing.assert_allclose(table["alpha"].to_numpy(), expected["alpha"].to_numpy(), rtol=1e-12)
